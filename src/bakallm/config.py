@@ -1,0 +1,159 @@
+"""Model configuration: one typed dataclass, named presets, JSON round-trip, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and behaviour of a `BakaLM`.
+
+    Each window holds `window` tokens. It is laid out as
+    `[n_memory read slots | window tokens with n_pauses pauses | n_memory write slots]`.
+    """
+
+    vocab_size: int = 50277
+    d_model: int = 768
+    n_layers: int = 8
+    n_heads: int = 12
+    d_ff: int = 3072
+    window: int = 512
+    n_memory: int = 16
+    n_pauses: int = 8
+    elephant_a: float = 1.0
+    elephant_d: float = 8.0
+    mamba: bool = True
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int = 0  # 0 means ceil(d_model / 16), as in Mamba-1
+    carry_mamba_state: bool = True
+    tie_embeddings: bool = False
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----- derived sizes -----
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_expand * self.d_model
+
+    @property
+    def dt_rank(self) -> int:
+        return self.mamba_dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def pause_spacing(self) -> int:
+        """Tokens between two pauses; a pause precedes tokens 0, spacing, 2*spacing, ..."""
+        return self.window // self.n_pauses if self.n_pauses else self.window
+
+    @property
+    def layout_length(self) -> int:
+        """Positions in one full window: read memory, tokens, pauses and write slots."""
+        return 2 * self.n_memory + self.window + self.n_pauses
+
+    # ----- validation -----
+    def validate(self) -> None:
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("n_memory", "n_pauses", "mamba_dt_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}.")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must divide d_model ({self.d_model}).")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig head size d_model/n_heads ({self.head_dim}) must be even for rotary positions.")
+        if self.n_pauses and self.window % self.n_pauses:
+            raise ValueError(
+                f"ModelConfig.window ({self.window}) must be divisible by n_pauses ({self.n_pauses}) so that pauses sit at fixed spacing."
+            )
+        if self.n_pauses > self.window:
+            raise ValueError(f"ModelConfig.n_pauses ({self.n_pauses}) cannot exceed window ({self.window}).")
+        if not self.elephant_a > 0 or not self.elephant_d > 0:
+            raise ValueError(f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}.")
+        if self.rope_base <= 1 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("ModelConfig.rope_base must exceed 1, and norm_eps and init_std must be positive.")
+
+    # ----- construction -----
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig field(s): {', '.join(unknown)}; valid fields are {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "ModelConfig":
+        """Reads a config from a JSON string or from a file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"Model config file {path} does not exist; pass a JSON file or a JSON string.")
+            text = path.read_text(encoding="utf-8")
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Model config is not valid JSON ({error.msg} at line {error.lineno}); fix the file.") from None
+        if not isinstance(values, dict):
+            raise ValueError("Model config JSON must be an object of field names to values.")
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def differences(self, other: "ModelConfig") -> list[str]:
+        """Names of the fields whose values differ from `other`'s."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "celp18": {},
+    # The reference system restarted Mamba from zero in every window; kept for ablations.
+    "celp18-seed": {"carry_mamba_state": False},
+    "tiny": {
+        "d_model": 128,
+        "n_layers": 4,
+        "n_heads": 4,
+        "d_ff": 512,
+        "window": 128,
+        "n_memory": 8,
+        "n_pauses": 4,
+    },
+}

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout, or $BAKALLM_SHARED_DATA."""
+    return Path(os.environ.get("BAKALLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is absent (set BAKALLM_SHARED_DATA to run this test)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    import torch
+
+    torch.manual_seed(0)
+    yield
