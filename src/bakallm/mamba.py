@@ -1,0 +1,69 @@
+"""Mamba-1 mixer in pure PyTorch, with its convolution and SSM state carried in and out of a call.
+
+input projection -> causal depthwise conv -> SiLU -> selective scan -> gated by SiLU(z) -> output
+projection. The conv state is the last (d_conv - 1) conv inputs; the SSM state is h[T-1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bakallm.scan import DEFAULT_BLOCK, selective_scan, selective_scan_reference
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # Selects the scan: "fast" (blocked, hand-written backward) or "reference" (sequential).
+        self.scan = "fast"
+        self.scan_block = DEFAULT_BLOCK
+        self.reset_dt_projection()
+
+    def reset_dt_projection(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation: small uniform weights, softplus(bias) log-uniform in [dt_min, dt_max]."""
+        with torch.no_grad():
+            bound = self.dt_rank**-0.5
+            self.dt_proj.weight.uniform_(-bound, bound)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv, ssm) states: [B, d_inner, d_conv-1] and [B, d_inner, d_state], float32."""
+        conv = torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device)
+        ssm = torch.zeros(batch_size, self.d_inner, self.d_state, device=device)
+        return conv, ssm
+
+    def forward(
+        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state)."""
+        hidden, gate = self.in_proj(x).chunk(2, dim=-1)
+        conv_input = torch.cat((conv_state.to(hidden.dtype), hidden.transpose(1, 2)), dim=2)
+        new_conv_state = conv_input[:, :, -(self.d_conv - 1) :] if self.d_conv > 1 else conv_state
+        hidden = F.silu(F.conv1d(conv_input, self.conv.weight, self.conv.bias, groups=self.d_inner)).transpose(1, 2)
+        dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
+        dt = F.softplus(self.dt_proj(dt_low_rank).float())
+        A = -torch.exp(self.A_log.float())
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
+            if self.scan == "fast":
+                y, new_ssm_state = selective_scan(*args, block=self.scan_block)
+            else:
+                y, new_ssm_state = selective_scan_reference(*args)
+        y = y.to(gate.dtype) * F.silu(gate)
+        return self.out_proj(y), new_conv_state.float(), new_ssm_state

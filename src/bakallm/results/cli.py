@@ -1,0 +1,70 @@
+"""`bakallm results`: print the results table, with rows added since the previous listing in bold."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bakallm.errors import UserError
+from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, ResultRow, ResultsDB, default_db_path
+from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    parser.add_argument("--benchmark", help="only rows of this benchmark, e.g. wikitext-103")
+    parser.add_argument("--split", help="only rows of this split, e.g. test")
+    parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--columns", help=f"comma-separated columns (default: {','.join(DEFAULT_COLUMNS)})")
+    columns.add_argument("--all-columns", action="store_true", help="show every column")
+    parser.add_argument(
+        "--since",
+        help="bold the rows with this id or newer, or added at or after this ISO date/time "
+        "(default: the rows added since the previous Markdown listing)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.all_columns:
+        columns = ALL_COLUMNS
+    elif args.columns is not None:
+        columns = parse_columns(args.columns)
+    else:
+        columns = DEFAULT_COLUMNS
+    path = args.db if args.db is not None else default_db_path()
+    with ResultsDB(path, must_exist=True) as db:
+        rows = db.rows(benchmark=args.benchmark, split=args.split)
+        if not rows:
+            print(f"no results in {db.path}{_filter_description(args)}.")
+            return 0
+        if args.since is not None:
+            bold_ids = _ids_since(rows, args.since)
+        else:
+            previous = db.last_listed_id()
+            bold_ids = {row.id for row in rows if row.id > previous}
+        print(format_table(rows, columns, fmt=args.format, bold_ids=bold_ids), end="")
+        # Only the Markdown table is read by a person; a script exporting CSV or JSON must not use up the marker.
+        if args.format == "markdown":
+            db.mark_listed(max(row.id for row in rows))
+    return 0
+
+
+def _filter_description(args: argparse.Namespace) -> str:
+    parts = [f"{name} {value}" for name, value in (("benchmark", args.benchmark), ("split", args.split)) if value is not None]
+    return f" for {', '.join(parts)}" if parts else ""
+
+
+def _ids_since(rows: list[ResultRow], since: str) -> set[int]:
+    """Ids of the rows at or after `since`: a row id, or an ISO date/time (UTC unless it names a zone)."""
+    if since.strip().isdigit():
+        first_id = int(since)
+        return {row.id for row in rows if row.id >= first_id}
+    try:
+        moment = datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise UserError(f"--since {since!r} is neither a row id nor an ISO date/time: write e.g. --since 42 or --since 2025-01-31T18:00.") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return {row.id for row in rows if datetime.fromisoformat(row.created_at) >= moment}

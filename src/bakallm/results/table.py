@@ -1,0 +1,116 @@
+"""The results table as Markdown (for people), CSV or JSON (for programs)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from bakallm.errors import UserError
+from bakallm.results.db import ALL_COLUMNS, ResultRow
+
+DEFAULT_COLUMNS: tuple[str, ...] = ("n_ctx", "loss", "ppl", "bpb", "note")
+FORMATS = ("markdown", "csv", "json")
+# Decimals shown in Markdown; CSV and JSON keep full precision because programs read them.
+MARKDOWN_FLOAT_FORMATS = {
+    "loss": ".4f",
+    "legacy_loss": ".4f",
+    "bpb": ".4f",
+    "ppl": ".2f",
+    "word_ppl": ".2f",
+    "tokens_per_s": ".1f",
+}
+
+
+def parse_columns(text: str) -> tuple[str, ...]:
+    """`'model_name, n_ctx,loss'` -> `('model_name', 'n_ctx', 'loss')`, refusing names that are not row fields."""
+    columns = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not columns:
+        raise UserError("--columns is empty: give comma-separated column names, e.g. --columns model_name,n_ctx,loss.")
+    _check_columns(columns)
+    return columns
+
+
+def _check_columns(columns: Sequence[str]) -> None:
+    unknown = [name for name in columns if name not in ALL_COLUMNS]
+    if unknown:
+        raise UserError(f"unknown column(s) {', '.join(unknown)}: choose among {', '.join(ALL_COLUMNS)}.")
+
+
+def format_table(
+    rows: Iterable[ResultRow],
+    columns: Sequence[str] | None = None,
+    fmt: str = "markdown",
+    bold_ids: Collection[int] = frozenset(),
+) -> str:
+    """The rows sorted by loss (best first) with the chosen columns; Markdown rows whose id is in `bold_ids` are bold."""
+    columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
+    if fmt not in FORMATS:
+        raise UserError(f"unknown table format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    _check_columns(columns)
+    ordered = sorted(rows, key=_loss_order)
+    if fmt == "markdown":
+        return _markdown(ordered, columns, bold_ids)
+    if fmt == "csv":
+        return _csv(ordered, columns)
+    objects = [{name: _json_value(getattr(row, name)) for name in columns} for row in ordered]
+    return json.dumps(objects, indent=2) + "\n"
+
+
+def _loss_order(row: ResultRow) -> tuple[bool, float, int]:
+    # NaN losses (diverged runs) sort last instead of landing anywhere; ties keep insertion order.
+    return (math.isnan(row.loss), row.loss, row.id or 0)
+
+
+def _markdown(rows: Sequence[ResultRow], columns: Sequence[str], bold_ids: Collection[int]) -> str:
+    lines = [_markdown_line(columns), "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_markdown_cell(name, getattr(row, name)) for name in columns]
+        if row.id in bold_ids:
+            cells = [f"**{cell}**" if cell else cell for cell in cells]  # '****' would render as a stray rule
+        lines.append(_markdown_line(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _markdown_cell(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and name in MARKDOWN_FLOAT_FORMATS:
+        text = format(value, MARKDOWN_FLOAT_FORMATS[name])
+    elif isinstance(value, dict):
+        text = json.dumps(value, sort_keys=True)
+    else:
+        text = str(value)
+    # A pipe would end the cell and a newline the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _csv(rows: Sequence[ResultRow], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(getattr(row, name)) for name in columns])
+    return buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    # JSON has no NaN; a diverged run's loss becomes null rather than output that strict parsers reject.
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

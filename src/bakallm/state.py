@@ -1,0 +1,88 @@
+"""Recurrent state of each batch row: what one window hands to the next.
+
+Every tensor has the batch as its first dimension, so rows can be reset, selected and reordered
+independently. `has_past[b]` is False for a row that starts a fresh document: the model then
+reads the learned initial memory, masks the attention cache, and starts Mamba from zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RecurrentState:
+    memory: torch.Tensor  # [B, n_memory, d_model]: last layer's output at the write slots
+    keys: tuple[torch.Tensor, ...]  # per layer [B, n_heads, L_past, head_dim], unrotated
+    values: tuple[torch.Tensor, ...]  # per layer, like keys
+    conv: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_conv - 1]
+    ssm: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_state]
+    has_past: torch.Tensor  # [B] bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.has_past.shape[0]
+
+    def _map(self, function) -> "RecurrentState":
+        """Applies `function` to every tensor (all are batch-first)."""
+        return RecurrentState(
+            memory=function(self.memory),
+            keys=tuple(function(t) for t in self.keys),
+            values=tuple(function(t) for t in self.values),
+            conv=tuple(function(t) for t in self.conv),
+            ssm=tuple(function(t) for t in self.ssm),
+            has_past=function(self.has_past),
+        )
+
+    def reset(self, rows: torch.Tensor) -> "RecurrentState":
+        """A state where the rows flagged in the bool tensor `rows` [B] are fresh (zeroed, no past)."""
+        if rows.dtype != torch.bool or rows.shape != (self.batch_size,):
+            raise ValueError(f"reset must be a bool tensor of shape [{self.batch_size}], got {tuple(rows.shape)} {rows.dtype}.")
+        keep = ~rows.to(self.has_past.device)
+
+        def clear(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dtype == torch.bool:
+                return tensor & keep
+            # where, not multiplication: a stale NaN must not survive the reset.
+            return torch.where(keep.view(-1, *([1] * (tensor.dim() - 1))), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+        return self._map(clear)
+
+    def detach(self) -> "RecurrentState":
+        """The same values cut from the autograd graph (truncated backpropagation through time)."""
+        return self._map(torch.Tensor.detach)
+
+    def select(self, index: torch.Tensor | list[int]) -> "RecurrentState":
+        """Rows picked or reordered by `index` (a list or a long tensor of row numbers)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.has_past.device)
+        return self._map(lambda tensor: tensor.index_select(0, index))
+
+    def to(self, device: torch.device | str) -> "RecurrentState":
+        return self._map(lambda tensor: tensor.to(device))
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor mapping, e.g. for safetensors checkpoints."""
+        flat = {"memory": self.memory, "has_past": self.has_past}
+        for name in ("keys", "values", "conv", "ssm"):
+            for layer, tensor in enumerate(getattr(self, name)):
+                flat[f"{name}.{layer}"] = tensor
+        return flat
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, torch.Tensor]) -> "RecurrentState":
+        if "memory" not in flat or "has_past" not in flat:
+            raise ValueError("A recurrent state dict needs 'memory' and 'has_past' entries; it may come from another program.")
+
+        def layers(name: str) -> tuple[torch.Tensor, ...]:
+            return tuple(flat[f"{name}.{i}"] for i in range(sum(1 for key in flat if key.startswith(f"{name}."))))
+
+        return cls(
+            memory=flat["memory"],
+            keys=layers("keys"),
+            values=layers("values"),
+            conv=layers("conv"),
+            ssm=layers("ssm"),
+            has_past=flat["has_past"].bool(),
+        )

@@ -1,0 +1,1 @@
+"""Training: the resumable trainer, its run directory and its metrics log."""

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from bakallm.elephant import elephant, elephant_gate
+from bakallm.mlp import GatedMLP
+
+
+def test_elephant_values_follow_the_formula():
+    x = torch.tensor([0.0, 0.5, 1.0, -1.0, 2.0])
+    expected = torch.tensor([1.0, 1 / (1 + 0.5**8), 0.5, 0.5, 1 / (1 + 2.0**8)])
+    torch.testing.assert_close(elephant(x), expected)
+    torch.testing.assert_close(elephant(torch.tensor([3.0]), a=2.0, d=2.0), torch.tensor([1 / (1 + 1.5**2)]))
+
+
+@pytest.mark.parametrize("a, d", [(1.0, 8.0), (2.0, 3.5), (0.5, 4.0)])
+def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d):
+    up = torch.randn(4, 33, 64, dtype=torch.float64, requires_grad=True)
+    gate = (torch.randn(4, 33, 64, dtype=torch.float64) * 1.5).requires_grad_()
+    grad = torch.randn(4, 33, 64, dtype=torch.float64)
+    plain = elephant_gate(up, gate, a, d, fused=False)
+    plain_grads = torch.autograd.grad(plain, (up, gate), grad)
+    fused = elephant_gate(up, gate, a, d, fused=True)
+    fused_grads = torch.autograd.grad(fused, (up, gate), grad)
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_gate_keeps_only_its_inputs_for_backward():
+    up = torch.randn(8, 16, requires_grad=True)
+    gate = torch.randn(8, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        elephant_gate(up, gate)
+    assert len(saved) == 2
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        elephant_gate(up, gate, fused=False)
+    assert len(saved) > 2
+
+
+def test_gated_mlp_is_down_of_up_times_elephant_gate():
+    mlp = GatedMLP(8, 32)
+    h = torch.randn(2, 5, 8)
+    expected = mlp.down(mlp.up(h) * elephant(mlp.gate(h)))
+    torch.testing.assert_close(mlp(h), expected)
+    assert all(layer.bias is None for layer in (mlp.up, mlp.gate, mlp.down))

@@ -1,0 +1,36 @@
+import torch
+
+from bakallm import BakaLM, ModelConfig, RecurrentState
+
+
+def make_state() -> tuple[BakaLM, RecurrentState]:
+    model = BakaLM(ModelConfig.preset("tiny", vocab_size=100, window=16, n_pauses=2, n_layers=2))
+    return model, model(torch.randint(0, 100, (3, 20))).state
+
+
+def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan():
+    _, state = make_state()
+    state = RecurrentState(**{**state.__dict__, "memory": state.memory.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
+    reset = state.reset(torch.tensor([False, True, False]))
+    assert reset.has_past.tolist() == [True, False, True]
+    for name, tensor in reset.to_dict().items():
+        if name != "has_past":
+            assert torch.equal(tensor[1], torch.zeros_like(tensor[1])), name
+            assert torch.equal(tensor[0], state.to_dict()[name][0]), name
+
+
+def test_select_reorders_rows_and_detach_cuts_the_graph():
+    _, state = make_state()
+    picked = state.select([2, 0])
+    assert picked.batch_size == 2
+    assert torch.equal(picked.keys[1][0], state.keys[1][2]) and torch.equal(picked.ssm[0][1], state.ssm[0][0])
+    assert state.memory.requires_grad and not state.detach().memory.requires_grad
+
+
+def test_flat_dict_round_trip():
+    model, state = make_state()
+    flat = state.detach().to_dict()
+    assert set(flat) >= {"memory", "has_past", "keys.0", "keys.1", "values.1", "conv.1", "ssm.1"}
+    restored = RecurrentState.from_dict(flat)
+    ids = torch.randint(0, 100, (3, 8))
+    torch.testing.assert_close(model(ids, state=restored).logits, model(ids, state=state).logits)
