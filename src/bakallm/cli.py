@@ -1,7 +1,8 @@
 """`bakallm` command line: one sub-command per task, each defined in the module that does the work.
 
-Sub-command modules expose `add_arguments(parser)` and `run(args) -> int`; they import heavy
-libraries inside `run`, so `bakallm --help` stays fast.
+Sub-command modules expose `add_arguments(parser)` and `run(args) -> int`. Only the module of the
+command being run is imported, so `bakallm --help` stays fast and one command's optional
+dependencies never affect another.
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full arguments of `command` (the others are listed by name only)."""
     parser = argparse.ArgumentParser(prog="bakallm", description="Train and benchmark long-context recurrent language models.")
     parser.add_argument("--version", action="version", version=f"bakallm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(run=module.run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -152,40 +152,20 @@ class ResultsDB:
                     f"or point --db or ${DB_PATH_ENV} at an existing results database."
                 )
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit: every statement commits by itself, migrations open their own transaction.
-        # The timeout lets several benchmark processes write to one database.
-        self._connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._connection.row_factory = sqlite3.Row
+        connection = None
         try:
-            self._upgrade()
-        except sqlite3.DatabaseError as error:
-            self._connection.close()
-            raise UserError(f"{self.path} is not a readable results database ({error}): pass --db with the right file.") from error
-        except BaseException:
-            self._connection.close()
+            # Autocommit: every statement commits by itself, migrations open their own transaction.
+            # The timeout lets several benchmark processes write to one database.
+            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            _upgrade(connection, self.path)
+        except BaseException as error:
+            if connection is not None:
+                connection.close()
+            if isinstance(error, sqlite3.DatabaseError):
+                raise UserError(f"{self.path} is not a readable results database ({error}): pass --db with the right file.") from error
             raise
-
-    def _upgrade(self) -> None:
-        connection = self._connection
-        # IMMEDIATE takes the write lock first, so two processes opening an old database upgrade it once.
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise UserError(
-                    f"{self.path} has results schema version {version}, newer than this bakallm {__version__} "
-                    f"understands ({SCHEMA_VERSION}): upgrade bakallm."
-                )
-            if version == 0 and connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise UserError(f"{self.path} is an SQLite database of something else, not of bakallm results: pass --db with the right file.")
-            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA user_version = {number}")
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        self._connection = connection
 
     # ----- rows -----
     def add(self, row: ResultRow) -> int:
@@ -233,6 +213,27 @@ class ResultsDB:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _upgrade(connection: sqlite3.Connection, path: Path) -> None:
+    """Apply the migrations the database at `path` lacks, all in one transaction."""
+    if connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return  # up to date: no write lock, so opening never waits for a benchmark that is writing
+    with connection:  # commits, or rolls back on any error
+        # IMMEDIATE takes the write lock first, so two processes opening an old database upgrade it once.
+        connection.execute("BEGIN IMMEDIATE")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"{path} has results schema version {version}, newer than this bakallm {__version__} "
+                f"understands ({SCHEMA_VERSION}): upgrade bakallm."
+            )
+        if version == 0 and connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise UserError(f"{path} is an SQLite database of something else, not of bakallm results: pass --db with the right file.")
+        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in statements:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {number}")
 
 
 def _row_from_record(record: sqlite3.Row) -> ResultRow:

@@ -1,0 +1,36 @@
+"""Optional accelerations applied to a model from outside, so that the model code stays plain."""
+
+from __future__ import annotations
+
+import torch
+
+from bakallm.model import BakaLM
+
+
+def compile_layers(model: BakaLM) -> BakaLM:
+    """torch.compile each block with static shapes (as torchtitan does per transformer block).
+
+    Compiling per block keeps compile time bounded: the window loop and the state handling stay
+    in Python, and every block sees the same shapes in every full window.
+    """
+    for layer in model.layers:
+        layer.compile(dynamic=False)
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from bakallm.errors import UserError
+
+        raise UserError(f"--device {name} was asked for but PyTorch sees no CUDA device; pass --device cpu.")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name: bfloat16 on CUDA by default, none (float32) on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bfloat16" else None

@@ -1,0 +1,181 @@
+"""`bakallm plot`: training curves of run directories, and benchmark loss against context length."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bakallm.atomic import atomic_path
+from bakallm.errors import UserError
+from bakallm.results.db import DB_PATH_ENV, ResultRow, ResultsDB
+from bakallm.training.metrics import METRICS_FILE_NAME, MetricsLog, metrics_path
+
+EVAL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="plot_mode", metavar="MODE", required=True)
+    runs = modes.add_parser("runs", help="training loss and evaluations against tokens seen, one line per run directory")
+    runs.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by `bakallm train`")
+    runs.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    runs.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)")
+    context = modes.add_parser("context", help="benchmark loss against context length, one line per model")
+    context.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    context.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    context.add_argument("--benchmark", help="only rows of this benchmark")
+    context.add_argument("--split", help="only rows of this split")
+    context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot_mode == "runs":
+        written = plot_training(args.run_dirs, args.output, args.smooth)
+    else:
+        written = plot_context(args.db, args.output, args.models, args.benchmark, args.split)
+    print(f"wrote {written}")
+    return 0
+
+
+def debiased_ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Exponential moving average, divided by (1 - smoothing**n) so the first points are not pulled towards 0."""
+    average, weight, smoothed = 0.0, 0.0, []
+    for value in values:
+        average = smoothing * average + (1.0 - smoothing) * value
+        weight = smoothing * weight + (1.0 - smoothing)  # equals 1 - smoothing**n
+        smoothed.append(average / weight)
+    return smoothed
+
+
+def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: float = 0.9) -> Path:
+    """PNG of each run's smoothed training loss (lines) and evaluation losses (markers) against tokens seen."""
+    out_path = _png_path(out_path)
+    if not 0.0 <= smooth < 1.0:
+        raise UserError(f"--smooth {smooth} is outside [0, 1): use 0 for raw values, 0.9 or 0.99 for smoother curves.")
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    logs = []
+    for run_dir in run_dirs:
+        if not metrics_path(run_dir).is_file():
+            raise UserError(f"{run_dir} has no {METRICS_FILE_NAME}: give run directories written by `bakallm train`.")
+        with MetricsLog(run_dir) as log:
+            # NaN losses are stored as NULL; leaving them out keeps one bad step from blanking the smoothed curve.
+            steps = [row for row in log.read_steps() if row["loss"] is not None]
+            evals = [row for row in log.read_evals() if row["loss"] is not None]
+        logs.append((steps, evals))
+    if not any(steps or evals for steps, evals in logs):
+        raise UserError(f"nothing to plot: no training step or evaluation is logged yet in {', '.join(map(str, run_dirs))}.")
+
+    figure, axes = _new_figure()
+    eval_sets = sorted({row["data"] for _, evals in logs for row in evals})
+    for index, (label, (steps, evals)) in enumerate(zip(_run_labels(run_dirs), logs)):
+        color = f"C{index % 10}"
+        if steps:
+            losses = debiased_ema([row["loss"] for row in steps], smooth)
+            axes.plot([row["tokens"] for row in steps], losses, color=color, label=f"{label} train")
+        for data in eval_sets:
+            points = [row for row in evals if row["data"] == data]
+            if points:
+                axes.plot(
+                    [row["tokens"] for row in points],
+                    [row["loss"] for row in points],
+                    linestyle="none",
+                    marker=EVAL_MARKERS[eval_sets.index(data) % len(EVAL_MARKERS)],
+                    color=color,
+                    label=f"{label} eval {data}",
+                )
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(f"training loss (smoothing {smooth:g}) and evaluations")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_png(figure, out_path)
+    return out_path
+
+
+def plot_context(
+    db_path: str | Path | None,
+    out_path: str | Path,
+    models: Sequence[str] | None = None,
+    benchmark: str | None = None,
+    split: str | None = None,
+) -> Path:
+    """PNG of benchmark loss against n_ctx (log2 axis), one line per model_name, to show whether longer context helps.
+
+    Where a model was measured more than once at one n_ctx, the newest row counts.
+    """
+    out_path = _png_path(out_path)
+    with ResultsDB(db_path, must_exist=True) as db:
+        rows = db.rows(benchmark=benchmark, split=split)
+        db_shown = db.path
+    if models:
+        known = {row.model_name for row in rows}
+        unknown = [name for name in models if name not in known]
+        if unknown:
+            raise UserError(
+                f"no results for model(s) {', '.join(unknown)} in {db_shown}: "
+                f"choose among {', '.join(sorted(known)) or '(none with these filters)'}."
+            )
+        rows = [row for row in rows if row.model_name in models]
+    if not rows:
+        raise UserError(f"nothing to plot: {db_shown} has no results for these filters; record some with `bakallm bench`.")
+    benchmarks = sorted({f"{row.benchmark}/{row.split}" for row in rows})
+    if len(benchmarks) > 1:
+        raise UserError(f"the results mix several benchmarks ({', '.join(benchmarks)}): choose one with --benchmark and --split.")
+
+    newest: dict[tuple[str, int], ResultRow] = {}
+    for row in rows:  # rows come in id order, so later rows replace earlier ones
+        newest[(row.model_name, row.n_ctx)] = row
+    figure, axes = _new_figure()
+    for model_name in dict.fromkeys(row.model_name for row in rows):
+        points = sorted((n_ctx, row.loss) for (name, n_ctx), row in newest.items() if name == model_name)
+        axes.plot([n_ctx for n_ctx, _ in points], [loss for _, loss in points], marker="o", label=model_name)
+    contexts = sorted({n_ctx for _, n_ctx in newest})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(contexts, [_count_label(n_ctx) for n_ctx in contexts])
+    axes.minorticks_off()
+    axes.set_xlabel("context length n_ctx (tokens)")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(f"{benchmarks[0]}: loss against context length")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_png(figure, out_path)
+    return out_path
+
+
+def _run_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Folder names, or the paths as given where two runs share a folder name."""
+    names = [run_dir.resolve().name for run_dir in run_dirs]  # resolved, so that '.' is named too
+    return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
+
+
+def _count_label(count: int) -> str:
+    """1024 -> '1K', 1048576 -> '1M', 1536 -> '1536'."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if count >= size and count % size == 0:
+            return f"{count // size}{unit}"
+    return str(count)
+
+
+def _png_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".png":
+        raise UserError(f"the output {out_path} does not end in .png: plots are written as PNG, name the file e.g. {out_path.with_suffix('.png')}.")
+    return out_path
+
+
+def _new_figure() -> tuple[Any, Any]:
+    # A Figure on its own Agg canvas, not pyplot: no global backend switch, no figure kept alive after saving.
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("plotting needs matplotlib: run `pip install matplotlib` (or `pip install bakallm[plot]`).") from None
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save_png(figure: Any, out_path: Path) -> None:
+    with atomic_path(out_path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)

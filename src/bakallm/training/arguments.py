@@ -1,0 +1,171 @@
+"""Training arguments: one dataclass, filled from defaults, then a recipe file, then command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from bakallm.errors import UserError
+
+SCHEDULES = ("constant", "cosine", "linear")
+BATCHING_MODES = ("dynamic", "static")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+# Arguments that may change when a run is resumed; every other one must match the saved run.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device", "compile",
+     "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe"}
+)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    model_config: str | None = None  # JSON file of ModelConfig fields, applied over the preset
+    data: str = "wikitext-103"
+    split: str = "train"
+    tokenizer: str = "EleutherAI/pythia-70m-deduped"
+    batch_size: int = 8
+    train_ctx: int = 2048
+    max_steps: int | None = None
+    epochs: int | None = None  # default: 1 when max_steps is not given either
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 0.5
+    grad_accum: int = 1
+    seed: int = 0
+    batching: str = "dynamic"
+    shuffle: bool = False
+    carry_state: bool = True
+    compile: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    run_dir: str | None = None
+    resume: str | None = None
+    init_from: str | None = None
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 1
+    eval_data: str | None = None
+    eval_split: str = "validation"
+    eval_every: int = 0
+    eval_n_ctx: int = 1_048_576
+    cache_dir: str | None = None
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    recipe: str | None = None
+
+    def validate(self) -> None:
+        for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}.")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.batching not in BATCHING_MODES:
+            raise UserError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}.")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run and --init-from starts a new one from its weights; pass only one of them.")
+        if self.eval_every and not self.eval_data:
+            raise UserError("--eval-every needs --eval-data, the corpus to evaluate on.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every TrainConfig field; defaults are None so a recipe's values are kept unless a flag is given."""
+    add = parser.add_argument
+    add("--recipe", help="YAML or JSON file of training arguments; flags given here override it")
+    add("--preset", help="model preset: tiny, celp18, celp18-seed (default tiny)")
+    add("--model-config", help="JSON file of model config fields, applied over the preset")
+    add("--data", help="training corpus: wikitext-103, wikitext-2, or a local .raw/.txt folder/.jsonl/.parquet path")
+    add("--split", help="corpus split for hub corpora (default train)")
+    add("--tokenizer", help="tokenizer.json file or folder, hub name, or 'bytes' (default EleutherAI/pythia-70m-deduped)")
+    add("--batch-size", type=int, help="rows per step, each streaming one document (default 8)")
+    add("--train-ctx", type=int, help="tokens per row and step; gradients flow through them (default 2048)")
+    add("--max-steps", type=int, help="stop after this many optimizer steps")
+    add("--epochs", type=int, help="stop after this many passes over the corpus (default 1 without --max-steps)")
+    add("--lr", type=float, help="peak learning rate (default 6e-4)")
+    add("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr for cosine/linear (default 0.1)")
+    add("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (default cosine)")
+    add("--beta1", type=float, help="AdamW beta1 (default 0.9)")
+    add("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    add("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off (default 0.5)")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    add("--seed", type=int, help="seed for weights and shuffling (default 0)")
+    add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch")
+    add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
+    add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
+    add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
+    add("--precision", choices=PRECISIONS, help="auto: float32 on CPU, bfloat16 autocast on CUDA")
+    add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    add("--run-dir", help="where checkpoints, config and metrics go (default runs/DATE-TIME)")
+    add("--resume", help="continue the run in this directory exactly where it stopped")
+    add("--init-from", help="start a new run from the weights of this run directory or checkpoint")
+    add("--save-every", type=int, help="save a checkpoint every N steps (default 500)")
+    add("--keep-last", type=int, help="step checkpoints to keep (default 3); epoch snapshots are always kept")
+    add("--log-every", type=int, help="write metrics every N steps (default 1)")
+    add("--eval-data", help="corpus to evaluate on during training")
+    add("--eval-split", help="split of --eval-data (default validation)")
+    add("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end when --eval-data is given)")
+    add("--eval-n-ctx", type=int, help="evaluation context: reset the state every N tokens (default 1048576)")
+    add("--cache-dir", help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
+    add("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    add("--tensorboard", action="store_true", default=None, help="also log to TensorBoard in the run directory")
+    add("--wandb-project", help="also log to this Weights & Biases project")
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"Recipe file {file} does not exist; pass a YAML or JSON file of training arguments.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as error:  # yaml and json raise different types; both mean a malformed file
+        raise UserError(f"Recipe file {file} cannot be parsed ({str(error).splitlines()[0]}); fix its syntax.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"Recipe file {file} must map argument names to values.")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def train_config_from_values(values: dict[str, Any]) -> TrainConfig:
+    known = {field.name for field in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"Unknown training argument(s) {', '.join(unknown)}; see `bakallm train --help` for the valid names.")
+    return TrainConfig(**values)
+
+
+def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The merged config, and the names of the arguments given explicitly (recipe or flags)."""
+    given = {field.name: getattr(args, field.name) for field in fields(TrainConfig) if getattr(args, field.name, None) is not None}
+    values = read_recipe(given["recipe"]) if "recipe" in given else {}
+    values.update(given)
+    config = train_config_from_values(values)
+    config.validate()
+    return config, set(values)

@@ -1,0 +1,179 @@
+"""Run directories and checkpoints.
+
+    RUN_DIR/config.json                  model config and training arguments
+    RUN_DIR/metrics.sqlite3              per-step metrics
+    RUN_DIR/LATEST                       name of the newest complete checkpoint
+    RUN_DIR/checkpoints/step-00000100/   model.safetensors, optimizer.pt, trainer_state.json,
+                                         recurrent_state.safetensors, rng.pt
+    RUN_DIR/checkpoints/epoch-1/         the same, kept at each epoch end
+
+A checkpoint is written into a hidden temporary folder and renamed into place when complete, then
+LATEST is replaced atomically; a process killed while saving leaves the previous checkpoint as the
+latest, and the leftover temporary folder is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model as load_safetensors_into, save_file, save_model
+
+from bakallm.atomic import write_text_atomic
+from bakallm.config import ModelConfig
+from bakallm.errors import UserError
+
+CONFIG_FILE = "config.json"
+LATEST_FILE = "LATEST"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+RECURRENT_STATE_FILE = "recurrent_state.safetensors"
+RNG_FILE = "rng.pt"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds besides the weights (see `load_weights`)."""
+
+    path: Path
+    optimizer_state: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+    recurrent_state: dict[str, torch.Tensor] | None
+    rng_state: dict[str, Any] | None
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    recurrent_state: dict[str, torch.Tensor] | None,
+    rng_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Writes checkpoint `name` completely, points LATEST at it, then prunes old step checkpoints."""
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    _remove_leftover_temporaries(checkpoints)
+    temporary = checkpoints / f".tmp-{name}-{os.getpid()}"
+    temporary.mkdir()
+    save_model(model, str(temporary / MODEL_FILE))  # handles tied embeddings
+    torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
+    if recurrent_state is not None:
+        save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
+    torch.save(rng_state, temporary / RNG_FILE)
+    (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+    _fsync_folder(temporary)
+    final = checkpoints / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    write_text_atomic(run_dir / LATEST_FILE, name + "\n")
+    _prune(checkpoints, keep_last, protect=name)
+    return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    for file in folder.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _remove_leftover_temporaries(checkpoints: Path) -> None:
+    for leftover in checkpoints.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _prune(checkpoints: Path, keep_last: int, protect: str) -> None:
+    """Keeps the newest `keep_last` step checkpoints; epoch snapshots are never pruned."""
+    steps = sorted(path for path in checkpoints.glob("step-*") if path.is_dir())
+    for old in steps[: max(len(steps) - keep_last, 0)]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = run_dir / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
+    return path if path.is_dir() else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint folder) for a run directory or one of its checkpoint folders."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders.")
+    if (path / MODEL_FILE).is_file() and (path.parent.parent / CONFIG_FILE).is_file():
+        return path.parent.parent, path
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`.")
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
+        raise UserError(f"Run directory {path} holds no complete checkpoint yet; train it longer or pass another run.")
+    return path, checkpoint
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        values = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"Cannot read {run_dir / CONFIG_FILE} ({error}); the run directory is damaged.") from None
+    if not isinstance(values, dict) or "model" not in values:
+        raise UserError(f"{run_dir / CONFIG_FILE} has no 'model' section; it was not written by `bakallm train`.")
+    return values
+
+
+def write_run_config(run_dir: Path, model_config: ModelConfig, training: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / CONFIG_FILE, json.dumps({"model": model_config.to_dict(), "training": training}, indent=2, sort_keys=True))
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Loads model.safetensors of `checkpoint` into `model`, with one clear error when it does not fit."""
+    try:
+        missing, unexpected = load_safetensors_into(model, str(checkpoint / MODEL_FILE), strict=False, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{checkpoint / MODEL_FILE} is corrupted or unreadable ({str(error).splitlines()[0]}); use another checkpoint of the run.") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{checkpoint / MODEL_FILE} does not match its model config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the checkpoint is incomplete or from another model."
+        )
+
+
+def load_checkpoint(checkpoint: Path) -> Checkpoint:
+    recurrent = checkpoint / RECURRENT_STATE_FILE
+    return Checkpoint(
+        path=checkpoint,
+        optimizer_state=torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+        trainer_state=json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8")),
+        recurrent_state=load_file(recurrent) if recurrent.is_file() else None,
+        rng_state=torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=True),
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """The BakaLM of a run directory (latest checkpoint) or of one checkpoint folder."""
+    from bakallm.model import BakaLM
+
+    run_dir, checkpoint = resolve_checkpoint(path)
+    try:
+        config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    except ValueError as error:
+        raise UserError(f"{run_dir / CONFIG_FILE} holds an invalid model config: {error}") from None
+    model = BakaLM(config)
+    load_weights(model, checkpoint)
+    return model.to(device)

@@ -1,0 +1,22 @@
+"""`bakallm train`: build a run from a preset, a recipe and flags, then train it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bakallm.training.arguments import add_train_arguments, train_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bakallm.training.trainer import Trainer
+
+    config, explicit = train_config_from_args(args)
+    trainer = Trainer(config, explicit)
+    summary = trainer.train()
+    print(json.dumps(summary))
+    return 0
