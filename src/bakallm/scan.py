@@ -9,19 +9,31 @@ and return (y, h[T-1]) so the state can be carried into the next call.
 
 The fast scan walks the sequence in blocks of `block` steps, so no [B, T, d_inner, d_state]
 tensor for the whole sequence is ever built; it keeps only the state at each block start for
-backward and recomputes the block there. Inside a block, the linear recurrence is split into
-sub-chunks: a scan along the sub-chunk positions runs for all sub-chunks at once, then the states
-entering each sub-chunk are propagated and added back. The Python loops therefore run about
-2*sqrt(block) times per block, never once per token.
+backward and recomputes the block there. A block is cut into sub-chunks of `chunk` steps, and the
+recurrence runs in three phases whose Python loops are over positions or sub-chunks, never over
+tokens:
+
+1. for each position in a sub-chunk, one step for all sub-chunks at once, from a zero state;
+2. for each sub-chunk, its entering state from the previous one's (a chunk's decay is
+   exp(sum(dt) * A));
+3. for each position again, one step from the true entering states, consuming each state as it
+   is produced (the output in forward, the gradients in backward).
+
+Inside a block, tensors are laid out [position, row * sub-chunk, d_state, d_inner]: the slice
+for one position is contiguous and a batch of [d_state, d_inner] matrices, so the reductions
+over d_state or d_inner are batched matrix products and the elementwise work runs along d_inner.
+A block whose length is not a multiple of `chunk` is padded with dt = 0 steps (decay 1, input 0),
+which carry states and gradients through unchanged.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
+import torch.nn.functional as F
 
-DEFAULT_BLOCK = 64
+DEFAULT_BLOCK = 128
+DEFAULT_CHUNK = 8
 
 
 def selective_scan_reference(
@@ -45,108 +57,158 @@ def selective_scan_reference(
     return y, h
 
 
-def _sub_chunk_size(length: int) -> int:
-    """The divisor of `length` closest to its square root, which balances the two loops."""
-    root = math.isqrt(length)
-    for offset in range(root + 1):
-        for candidate in (root - offset, root + offset):
-            if 1 <= candidate <= length and length % candidate == 0:
-                return candidate
-    return 1
+class _Block:
+    """One block of the sequence in the position-major layout, with its decays and inputs.
 
-
-def linear_scan(decay: torch.Tensor, inputs: torch.Tensor, initial: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """All states of h[t] = decay[t] * h[t-1] + inputs[t] along dim 1, with h[-1] = initial.
-
-    With reverse=True time runs backwards: h[t] = decay[t] * h[t+1] + inputs[t], h[K] = initial.
-    decay, inputs: [Bt, K, ...]; initial: [Bt, ...].
+    Sequence tensors [Bt, K, F] become [chunk, Bt * n_chunks, F]; `decay` and `inputs` are
+    [chunk, Bt * n_chunks, N, Di]; `chunk_decay` [Bt, n_chunks, N, Di] is each sub-chunk's
+    whole decay and `entering` [Bt * n_chunks, N, Di] the state before each sub-chunk.
     """
-    rows, length = inputs.shape[:2]
-    tail = inputs.shape[2:]
-    chunk = _sub_chunk_size(length)
-    n_chunks = length // chunk
-    decay = decay.reshape(rows, n_chunks, chunk, *tail)
-    inputs = inputs.reshape(rows, n_chunks, chunk, *tail)
-    states = torch.empty_like(inputs)
-    cumulative_decay = torch.empty_like(decay)
-    order = range(chunk - 1, -1, -1) if reverse else range(chunk)
-    previous = order[0]
-    states[:, :, previous] = inputs[:, :, previous]
-    cumulative_decay[:, :, previous] = decay[:, :, previous]
-    for position in order[1:]:
-        torch.addcmul(inputs[:, :, position], decay[:, :, position], states[:, :, previous], out=states[:, :, position])
-        torch.mul(decay[:, :, position], cumulative_decay[:, :, previous], out=cumulative_decay[:, :, position])
-        previous = position
-    last = previous
-    entering = torch.empty(rows, n_chunks, *tail, dtype=inputs.dtype, device=inputs.device)
-    carry = initial
-    for index in range(n_chunks - 1, -1, -1) if reverse else range(n_chunks):
-        entering[:, index] = carry
-        carry = torch.addcmul(states[:, index, last], cumulative_decay[:, index, last], carry)
-    states.addcmul_(cumulative_decay, entering.unsqueeze(2))
-    return states.reshape(rows, length, *tail)
 
+    def __init__(self, x, dt, B, A_t, h_start, chunk: int):
+        rows, length, _ = x.shape
+        self.rows, self.length, self.chunk = rows, length, chunk
+        self.n_chunks = -(-length // chunk)
+        self.dt = self.to_positions(dt)
+        self.dt_x = self.to_positions(dt * x)
+        self.B = self.to_positions(B)
+        self.decay = torch.mul(self.dt.unsqueeze(2), A_t).exp_()
+        self.inputs = torch.mul(self.dt_x.unsqueeze(2), self.B.unsqueeze(3))
+        dt_sums = self.dt.sum(0).view(rows, self.n_chunks, 1, -1)
+        self.chunk_decay = torch.mul(dt_sums, A_t).exp_()
+        self.entering, self.end_state = self._entering_states(h_start)
 
-def _block_terms(x, dt, A, B):
-    """Per-step decay exp(dt*A) and input dt*x*B for one block, both [Bt, K, Di, N]."""
-    decay = torch.exp(dt.unsqueeze(-1) * A)
-    inputs = (dt * x).unsqueeze(-1) * B.unsqueeze(2)
-    return decay, inputs
+    def to_positions(self, sequence: torch.Tensor) -> torch.Tensor:
+        """[Bt, K, F] -> [chunk, Bt * n_chunks, F], zero-padded to n_chunks * chunk steps."""
+        padding = self.n_chunks * self.chunk - self.length
+        if padding:
+            sequence = F.pad(sequence, (0, 0, 0, padding))
+        grouped = sequence.reshape(self.rows, self.n_chunks, self.chunk, -1).permute(2, 0, 1, 3)
+        return grouped.reshape(self.chunk, self.rows * self.n_chunks, -1)
+
+    def to_sequence(self, positions: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_positions`: [chunk, Bt * n_chunks, F] -> [Bt, K, F]."""
+        grouped = positions.reshape(self.chunk, self.rows, self.n_chunks, -1).permute(1, 2, 0, 3)
+        return grouped.reshape(self.rows, self.n_chunks * self.chunk, -1)[:, : self.length]
+
+    def by_chunk(self, states: torch.Tensor) -> torch.Tensor:
+        """[Bt * n_chunks, N, Di] -> [Bt, n_chunks, N, Di]."""
+        return states.view(self.rows, self.n_chunks, *states.shape[1:])
+
+    def _entering_states(self, h_start):
+        """Phases 1 and 2: each sub-chunk's final state from zero, then the true entering states."""
+        local = self.inputs[0].clone()
+        for position in range(1, self.chunk):
+            torch.addcmul(self.inputs[position], self.decay[position], local, out=local)
+        local = self.by_chunk(local)
+        entering = torch.empty_like(local)
+        state = h_start
+        for index in range(self.n_chunks):
+            entering[:, index] = state
+            state = torch.addcmul(local[:, index], self.chunk_decay[:, index], state)
+        return entering.view_as(self.inputs[0]), state
+
+    def states(self, out: torch.Tensor | None = None):
+        """Phase 3: yields (position, state after it) for every position of the sub-chunks.
+
+        Without `out` the states share one buffer, overwritten at each step; with it, state p
+        stays in out[p].
+        """
+        previous = self.entering
+        running = torch.empty_like(previous) if out is None else None
+        for position in range(self.chunk):
+            state = running if out is None else out[position]
+            torch.addcmul(self.inputs[position], self.decay[position], previous, out=state)
+            yield position, state
+            previous = state
+
+    def incoming_state_gradients(self, C, grad_y, carry):
+        """Phases 1 and 2 of the backward recurrence dL/dh[t] = C[t] dy[t] + exp(dt[t+1] A) dL/dh[t+1].
+
+        `carry` is the term exp(dt[t+1] A) dL/dh[t+1] reaching the block's last step t from the
+        next block. Returns that term for the last step of every sub-chunk, and the block's own
+        carry towards the previous block.
+        """
+        last = self.chunk - 1
+        local = torch.mul(C[last].unsqueeze(2), grad_y[last].unsqueeze(1))
+        for position in range(last - 1, -1, -1):
+            local.mul_(self.decay[position + 1]).addcmul_(C[position].unsqueeze(2), grad_y[position].unsqueeze(1))
+        local = self.by_chunk(local.mul_(self.decay[0]))
+        incoming = torch.empty_like(local)
+        for index in range(self.n_chunks - 1, -1, -1):
+            incoming[:, index] = carry
+            carry = torch.addcmul(local[:, index], self.chunk_decay[:, index], carry)
+        return incoming.view_as(self.inputs[0]), carry
 
 
 class _BlockedSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0, block: int):
+    def forward(ctx, x, dt, A, B, C, D, h0, block: int, chunk: int):
+        A_t = A.t().contiguous()
         length = x.shape[1]
         y = torch.empty_like(x)
         block_starts = []
-        h = h0
+        h_t = h0.transpose(1, 2).contiguous()
         for start in range(0, length, block):
             end = min(start + block, length)
-            block_starts.append(h)
-            decay, inputs = _block_terms(x[:, start:end], dt[:, start:end], A, B[:, start:end])
-            states = linear_scan(decay, inputs, h)
-            y[:, start:end] = torch.einsum("bkdn,bkn->bkd", states, C[:, start:end])
-            h = states[:, -1].clone()
+            block_starts.append(h_t)
+            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, h_t, chunk)
+            C_rows = part.to_positions(C[:, start:end]).unsqueeze(2)
+            y_rows = x.new_empty(C_rows.shape[:3] + (x.shape[2],))
+            for position, state in part.states():
+                torch.bmm(C_rows[position], state, out=y_rows[position])
+            y[:, start:end] = part.to_sequence(y_rows.squeeze(2))
+            h_t = part.end_state
         y.addcmul_(x, D)
-        ctx.block = block
+        ctx.block, ctx.chunk = block, chunk
         ctx.save_for_backward(x, dt, A, B, C, D, torch.stack(block_starts))
-        return y, h
+        return y, h_t.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
         x, dt, A, B, C, D, block_starts = ctx.saved_tensors
-        block, length = ctx.block, x.shape[1]
+        block, chunk, length = ctx.block, ctx.chunk, x.shape[1]
+        A_t = A.t().contiguous()
         grad_y = grad_y.contiguous()
-        grad_x = grad_y * D
-        grad_dt = torch.empty_like(dt)
+        grad_dt_x = torch.empty_like(x)
+        grad_dt_via_decay = torch.empty_like(dt)
         grad_B = torch.empty_like(B)
         grad_C = torch.empty_like(C)
-        grad_A = torch.zeros_like(A)
-        grad_D = (grad_y * x).sum(dim=(0, 1))
-        carry = grad_h_last if grad_h_last is not None else torch.zeros_like(block_starts[0])
-        starts = list(range(0, length, block))
-        for index in range(len(starts) - 1, -1, -1):
-            start = starts[index]
+        grad_A_t = torch.zeros_like(A_t)
+        carry = grad_h_last.transpose(1, 2).contiguous()
+        for index, start in reversed(list(enumerate(range(0, length, block)))):
             end = min(start + block, length)
-            xb, dtb, Bb, Cb, gyb = x[:, start:end], dt[:, start:end], B[:, start:end], C[:, start:end], grad_y[:, start:end]
-            h_start = block_starts[index]
-            decay, inputs = _block_terms(xb, dtb, A, Bb)
-            states = linear_scan(decay, inputs, h_start)
-            previous_states = torch.cat((h_start.unsqueeze(1), states[:, :-1]), dim=1)
-            # dL/dh[t] = C[t] * dy[t] + exp(dt[t+1] A) * dL/dh[t+1]: the same recurrence, backwards.
-            next_decay = torch.cat((decay[:, 1:], torch.ones_like(decay[:, :1])), dim=1)
-            output_grad = gyb.unsqueeze(-1) * Cb.unsqueeze(2)
-            state_grad = linear_scan(next_decay, output_grad, carry, reverse=True)
-            carry = decay[:, 0] * state_grad[:, 0]
-            grad_C[:, start:end] = torch.einsum("bkdn,bkd->bkn", states, gyb)
-            grad_B[:, start:end] = torch.einsum("bkdn,bkd->bkn", state_grad, dtb * xb)
-            grad_dt_x = torch.einsum("bkdn,bkn->bkd", state_grad, Bb)
-            decay_grad = state_grad * previous_states * decay  # dL/d(dt*A)
-            grad_dt[:, start:end] = grad_dt_x * xb + torch.einsum("bkdn,dn->bkd", decay_grad, A)
-            grad_x[:, start:end] += grad_dt_x * dtb
-            grad_A += torch.einsum("bkdn,bkd->dn", decay_grad, dtb)
-        return grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, carry, None
+            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, block_starts[index], chunk)
+            C_rows = part.to_positions(C[:, start:end])
+            grad_y_rows = part.to_positions(grad_y[:, start:end])
+            states = torch.empty_like(part.decay)
+            for _ in part.states(out=states):
+                pass
+            grad_C_rows = torch.bmm(states.flatten(0, 1), grad_y_rows.flatten(0, 1).unsqueeze(2)).view_as(C_rows)
+            state_grad, carry = part.incoming_state_gradients(C_rows, grad_y_rows, carry)
+            grad_B_rows = torch.empty_like(C_rows)
+            grad_dt_x_rows = torch.empty_like(grad_y_rows)
+            grad_dt_rows = torch.empty_like(grad_y_rows)
+            grad_A_rows = torch.zeros_like(state_grad)
+            decay_grad = torch.empty_like(state_grad)
+            for position in range(chunk - 1, -1, -1):
+                state_grad.addcmul_(C_rows[position].unsqueeze(2), grad_y_rows[position].unsqueeze(1))  # dL/dh[t]
+                torch.bmm(state_grad, part.dt_x[position].unsqueeze(2), out=grad_B_rows[position].unsqueeze(2))
+                torch.bmm(part.B[position].unsqueeze(1), state_grad, out=grad_dt_x_rows[position].unsqueeze(1))
+                state_grad.mul_(part.decay[position])  # now the term reaching h[t-1]
+                previous = states[position - 1] if position else part.entering
+                torch.mul(state_grad, previous, out=decay_grad)  # dL/d(dt[t] A)
+                grad_A_rows.addcmul_(decay_grad, part.dt[position].unsqueeze(1))
+                torch.sum(decay_grad.mul_(A_t), dim=1, out=grad_dt_rows[position])
+            grad_C[:, start:end] = part.to_sequence(grad_C_rows)
+            grad_B[:, start:end] = part.to_sequence(grad_B_rows)
+            grad_dt_x[:, start:end] = part.to_sequence(grad_dt_x_rows)
+            grad_dt_via_decay[:, start:end] = part.to_sequence(grad_dt_rows)
+            grad_A_t += grad_A_rows.sum(0)
+        grad_x = torch.addcmul(grad_y * D, grad_dt_x, dt)
+        grad_dt = torch.addcmul(grad_dt_via_decay, grad_dt_x, x)
+        grad_D = (grad_y * x).sum(dim=(0, 1))
+        return grad_x, grad_dt, grad_A_t.t(), grad_B, grad_C, grad_D, carry.transpose(1, 2), None, None
 
 
 def selective_scan(
@@ -158,7 +220,9 @@ def selective_scan(
     D: torch.Tensor,
     h0: torch.Tensor,
     block: int = DEFAULT_BLOCK,
+    chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast scan with the reference's signature; computes in float32."""
-    tensors = [t.float().contiguous() for t in (x, dt, A, B, C, D, h0)]
-    return _BlockedSelectiveScan.apply(*tensors, block)
+    """Fast scan with the reference's signature; computes in float32, or float64 for float64 inputs."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    return _BlockedSelectiveScan.apply(*tensors, block, min(chunk, block))

@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    decay_steps: int | None = None  # schedule length; default: the planned length of the run
     schedule: str = "cosine"
     beta1: float = 0.9
     beta2: float = 0.95
@@ -68,7 +69,7 @@ class TrainConfig:
         for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "epochs"):
+        for name in ("max_steps", "epochs", "decay_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -105,6 +106,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="peak learning rate (default 6e-4)")
     add("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr for cosine/linear (default 0.1)")
     add("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    add("--decay-steps", type=int, help="steps over which the schedule decays (default: --max-steps, or the steps of --epochs)")
     add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (default cosine)")
     add("--beta1", type=float, help="AdamW beta1 (default 0.9)")
     add("--beta2", type=float, help="AdamW beta2 (default 0.95)")

@@ -130,7 +130,8 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed = 0.0
         self.state: RecurrentState | None = None
-        self.total_steps = self._planned_steps()
+        self.planned_steps = self._planned_steps()
+        self.schedule_steps = config.decay_steps or self.planned_steps
         if config.resume:
             self._restore(ckpt.latest_checkpoint(self.run_dir))
         else:
@@ -170,6 +171,7 @@ class Trainer:
         ckpt.load_weights(self.model, checkpoint)
 
     def _planned_steps(self) -> int:
+        """Steps the run will take: --max-steps, or an estimate from the corpus size for --epochs."""
         if self.config.max_steps is not None:
             return self.config.max_steps
         epochs = self.config.epochs or 1
@@ -244,7 +246,7 @@ class Trainer:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        lr = learning_rate(config, self.step, self.total_steps)
+        lr = learning_rate(config, self.step, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -292,7 +294,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.planned_steps, initial=self.step, unit="step", disable=not config.progress, dynamic_ncols=True)
         last_eval: dict[str, float] | None = None
         try:
             while not self._finished():

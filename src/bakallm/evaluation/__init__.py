@@ -1,0 +1,23 @@
+"""Evaluation: whole-article scoring of our models and of Hugging Face baselines (see docs/benchmark.md)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use, so that `bakallm bench --help` does not pay for torch or transformers.
+_LAZY_EXPORTS = {
+    "EvalResult": "bakallm.evaluation.evaluate",
+    "ArticleLossTally": "bakallm.evaluation.evaluate",
+    "evaluate_bakalm": "bakallm.evaluation.evaluate",
+    "evaluate_hf": "bakallm.evaluation.hf_baseline",
+    "load_hf_model": "bakallm.evaluation.hf_baseline",
+}
+
+__all__ = list(_LAZY_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bakallm.evaluation' has no attribute {name!r}")

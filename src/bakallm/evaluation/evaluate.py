@@ -1,0 +1,293 @@
+"""Whole-article evaluation of our recurrent models, and the figures shared with Hugging Face baselines.
+
+Every kind of model scores the same tokens of each tokenized article: all of them but the first, each
+exactly once, predicted from earlier tokens of the same article. An article of n tokens gives n - 1
+(input, target) pairs: the token at position t is the input that predicts the token at t + 1.
+Articles of fewer than two tokens have nothing to score and are left out of every figure.
+See docs/benchmark.md for the definitions and the choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bakallm.data.token_cache import TokenizedCorpus
+from bakallm.errors import UserError
+from bakallm.model import IGNORE_INDEX, BakaLM
+
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+# Writing this to /proc/self/clear_refs resets the process's resident-memory high-water mark (VmHWM).
+_RESET_PEAK_RSS = "5"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # nats per scored token: total NLL over all articles / tokens scored (NaN ones left out)
+    ppl: float  # exp(loss)
+    bpb: float | None  # total NLL in bits / UTF-8 bytes of the scored articles; None without text sizes
+    word_ppl: float | None  # exp(total NLL / whitespace words of the scored articles); None without text sizes
+    legacy_loss: float  # mean over articles of each article's mean token loss, as older scripts reported
+    tokens: int  # tokens scored, NaN ones included
+    nan_count: int  # scored tokens whose NLL was NaN: counted here, left out of every other figure
+    n_articles: int  # articles with at least one scored token
+    tokens_per_s: float
+    peak_memory_bytes: int | None  # see PeakMemory
+
+
+class ArticleLossTally:
+    """Sums of token losses per article, from which every figure of `EvalResult` follows.
+
+    NaN losses are counted and kept out of the sums, so one broken token is reported instead of
+    turning every figure into NaN.
+    """
+
+    def __init__(self, n_articles: int):
+        self.nll_sum = np.zeros(n_articles, dtype=np.float64)
+        self.n_finite = np.zeros(n_articles, dtype=np.int64)
+        self.n_nan = np.zeros(n_articles, dtype=np.int64)
+
+    def add(self, articles: Sequence[int], nll: torch.Tensor, scored: torch.Tensor) -> int:
+        """Adds row r of `nll` [R, T] where `scored` [R, T] holds to article `articles[r]` (-1: an idle row).
+
+        Returns the number of tokens added. One transfer to the host per call: sums of one window
+        are taken in float32 on the device, and added up across windows in float64 here.
+        """
+        is_nan = nll.isnan() & scored
+        finite = scored & ~is_nan
+        per_row = torch.stack((torch.where(finite, nll, 0.0).sum(1), finite.sum(1).float(), is_nan.sum(1).float()))
+        sums, n_finite, n_nan = per_row.cpu().double().numpy()
+        rows = np.flatnonzero(np.asarray(articles) >= 0)
+        article_index = np.asarray(articles)[rows]
+        np.add.at(self.nll_sum, article_index, sums[rows])
+        np.add.at(self.n_finite, article_index, n_finite[rows].astype(np.int64))
+        np.add.at(self.n_nan, article_index, n_nan[rows].astype(np.int64))
+        return int(n_finite[rows].sum() + n_nan[rows].sum())
+
+    def result(self, corpus: TokenizedCorpus, seconds: float, peak_memory_bytes: int | None) -> EvalResult:
+        scored = (self.n_finite + self.n_nan) > 0
+        total_nll = float(self.nll_sum.sum())
+        finite_tokens = int(self.n_finite.sum())
+        tokens = finite_tokens + int(self.n_nan.sum())
+        loss = total_nll / finite_tokens if finite_tokens else math.nan
+        with_finite = self.n_finite > 0
+        legacy_loss = float(np.mean(self.nll_sum[with_finite] / self.n_finite[with_finite])) if with_finite.any() else math.nan
+        n_bytes = int(np.asarray(corpus.n_bytes)[scored].sum())
+        n_words = int(np.asarray(corpus.n_words)[scored].sum())
+        return EvalResult(
+            loss=loss,
+            ppl=math.exp(loss) if not math.isnan(loss) else math.nan,
+            bpb=total_nll / math.log(2) / n_bytes if n_bytes else None,
+            word_ppl=math.exp(total_nll / n_words) if n_words else None,
+            legacy_loss=legacy_loss,
+            tokens=tokens,
+            nan_count=int(self.n_nan.sum()),
+            n_articles=int(scored.sum()),
+            tokens_per_s=tokens / seconds if seconds > 0 else math.nan,
+            peak_memory_bytes=peak_memory_bytes,
+        )
+
+
+class PeakMemory:
+    """Peak memory of the work done between construction and `peak_bytes()`.
+
+    On CUDA: the most memory torch held allocated on the device (weights included). On a Linux CPU:
+    how far the process's resident memory rose above its size at construction, read from the
+    kernel's high-water mark (VmHWM) after resetting it, so no sampling thread is needed and the
+    weights loaded beforehand do not count. Elsewhere: None.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._baseline: int | None = 0
+        elif device.type == "cpu":
+            self._baseline = _reset_resident_peak()
+        else:
+            self._baseline = None
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._baseline is None:
+            return None
+        return max(_proc_status_bytes("VmHWM") - self._baseline, 0)
+
+
+def _reset_resident_peak() -> int | None:
+    """Resets VmHWM and returns the resident size now, or None where /proc does not allow it."""
+    try:
+        _PROC_CLEAR_REFS.write_text(_RESET_PEAK_RSS)
+        return _proc_status_bytes("VmRSS")
+    except (OSError, ValueError):
+        return None
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in _PROC_STATUS.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise ValueError(f"{_PROC_STATUS} has no {field} line")
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood [R, T] of each target under logits [R, T, V]; 0 where the target is IGNORE_INDEX."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+
+
+def input_target_pairs(corpus: TokenizedCorpus, article: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs at positions [start, stop) of an article and the tokens each one predicts."""
+    tokens = torch.from_numpy(np.asarray(corpus.document(article)[start : stop + 1], dtype=np.int64))
+    return tokens[:-1], tokens[1:]
+
+
+def scored_token_count(corpus: TokenizedCorpus) -> int:
+    """Tokens that an evaluation of `corpus` scores: every token of every article but its first."""
+    lengths = np.diff(np.asarray(corpus.offsets))
+    return int(np.clip(lengths - 1, 0, None).sum())
+
+
+def require_vocabulary_fits(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_name: str = "of the corpus") -> None:
+    if tokenizer_vocab_size > model_vocab_size:
+        raise UserError(
+            f"The tokenizer {tokenizer_name} has {tokenizer_vocab_size} ids but the model's vocabulary holds only "
+            f"{model_vocab_size}; pass the tokenizer the model was trained with (--tokenizer)."
+        )
+
+
+def require_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise UserError(f"{name} must be at least 1, got {value}.")
+
+
+# ----- our recurrent models -----
+
+
+@dataclass(frozen=True)
+class ArticleWindow:
+    """One model call's worth of one article: inputs at positions [start, stop) predict [start + 1, stop + 1)."""
+
+    article: int
+    start: int
+    stop: int
+    reset: bool  # the state starts fresh here: the article or one of its n_ctx segments begins
+
+
+def bakalm_windows(article: int, n_tokens: int, n_ctx: int, window: int) -> Iterator[ArticleWindow]:
+    """The windows of an article: its inputs cut into segments of n_ctx, each cut into windows of `window`.
+
+    A segment whose length is not a multiple of the window ends with a shorter window, so the state
+    is reset after exactly n_ctx tokens rather than at a rounded position.
+    """
+    n_inputs = n_tokens - 1
+    for segment_start in range(0, n_inputs, n_ctx):
+        segment_stop = min(segment_start + n_ctx, n_inputs)
+        for start in range(segment_start, segment_stop, window):
+            yield ArticleWindow(article, start, min(start + window, segment_stop), reset=start == segment_start)
+
+
+class _RowFeeder:
+    """Hands each batch row its next window, moving a row to the next article when its article ends."""
+
+    def __init__(self, corpus: TokenizedCorpus, n_ctx: int, window: int, batch_size: int):
+        lengths = np.diff(np.asarray(corpus.offsets))
+        self._articles = iter(np.flatnonzero(lengths >= 2).tolist())
+        self._lengths = lengths
+        self._n_ctx, self._window = n_ctx, window
+        self._row_windows: list[Iterator[ArticleWindow]] = [iter(()) for _ in range(batch_size)]
+
+    def next_windows(self) -> list[ArticleWindow | None]:
+        return [self._next_window(row) for row in range(len(self._row_windows))]
+
+    def _next_window(self, row: int) -> ArticleWindow | None:
+        while True:
+            window = next(self._row_windows[row], None)
+            if window is not None:
+                return window
+            article = next(self._articles, None)
+            if article is None:
+                return None
+            self._row_windows[row] = bakalm_windows(article, int(self._lengths[article]), self._n_ctx, self._window)
+
+
+def evaluate_bakalm(
+    model: BakaLM,
+    corpus: TokenizedCorpus,
+    n_ctx: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: torch.dtype | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Scores every article of `corpus` with `model` (already on `device`), reading each from its start.
+
+    The state is carried through an article and reset every n_ctx tokens (never, when n_ctx is at
+    least the article's length). Several articles run side by side as batch rows, each row taking
+    the next article when its own ends; a row with nothing left runs padding. Each model call
+    processes at most one window per row, so memory does not grow with the length of an article.
+    """
+    window = model.config.window
+    if n_ctx < window:
+        raise UserError(f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}.")
+    require_positive("The batch size", batch_size)
+    require_vocabulary_fits(corpus.vocab_size, model.config.vocab_size)
+    device = torch.device(device)
+    feeder = _RowFeeder(corpus, n_ctx, window, batch_size)
+    tally = ArticleLossTally(len(corpus))
+    precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    memory = PeakMemory(device)
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode(), precision, tqdm(
+            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=not progress, dynamic_ncols=True
+        ) as bar:
+            state = model.init_state(batch_size, device)
+            windows = feeder.next_windows()
+            while any(windows):
+                input_ids, targets, reset = _window_batch(corpus, windows)
+                targets = targets.to(device)
+                output = model(input_ids.to(device), state=state, reset=reset.to(device), return_logits=True)
+                state = output.state
+                articles = [window.article if window is not None else -1 for window in windows]
+                bar.update(tally.add(articles, token_nll(output.logits, targets), targets != IGNORE_INDEX))
+                windows = feeder.next_windows()
+    finally:
+        model.train(was_training)
+    return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
+
+
+def _window_batch(
+    corpus: TokenizedCorpus, windows: list[ArticleWindow | None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs and targets [B, T] of one call (T: the longest window), padded; and which rows start fresh.
+
+    Padding after a row's last window is harmless: the padded tokens come after every real one, and
+    the row is reset before its next article or segment.
+    """
+    length = max(window.stop - window.start for window in windows if window is not None)
+    input_ids = torch.zeros(len(windows), length, dtype=torch.long)
+    targets = torch.full((len(windows), length), IGNORE_INDEX, dtype=torch.long)
+    reset = torch.ones(len(windows), dtype=torch.bool)
+    for row, window in enumerate(windows):
+        if window is None:
+            continue
+        inputs, next_tokens = input_target_pairs(corpus, window.article, window.start, window.stop)
+        input_ids[row, : len(inputs)] = inputs
+        targets[row, : len(inputs)] = next_tokens
+        reset[row] = window.reset
+    return input_ids, targets, reset

@@ -1,0 +1,203 @@
+"""End-to-end training: loss goes down, run directory contents, exact resume, crash safety, errors."""
+
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bakallm import BakaLM
+from bakallm.cli import main
+from bakallm.training import checkpoint as ckpt
+from bakallm.training.arguments import TrainConfig
+from bakallm.training.trainer import Trainer, learning_rate
+
+WORDS = "the a cat dog sat ran on under mat tree and then quickly slowly big small red blue house river".split()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Twelve documents of different lengths, in a learnable pseudo-English."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for index in range(12):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "." for _ in range(rng.randint(3, 25))]
+        (folder / f"doc{index:02d}.txt").write_text(" ".join(sentences), encoding="utf-8")
+    return folder
+
+
+def train_args(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--preset", "tiny", "--model-config", str(_tiny_model_file(run_dir.parent)), "--data", str(corpus_dir),
+        "--tokenizer", "bytes", "--batch-size", "3", "--train-ctx", "64", "--lr", "3e-3", "--warmup-steps", "2",
+        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", *extra,
+    ]
+
+
+def _tiny_model_file(folder: Path) -> Path:
+    path = folder / "tiny-small.json"
+    path.write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}))
+    return path
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
+        return [row[0] for row in connection.execute("SELECT loss FROM steps ORDER BY step")]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.latest_checkpoint(run_dir) / ckpt.MODEL_FILE)
+
+
+def test_training_lowers_the_loss_and_fills_the_run_directory(corpus_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus_dir, run_dir, "--max-steps", "30")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 30
+    losses = step_losses(run_dir)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest.name == "step-00000030"
+    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.TRAINER_STATE_FILE, ckpt.RECURRENT_STATE_FILE, ckpt.RNG_FILE):
+        assert (latest / name).is_file(), name
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 256 and saved["model"]["d_model"] == 64
+    assert saved["training"]["batch_size"] == 3
+    # keep_last 3 step checkpoints; the corpus is small, so epoch snapshots exist too and stay.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000024", "step-00000028", "step-00000030"]
+    assert (run_dir / "checkpoints" / "epoch-1" / ckpt.MODEL_FILE).is_file()
+    model = BakaLM.from_pretrained(run_dir)
+    for name, tensor in final_weights(run_dir).items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(corpus_dir, tmp_path):
+    common = ("--shuffle", "--decay-steps", "12", "--epochs", "100")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(train_args(corpus_dir, straight, "--max-steps", "12", *common)) == 0
+    assert main(train_args(corpus_dir, interrupted, "--max-steps", "6", *common)) == 0
+    assert main(["train", "--resume", str(interrupted), "--max-steps", "12", "--no-progress"]) == 0
+    expected, got = step_losses(straight), step_losses(interrupted)
+    assert len(got) == 12
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= 1e-6
+    reference = final_weights(straight)
+    assert max((tensor - reference[name]).abs().max().item() for name, tensor in final_weights(interrupted).items()) <= 1e-6
+
+
+def test_epoch_end_keeps_a_snapshot_and_stops(corpus_dir, tmp_path):
+    run_dir = tmp_path / "epochs"
+    assert main(train_args(corpus_dir, run_dir, "--epochs", "1", "--batch-size", "6", "--train-ctx", "256")) == 0
+    assert (run_dir / "checkpoints" / "epoch-1" / ckpt.MODEL_FILE).is_file()
+    state = json.loads((ckpt.latest_checkpoint(run_dir) / ckpt.TRAINER_STATE_FILE).read_text())
+    assert state["epochs_done"] == 1
+    # Every target token of the corpus was seen exactly once in the epoch.
+    texts = [p.read_bytes() for p in sorted(corpus_dir.glob("*.txt"))]
+    assert state["tokens_seen"] == sum(len(text) - 1 for text in texts)
+
+
+def test_resume_with_a_different_setting_names_the_field(corpus_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(train_args(corpus_dir, run_dir, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--batch-size", "5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--batch-size" in error and len(error.splitlines()) == 1
+    assert main(train_args(corpus_dir, run_dir, "--max-steps", "2")) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, capsys):
+    source = tmp_path / "source"
+    assert main(train_args(corpus_dir, source, "--max-steps", "2")) == 0
+    config = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "staged"), "init_from": str(source), "max_steps": 1})
+    trainer = Trainer(config)
+    for name, tensor in final_weights(source).items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    wrong = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "wrong"), "init_from": str(source), "model_config": None})
+    with pytest.raises(Exception, match="model field d_model differs"):
+        Trainer(wrong)
+
+
+def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
+    return dict(
+        preset="tiny", model_config=str(_tiny_model_file(run_dir.parent)), data=str(corpus_dir), tokenizer="bytes", batch_size=3,
+        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1,
+    )
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "nan"), "max_steps": 10}))
+    original = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        output = original(*args, **kwargs)
+        if trainer.step >= 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(trainer, "forward_model", poisoned)
+    with pytest.raises(Exception, match="training loss became nan at step 4.*step-00000002"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step-00000002"
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(corpus_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = train_args(corpus_dir, run_dir, "--max-steps", "8", "--save-every", "2")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, torch
+        real_save = torch.save
+        def save_then_die(obj, path, *a, **k):
+            if "step-00000004" in str(path):
+                with open(path, "wb") as handle:
+                    handle.write(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, path, *a, **k)
+        torch.save = save_then_die
+        from bakallm.cli import main
+        sys.exit(main({args!r}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
+    assert list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000008"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert len(step_losses(run_dir)) == 8
+
+
+def test_recipe_values_apply_and_flags_override_them(tmp_path):
+    from bakallm.cli import build_parser
+    from bakallm.training.arguments import train_config_from_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("preset: celp18\nbatch-size: 8\nlr: 0.001\nshuffle: true\n")
+    args = build_parser("train").parse_args(["train", "--recipe", str(recipe), "--lr", "0.0005"])
+    config, explicit = train_config_from_args(args)
+    assert (config.preset, config.batch_size, config.lr, config.shuffle) == ("celp18", 8, 0.0005, True)
+    assert {"preset", "lr", "recipe"} <= explicit
+
+
+def test_bad_recipe_and_model_config_fail_with_one_sentence(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_sise: 3\n")
+    assert main(["train", "--recipe", str(bad)]) == 2
+    assert "Unknown training argument(s) batch_sise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule, expected_end", [("constant", 1.0), ("cosine", 0.1), ("linear", 0.1)])
+def test_learning_rate_schedules(schedule, expected_end):
+    config = TrainConfig(lr=1.0, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
+    assert learning_rate(config, 0, 100) == pytest.approx(0.25)
+    assert learning_rate(config, 4, 100) == pytest.approx(1.0)
+    assert learning_rate(config, 100, 100) == pytest.approx(expected_end)
