@@ -19,7 +19,9 @@ from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 
-DEFAULT_DATA = Path(os.environ.get("BAKALLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DEFAULT_DATA = Path(
+    os.environ.get("BAKALLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 
 def main() -> None:
@@ -59,7 +61,8 @@ def main() -> None:
             raise SystemExit(f"token counts differ: cache {cached_tokens}, plain {method} {plain_tokens}")
         del encodings
 
-    print(f"{len(texts)} documents, {sum(len(text.encode('utf-8')) for text in texts) / 1e6:.1f} MB of text, {cached_tokens:,} tokens")
+    n_megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    print(f"{len(texts)} documents, {n_megabytes:.1f} MB of text, {cached_tokens:,} tokens")
     print(f"token cache build:                  {build_s:7.2f} s  (peak RSS so far {build_peak_mb:.0f} MB)")
     for method, seconds in plain_s.items():
         print(f"plain {method + ':':<30}{seconds:7.2f} s  (cache build / this = {build_s / seconds:.2f})")

@@ -16,9 +16,9 @@ CTX = 2 * CHUNK  # two chunks per step
 
 def numbered_corpus(lengths):
     """Documents whose tokens are consecutive numbers from 1 on, so a token value tells where it came from."""
-    starts = np.cumsum([1] + list(lengths))
-    token_lists = [list(range(start, start + length)) for start, length in zip(starts, lengths)]
-    return TokenizedCorpus.from_token_lists(token_lists, vocab_size=int(starts[-1]) + 1), token_lists
+    ends = np.cumsum([1] + list(lengths))
+    token_lists = [list(range(end - length, end)) for end, length in zip(ends[1:], lengths, strict=True)]
+    return TokenizedCorpus.from_token_lists(token_lists, vocab_size=int(ends[-1])), token_lists
 
 
 def reference_corpus():
@@ -181,7 +181,12 @@ def test_max_epochs_ends_iteration():
     corpus, _ = reference_corpus()
     batches = list(DocumentBatcher(corpus, batch_size=3, train_ctx=CTX, mode="static", max_epochs=2))
     assert [(batch.epoch, batch.epoch_end) for batch in batches] == [
-        (0, False), (0, False), (0, True), (1, False), (1, False), (1, True)
+        (0, False),
+        (0, False),
+        (0, True),
+        (1, False),
+        (1, False),
+        (1, True),
     ]
 
 

@@ -79,7 +79,9 @@ def test_hub_name_offline_with_nothing_cached_says_to_pass_a_local_path(monkeypa
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(UserError, match="Could not load wikitext-2 from the Hugging Face Hub or its local cache; pass the path"):
+    with pytest.raises(
+        UserError, match="Could not load wikitext-2 from the Hugging Face Hub or its local cache; pass the path"
+    ):
         load_corpus("wikitext-2", split="test")
 
 
@@ -124,7 +126,10 @@ def test_jsonl_without_text_field_names_the_line(tmp_path):
 def test_parquet_reads_the_text_column(tmp_path):
     path = tmp_path / "docs.parquet"
     pyarrow.parquet.write_table(pyarrow.table({"text": ["alpha", "beta gamma"], "score": [1, 2]}), path)
-    assert list(load_corpus(str(path))) == [Document("docs.parquet:0", "alpha"), Document("docs.parquet:1", "beta gamma")]
+    assert list(load_corpus(str(path))) == [
+        Document("docs.parquet:0", "alpha"),
+        Document("docs.parquet:1", "beta gamma"),
+    ]
 
 
 def test_parquet_uses_an_id_column_when_present(tmp_path):

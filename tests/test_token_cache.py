@@ -159,7 +159,9 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_from_token_lists_builds_an_in_memory_corpus():
-    corpus = TokenizedCorpus.from_token_lists([[5, 6, 7], [], [8]], vocab_size=10, doc_ids=["a", "b", "c"], texts=["x y", "", "zé"])
+    corpus = TokenizedCorpus.from_token_lists(
+        [[5, 6, 7], [], [8]], vocab_size=10, doc_ids=["a", "b", "c"], texts=["x y", "", "zé"]
+    )
     assert len(corpus) == 3
     assert corpus.tokens.dtype == np.uint16
     assert corpus.tokens.tolist() == [5, 6, 7, 8]

@@ -5,7 +5,9 @@ import tokenizers
 from bakallm.data.tokenizers import DEFAULT_TOKENIZER, ByteTokenizer, load_tokenizer
 from bakallm.errors import UserError
 
-SAMPLE = " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .\n  \t naïve café 東京 🙂"
+SAMPLE = (
+    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .\n  \t naïve café 東京 🙂"
+)
 
 
 def neox_dir(shared_data):
@@ -25,7 +27,9 @@ def test_encode_batch_matches_plain_tokenizers_without_special_tokens(shared_dat
     tokenizer = load_tokenizer(str(path))
     texts = [SAMPLE, "", "<|endoftext|> is text here"]
     plain = tokenizers.Tokenizer.from_file(str(path))
-    assert tokenizer.encode_batch(texts) == [encoding.ids for encoding in plain.encode_batch(texts, add_special_tokens=False)]
+    assert tokenizer.encode_batch(texts) == [
+        encoding.ids for encoding in plain.encode_batch(texts, add_special_tokens=False)
+    ]
 
 
 def test_folder_holding_tokenizer_json_loads_the_same_tokenizer(shared_data):
@@ -60,7 +64,9 @@ def test_hub_name_offline_says_to_pass_a_local_tokenizer_json(monkeypatch, tmp_p
     hub_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
-    with pytest.raises(UserError, match=f"{DEFAULT_TOKENIZER} is on the Hugging Face Hub but offline mode is on.*local tokenizer.json"):
+    with pytest.raises(
+        UserError, match=f"{DEFAULT_TOKENIZER} is on the Hugging Face Hub but offline mode is on.*local tokenizer.json"
+    ):
         load_tokenizer(DEFAULT_TOKENIZER)
 
 

@@ -7,14 +7,14 @@ import torch
 from bakallm.model import BakaLM
 
 
-def compile_layers(model: BakaLM) -> BakaLM:
+def compile_layers(model: BakaLM, backend: str = "inductor") -> BakaLM:
     """torch.compile each block with static shapes (as torchtitan does per transformer block).
 
     Compiling per block keeps compile time bounded: the window loop and the state handling stay
     in Python, and every block sees the same shapes in every full window.
     """
     for layer in model.layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
     return model
 
 

@@ -187,11 +187,13 @@ class BakaLM(nn.Module):
             x, key, value, conv_state, ssm_state = layer(
                 x, state.keys[index], state.values[index], mask, cos, sin, conv_state, ssm_state
             )
-            keys.append(key.float())
-            values.append(value.float())
+            # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
+            # block sees identical inputs and never recompiles.
+            keys.append(key.float().contiguous())
+            values.append(value.float().contiguous())
             if layer.mamba is not None:
-                convs.append(conv_state)
-                ssms.append(ssm_state)
+                convs.append(conv_state.contiguous())
+                ssms.append(ssm_state.contiguous())
         new_state = RecurrentState(
             memory=x[:, length - config.n_memory :].float(),
             keys=tuple(keys),

@@ -29,6 +29,8 @@ which carry states and gradients through unchanged.
 from __future__ import annotations
 
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +59,22 @@ def selective_scan_reference(
     return y, h
 
 
+class _Workspace:
+    """Buffers shared by the blocks of one call, the first (largest) block sizing them: fresh
+    multi-megabyte buffers for every block cost more in page faults than the arithmetic on them."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = self.like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
 class _Block:
     """One block of the sequence in the position-major layout, with its decays and inputs.
 
@@ -65,15 +83,17 @@ class _Block:
     whole decay and `entering` [Bt * n_chunks, N, Di] the state before each sub-chunk.
     """
 
-    def __init__(self, x, dt, B, A_t, h_start, chunk: int):
+    def __init__(self, x, dt, B, A_t, h_start, chunk: int, workspace: _Workspace):
         rows, length, _ = x.shape
         self.rows, self.length, self.chunk = rows, length, chunk
         self.n_chunks = -(-length // chunk)
+        self.workspace = workspace
         self.dt = self.to_positions(dt)
         self.dt_x = self.to_positions(dt * x)
         self.B = self.to_positions(B)
-        self.decay = torch.mul(self.dt.unsqueeze(2), A_t).exp_()
-        self.inputs = torch.mul(self.dt_x.unsqueeze(2), self.B.unsqueeze(3))
+        shape = (chunk, rows * self.n_chunks) + A_t.shape
+        self.decay = torch.mul(self.dt.unsqueeze(2), A_t, out=workspace.get("decay", shape)).exp_()
+        self.inputs = torch.mul(self.dt_x.unsqueeze(2), self.B.unsqueeze(3), out=workspace.get("inputs", shape))
         dt_sums = self.dt.sum(0).view(rows, self.n_chunks, 1, -1)
         self.chunk_decay = torch.mul(dt_sums, A_t).exp_()
         self.entering, self.end_state = self._entering_states(h_start)
@@ -97,11 +117,11 @@ class _Block:
 
     def _entering_states(self, h_start):
         """Phases 1 and 2: each sub-chunk's final state from zero, then the true entering states."""
-        local = self.inputs[0].clone()
+        local = self.workspace.get("local", self.inputs.shape[1:]).copy_(self.inputs[0])
         for position in range(1, self.chunk):
             torch.addcmul(self.inputs[position], self.decay[position], local, out=local)
         local = self.by_chunk(local)
-        entering = torch.empty_like(local)
+        entering = self.workspace.get("entering", local.shape)
         state = h_start
         for index in range(self.n_chunks):
             entering[:, index] = state
@@ -115,7 +135,7 @@ class _Block:
         stays in out[p].
         """
         previous = self.entering
-        running = torch.empty_like(previous) if out is None else None
+        running = self.workspace.get("running", previous.shape) if out is None else None
         for position in range(self.chunk):
             state = running if out is None else out[position]
             torch.addcmul(self.inputs[position], self.decay[position], previous, out=state)
@@ -130,11 +150,11 @@ class _Block:
         carry towards the previous block.
         """
         last = self.chunk - 1
-        local = torch.mul(C[last].unsqueeze(2), grad_y[last].unsqueeze(1))
+        local = torch.mul(C[last].unsqueeze(2), grad_y[last].unsqueeze(1), out=self.workspace.get("local_state_grad", self.inputs.shape[1:]))
         for position in range(last - 1, -1, -1):
             local.mul_(self.decay[position + 1]).addcmul_(C[position].unsqueeze(2), grad_y[position].unsqueeze(1))
         local = self.by_chunk(local.mul_(self.decay[0]))
-        incoming = torch.empty_like(local)
+        incoming = self.workspace.get("incoming", local.shape)
         for index in range(self.n_chunks - 1, -1, -1):
             incoming[:, index] = carry
             carry = torch.addcmul(local[:, index], self.chunk_decay[:, index], carry)
@@ -149,12 +169,13 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         y = torch.empty_like(x)
         block_starts = []
         h_t = h0.transpose(1, 2).contiguous()
+        workspace = _Workspace(x)
         for start in range(0, length, block):
             end = min(start + block, length)
             block_starts.append(h_t)
-            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, h_t, chunk)
+            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, h_t, chunk, workspace)
             C_rows = part.to_positions(C[:, start:end]).unsqueeze(2)
-            y_rows = x.new_empty(C_rows.shape[:3] + (x.shape[2],))
+            y_rows = workspace.get("y", C_rows.shape[:3] + (x.shape[2],))
             for position, state in part.states():
                 torch.bmm(C_rows[position], state, out=y_rows[position])
             y[:, start:end] = part.to_sequence(y_rows.squeeze(2))
@@ -176,21 +197,22 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         grad_C = torch.empty_like(C)
         grad_A_t = torch.zeros_like(A_t)
         carry = grad_h_last.transpose(1, 2).contiguous()
+        workspace = _Workspace(x)
         for index, start in reversed(list(enumerate(range(0, length, block)))):
             end = min(start + block, length)
-            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, block_starts[index], chunk)
+            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, block_starts[index], chunk, workspace)
             C_rows = part.to_positions(C[:, start:end])
             grad_y_rows = part.to_positions(grad_y[:, start:end])
-            states = torch.empty_like(part.decay)
+            states = workspace.get("states", part.decay.shape)
             for _ in part.states(out=states):
                 pass
             grad_C_rows = torch.bmm(states.flatten(0, 1), grad_y_rows.flatten(0, 1).unsqueeze(2)).view_as(C_rows)
             state_grad, carry = part.incoming_state_gradients(C_rows, grad_y_rows, carry)
-            grad_B_rows = torch.empty_like(C_rows)
-            grad_dt_x_rows = torch.empty_like(grad_y_rows)
-            grad_dt_rows = torch.empty_like(grad_y_rows)
-            grad_A_rows = torch.zeros_like(state_grad)
-            decay_grad = torch.empty_like(state_grad)
+            grad_B_rows = workspace.get("grad_B", C_rows.shape)
+            grad_dt_x_rows = workspace.get("grad_dt_x", grad_y_rows.shape)
+            grad_dt_rows = workspace.get("grad_dt", grad_y_rows.shape)
+            grad_A_rows = workspace.get("grad_A", state_grad.shape).zero_()
+            decay_grad = workspace.get("decay_grad", state_grad.shape)
             for position in range(chunk - 1, -1, -1):
                 state_grad.addcmul_(C_rows[position].unsqueeze(2), grad_y_rows[position].unsqueeze(1))  # dL/dh[t]
                 torch.bmm(state_grad, part.dt_x[position].unsqueeze(2), out=grad_B_rows[position].unsqueeze(2))

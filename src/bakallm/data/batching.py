@@ -60,7 +60,9 @@ class DocumentBatcher:
         lengths = np.diff(corpus.offsets)
         self._trainable_documents = np.flatnonzero(lengths >= 2)
         if self._trainable_documents.size == 0:
-            raise UserError("No document of the corpus has 2 or more tokens, so there is nothing to train on; use a larger corpus.")
+            raise UserError(
+                "No document of the corpus has 2 or more tokens, so there is nothing to train on; use a larger corpus."
+            )
         self.corpus = corpus
         self.batch_size = batch_size
         self.train_ctx = train_ctx
@@ -160,7 +162,8 @@ class DocumentBatcher:
         for setting, value in self._settings().items():
             if state[setting] != value:
                 raise UserError(
-                    f"The saved data position was made with a different {setting}; resume with the same corpus and batching settings."
+                    f"The saved data position was made with a different {setting}; "
+                    "resume with the same corpus and batching settings."
                 )
         self._start_epoch(state["epoch"])
         self._next_document = state["next_document"]

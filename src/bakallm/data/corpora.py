@@ -108,7 +108,9 @@ def hub_offline_mode_requested() -> bool:
     """
     from huggingface_hub import constants
 
-    requested = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    requested = (
+        os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     return constants.HF_HUB_OFFLINE or any(value in _TRUE_VALUES for value in requested)
 
 
@@ -239,9 +241,11 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {line_number} is not valid JSON; each line must be one JSON object.") from error
+            raise UserError(
+                f"{path} line {line_number} is not valid JSON; each line must be one JSON object."
+            ) from error
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{path} line {line_number} has no string field \"text\"; give every record one.")
+            raise UserError(f'{path} line {line_number} has no string field "text"; give every record one.')
         yield Document(id=str(record.get("id", f"{path.name}:{line_number}")), text=record["text"])
 
 
@@ -251,12 +255,12 @@ def _read_parquet(path: Path) -> Iterator[Document]:
     parquet_file = pyarrow.parquet.ParquetFile(path)
     column_names = parquet_file.schema_arrow.names
     if "text" not in column_names:
-        raise UserError(f"{path} has no column \"text\" (it has {', '.join(column_names)}); add one with the documents.")
+        raise UserError(f'{path} has no column "text" (it has {", ".join(column_names)}); add one with the documents.')
     columns = ["text", "id"] if "id" in column_names else ["text"]
     row_number = 0
     for batch in parquet_file.iter_batches(columns=columns):
         texts = batch.column("text").to_pylist()
         ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
-        for text, doc_id in zip(texts, ids):
+        for text, doc_id in zip(texts, ids, strict=True):
             yield Document(id=str(doc_id) if doc_id is not None else f"{path.name}:{row_number}", text=text or "")
             row_number += 1

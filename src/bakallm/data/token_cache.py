@@ -87,7 +87,7 @@ class TokenizedCorpus:
         tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(offsets[-1]))
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
-        content_hash = hashlib.sha256(f"{vocab_size}\0{json.dumps(doc_ids)}".encode("utf-8"))
+        content_hash = hashlib.sha256(f"{vocab_size}\0{json.dumps(doc_ids)}".encode())
         content_hash.update(offsets.tobytes())
         content_hash.update(tokens.tobytes())
         return cls(
@@ -116,7 +116,7 @@ def tokenize_corpus(
 ) -> TokenizedCorpus:
     """The tokens of `corpus`, from the cache when an earlier run stored them, else tokenized now and stored."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha256(f"{CACHE_FORMAT}\0{corpus.fingerprint()}\0{tokenizer.fingerprint()}".encode("utf-8")).hexdigest()
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{corpus.fingerprint()}\0{tokenizer.fingerprint()}".encode()).hexdigest()
     entry = cache_dir / f"{_slug(corpus.name)}--{_slug(tokenizer.name)}--{key[:20]}"
     if not entry.is_dir():
         _build_entry(corpus, tokenizer, key, entry, progress)
@@ -129,11 +129,13 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         offsets, doc_ids, n_bytes, n_words = [0], [], [], []
-        with (partial / TOKENS_FILE).open("wb") as tokens_file, tqdm(
-            desc=f"tokenizing {corpus.name}", unit=" docs", disable=not progress
-        ) as bar:
+        with (
+            (partial / TOKENS_FILE).open("wb") as tokens_file,
+            tqdm(desc=f"tokenizing {corpus.name}", unit=" docs", disable=not progress) as bar,
+        ):
             for batch in _document_batches(corpus):
-                for document, ids in zip(batch, tokenizer.encode_batch([document.text for document in batch])):
+                encoded = tokenizer.encode_batch([document.text for document in batch])
+                for document, ids in zip(batch, encoded, strict=True):
                     np.asarray(ids, dtype=dtype).tofile(tokens_file)
                     offsets.append(offsets[-1] + len(ids))
                     doc_ids.append(document.id)

@@ -116,7 +116,9 @@ def _load_tokenizer_file(path: Path, name: str) -> HuggingFaceTokenizer:
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as error:  # the Rust parser raises plain Exceptions
-        raise UserError(f"{path} is not a valid Hugging Face tokenizer.json file; check that it is not damaged.") from error
+        raise UserError(
+            f"{path} is not a valid Hugging Face tokenizer.json file; check that it is not damaged."
+        ) from error
     return HuggingFaceTokenizer(name=name, backend=backend)
 
 

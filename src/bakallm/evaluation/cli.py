@@ -71,11 +71,10 @@ class ModelUnderTest:
     params_embedding: int
     vocab_size: int
     arch_hash: str
-    default_tokenizer: str
+    default_tokenizer: str | None
     default_n_ctx: int
     default_batch_size: int
     score: Callable[[TokenizedCorpus, int, int | None, int, bool], EvalResult]  # (corpus, n_ctx, stride, batch_size, progress)
-    stride_of: Callable[[int, int | None], int | None]  # the stride a run records, from (n_ctx, --stride)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.data.token_cache import tokenize_corpus
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.evaluation.evaluate import require_positive, require_vocabulary_fits
+    from bakallm.evaluation.hf_baseline import default_stride
     from bakallm.results.db import ResultsDB, default_db_path, utc_now_iso
 
     if args.split not in HUB_WIKITEXT_SPLITS:
@@ -96,12 +96,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     subject = _load_hf(args.hf, device) if args.hf is not None else _load_bakalm(args.model, device)
     n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
+    stride = None
+    if subject.kind == "hf":
+        stride = args.stride if args.stride is not None else default_stride(n_ctx)
     batch_size = args.batch_size if args.batch_size is not None else subject.default_batch_size
-    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else subject.default_tokenizer)
+    tokenizer_spec = args.tokenizer if args.tokenizer is not None else subject.default_tokenizer
+    if tokenizer_spec is None:
+        raise UserError(f"The config.json of run {subject.name} names no tokenizer; pass the one it was trained with as --tokenizer.")
+    tokenizer = load_tokenizer(tokenizer_spec)
     require_vocabulary_fits(tokenizer.vocab_size, subject.vocab_size, tokenizer.name)
     corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
-    result = subject.score(corpus, n_ctx, args.stride, batch_size, args.progress)
-    row = _result_row(subject, result, args, n_ctx, batch_size, tokenizer.name, device)
+    result = subject.score(corpus, n_ctx, stride, batch_size, args.progress)
+    row = _result_row(subject, result, args, n_ctx, stride, batch_size, tokenizer.name, device)
     row.created_at = utc_now_iso()
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
         row.id = db.add(row)
@@ -120,8 +126,6 @@ def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
     run_dir, checkpoint = resolve_checkpoint(path)
     model = BakaLM.from_pretrained(path, device)
     tokenizer = read_run_config(run_dir).get("training", {}).get("tokenizer")
-    if not isinstance(tokenizer, str):
-        tokenizer = ""  # only an error if --tokenizer is missing too, see below
     counts = model.num_parameters()
 
     def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool) -> EvalResult:
@@ -136,9 +140,124 @@ def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
         params_embedding=counts["embedding"],
         vocab_size=model.config.vocab_size,
         arch_hash=hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest(),
-        default_tokenizer=tokenizer,
+        default_tokenizer=tokenizer if isinstance(tokenizer, str) else None,
         default_n_ctx=BAKALLM_DEFAULT_N_CTX,
         default_batch_size=BAKALLM_DEFAULT_BATCH_SIZE,
         score=score,
-        stride_of=lambda n_ctx, stride: None,
     )
+
+
+def _load_hf(spec: str, device: torch.device) -> ModelUnderTest:
+    from bakallm.data.tokenizers import DEFAULT_TOKENIZER, TOKENIZER_FILE
+    from bakallm.evaluation.hf_baseline import (
+        evaluate_hf,
+        hf_architecture_hash,
+        hf_model_folder,
+        hf_parameter_counts,
+        hf_vocab_size,
+        hf_weight_files,
+        load_hf_model,
+    )
+
+    model = load_hf_model(spec, device)
+    folder = hf_model_folder(model)
+    weight_files = hf_weight_files(folder) if folder is not None else []
+    if folder is not None and (folder / TOKENIZER_FILE).is_file():
+        tokenizer = str(folder / TOKENIZER_FILE)
+    elif not Path(spec).expanduser().is_dir():
+        tokenizer = spec  # a Hub model: load_tokenizer fetches the tokenizer.json of its repository
+    else:
+        tokenizer = DEFAULT_TOKENIZER
+        print(f"bakallm bench: {spec} holds no {TOKENIZER_FILE}, so its text is tokenized with {DEFAULT_TOKENIZER} (choose with --tokenizer).", file=sys.stderr)
+    counts = hf_parameter_counts(model)
+    max_positions = getattr(model.config, "max_position_embeddings", None) or HF_DEFAULT_N_CTX
+
+    def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool) -> EvalResult:
+        return evaluate_hf(model, corpus, n_ctx=n_ctx, stride=stride, batch_size=batch_size, device=device, progress=progress)
+
+    return ModelUnderTest(
+        kind="hf",
+        name=spec,
+        checkpoint_path=str(folder) if folder is not None else None,
+        checkpoint_hash=_sha256_files(weight_files) if weight_files else None,
+        params_total=counts["total"],
+        params_embedding=counts["embedding"],
+        vocab_size=hf_vocab_size(model),
+        arch_hash=hf_architecture_hash(model),
+        default_tokenizer=tokenizer,
+        default_n_ctx=min(HF_DEFAULT_N_CTX, max_positions),
+        default_batch_size=HF_DEFAULT_BATCH_SIZE,
+        score=score,
+    )
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    """One hash of the files' contents, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _result_row(
+    subject: ModelUnderTest,
+    result: EvalResult,
+    args: argparse.Namespace,
+    n_ctx: int,
+    stride: int | None,
+    batch_size: int,
+    tokenizer: str,
+    device: torch.device,
+) -> ResultRow:
+    from bakallm import __version__
+    from bakallm.results.db import ResultRow
+
+    return ResultRow(
+        model_kind=subject.kind,
+        model_name=subject.name,
+        benchmark=args.data,
+        split=args.split,
+        n_ctx=n_ctx,
+        tokens=result.tokens,
+        loss=result.loss,
+        ppl=result.ppl,
+        bpb=result.bpb,
+        checkpoint_path=subject.checkpoint_path,
+        checkpoint_hash=subject.checkpoint_hash,
+        params_total=subject.params_total,
+        params_embedding=subject.params_embedding,
+        stride=stride,
+        tokenizer=tokenizer,
+        word_ppl=result.word_ppl,
+        legacy_loss=result.legacy_loss,
+        nan_count=result.nan_count,
+        tokens_per_s=result.tokens_per_s,
+        peak_memory_bytes=result.peak_memory_bytes,
+        note=args.note,
+        arch_hash=subject.arch_hash,
+        version=__version__,
+        extra={"n_articles": result.n_articles, "batch_size": batch_size, "device": str(device)},
+    )
+
+
+def _summary(row: ResultRow, result: EvalResult, db_path: Path) -> str:
+    def figure(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    return (
+        f"{row.model_name}: loss {figure(row.loss, '.4f')}, ppl {figure(row.ppl, '.2f')}, bpb {figure(row.bpb, '.4f')}, "
+        f"word ppl {figure(row.word_ppl, '.2f')}, legacy loss {figure(row.legacy_loss, '.4f')} over {row.tokens:,} tokens "
+        f"of {result.n_articles} articles ({row.benchmark} {row.split}, n_ctx {row.n_ctx}"
+        + (f", stride {row.stride}" if row.stride is not None else "")
+        + f"{f', {row.nan_count} NaN tokens left out' if row.nan_count else ''}); "
+        f"{figure(row.tokens_per_s, ',.0f')} tokens/s; saved as row {row.id} of {db_path}"
+    )
+
+
+def _json_value(value: Any) -> Any:
+    # JSON has no NaN: a diverged model's loss becomes null instead of output that strict parsers reject.
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -58,7 +58,7 @@ class ArticleLossTally:
         self.n_nan = np.zeros(n_articles, dtype=np.int64)
 
     def add(self, articles: Sequence[int], nll: torch.Tensor, scored: torch.Tensor) -> int:
-        """Adds row r of `nll` [R, T] where `scored` [R, T] holds to article `articles[r]` (-1: an idle row).
+        """Adds row r of `nll` [R, T] where `scored` [R, T] holds to article `articles[r]`.
 
         Returns the number of tokens added. One transfer to the host per call: sums of one window
         are taken in float32 on the device, and added up across windows in float64 here.
@@ -67,12 +67,10 @@ class ArticleLossTally:
         finite = scored & ~is_nan
         per_row = torch.stack((torch.where(finite, nll, 0.0).sum(1), finite.sum(1).float(), is_nan.sum(1).float()))
         sums, n_finite, n_nan = per_row.cpu().double().numpy()
-        rows = np.flatnonzero(np.asarray(articles) >= 0)
-        article_index = np.asarray(articles)[rows]
-        np.add.at(self.nll_sum, article_index, sums[rows])
-        np.add.at(self.n_finite, article_index, n_finite[rows].astype(np.int64))
-        np.add.at(self.n_nan, article_index, n_nan[rows].astype(np.int64))
-        return int(n_finite[rows].sum() + n_nan[rows].sum())
+        np.add.at(self.nll_sum, articles, sums)
+        np.add.at(self.n_finite, articles, n_finite.astype(np.int64))
+        np.add.at(self.n_nan, articles, n_nan.astype(np.int64))
+        return int(n_finite.sum() + n_nan.sum())
 
     def result(self, corpus: TokenizedCorpus, seconds: float, peak_memory_bytes: int | None) -> EvalResult:
         scored = (self.n_finite + self.n_nan) > 0
@@ -154,6 +152,18 @@ def input_target_pairs(corpus: TokenizedCorpus, article: int, start: int, stop: 
     return tokens[:-1], tokens[1:]
 
 
+def scorable_articles(corpus: TokenizedCorpus) -> np.ndarray:
+    """Indices of the articles with something to score (two tokens or more), in corpus order."""
+    articles = np.flatnonzero(np.diff(np.asarray(corpus.offsets)) >= 2)
+    if articles.size == 0:
+        raise UserError("No article of the corpus has two or more tokens, so there is nothing to score; use a larger corpus.")
+    return articles
+
+
+def article_length(corpus: TokenizedCorpus, article: int) -> int:
+    return int(corpus.offsets[article + 1] - corpus.offsets[article])
+
+
 def scored_token_count(corpus: TokenizedCorpus) -> int:
     """Tokens that an evaluation of `corpus` scores: every token of every article but its first."""
     lengths = np.diff(np.asarray(corpus.offsets))
@@ -200,17 +210,22 @@ def bakalm_windows(article: int, n_tokens: int, n_ctx: int, window: int) -> Iter
 
 
 class _RowFeeder:
-    """Hands each batch row its next window, moving a row to the next article when its article ends."""
+    """Hands each batch row its next window, moving a row on to the next article when its own ends."""
 
     def __init__(self, corpus: TokenizedCorpus, n_ctx: int, window: int, batch_size: int):
-        lengths = np.diff(np.asarray(corpus.offsets))
-        self._articles = iter(np.flatnonzero(lengths >= 2).tolist())
-        self._lengths = lengths
+        articles = scorable_articles(corpus).tolist()
+        self._corpus = corpus
+        self._articles = iter(articles)
         self._n_ctx, self._window = n_ctx, window
-        self._row_windows: list[Iterator[ArticleWindow]] = [iter(()) for _ in range(batch_size)]
+        self._row_windows: list[Iterator[ArticleWindow]] = [iter(()) for _ in range(min(batch_size, len(articles)))]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self._row_windows)
 
     def next_windows(self) -> list[ArticleWindow | None]:
-        return [self._next_window(row) for row in range(len(self._row_windows))]
+        """The next window of each row; None for a row with no article left."""
+        return [self._next_window(row) for row in range(self.n_rows)]
 
     def _next_window(self, row: int) -> ArticleWindow | None:
         while True:
@@ -220,7 +235,7 @@ class _RowFeeder:
             article = next(self._articles, None)
             if article is None:
                 return None
-            self._row_windows[row] = bakalm_windows(article, int(self._lengths[article]), self._n_ctx, self._window)
+            self._row_windows[row] = bakalm_windows(article, article_length(self._corpus, article), self._n_ctx, self._window)
 
 
 def evaluate_bakalm(
@@ -236,8 +251,8 @@ def evaluate_bakalm(
 
     The state is carried through an article and reset every n_ctx tokens (never, when n_ctx is at
     least the article's length). Several articles run side by side as batch rows, each row taking
-    the next article when its own ends; a row with nothing left runs padding. Each model call
-    processes at most one window per row, so memory does not grow with the length of an article.
+    the next article when its own ends; a row with no article left runs padding. Each model call
+    processes one window per row, so memory does not grow with the length of an article.
     """
     window = model.config.window
     if n_ctx < window:
@@ -256,15 +271,16 @@ def evaluate_bakalm(
         with torch.inference_mode(), precision, tqdm(
             total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=not progress, dynamic_ncols=True
         ) as bar:
-            state = model.init_state(batch_size, device)
+            state = model.init_state(feeder.n_rows, device)
             windows = feeder.next_windows()
             while any(windows):
-                input_ids, targets, reset = _window_batch(corpus, windows)
+                input_ids, targets, reset = _window_batch(corpus, windows, window)
                 targets = targets.to(device)
                 output = model(input_ids.to(device), state=state, reset=reset.to(device), return_logits=True)
                 state = output.state
-                articles = [window.article if window is not None else -1 for window in windows]
-                bar.update(tally.add(articles, token_nll(output.logits, targets), targets != IGNORE_INDEX))
+                nll, scored = token_nll(output.logits, targets), targets != IGNORE_INDEX
+                busy = [row for row, row_window in enumerate(windows) if row_window is not None]
+                bar.update(tally.add([windows[row].article for row in busy], nll[busy], scored[busy]))
                 windows = feeder.next_windows()
     finally:
         model.train(was_training)
@@ -272,14 +288,14 @@ def evaluate_bakalm(
 
 
 def _window_batch(
-    corpus: TokenizedCorpus, windows: list[ArticleWindow | None]
+    corpus: TokenizedCorpus, windows: list[ArticleWindow | None], length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs and targets [B, T] of one call (T: the longest window), padded; and which rows start fresh.
+    """Inputs and targets [B, length] of one call, and which rows start from a fresh state.
 
-    Padding after a row's last window is harmless: the padded tokens come after every real one, and
-    the row is reset before its next article or segment.
+    Every call has the same shape, so a compiled model never recompiles. The padding after a short
+    window, or on a row with no article left, is harmless: it comes after every real token of its
+    row, and the row is reset before it holds a real token again.
     """
-    length = max(window.stop - window.start for window in windows if window is not None)
     input_ids = torch.zeros(len(windows), length, dtype=torch.long)
     targets = torch.full((len(windows), length), IGNORE_INDEX, dtype=torch.long)
     reset = torch.ones(len(windows), dtype=torch.bool)

@@ -18,7 +18,6 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,9 +28,11 @@ from bakallm.evaluation.evaluate import (
     ArticleLossTally,
     EvalResult,
     PeakMemory,
+    article_length,
     input_target_pairs,
     require_positive,
     require_vocabulary_fits,
+    scorable_articles,
     scored_token_count,
     token_nll,
 )
@@ -158,8 +159,9 @@ def evaluate_hf(
         raise UserError(f"n_ctx {n_ctx} exceeds the {max_positions} positions the model was built for; pass an n_ctx of at most {max_positions}.")
     require_vocabulary_fits(corpus.vocab_size, hf_vocab_size(model))
     tally = ArticleLossTally(len(corpus))
-    lengths = np.diff(np.asarray(corpus.offsets))
-    windows = (window for article in np.flatnonzero(lengths >= 2).tolist() for window in hf_windows(article, int(lengths[article]), n_ctx, stride))
+    windows = (
+        window for article in scorable_articles(corpus).tolist() for window in hf_windows(article, article_length(corpus, article), n_ctx, stride)
+    )
     memory = PeakMemory(device)
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(

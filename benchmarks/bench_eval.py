@@ -1,0 +1,126 @@
+"""Evaluation speed and peak memory of our model on one long synthetic document, at several lengths.
+
+Whole-article evaluation streams an article window by window, so neither the memory nor the speed
+should depend on the article's length. Target: peak memory at the longest length within 1.2x of
+the shortest, and tokens/s within 10%.
+
+Each length is measured in a fresh process: memory that the allocator kept from a previous length
+would otherwise hide any growth. On a CPU, peak memory is the growth of the process's resident
+memory during the evaluation; on CUDA, the peak allocated by torch (see `PeakMemory`).
+
+    python benchmarks/bench_eval.py                                  # tiny: 16K, 131K and 1M tokens
+    python benchmarks/bench_eval.py --lengths 16384,131072 --threads 1
+    python benchmarks/bench_eval.py --preset celp18 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+DEFAULT_LENGTHS = (16_384, 131_072, 1_048_576)
+MEMORY_TARGET = 1.2  # peak memory at the longest length / at the shortest, at most
+SPEED_TARGET = 0.10  # relative change of tokens/s from the shortest to the longest length, at most
+
+
+@dataclass(frozen=True)
+class Measurement:
+    tokens: int
+    tokens_per_s: float
+    peak_memory_bytes: int | None
+
+
+def measure(preset: str, length: int, batch_size: int, device_name: str, threads: int | None, seed: int) -> Measurement:
+    """Scores one random document of `length` tokens with a freshly initialised model."""
+    import numpy as np
+    import torch
+
+    from bakallm import BakaLM, ModelConfig
+    from bakallm.acceleration import resolve_device
+    from bakallm.data.token_cache import TokenizedCorpus
+    from bakallm.evaluation.evaluate import evaluate_bakalm
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    device = resolve_device(device_name)
+    config = ModelConfig.preset(preset)
+    model = BakaLM(config).to(device)
+    document = np.random.default_rng(seed).integers(0, config.vocab_size, size=length)
+    corpus = TokenizedCorpus.from_token_lists([document], config.vocab_size)
+    # n_ctx = the document's length: the state is carried through the whole document, never reset.
+    result = evaluate_bakalm(model, corpus, n_ctx=max(length, config.window), batch_size=batch_size, device=device)
+    return Measurement(tokens=result.tokens, tokens_per_s=result.tokens_per_s, peak_memory_bytes=result.peak_memory_bytes)
+
+
+def measure_in_fresh_process(args: argparse.Namespace, length: int) -> Measurement:
+    command = [sys.executable, __file__, "--measure", str(length), "--preset", args.preset, "--batch-size", str(args.batch_size), "--device", args.device, "--seed", str(args.seed)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        sys.exit(f"measuring {length} tokens failed:\n{finished.stderr}")
+    return Measurement(**json.loads(finished.stdout.splitlines()[-1]))
+
+
+def markdown_table(preset: str, measurements: list[Measurement]) -> str:
+    first = measurements[0]
+    lines = [
+        f"| {preset}: document tokens | tokens/s | peak memory (MiB) | memory / shortest | tokens/s change |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for measurement in measurements:
+        lines.append(
+            f"| {measurement.tokens + 1:,} | {measurement.tokens_per_s:,.0f} | {_mib(measurement.peak_memory_bytes)} "
+            f"| {_ratio(measurement.peak_memory_bytes, first.peak_memory_bytes)} "
+            f"| {measurement.tokens_per_s / first.tokens_per_s - 1:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(measurements: list[Measurement]) -> str:
+    first, last = measurements[0], measurements[-1]
+    speed_change = abs(last.tokens_per_s / first.tokens_per_s - 1)
+    lines = [f"tokens/s within {SPEED_TARGET:.0%}: {'yes' if speed_change <= SPEED_TARGET else 'NO'} ({speed_change:.1%})"]
+    if first.peak_memory_bytes and last.peak_memory_bytes is not None:
+        memory_ratio = last.peak_memory_bytes / first.peak_memory_bytes
+        lines.append(f"peak memory within {MEMORY_TARGET}x: {'yes' if memory_ratio <= MEMORY_TARGET else 'NO'} ({memory_ratio:.2f}x)")
+    return "\n".join(lines)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.1f}"
+
+
+def _ratio(value: int | None, reference: int | None) -> str:
+    return "n/a" if value is None or not reference else f"{value / reference:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "celp18"), help="model preset (default tiny; celp18 is slow on a CPU)")
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="comma-separated document lengths in tokens")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one length, in this process: how the fresh processes run
+    args = parser.parse_args()
+    if args.measure is not None:
+        print(json.dumps(asdict(measure(args.preset, args.measure, args.batch_size, args.device, args.threads, args.seed))))
+        return
+    lengths = [int(length) for length in args.lengths.split(",")]
+    measurements = []
+    for length in lengths:
+        measurements.append(measure_in_fresh_process(args, length))
+        print(f"measured {length:,} tokens: {measurements[-1].tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
+    print(markdown_table(args.preset, measurements))
+    print()
+    print(verdict(measurements))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from bakallm import BakaLM
+from bakallm.cli import main
+from bakallm.data.corpora import load_corpus
+from bakallm.data.token_cache import tokenize_corpus
+from bakallm.data.tokenizers import load_tokenizer
+from bakallm.evaluation.evaluate import evaluate_bakalm
+from bakallm.results.db import ResultsDB
+from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_config
+from test_evaluation import WINDOW, hf_model_dir, one_torch_thread, small_config, text_of_length  # noqa: F401  (fixtures)
+
+JSON_KEYS = {"loss", "ppl", "bpb", "word_ppl", "legacy_loss", "tokens", "n_ctx"}
+
+
+def make_run(run_dir, tokenizer="bytes", **overrides):
+    config = small_config(**overrides)
+    model = BakaLM(config)
+    write_run_config(run_dir, config, {"tokenizer": tokenizer})
+    checkpoint = save_checkpoint(
+        run_dir, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=3
+    )
+    return model, checkpoint
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    path = tmp_path / "small-run"
+    make_run(path)
+    return path
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    for index, length in enumerate([45, 70, 12]):
+        (folder / f"{index}.txt").write_text(text_of_length(length, index), encoding="utf-8")
+    return folder
+
+
+def bench(capsys, *arguments):
+    """(exit status, stdout lines, stderr lines) of `bakallm bench ARGUMENTS`."""
+    status = main(["bench", *map(str, arguments), "--no-progress"])
+    captured = capsys.readouterr()
+    return status, captured.out.splitlines(), captured.err.splitlines()
+
+
+def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_folder, capsys):
+    db_path = tmp_path / "results.sqlite3"
+    status, out, err = bench(capsys, run_dir, "--data", text_folder, "--json", "--db", db_path, "--cache-dir", tmp_path / "cache", "--note", "smoke")
+    assert status == 0, err
+    printed = json.loads(out[-1])
+    assert JSON_KEYS <= printed.keys()
+
+    model = BakaLM.from_pretrained(run_dir)
+    corpus = tokenize_corpus(load_corpus(str(text_folder)), load_tokenizer("bytes"), cache_dir=tmp_path / "cache")
+    expected = evaluate_bakalm(model, corpus, n_ctx=1_048_576, batch_size=1, device="cpu")
+    assert printed["loss"] == pytest.approx(expected.loss, abs=1e-5)
+    assert printed["bpb"] == pytest.approx(expected.bpb, abs=1e-5)
+    assert printed["tokens"] == expected.tokens == 44 + 69 + 11
+    assert printed["n_ctx"] == 1_048_576
+
+    with ResultsDB(db_path) as db:
+        (row,) = db.rows()
+    checkpoint = run_dir / "checkpoints" / "step-00000001"
+    assert row.id == printed["id"]
+    assert (row.model_kind, row.model_name, row.benchmark, row.split) == ("bakallm", "small-run", str(text_folder), "validation")
+    assert row.checkpoint_path == str(checkpoint.resolve())
+    assert row.checkpoint_hash == hashlib.sha256((checkpoint / MODEL_FILE).read_bytes()).hexdigest()
+    assert row.arch_hash == hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest()
+    assert (row.params_total, row.params_embedding) == (model.num_parameters()["total"], model.num_parameters()["embedding"])
+    assert (row.tokenizer, row.stride, row.note, row.nan_count) == ("bytes", None, "smoke", 0)  # the run's own tokenizer
+    assert row.loss == pytest.approx(expected.loss, abs=1e-5) and row.legacy_loss == pytest.approx(expected.legacy_loss, abs=1e-5)
+    assert row.extra["n_articles"] == 3
+
+
+def test_bench_of_a_hugging_face_model(tmp_path, hf_model_dir, text_folder, capsys):
+    db_path = tmp_path / "results.sqlite3"
+    status, out, err = bench(capsys, "--hf", hf_model_dir, "--data", text_folder, "--tokenizer", "bytes", "--n-ctx", 32, "--json", "--db", db_path, "--cache-dir", tmp_path / "cache")
+    assert status == 0, err
+    printed = json.loads(out[-1])
+    with ResultsDB(db_path) as db:
+        (row,) = db.rows()
+    assert (row.model_kind, row.model_name, row.n_ctx, row.stride, row.tokens) == ("hf", str(hf_model_dir), 32, 16, 44 + 69 + 11)
+    assert row.params_embedding == 2 * 300 * 64  # input embedding and output head, not tied
+    assert row.checkpoint_hash == hashlib.sha256((hf_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert printed["loss"] == pytest.approx(row.loss)
+
+
+def test_a_hugging_face_folder_uses_its_own_tokenizer(tmp_path, text_folder, shared_data, capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folder = tmp_path / "hf-with-tokenizer"
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    shutil.copy(shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json", folder / "tokenizer.json")
+    db_path = tmp_path / "results.sqlite3"
+    status, _, err = bench(capsys, "--hf", folder, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
+    assert status == 0, err
+    with ResultsDB(db_path) as db:
+        (row,) = db.rows()
+    assert row.tokenizer == str((folder / "tokenizer.json").resolve())
+    assert row.n_ctx == 64  # the default 2048 capped at the model's positions
+
+
+def corrupt_weights(run_dir):
+    (run_dir / "checkpoints" / "step-00000001" / MODEL_FILE).write_bytes(b"not a safetensors file")
+    return run_dir
+
+
+def config_only(run_dir):
+    shutil.rmtree(run_dir / "checkpoints")
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "prepare, options, message",
+    [
+        (lambda run_dir: run_dir.parent / "no-such-run", [], "does not exist"),
+        (config_only, [], "holds no complete checkpoint"),
+        (corrupt_weights, [], "is corrupted or unreadable"),
+        (lambda run_dir: run_dir, ["--n-ctx", WINDOW - 1], "smaller than the model's window"),
+        (lambda run_dir: run_dir, ["--split", "dev"], "Unknown split 'dev'"),
+        (lambda run_dir: run_dir, ["--stride", 8], "--stride applies only to Hugging Face models"),
+    ],
+)
+def test_bad_input_fails_with_one_sentence(tmp_path, run_dir, text_folder, capsys, prepare, options, message):
+    db_path = tmp_path / "results.sqlite3"
+    status, out, err = bench(capsys, prepare(run_dir), "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache", *options)
+    assert status == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not db_path.exists()
+
+
+def test_a_tokenizer_too_large_for_the_model_fails_with_one_sentence(tmp_path, text_folder, capsys):
+    run_dir = tmp_path / "small-vocab"
+    make_run(run_dir, vocab_size=200)
+    status, _, err = bench(capsys, run_dir, "--data", text_folder, "--db", tmp_path / "results.sqlite3", "--cache-dir", tmp_path / "cache")
+    assert status == 2
+    assert err == ["bakallm bench: error: The tokenizer bytes has 256 ids but the model's vocabulary holds only 200; pass the tokenizer the model was trained with (--tokenizer)."]
