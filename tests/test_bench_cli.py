@@ -4,6 +4,14 @@ import shutil
 
 import pytest
 import torch
+from test_evaluation import (  # noqa: F401  (a fixture)
+    HF_CONFIG,
+    WINDOW,
+    one_torch_thread,
+    save_random_gpt_neox,
+    small_config,
+    text_of_length,
+)
 
 from bakallm import BakaLM
 from bakallm.cli import main
@@ -13,7 +21,6 @@ from bakallm.data.tokenizers import load_tokenizer
 from bakallm.evaluation.evaluate import evaluate_bakalm
 from bakallm.results.db import ResultsDB
 from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_config
-from test_evaluation import WINDOW, hf_model_dir, one_torch_thread, small_config, text_of_length  # noqa: F401  (fixtures)
 
 JSON_KEYS = {"loss", "ppl", "bpb", "word_ppl", "legacy_loss", "tokens", "n_ctx"}
 
@@ -44,6 +51,13 @@ def text_folder(tmp_path):
     return folder
 
 
+def stored_rows(db_path):
+    if not db_path.exists():
+        return []
+    with ResultsDB(db_path) as db:
+        return db.rows()
+
+
 def bench(capsys, *arguments):
     """(exit status, stdout lines, stderr lines) of `bakallm bench ARGUMENTS`."""
     status = main(["bench", *map(str, arguments), "--no-progress"])
@@ -66,8 +80,7 @@ def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_f
     assert printed["tokens"] == expected.tokens == 44 + 69 + 11
     assert printed["n_ctx"] == 1_048_576
 
-    with ResultsDB(db_path) as db:
-        (row,) = db.rows()
+    (row,) = stored_rows(db_path)
     checkpoint = run_dir / "checkpoints" / "step-00000001"
     assert row.id == printed["id"]
     assert (row.model_kind, row.model_name, row.benchmark, row.split) == ("bakallm", "small-run", str(text_folder), "validation")
@@ -80,31 +93,29 @@ def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_f
     assert row.extra["n_articles"] == 3
 
 
-def test_bench_of_a_hugging_face_model(tmp_path, hf_model_dir, text_folder, capsys):
+def test_bench_of_a_hugging_face_model(tmp_path, text_folder, capsys):
+    hf_model_dir = save_random_gpt_neox(tmp_path / "hf-model", **HF_CONFIG)
     db_path = tmp_path / "results.sqlite3"
     status, out, err = bench(capsys, "--hf", hf_model_dir, "--data", text_folder, "--tokenizer", "bytes", "--n-ctx", 32, "--json", "--db", db_path, "--cache-dir", tmp_path / "cache")
     assert status == 0, err
     printed = json.loads(out[-1])
-    with ResultsDB(db_path) as db:
-        (row,) = db.rows()
+    (row,) = stored_rows(db_path)
     assert (row.model_kind, row.model_name, row.n_ctx, row.stride, row.tokens) == ("hf", str(hf_model_dir), 32, 16, 44 + 69 + 11)
-    assert row.params_embedding == 2 * 300 * 64  # input embedding and output head, not tied
+    assert row.params_embedding == 2 * HF_CONFIG["vocab_size"] * HF_CONFIG["hidden_size"]  # input embedding and output head, not tied
     assert row.checkpoint_hash == hashlib.sha256((hf_model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert printed["loss"] == pytest.approx(row.loss)
 
 
 def test_a_hugging_face_folder_uses_its_own_tokenizer(tmp_path, text_folder, shared_data, capsys):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    folder = tmp_path / "hf-with-tokenizer"
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
-    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    folder = save_random_gpt_neox(
+        tmp_path / "hf-with-tokenizer", vocab_size=50304, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )
     shutil.copy(shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json", folder / "tokenizer.json")
     db_path = tmp_path / "results.sqlite3"
     status, _, err = bench(capsys, "--hf", folder, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
     assert status == 0, err
-    with ResultsDB(db_path) as db:
-        (row,) = db.rows()
+    (row,) = stored_rows(db_path)
     assert row.tokenizer == str((folder / "tokenizer.json").resolve())
     assert row.n_ctx == 64  # the default 2048 capped at the model's positions
 
@@ -132,15 +143,24 @@ def config_only(run_dir):
 )
 def test_bad_input_fails_with_one_sentence(tmp_path, run_dir, text_folder, capsys, prepare, options, message):
     db_path = tmp_path / "results.sqlite3"
-    status, out, err = bench(capsys, prepare(run_dir), "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache", *options)
+    status, _, err = bench(capsys, prepare(run_dir), "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache", *options)
     assert status == 2
     assert len(err) == 1 and message in err[0], err
-    assert not db_path.exists()
+    assert stored_rows(db_path) == []
 
 
 def test_a_tokenizer_too_large_for_the_model_fails_with_one_sentence(tmp_path, text_folder, capsys):
     run_dir = tmp_path / "small-vocab"
     make_run(run_dir, vocab_size=200)
-    status, _, err = bench(capsys, run_dir, "--data", text_folder, "--db", tmp_path / "results.sqlite3", "--cache-dir", tmp_path / "cache")
-    assert status == 2
+    db_path = tmp_path / "results.sqlite3"
+    status, _, err = bench(capsys, run_dir, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
+    assert status == 2 and stored_rows(db_path) == []
     assert err == ["bakallm bench: error: The tokenizer bytes has 256 ids but the model's vocabulary holds only 200; pass the tokenizer the model was trained with (--tokenizer)."]
+
+
+def test_a_wrong_results_database_fails_before_scoring(tmp_path, run_dir, text_folder, capsys):
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("shopping list\n" * 200)
+    status, _, err = bench(capsys, run_dir, "--data", text_folder, "--db", not_a_database, "--cache-dir", tmp_path / "cache")
+    assert status == 2 and len(err) == 1 and "is not a readable results database" in err[0]
+    assert not (tmp_path / "cache").exists()  # it stopped before tokenizing

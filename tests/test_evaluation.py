@@ -25,7 +25,7 @@ def one_torch_thread():
 
 
 def small_config(**overrides) -> ModelConfig:
-    values = dict(vocab_size=256, window=WINDOW, n_memory=4, n_pauses=4, n_layers=2, d_model=64, n_heads=2, d_ff=128)
+    values = {"vocab_size": 256, "window": WINDOW, "n_memory": 4, "n_pauses": 4, "n_layers": 2, "d_model": 64, "n_heads": 2, "d_ff": 128}
     return ModelConfig.preset("tiny", **{**values, **overrides})
 
 
@@ -160,18 +160,24 @@ def test_corpus_without_texts_has_no_byte_or_word_figures():
 # ----- Hugging Face baselines -----
 
 
-@pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory):
+def save_random_gpt_neox(folder, **config_values):
+    """A random-weight GPT-NeoX (Pythia's architecture) saved to `folder` as a Hugging Face model."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=128, rotary_pct=0.25,
-    )
-    folder = tmp_path_factory.mktemp("hf-model")
-    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    GPTNeoXForCausalLM(GPTNeoXConfig(**config_values)).save_pretrained(folder)
     return folder
+
+
+HF_CONFIG = {
+    "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    "max_position_embeddings": 128, "rotary_pct": 0.25,
+}
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_random_gpt_neox(tmp_path_factory.mktemp("hf-model"), **HF_CONFIG)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 2, 3, 17, 64, 65, 100])

@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bakallm.mamba import Mamba
-from bakallm.scan import linear_scan, selective_scan, selective_scan_reference
+from bakallm.scan import selective_scan, selective_scan_reference
 
 
 def scan_inputs(batch=2, length=45, d_inner=12, d_state=4):
@@ -18,29 +19,49 @@ def scan_inputs(batch=2, length=45, d_inner=12, d_state=4):
     ]
 
 
-@pytest.mark.parametrize("block", [1, 7, 16, 64])
-def test_fast_scan_equals_sequential_reference_outputs_and_gradients(block):
-    inputs = scan_inputs()
+def reference_and_fast(inputs, dtype, **scan_options):
+    """Outputs and gradients of both scans for the same random output gradients."""
     y_ref, h_ref = selective_scan_reference(*inputs)
     grad_y, grad_h = torch.randn_like(y_ref), torch.randn_like(h_ref)
     ref_grads = torch.autograd.grad((y_ref * grad_y).sum() + (h_ref * grad_h).sum(), inputs)
-    # The fast scan computes in float32; compare against the float64 reference.
-    y, h = selective_scan(*inputs, block=block)
-    grads = torch.autograd.grad((y * grad_y.float()).sum() + (h * grad_h.float()).sum(), inputs)
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    y, h = selective_scan(*(t.to(dtype) for t in inputs), **scan_options)
+    grads = torch.autograd.grad((y * grad_y.to(dtype)).sum() + (h * grad_h.to(dtype)).sum(), inputs)
+    return (y_ref, h_ref, *ref_grads), (y, h, *grads)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_linear_scan_matches_a_loop(reverse):
-    decay, inputs, initial = torch.rand(3, 30, 5), torch.randn(3, 30, 5), torch.randn(3, 5)
-    expected, h = torch.empty_like(inputs), initial
-    for t in (range(29, -1, -1) if reverse else range(30)):
-        h = decay[:, t] * h + inputs[:, t]
-        expected[:, t] = h
-    torch.testing.assert_close(linear_scan(decay, inputs, initial, reverse=reverse), expected)
+# Blocks and sub-chunks that divide the length or not (padded sub-chunks, short last block).
+@pytest.mark.parametrize("block, chunk", [(1, 1), (7, 3), (16, 4), (16, 16), (45, 8), (64, 5)])
+def test_fast_scan_equals_sequential_reference_outputs_and_gradients(block, chunk):
+    want, got = reference_and_fast(scan_inputs(), torch.float64, block=block, chunk=chunk)
+    for name, g, w in zip(("y", "h", "x", "dt", "A", "B", "C", "D", "h0"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_scan_in_float32_stays_close_to_the_float64_reference():
+    want, got = reference_and_fast(scan_inputs(length=130), torch.float32)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_scan_keeps_no_state_tensor_for_the_whole_sequence():
+    x, dt, A, B, C, D, h0 = scan_inputs(batch=1, length=256, d_inner=8, d_state=4)
+    whole_sequence_states = x.numel() * A.shape[1]
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        y, h = selective_scan(x, dt, A, B, C, D, h0, block=64)
+    assert max(sizes) < whole_sequence_states
+    (y.sum() + h.sum()).backward()
+
+
+def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
+    mamba = Mamba(8, d_state=4, d_conv=4, expand=2).double()
+    hidden = torch.randn(2, 11, mamba.d_inner, dtype=torch.float64)
+    conv_state = torch.randn(2, mamba.d_inner, 3, dtype=torch.float64)
+    out, new_state = mamba._causal_conv(hidden, conv_state)
+    conv_input = torch.cat((conv_state, hidden.transpose(1, 2)), dim=2)
+    expected = F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
 
 
 @pytest.mark.parametrize("scan", ["fast", "reference"])

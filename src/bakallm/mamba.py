@@ -53,9 +53,8 @@ class Mamba(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state)."""
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
-        conv_input = torch.cat((conv_state.to(hidden.dtype), hidden.transpose(1, 2)), dim=2)
-        new_conv_state = conv_input[:, :, -(self.d_conv - 1) :] if self.d_conv > 1 else conv_state
-        hidden = F.silu(F.conv1d(conv_input, self.conv.weight, self.conv.bias, groups=self.d_inner)).transpose(1, 2)
+        hidden, new_conv_state = self._causal_conv(hidden, conv_state)
+        hidden = F.silu(hidden)
         dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
         dt = F.softplus(self.dt_proj(dt_low_rank).float())
         A = -torch.exp(self.A_log.float())
@@ -66,4 +65,20 @@ class Mamba(nn.Module):
             else:
                 y, new_ssm_state = selective_scan_reference(*args)
         y = y.to(gate.dtype) * F.silu(gate)
-        return self.out_proj(y), new_conv_state.float(), new_ssm_state
+        return self.out_proj(y), new_conv_state, new_ssm_state
+
+    def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depthwise causal convolution of hidden [B, L, d_inner] as d_conv shifted multiply-adds.
+
+        Same result as F.conv1d on [B, d_inner, L], without the transposes to and from that
+        layout, which cost more than the convolution itself on CPU.
+        """
+        length = hidden.shape[1]
+        padded = torch.cat((conv_state.transpose(1, 2).to(hidden.dtype), hidden), dim=1)
+        weight = self.conv.weight.squeeze(1).to(hidden.dtype)
+        out = torch.addcmul(self.conv.bias.to(hidden.dtype), padded[:, :length], weight[:, 0])
+        for tap in range(1, self.d_conv):
+            out.addcmul_(padded[:, tap : tap + length], weight[:, tap])
+        # A copy, so that the carried state does not keep the whole window's activations alive.
+        new_conv_state = padded[:, length:].transpose(1, 2).float().contiguous()
+        return out, new_conv_state

@@ -34,8 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BLOCK = 128
-DEFAULT_CHUNK = 8
+DEFAULT_BLOCK = 64
+DEFAULT_CHUNK = 16
 
 
 def selective_scan_reference(

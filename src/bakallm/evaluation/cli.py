@@ -72,6 +72,7 @@ class ModelUnderTest:
     vocab_size: int
     arch_hash: str
     default_tokenizer: str | None
+    default_tokenizer_note: str | None  # printed when the default tokenizer is used, if it needs saying
     default_n_ctx: int
     default_batch_size: int
     score: Callable[[TokenizedCorpus, int, int | None, int, bool], EvalResult]  # (corpus, n_ctx, stride, batch_size, progress)
@@ -94,34 +95,45 @@ def run(args: argparse.Namespace) -> int:
     if args.stride is not None and args.hf is None:
         raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
     device = resolve_device(args.device)
-    subject = _load_hf(args.hf, device) if args.hf is not None else _load_bakalm(args.model, device)
-    n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
-    stride = None
-    if subject.kind == "hf":
-        stride = args.stride if args.stride is not None else default_stride(n_ctx)
-    batch_size = args.batch_size if args.batch_size is not None else subject.default_batch_size
-    tokenizer_spec = args.tokenizer if args.tokenizer is not None else subject.default_tokenizer
-    if tokenizer_spec is None:
-        raise UserError(f"The config.json of run {subject.name} names no tokenizer; pass the one it was trained with as --tokenizer.")
-    tokenizer = load_tokenizer(tokenizer_spec)
-    require_vocabulary_fits(tokenizer.vocab_size, subject.vocab_size, tokenizer.name)
-    corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
-    result = subject.score(corpus, n_ctx, stride, batch_size, args.progress)
-    row = _result_row(subject, result, args, n_ctx, stride, batch_size, tokenizer.name, device)
-    row.created_at = utc_now_iso()
+    # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
+        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_bakalm(args.model, device)
+        n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
+        stride = None
+        if subject.kind == "hf":
+            stride = args.stride if args.stride is not None else default_stride(n_ctx)
+        batch_size = args.batch_size if args.batch_size is not None else subject.default_batch_size
+        tokenizer = load_tokenizer(_tokenizer_spec(args.tokenizer, subject))
+        require_vocabulary_fits(tokenizer.vocab_size, subject.vocab_size, tokenizer.name)
+        corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
+        result = subject.score(corpus, n_ctx, stride, batch_size, args.progress)
+        row = _result_row(subject, result, args, n_ctx, stride, batch_size, tokenizer.name, device)
+        row.created_at = utc_now_iso()
         row.id = db.add(row)
-        db_path = db.path
-    print(_summary(row, result, db_path))
+    print(_summary(row, result, db.path))
     if args.json:
         print(json.dumps({key: _json_value(value) for key, value in asdict(row).items()}, sort_keys=True))
     return 0
 
 
+def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
+    if given is not None:
+        return given
+    if subject.default_tokenizer is None:
+        raise UserError(f"The config.json of run {subject.name} names no tokenizer; pass the one it was trained with as --tokenizer.")
+    if subject.default_tokenizer_note is not None:
+        print(f"bakallm bench: {subject.default_tokenizer_note}", file=sys.stderr)
+    return subject.default_tokenizer
+
+
 def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
     from bakallm.evaluation.evaluate import evaluate_bakalm
     from bakallm.model import BakaLM
-    from bakallm.training.checkpoint import MODEL_FILE, read_run_config, resolve_checkpoint
+    from bakallm.training.checkpoint import (
+        MODEL_FILE,
+        read_run_config,
+        resolve_checkpoint,
+    )
 
     run_dir, checkpoint = resolve_checkpoint(path)
     model = BakaLM.from_pretrained(path, device)
@@ -141,13 +153,16 @@ def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
         vocab_size=model.config.vocab_size,
         arch_hash=hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest(),
         default_tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+        default_tokenizer_note=None,
         default_n_ctx=BAKALLM_DEFAULT_N_CTX,
         default_batch_size=BAKALLM_DEFAULT_BATCH_SIZE,
         score=score,
     )
 
 
-def _load_hf(spec: str, device: torch.device) -> ModelUnderTest:
+def _load_hf(spec: str, device: torch.device, progress: bool) -> ModelUnderTest:
+    from transformers.utils import logging as transformers_logging
+
     from bakallm.data.tokenizers import DEFAULT_TOKENIZER, TOKENIZER_FILE
     from bakallm.evaluation.hf_baseline import (
         evaluate_hf,
@@ -159,16 +174,19 @@ def _load_hf(spec: str, device: torch.device) -> ModelUnderTest:
         load_hf_model,
     )
 
+    if not progress:
+        transformers_logging.disable_progress_bar()
     model = load_hf_model(spec, device)
     folder = hf_model_folder(model)
     weight_files = hf_weight_files(folder) if folder is not None else []
+    tokenizer_note = None
     if folder is not None and (folder / TOKENIZER_FILE).is_file():
         tokenizer = str(folder / TOKENIZER_FILE)
     elif not Path(spec).expanduser().is_dir():
         tokenizer = spec  # a Hub model: load_tokenizer fetches the tokenizer.json of its repository
     else:
         tokenizer = DEFAULT_TOKENIZER
-        print(f"bakallm bench: {spec} holds no {TOKENIZER_FILE}, so its text is tokenized with {DEFAULT_TOKENIZER} (choose with --tokenizer).", file=sys.stderr)
+        tokenizer_note = f"{spec} holds no {TOKENIZER_FILE}, so its text is tokenized with {DEFAULT_TOKENIZER} (choose with --tokenizer)."
     counts = hf_parameter_counts(model)
     max_positions = getattr(model.config, "max_position_embeddings", None) or HF_DEFAULT_N_CTX
 
@@ -185,6 +203,7 @@ def _load_hf(spec: str, device: torch.device) -> ModelUnderTest:
         vocab_size=hf_vocab_size(model),
         arch_hash=hf_architecture_hash(model),
         default_tokenizer=tokenizer,
+        default_tokenizer_note=tokenizer_note,
         default_n_ctx=min(HF_DEFAULT_N_CTX, max_positions),
         default_batch_size=HF_DEFAULT_BATCH_SIZE,
         score=score,

@@ -107,20 +107,18 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._resident_at_start: int | None = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            self._baseline: int | None = 0
         elif device.type == "cpu":
-            self._baseline = _reset_resident_peak()
-        else:
-            self._baseline = None
+            self._resident_at_start = _reset_resident_peak()
 
     def peak_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        if self._baseline is None:
+        if self._resident_at_start is None:
             return None
-        return max(_proc_status_bytes("VmHWM") - self._baseline, 0)
+        return max(_proc_status_bytes("VmHWM") - self._resident_at_start, 0)
 
 
 def _reset_resident_peak() -> int | None:

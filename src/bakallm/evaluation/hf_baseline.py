@@ -78,6 +78,7 @@ def load_hf_model(name_or_path: str | Path, device: torch.device | str = "cpu") 
 
     spec = str(name_or_path)
     local = Path(spec).expanduser()
+    hub_unreachable: UserError | None = None
     if local.is_dir():
         source, options = str(local), {}
     elif local.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
@@ -86,12 +87,14 @@ def load_hf_model(name_or_path: str | Path, device: torch.device | str = "cpu") 
         source = spec
         try:
             options = {"revision": hub_revision(spec, "model", _LOCAL_MODEL_ADVICE)}
-        except UserError:
+        except UserError as error:
             # Offline, a model that an earlier run downloaded is as good as a fresh one.
-            options = {"local_files_only": True}
+            hub_unreachable, options = error, {"local_files_only": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **options)
     except (OSError, ValueError, KeyError) as error:
+        if hub_unreachable is not None:
+            raise hub_unreachable from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"Could not load a causal language model from {spec} ({reason}); {_LOCAL_MODEL_ADVICE}.") from None
     return model.to(device).eval()
@@ -140,7 +143,7 @@ def evaluate_hf(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> EvalResult:
-    """Scores every article of `corpus` with a Hugging Face causal LM (a loaded model or a name or path).
+    """Scores every article of `corpus` with a Hugging Face causal LM: a name or path, or a model already on `device`.
 
     Windows of n_ctx tokens advance by `stride` (default n_ctx / 2); windows of several articles
     share a forward pass, right-padded, which leaves the scores unchanged because a causal model's
@@ -152,7 +155,7 @@ def evaluate_hf(
         raise UserError(f"The stride must lie between 1 and n_ctx ({n_ctx}), got {stride}.")
     require_positive("The batch size", batch_size)
     device = torch.device(device)
-    if not hasattr(model, "config"):
+    if isinstance(model, (str, Path)):
         model = load_hf_model(model, device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and n_ctx > max_positions:
