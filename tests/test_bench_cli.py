@@ -25,14 +25,14 @@ from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_c
 JSON_KEYS = {"loss", "ppl", "bpb", "word_ppl", "legacy_loss", "tokens", "n_ctx"}
 
 
-def make_run(run_dir, tokenizer="bytes", **overrides):
+def make_run(run_dir, **overrides):
+    """A run directory with one checkpoint of an untrained model, tokenized with `bytes`."""
     config = small_config(**overrides)
     model = BakaLM(config)
-    write_run_config(run_dir, config, {"tokenizer": tokenizer})
-    checkpoint = save_checkpoint(
+    write_run_config(run_dir, config, {"tokenizer": "bytes"})
+    save_checkpoint(
         run_dir, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=3
     )
-    return model, checkpoint
 
 
 @pytest.fixture
@@ -71,6 +71,7 @@ def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_f
     assert status == 0, err
     printed = json.loads(out[-1])
     assert JSON_KEYS <= printed.keys()
+    assert out[-2].startswith(f"small-run: loss {printed['loss']:.4f}, ppl ") and f"saved as row {printed['id']} of {db_path}" in out[-2]
 
     model = BakaLM.from_pretrained(run_dir)
     corpus = tokenize_corpus(load_corpus(str(text_folder)), load_tokenizer("bytes"), cache_dir=tmp_path / "cache")
@@ -91,6 +92,15 @@ def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_f
     assert (row.tokenizer, row.stride, row.note, row.nan_count) == ("bytes", None, "smoke", 0)  # the run's own tokenizer
     assert row.loss == pytest.approx(expected.loss, abs=1e-5) and row.legacy_loss == pytest.approx(expected.legacy_loss, abs=1e-5)
     assert row.extra["n_articles"] == 3
+
+
+def test_bench_of_one_checkpoint_folder(tmp_path, run_dir, text_folder, capsys):
+    checkpoint = run_dir / "checkpoints" / "step-00000001"
+    db_path = tmp_path / "results.sqlite3"
+    status, _, err = bench(capsys, checkpoint, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache", "--n-ctx", 2 * WINDOW)
+    assert status == 0, err
+    (row,) = stored_rows(db_path)
+    assert (row.model_name, row.checkpoint_path, row.n_ctx, row.tokenizer) == ("small-run", str(checkpoint.resolve()), 2 * WINDOW, "bytes")
 
 
 def test_bench_of_a_hugging_face_model(tmp_path, text_folder, capsys):
