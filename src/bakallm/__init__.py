@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bakallm.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,8 +16,4 @@ _LAZY_EXPORTS = {
 
 __all__ = [*_LAZY_EXPORTS, "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_EXPORTS:
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bakallm' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)

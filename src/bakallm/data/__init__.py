@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bakallm.lazy import lazy_exports
 
 # Imported on first use, so that reading corpora or building a token cache does not pay for torch.
 _LAZY_EXPORTS = {
@@ -21,8 +20,4 @@ _LAZY_EXPORTS = {
 
 __all__ = list(_LAZY_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_EXPORTS:
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bakallm.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bakallm.lazy import lazy_exports
 
 # Imported on first use, so that `bakallm bench --help` does not pay for torch or transformers.
 _LAZY_EXPORTS = {
@@ -16,8 +15,4 @@ _LAZY_EXPORTS = {
 
 __all__ = list(_LAZY_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_EXPORTS:
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bakallm.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)
