@@ -12,7 +12,8 @@ def test_elephant_values_follow_the_formula():
     torch.testing.assert_close(elephant(torch.tensor([3.0]), a=2.0, d=2.0), torch.tensor([1 / (1 + 1.5**2)]))
 
 
-@pytest.mark.parametrize("a, d", [(1.0, 8.0), (2.0, 3.5), (0.5, 4.0)])
+# d = 2, 4, 8, 16 take the repeated-squaring path; 3.5 and 3 the general one.
+@pytest.mark.parametrize("a, d", [(1.0, 8.0), (2.0, 3.5), (0.5, 4.0), (1.0, 2.0), (0.7, 16.0), (1.3, 3.0)])
 def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d):
     up = torch.randn(4, 33, 64, dtype=torch.float64, requires_grad=True)
     gate = (torch.randn(4, 33, 64, dtype=torch.float64) * 1.5).requires_grad_()
@@ -24,6 +25,27 @@ def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d):
     torch.testing.assert_close(fused, plain)
     for got, want in zip(fused_grads, plain_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_fused_gate_without_gradients_matches_plain_formula():
+    up, gate = torch.randn(4, 33, 64, dtype=torch.float64), torch.randn(4, 33, 64, dtype=torch.float64) * 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(elephant_gate(up, gate), elephant_gate(up, gate, fused=False))
+
+
+def test_fused_gate_in_bfloat16_returns_bfloat16_close_to_float32():
+    up = torch.randn(16, 64, requires_grad=True)
+    gate = (torch.randn(16, 64) * 1.5).requires_grad_()
+    grad = torch.randn(16, 64)
+    low = [t.detach().bfloat16().requires_grad_() for t in (up, gate)]
+    out = elephant_gate(*low)
+    grads = torch.autograd.grad(out, low, grad.bfloat16())
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    exact = [t.detach().bfloat16().float().requires_grad_() for t in (up, gate)]
+    want = elephant_gate(*exact)
+    want_grads = torch.autograd.grad(want, exact, grad.bfloat16().float())
+    for got, expected in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_fused_gate_keeps_only_its_inputs_for_backward():

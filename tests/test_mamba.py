@@ -34,7 +34,7 @@ def reference_and_fast(inputs, dtype, **scan_options):
 def test_fast_scan_equals_sequential_reference_outputs_and_gradients(block, chunk):
     want, got = reference_and_fast(scan_inputs(), torch.float64, block=block, chunk=chunk)
     for name, g, w in zip(("y", "h", "x", "dt", "A", "B", "C", "D", "h0"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda message, name=name: f"{name}: {message}")
 
 
 def test_fast_scan_in_float32_stays_close_to_the_float64_reference():

@@ -201,3 +201,12 @@ def test_learning_rate_schedules(schedule, expected_end):
     assert learning_rate(config, 0, 100) == pytest.approx(0.25)
     assert learning_rate(config, 4, 100) == pytest.approx(1.0)
     assert learning_rate(config, 100, 100) == pytest.approx(expected_end)
+
+
+def test_every_training_argument_has_a_flag():
+    from dataclasses import fields
+
+    from bakallm.cli import build_parser
+
+    args = build_parser("train").parse_args(["train"])
+    assert {field.name for field in fields(TrainConfig)} <= set(vars(args))

@@ -1,8 +1,10 @@
 """The Elephant activation `1 / (1 + |x/a|^d)` and the fused gate `up * elephant(gate)`.
 
-The plain formula keeps several [tokens, d_ff] intermediates alive for backward (|x|, the power,
-the reciprocal, ...). The fused gate keeps only its two inputs and recomputes the rest in
-backward, which is cheap elementwise work.
+The plain formula keeps several [tokens, d_ff] intermediates alive for backward (x/a, |x/a|,
+the reciprocal) and goes through `pow`, several times slower than a multiplication. The fused gate
+keeps only its two inputs, recomputes the rest in backward, and builds every intermediate inside
+its output buffers with in-place operations, so it allocates nothing beyond its results. When d is
+a power of two (the preset d = 8), powers come from repeated squaring instead of `pow`.
 """
 
 from __future__ import annotations
@@ -15,23 +17,32 @@ def elephant(x: torch.Tensor, a: float = 1.0, d: float = 8.0) -> torch.Tensor:
     return 1.0 / (1.0 + (x / a).abs().pow(d))
 
 
-def _scaled_power(x: torch.Tensor, a: float, d: float) -> torch.Tensor:
-    """|x/a|^(d-1), by repeated squaring when d is a small even integer (the preset d=8)."""
-    scaled = x / a if a != 1.0 else x
-    if d == 8.0:
-        square = scaled * scaled
-        fourth = square * square
-        return fourth * square * scaled.abs()
-    return scaled.abs().pow(d - 1.0)
+def _is_power_of_two(d: float) -> bool:
+    return d >= 2 and float(d).is_integer() and (int(d) & (int(d) - 1)) == 0
 
 
-def _elephant_and_slope(x: torch.Tensor, a: float, d: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values f(x) and derivatives f'(x) = -d/a * sign(x) * |x/a|^(d-1) * f(x)^2."""
-    power_minus_one = _scaled_power(x, a, d)
-    power = power_minus_one * (x.abs() / a)
-    value = 1.0 / (1.0 + power)
-    slope = (-d / a) * torch.sign(x) * power_minus_one * value * value
-    return value, slope
+def _power(x: torch.Tensor, d: float, out: torch.Tensor) -> torch.Tensor:
+    """|x|^d into `out`."""
+    if _is_power_of_two(d):
+        torch.mul(x, x, out=out)
+        for _ in range(int(d).bit_length() - 2):
+            out.mul_(out)
+        return out
+    return torch.abs(x, out=out).pow_(d)
+
+
+def _signed_power_below(x: torch.Tensor, d: float, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sign(x) |x|^(d-1) into `out`, overwriting `scratch`; for d = 2^k it is x * x^2 * x^4 * ..."""
+    if not _is_power_of_two(d):
+        return torch.abs(x, out=out).pow_(d - 1).copysign_(x)
+    if d == 2:
+        return out.copy_(x)
+    torch.mul(x, x, out=scratch)
+    torch.mul(scratch, x, out=out)
+    for _ in range(int(d).bit_length() - 3):
+        scratch.mul_(scratch)
+        out.mul_(scratch)
+    return out
 
 
 class _FusedElephantGate(torch.autograd.Function):
@@ -39,22 +50,33 @@ class _FusedElephantGate(torch.autograd.Function):
     def forward(ctx, up: torch.Tensor, gate: torch.Tensor, a: float, d: float) -> torch.Tensor:
         ctx.save_for_backward(up, gate)
         ctx.a, ctx.d = a, d
-        with torch.no_grad():
-            return up * elephant(gate, a, d)
+        out = _power(gate, d, out=torch.empty_like(gate, dtype=torch.promote_types(up.dtype, gate.dtype)))
+        if a != 1.0:
+            out.mul_(a**-d)
+        return torch.div(up, out.add_(1.0), out=out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         up, gate = ctx.saved_tensors
+        a, d = ctx.a, ctx.d
         # At least float32 even under autocast: the slope has a large dynamic range.
         dtype = torch.promote_types(gate.dtype, torch.float32)
-        value, slope = _elephant_and_slope(gate.to(dtype), ctx.a, ctx.d)
-        grad_up = (grad_out.to(dtype) * value).to(up.dtype)
-        grad_gate = (grad_out.to(dtype) * up.to(dtype) * slope).to(gate.dtype)
-        return grad_up, grad_gate, None, None
+        x = gate.to(dtype)
+        grad_up, grad_gate = torch.empty_like(x), torch.empty_like(x)
+        slope = _signed_power_below(x, d, out=grad_gate, scratch=grad_up)
+        value = torch.mul(slope, x, out=grad_up)  # |x|^d, then f(x) = 1 / (1 + |x/a|^d)
+        if a != 1.0:
+            value.mul_(a**-d)
+        value.add_(1.0).reciprocal_()
+        # f'(x) = -d a^-d sign(x) |x|^(d-1) f(x)^2; the gate's gradient is dy * up * f'(x).
+        slope.mul_(value)
+        grad_up = value.mul_(grad_out)
+        grad_gate = slope.mul_(grad_up).mul_(up).mul_(-d * a**-d)
+        return grad_up.to(up.dtype), grad_gate.to(gate.dtype), None, None
 
 
 def elephant_gate(up: torch.Tensor, gate: torch.Tensor, a: float = 1.0, d: float = 8.0, fused: bool = True) -> torch.Tensor:
     """`up * elephant(gate)`; `fused=False` runs the plain formula through autograd."""
-    if fused and (up.requires_grad or gate.requires_grad):
+    if fused:
         return _FusedElephantGate.apply(up, gate, a, d)
     return up * elephant(gate, a, d)

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bakallm.scan import DEFAULT_BLOCK, selective_scan, selective_scan_reference
+from bakallm.scan import (
+    DEFAULT_BLOCK,
+    DEFAULT_CHUNK,
+    selective_scan,
+    selective_scan_reference,
+)
 
 
 class Mamba(nn.Module):
@@ -31,7 +36,10 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         # Selects the scan: "fast" (blocked, hand-written backward) or "reference" (sequential).
         self.scan = "fast"
+        # Steps per block and per sub-chunk of the fast scan; larger ones mean fewer, larger
+        # operations (what a GPU wants) and more memory (see docs/performance.md).
         self.scan_block = DEFAULT_BLOCK
+        self.scan_chunk = DEFAULT_CHUNK
         self.reset_dt_projection()
 
     def reset_dt_projection(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -61,7 +69,7 @@ class Mamba(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
             if self.scan == "fast":
-                y, new_ssm_state = selective_scan(*args, block=self.scan_block)
+                y, new_ssm_state = selective_scan(*args, block=self.scan_block, chunk=self.scan_chunk)
             else:
                 y, new_ssm_state = selective_scan_reference(*args)
         y = y.to(gate.dtype) * F.silu(gate)

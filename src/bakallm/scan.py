@@ -16,8 +16,11 @@ tokens:
 1. for each position in a sub-chunk, one step for all sub-chunks at once, from a zero state;
 2. for each sub-chunk, its entering state from the previous one's (a chunk's decay is
    exp(sum(dt) * A));
-3. for each position again, one step from the true entering states, consuming each state as it
-   is produced (the output in forward, the gradients in backward).
+3. for each position again, one step from the true entering states, each state used as soon as it
+   exists (for the output in forward, for dC in backward).
+
+Backward runs the same three phases backwards in time for the state gradients and turns each
+position's state gradient into the other input gradients as soon as it exists.
 
 Inside a block, tensors are laid out [position, row * sub-chunk, d_state, d_inner]: the slice
 for one position is contiguous and a batch of [d_state, d_inner] matrices, so the reductions
@@ -27,7 +30,6 @@ which carry states and gradients through unchanged.
 """
 
 from __future__ import annotations
-
 
 import math
 
@@ -80,7 +82,8 @@ class _Block:
 
     Sequence tensors [Bt, K, F] become [chunk, Bt * n_chunks, F]; `decay` and `inputs` are
     [chunk, Bt * n_chunks, N, Di]; `chunk_decay` [Bt, n_chunks, N, Di] is each sub-chunk's
-    whole decay and `entering` [Bt * n_chunks, N, Di] the state before each sub-chunk.
+    whole decay and `entering` [Bt * n_chunks, N, Di] the state before each sub-chunk. Block-sized
+    tensors live in the call's workspace, so the next block overwrites them.
     """
 
     def __init__(self, x, dt, B, A_t, h_start, chunk: int, workspace: _Workspace):
@@ -131,8 +134,8 @@ class _Block:
     def states(self, out: torch.Tensor | None = None):
         """Phase 3: yields (position, state after it) for every position of the sub-chunks.
 
-        Without `out` the states share one buffer, overwritten at each step; with it, state p
-        stays in out[p].
+        Without `out` one buffer holds the current state, overwritten at each step, so that it is
+        used while still in cache; with `out`, the state after position p stays in out[p].
         """
         previous = self.entering
         running = self.workspace.get("running", previous.shape) if out is None else None
@@ -168,22 +171,22 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         length = x.shape[1]
         y = torch.empty_like(x)
         block_starts = []
-        h_t = h0.transpose(1, 2).contiguous()
+        state = h0.transpose(1, 2).contiguous()  # [Bt, N, Di], the layout of the blocks
         workspace = _Workspace(x)
         for start in range(0, length, block):
             end = min(start + block, length)
-            block_starts.append(h_t)
-            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, h_t, chunk, workspace)
+            block_starts.append(state)
+            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, state, chunk, workspace)
             C_rows = part.to_positions(C[:, start:end]).unsqueeze(2)
-            y_rows = workspace.get("y", C_rows.shape[:3] + (x.shape[2],))
+            y_rows = workspace.get("y", C_rows.shape[:3] + x.shape[2:])
             for position, state in part.states():
                 torch.bmm(C_rows[position], state, out=y_rows[position])
             y[:, start:end] = part.to_sequence(y_rows.squeeze(2))
-            h_t = part.end_state
+            state = part.end_state
         y.addcmul_(x, D)
         ctx.block, ctx.chunk = block, chunk
         ctx.save_for_backward(x, dt, A, B, C, D, torch.stack(block_starts))
-        return y, h_t.transpose(1, 2)
+        return y, state.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
@@ -204,9 +207,9 @@ class _BlockedSelectiveScan(torch.autograd.Function):
             C_rows = part.to_positions(C[:, start:end])
             grad_y_rows = part.to_positions(grad_y[:, start:end])
             states = workspace.get("states", part.decay.shape)
-            for _ in part.states(out=states):
-                pass
-            grad_C_rows = torch.bmm(states.flatten(0, 1), grad_y_rows.flatten(0, 1).unsqueeze(2)).view_as(C_rows)
+            grad_C_rows = workspace.get("grad_C", C_rows.shape)
+            for position, state in part.states(out=states):
+                torch.bmm(state, grad_y_rows[position].unsqueeze(2), out=grad_C_rows[position].unsqueeze(2))
             state_grad, carry = part.incoming_state_gradients(C_rows, grad_y_rows, carry)
             grad_B_rows = workspace.get("grad_B", C_rows.shape)
             grad_dt_x_rows = workspace.get("grad_dt_x", grad_y_rows.shape)
@@ -233,6 +236,8 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         return grad_x, grad_dt, grad_A_t.t(), grad_B, grad_C, grad_D, carry.transpose(1, 2), None, None
 
 
+# Runs eagerly inside compiled models: traced, its Python loops would unroll into thousands of nodes.
+@torch.compiler.disable
 def selective_scan(
     x: torch.Tensor,
     dt: torch.Tensor,

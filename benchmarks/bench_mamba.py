@@ -1,0 +1,182 @@
+"""One Mamba block, forward and backward, against its peers at the shape of one window.
+
+    python benchmarks/bench_mamba.py [--device cpu|cuda] [--batch-sizes 1 8] [--skip-slow-peers]
+
+Compares our `bakallm.mamba.Mamba` (fast scan, with its conv and SSM states carried in and out)
+with `mambapy`'s MambaBlock (parallel pscan, starts from a zero state) and the PyTorch fallback of
+`transformers`' MambaMixer (a token-by-token loop, the path taken without the `mamba_ssm`
+kernels), all at d_model 768, d_state 16, expand 2, d_conv 4 on T = 552 positions (512 tokens,
+8 pauses, 16 read and 16 write memory slots). It first checks that our fast scan gives the
+outputs and gradients of our sequential reference scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    add_device_arguments,
+    cpu_peak_memory,
+    format_bytes,
+    interleaved_times,
+    machine_description,
+    markdown_table,
+    median,
+    resolve_device,
+)
+
+D_MODEL, D_STATE, EXPAND, D_CONV = 768, 16, 2, 4
+WINDOW_LENGTH = 552
+OURS_PREFIX = "bakallm Mamba"
+OURS, MAMBAPY, TRANSFORMERS = f"{OURS_PREFIX} (fast scan)", "mambapy MambaBlock (pscan)", "transformers MambaMixer (slow path)"
+
+
+def build_case(implementation: str, batch: int, length: int, device: torch.device, scan_sizes: tuple[int, int] | None = None, seed: int = 0):
+    """The module and input of one implementation; returns a callable doing forward + backward.
+    `scan_sizes` (block, chunk) overrides our fast scan's defaults."""
+    torch.manual_seed(seed)
+    x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
+    if implementation.startswith(OURS_PREFIX):
+        from bakallm.mamba import Mamba
+
+        block = Mamba(D_MODEL, D_STATE, D_CONV, EXPAND).to(device)
+        if scan_sizes:
+            block.scan_block, block.scan_chunk = scan_sizes
+        conv_state, ssm_state = block.initial_state(batch, device)
+        conv_state.normal_()
+        ssm_state.normal_()
+
+        def step():
+            y, _, new_ssm_state = block(x, conv_state, ssm_state)
+            (y.sum() + new_ssm_state.sum()).backward()
+
+        return step
+    if implementation == MAMBAPY:
+        from mambapy.mamba import MambaBlock, MambaConfig
+
+        block = MambaBlock(MambaConfig(d_model=D_MODEL, n_layers=1, d_state=D_STATE, expand_factor=EXPAND, d_conv=D_CONV)).to(device)
+    elif implementation == TRANSFORMERS:
+        from transformers import MambaConfig
+        from transformers.models.mamba.modeling_mamba import MambaMixer
+
+        config = MambaConfig(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND, conv_kernel=D_CONV, num_hidden_layers=1, use_mambapy=False)
+        block = MambaMixer(config, layer_idx=0).to(device).train()
+    else:
+        raise ValueError(f"unknown implementation {implementation!r}")
+
+    def step():
+        block(x).sum().backward()
+
+    return step
+
+
+def available_peers(skip_slow: bool) -> list[str]:
+    peers = []
+    for implementation, module in ((MAMBAPY, "mambapy"), (TRANSFORMERS, "transformers")):
+        if implementation == TRANSFORMERS and skip_slow:
+            continue
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"{module} is not installed: {implementation} left out.")
+            continue
+        peers.append(implementation)
+    return peers
+
+
+def parity_check(device: torch.device, batch: int, length: int) -> float:
+    """Max abs difference between the fast and the reference scan in one Mamba block: outputs,
+    carried states and the gradients of the input, the incoming states and every parameter."""
+    from bakallm.mamba import Mamba
+
+    torch.manual_seed(0)
+    block = Mamba(D_MODEL, D_STATE, D_CONV, EXPAND).to(device)
+    x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
+    conv_state, ssm_state = (state.normal_().requires_grad_() for state in block.initial_state(batch, device))
+    results = {}
+    for scan in ("fast", "reference"):
+        block.scan = scan
+        outputs = block(x, conv_state, ssm_state)
+        loss = sum((output * torch.linspace(-1, 1, output.shape[-1], device=device)).sum() for output in outputs)
+        inputs = [x, conv_state, ssm_state, *block.parameters()]
+        results[scan] = [output.detach() for output in outputs] + list(torch.autograd.grad(loss, inputs))
+    names = ["y", "conv state", "ssm state", "grad x", "grad conv state", "grad ssm state"] + [f"grad {n}" for n, _ in block.named_parameters()]
+    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results["fast"], results["reference"])}
+    worst = max(differences, key=differences.get)
+    print(f"Parity, fast vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
+          f"y {differences['y']:.2e}, ssm state {differences['ssm state']:.2e}, grad x {differences['grad x']:.2e}, grad A_log {differences['grad A_log']:.2e}")
+    return differences[worst]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_arguments(parser)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--length", type=int, default=WINDOW_LENGTH)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported), after one warm-up")
+    parser.add_argument("--skip-slow-peers", action="store_true", help="leave out the transformers token-by-token path")
+    parser.add_argument(
+        "--slow-peer-max-batch", type=int, default=1, help="largest batch for the slow transformers path, which runs once, without warm-up"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--parity-batch", type=int, default=1)
+    parser.add_argument(
+        "--scan-sizes", type=int, nargs=2, action="append", metavar=("BLOCK", "CHUNK"),
+        help="also time our block with these fast-scan block and sub-chunk sizes (repeatable)",
+    )
+    args = parser.parse_args()
+    device = resolve_device(args)
+    print(f"Machine: {machine_description(device)}")
+    parity_check(device, args.parity_batch, args.length)
+
+    peers = available_peers(args.skip_slow_peers)
+    variants = [f"{OURS_PREFIX} (fast scan, block {block}, chunk {chunk})" for block, chunk in args.scan_sizes or []]
+    scan_sizes = dict(zip(variants, args.scan_sizes or []))
+    cases, repeats, cpu_single_runs = {}, {}, []
+    for batch in args.batch_sizes:
+        for implementation in [OURS, *variants, *peers]:
+            key = (implementation, batch)
+            slow = implementation == TRANSFORMERS
+            if slow and batch > args.slow_peer_max_batch:
+                continue
+            if slow and device.type == "cpu":
+                cpu_single_runs.append(key)  # its one call, in a fresh process, gives both time and memory
+                continue
+            cases[key] = build_case(implementation, batch, args.length, device, scan_sizes.get(implementation))
+            repeats[key] = 1 if slow else args.repeats
+    peaks = {}
+    times = {key: median(values) for key, values in interleaved_times(cases, repeats, device, peaks=peaks).items()}
+    del cases
+    if device.type == "cpu":
+        for key in [key for key in times if not args.no_memory] + cpu_single_runs:
+            implementation, batch = key
+            kwargs = {"implementation": implementation, "batch": batch, "length": args.length, "device": device, "scan_sizes": scan_sizes.get(implementation)}
+            seconds, peaks[key] = cpu_peak_memory("bench_mamba:build_case", kwargs)
+            times.setdefault(key, seconds)
+
+    rows = []
+    for batch in args.batch_sizes:
+        baseline = times.get((MAMBAPY, batch))
+        for implementation in [OURS, *variants, *peers]:
+            key = (implementation, batch)
+            if key not in times:
+                rows.append([implementation, batch, args.length, "not run", "", ""])
+                continue
+            rate = batch * args.length / times[key]
+            ratio = f"{baseline / times[key]:.2f}x" if baseline else "n/a"
+            rows.append([implementation, batch, args.length, f"{rate:,.0f}", ratio, format_bytes(peaks.get(key))])
+    print()
+    print(markdown_table(["implementation", "B", "T", "tokens/s", "ratio vs mambapy", "peak memory"], rows))
+    print(
+        f"\nForward + backward of one block, median of {args.repeats} interleaved calls after a warm-up"
+        f" (the transformers path: one call). Peak memory: extra bytes above the inputs and parameters."
+    )
+
+
+if __name__ == "__main__":
+    main()
