@@ -25,3 +25,14 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: on a busy machine, waking a second thread costs more than the work itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

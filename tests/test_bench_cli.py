@@ -4,10 +4,9 @@ import shutil
 
 import pytest
 import torch
-from test_evaluation import (  # noqa: F401  (a fixture)
+from test_evaluation import (
     HF_CONFIG,
     WINDOW,
-    one_torch_thread,
     save_random_gpt_neox,
     small_config,
     text_of_length,
@@ -21,6 +20,8 @@ from bakallm.data.tokenizers import load_tokenizer
 from bakallm.evaluation.evaluate import evaluate_bakalm
 from bakallm.results.db import ResultsDB
 from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 JSON_KEYS = {"loss", "ppl", "bpb", "word_ppl", "legacy_loss", "tokens", "n_ctx"}
 

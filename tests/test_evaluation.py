@@ -15,13 +15,7 @@ WINDOW = 16
 WHOLE_ARTICLE = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: on a busy machine, waking a second thread costs more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -34,8 +34,3 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bakallm.errors import UserError
 
@@ -86,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.evaluation.evaluate import require_positive, require_vocabulary_fits
     from bakallm.evaluation.hf_baseline import default_stride
     from bakallm.results.db import ResultsDB, default_db_path, utc_now_iso
+    from bakallm.results.table import json_value
 
     if args.split not in HUB_WIKITEXT_SPLITS:
         raise UserError(f"Unknown split {args.split!r}; use one of {', '.join(HUB_WIKITEXT_SPLITS)}.")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         row.id = db.add(row)
     print(_summary(row, result, db.path))
     if args.json:
-        print(json.dumps({key: _json_value(value) for key, value in asdict(row).items()}, sort_keys=True))
+        print(json.dumps({key: json_value(value) for key, value in asdict(row).items()}, sort_keys=True))
     return 0
 
 
@@ -273,10 +273,3 @@ def _summary(row: ResultRow, result: EvalResult, db_path: Path) -> str:
         + f"{f', {row.nan_count} NaN tokens left out' if row.nan_count else ''}); "
         f"{figure(row.tokens_per_s, ',.0f')} tokens/s; saved as row {row.id} of {db_path}"
     )
-
-
-def _json_value(value: Any) -> Any:
-    # JSON has no NaN: a diverged model's loss becomes null instead of output that strict parsers reject.
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

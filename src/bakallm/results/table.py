@@ -56,7 +56,7 @@ def format_table(
         return _markdown(ordered, columns, bold_ids)
     if fmt == "csv":
         return _csv(ordered, columns)
-    objects = [{name: _json_value(getattr(row, name)) for name in columns} for row in ordered]
+    objects = [{name: json_value(getattr(row, name)) for name in columns} for row in ordered]
     return json.dumps(objects, indent=2) + "\n"
 
 
@@ -109,7 +109,7 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     # JSON has no NaN; a diverged run's loss becomes null rather than output that strict parsers reject.
     if isinstance(value, float) and math.isnan(value):
         return None

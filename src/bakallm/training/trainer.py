@@ -21,6 +21,7 @@ from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
+from bakallm.evaluation.evaluate import scored_token_count
 from bakallm.model import BakaLM
 from bakallm.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
@@ -175,7 +176,7 @@ class Trainer:
         if self.config.max_steps is not None:
             return self.config.max_steps
         epochs = self.config.epochs or 1
-        targets = sum(max(len(self.corpus.document(i)) - 1, 0) for i in range(len(self.corpus)))
+        targets = scored_token_count(self.corpus)  # every token of a document but its first is a target
         per_step = self.config.batch_size * self.config.train_ctx * self.config.grad_accum
         return max(1, epochs * math.ceil(targets / per_step))
 
