@@ -168,3 +168,28 @@ def test_bad_inputs_raise_clear_value_errors(model):
         model(ids, state=model.init_state(3))
     with pytest.raises(ValueError, match="targets must have the shape"):
         model(ids, targets=ids[:, :3])
+
+
+def test_without_memory_mamba_and_xl_cache_each_window_is_independent():
+    # A windowed GPT: the second window's logits are those of that window read alone.
+    torch.manual_seed(0)
+    windowed = BakaLM(small_config(n_memory=0, mamba=False, xl_cache=False)).eval()
+    ids = tokens(2, 64)
+    with torch.no_grad():
+        whole = windowed(ids).logits
+        alone = windowed(ids[:, 32:]).logits
+    torch.testing.assert_close(whole[:, 32:], alone, rtol=0, atol=1e-5)
+    assert windowed.init_state(2).keys[0].shape[2] == 0
+
+
+def test_xl_cache_alone_carries_the_previous_window():
+    # With memory and Mamba off, only the attention cache links two windows.
+    torch.manual_seed(0)
+    cached = BakaLM(small_config(n_memory=0, mamba=False)).eval()
+    ids = tokens(2, 64)
+    other = ids.clone()
+    other[:, :32] = tokens(2, 32, seed=1)
+    with torch.no_grad():
+        first = cached(ids).logits[:, 32:]
+        second = cached(other).logits[:, 32:]
+    assert (first - second).abs().max() > 1e-3

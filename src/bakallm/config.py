@@ -36,6 +36,8 @@ class ModelConfig:
     mamba_expand: int = 2
     mamba_dt_rank: int = 0  # 0 means ceil(d_model / 16), as in Mamba-1
     carry_mamba_state: bool = True
+    # Attend to the previous window's keys and values (Transformer-XL); off gives a windowed model.
+    xl_cache: bool = True
     tie_embeddings: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -70,6 +72,11 @@ class ModelConfig:
     def layout_length(self) -> int:
         """Positions in one full window: read memory, tokens, pauses and write slots."""
         return 2 * self.n_memory + self.window + self.n_pauses
+
+    @property
+    def cache_length(self) -> int:
+        """Positions of the previous window that attention sees: a full window, or none without the XL cache."""
+        return self.layout_length if self.xl_cache else 0
 
     # ----- validation -----
     def validate(self) -> None:

@@ -116,7 +116,7 @@ class BakaLM(nn.Module):
         """A fresh state for every row: zero caches of full-window size and no past."""
         config = self.config
         device = device if device is not None else self.embed.weight.device
-        cache_shape = (batch_size, config.n_heads, config.layout_length, config.head_dim)
+        cache_shape = (batch_size, config.n_heads, config.cache_length, config.head_dim)
         mamba_states = [layer.mamba.initial_state(batch_size, device) for layer in self.layers if layer.mamba is not None]
         return RecurrentState(
             memory=torch.zeros(batch_size, config.n_memory, config.d_model, device=device),
@@ -189,8 +189,8 @@ class BakaLM(nn.Module):
             )
             # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
             # block sees identical inputs and never recompiles.
-            keys.append(key.float().contiguous())
-            values.append(value.float().contiguous())
+            keys.append(key[:, :, : config.cache_length].float().contiguous())
+            values.append(value[:, :, : config.cache_length].float().contiguous())
             if layer.mamba is not None:
                 convs.append(conv_state.contiguous())
                 ssms.append(ssm_state.contiguous())
