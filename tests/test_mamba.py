@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from bakallm.mamba import Mamba
-from bakallm.scan import selective_scan, selective_scan_reference
+from bakallm.kernels.blocked import selective_scan, selective_scan_reference
 
 
 def scan_inputs(batch=2, length=45, d_inner=12, d_state=4):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bakallm.scan import (
+from bakallm.kernels.blocked import (
     DEFAULT_BLOCK,
     DEFAULT_CHUNK,
     selective_scan,

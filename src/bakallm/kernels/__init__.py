@@ -1,0 +1,1 @@
+"""Fast kernels with a pure-PyTorch reference beside each: the selective scan's backends."""
