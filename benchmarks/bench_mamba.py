@@ -99,14 +99,14 @@ def parity_check(device: torch.device, batch: int, length: int) -> float:
     x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
     conv_state, ssm_state = (state.normal_().requires_grad_() for state in block.initial_state(batch, device))
     results = {}
-    for scan in ("fast", "reference"):
+    for scan in ("blocked", "reference"):
         block.scan = scan
         outputs = block(x, conv_state, ssm_state)
         loss = sum((output * torch.linspace(-1, 1, output.shape[-1], device=device)).sum() for output in outputs)
         inputs = [x, conv_state, ssm_state, *block.parameters()]
         results[scan] = [output.detach() for output in outputs] + list(torch.autograd.grad(loss, inputs))
     names = ["y", "conv state", "ssm state", "grad x", "grad conv state", "grad ssm state"] + [f"grad {n}" for n, _ in block.named_parameters()]
-    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results["fast"], results["reference"])}
+    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results["blocked"], results["reference"])}
     worst = max(differences, key=differences.get)
     print(f"Parity, fast vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
           f"y {differences['y']:.2e}, ssm state {differences['ssm state']:.2e}, grad x {differences['grad x']:.2e}, grad A_log {differences['grad A_log']:.2e}")

@@ -40,7 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bakallm.attention import XLAttention, xl_attention_mask
 from bakallm.rotary import apply_rotary, rotary_tables
-from bakallm.kernels.blocked import selective_scan, selective_scan_reference
+from bakallm.kernels.blocked import selective_scan
+from bakallm.kernels.reference import selective_scan_reference
 from bench_elephant import parity as elephant_parity
 from bench_mamba import parity_check as mamba_parity
 

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bakallm.mamba import Mamba
-from bakallm.kernels.blocked import selective_scan, selective_scan_reference
+from bakallm.kernels.blocked import selective_scan
+from bakallm.kernels.reference import selective_scan_reference
 
 
 def scan_inputs(batch=2, length=45, d_inner=12, d_state=4):
@@ -64,7 +65,7 @@ def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
     torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
 
 
-@pytest.mark.parametrize("scan", ["fast", "reference"])
+@pytest.mark.parametrize("scan", ["blocked", "reference"])
 def test_mamba_block_carries_state_across_calls(scan):
     mamba = Mamba(16, d_state=4, d_conv=4, expand=2).double()
     mamba.scan = scan
@@ -83,12 +84,12 @@ def test_fast_and_reference_mamba_blocks_agree_with_gradients():
     x = torch.randn(2, 40, 16, requires_grad=True)
     conv, ssm = mamba.initial_state(2)
     results = {}
-    for scan in ("fast", "reference"):
+    for scan in ("blocked", "reference"):
         mamba.scan = scan
         mamba.zero_grad()
         y, _, h = mamba(x, conv, ssm)
         (y.square().sum() + h.sum()).backward()
         results[scan] = (y.detach(), x.grad.clone(), mamba.A_log.grad.clone(), mamba.in_proj.weight.grad.clone())
         x.grad = None
-    for got, want in zip(results["fast"], results["reference"]):
+    for got, want in zip(results["blocked"], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

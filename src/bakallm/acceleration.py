@@ -18,6 +18,21 @@ def compile_layers(model: BakaLM, backend: str = "inductor") -> BakaLM:
     return model
 
 
+def use_scan_backend(model: BakaLM, backend: str) -> BakaLM:
+    """Runs every Mamba block's selective scan with `backend` (see bakallm.kernels.SCAN_BACKENDS).
+
+    Checked now against the model's device, so that a forced backend that cannot run there fails
+    before any data is read ("auto" is resolved at each call, from the device of its inputs).
+    """
+    from bakallm.kernels.scan import resolve_scan_backend
+
+    resolve_scan_backend(backend, model.embed.weight.device)
+    for layer in model.layers:
+        if layer.mamba is not None:
+            layer.mamba.scan = backend
+    return model
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,12 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bakallm.kernels.blocked import (
-    DEFAULT_BLOCK,
-    DEFAULT_CHUNK,
-    selective_scan,
-    selective_scan_reference,
-)
+from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
+from bakallm.kernels.scan import selective_scan
 
 
 class Mamba(nn.Module):
@@ -34,9 +30,10 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        # Selects the scan: "fast" (blocked, hand-written backward) or "reference" (sequential).
-        self.scan = "fast"
-        # Steps per block and per sub-chunk of the fast scan; larger ones mean fewer, larger
+        # The scan backend, one of bakallm.kernels.SCAN_BACKENDS; set from outside the model
+        # (bakallm.acceleration.use_scan_backend).
+        self.scan = "auto"
+        # Steps per block and per sub-chunk of the blocked scan; larger ones mean fewer, larger
         # operations (what a GPU wants) and more memory (see docs/performance.md).
         self.scan_block = DEFAULT_BLOCK
         self.scan_chunk = DEFAULT_CHUNK
@@ -68,10 +65,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
-            if self.scan == "fast":
-                y, new_ssm_state = selective_scan(*args, block=self.scan_block, chunk=self.scan_chunk)
-            else:
-                y, new_ssm_state = selective_scan_reference(*args)
+            y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 

@@ -1,11 +1,11 @@
-"""Mamba-1 selective scan: a sequential reference and a blocked scan with a hand-written backward.
+"""Mamba-1 selective scan, blocked, with a hand-written backward (the reference is in reference.py).
 
-Both compute, for every row b, channel d and state n,
+Like the reference it computes, for every row b, channel d and state n,
 
     h[t] = exp(dt[t] * A) * h[t-1] + dt[t] * B[t] * x[t]
     y[t] = sum_n C[t, n] * h[t, :, n] + D * x[t]
 
-and return (y, h[T-1]) so the state can be carried into the next call.
+and returns (y, h[T-1]) so the state can be carried into the next call.
 
 The fast scan walks the sequence in blocks of `block` steps, so no [B, T, d_inner, d_state]
 tensor for the whole sequence is ever built; it keeps only the state at each block start for
@@ -38,27 +38,6 @@ import torch.nn.functional as F
 
 DEFAULT_BLOCK = 64
 DEFAULT_CHUNK = 16
-
-
-def selective_scan_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    h0: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain token-by-token recurrence, differentiated by autograd. x, dt: [Bt, T, Di];
-    A: [Di, N]; B, C: [Bt, T, N]; D: [Di]; h0: [Bt, Di, N]."""
-    h = h0
-    outputs = []
-    for t in range(x.shape[1]):
-        decay = torch.exp(dt[:, t, :, None] * A)
-        h = decay * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
-        outputs.append((h * C[:, t, None, :]).sum(-1))
-    y = torch.stack(outputs, dim=1) + D * x
-    return y, h
 
 
 class _Workspace:

@@ -1,0 +1,53 @@
+"""Choosing the selective scan's backend: "auto" by device, forced backends that cannot run refused."""
+
+import pytest
+import torch
+
+from bakallm import BakaLM, ModelConfig
+from bakallm.acceleration import use_scan_backend
+from bakallm.errors import UserError
+from bakallm.kernels import scan
+
+
+@pytest.fixture
+def triton_missing(monkeypatch):
+    monkeypatch.setattr(scan, "_triton", {"module": "No module named 'triton'"})
+
+
+def test_auto_picks_the_blocked_scan_on_cpu():
+    assert scan.resolve_scan_backend("auto", torch.device("cpu")) == "blocked"
+
+
+def test_auto_picks_triton_on_cuda_only_when_triton_imports(monkeypatch, triton_missing):
+    assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "blocked"
+    monkeypatch.setattr(scan, "_triton", {"module": object()})
+    assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_forced_backends_are_kept():
+    for backend in ("blocked", "reference"):
+        assert scan.resolve_scan_backend(backend, torch.device("cpu")) == backend
+
+
+def test_forced_triton_without_triton_says_how_to_get_it(triton_missing):
+    with pytest.raises(UserError, match=r"pip install triton, or choose --scan blocked\.$"):
+        scan.resolve_scan_backend("triton", torch.device("cuda"))
+
+
+def test_forced_triton_off_cuda_is_refused():
+    with pytest.raises(UserError, match="runs on CUDA devices"):
+        scan.resolve_scan_backend("triton", torch.device("meta"))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, blocked, reference"):
+        scan.resolve_scan_backend("fast", torch.device("cpu"))
+
+
+def test_use_scan_backend_sets_every_mamba_block_and_checks_the_device(triton_missing):
+    model = BakaLM(ModelConfig.preset("tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, window=16, n_memory=2, n_pauses=1))
+    use_scan_backend(model, "reference")
+    assert [layer.mamba.scan for layer in model.layers] == ["reference", "reference"]
+    with pytest.raises(UserError, match="needs the triton package"):
+        use_scan_backend(model, "triton")
+    assert [layer.mamba.scan for layer in model.layers] == ["reference", "reference"]
