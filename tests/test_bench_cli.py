@@ -18,6 +18,7 @@ from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.evaluation.evaluate import evaluate_bakalm
+from bakallm.kernels import scan
 from bakallm.results.db import ResultsDB
 from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_config
 
@@ -175,3 +176,26 @@ def test_a_wrong_results_database_fails_before_scoring(tmp_path, run_dir, text_f
     status, _, err = bench(capsys, run_dir, "--data", text_folder, "--db", not_a_database, "--cache-dir", tmp_path / "cache")
     assert status == 2 and len(err) == 1 and "is not a readable results database" in err[0]
     assert not (tmp_path / "cache").exists()  # it stopped before tokenizing
+
+
+def test_scan_flag_picks_the_backend_and_keeps_the_loss(tmp_path, run_dir, text_folder, capsys, monkeypatch):
+    reference_calls = []
+    reference = scan.selective_scan_reference
+    monkeypatch.setattr(scan, "selective_scan_reference", lambda *inputs: reference_calls.append(1) or reference(*inputs))
+    losses = {}
+    for backend in ("blocked", "reference"):
+        status, out, err = bench(capsys, run_dir, "--data", text_folder, "--json", "--db", tmp_path / f"{backend}.sqlite3", "--cache-dir", tmp_path / "cache", "--scan", backend)
+        assert status == 0, err
+        assert bool(reference_calls) == (backend == "reference")
+        losses[backend] = json.loads(out[-1])["loss"]
+    assert losses["reference"] == pytest.approx(losses["blocked"], abs=1e-5)
+
+
+def test_scan_flag_errors_are_one_sentence(tmp_path, run_dir, text_folder, capsys, monkeypatch):
+    db_path = tmp_path / "results.sqlite3"
+    status, _, err = bench(capsys, "--hf", "EleutherAI/pythia-70m", "--scan", "blocked", "--data", text_folder, "--db", db_path)
+    assert status == 2 and len(err) == 1 and "--scan applies only to our models" in err[0], err
+    monkeypatch.setattr(scan, "_triton", {"module": "No module named 'triton'"})
+    status, _, err = bench(capsys, run_dir, "--scan", "triton", "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
+    assert status == 2 and len(err) == 1 and "needs the triton package" in err[0], err
+    assert stored_rows(db_path) == []

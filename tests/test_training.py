@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bakallm import BakaLM
 from bakallm.cli import main
+from bakallm.kernels import scan
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import TrainConfig
 from bakallm.training.trainer import Trainer, learning_rate
@@ -210,3 +211,13 @@ def test_every_training_argument_has_a_flag():
 
     args = build_parser("train").parse_args(["train"])
     assert {field.name for field in fields(TrainConfig)} <= set(vars(args))
+
+
+def test_scan_flag_sets_the_backend_and_one_that_cannot_run_fails_with_one_sentence(corpus_dir, tmp_path, capsys, monkeypatch):
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "reference"), "scan": "reference", "max_steps": 1}))
+    assert [layer.mamba.scan for layer in trainer.model.layers] == ["reference", "reference"]
+    monkeypatch.setattr(scan, "_triton", {"module": "No module named 'triton'"})
+    assert main(train_args(corpus_dir, tmp_path / "triton", "--scan", "triton", "--max-steps", "1")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs the triton package" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "triton").exists()  # refused before anything was written

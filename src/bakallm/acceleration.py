@@ -22,7 +22,8 @@ def use_scan_backend(model: BakaLM, backend: str) -> BakaLM:
     """Runs every Mamba block's selective scan with `backend` (see bakallm.kernels.SCAN_BACKENDS).
 
     Checked now against the model's device, so that a forced backend that cannot run there fails
-    before any data is read ("auto" is resolved at each call, from the device of its inputs).
+    here rather than in the first forward pass ("auto" is resolved at each call, from the device
+    of the scan's inputs).
     """
     from bakallm.kernels.scan import resolve_scan_backend
 

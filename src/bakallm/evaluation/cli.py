@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bakallm.errors import UserError
+from bakallm.kernels import SCAN_BACKENDS
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
     parser.add_argument("--json", action="store_true", help="print the stored row as one JSON object on the last line")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument(
+        "--scan", choices=SCAN_BACKENDS,
+        help="our models only: selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -94,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
             require_positive(flag, value)
     if args.stride is not None and args.hf is None:
         raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
+    if args.scan is not None and args.hf is not None:
+        raise UserError("--scan applies only to our models; a Hugging Face model (--hf) runs its own code.")
     device = resolve_device(args.device)
     # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
-        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_bakalm(args.model, device)
+        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_bakalm(args.model, device, args.scan or "auto")
         n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
         stride = None
         if subject.kind == "hf":
@@ -126,7 +133,8 @@ def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
     return subject.default_tokenizer
 
 
-def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
+def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
+    from bakallm.acceleration import use_scan_backend
     from bakallm.evaluation.evaluate import evaluate_bakalm
     from bakallm.model import BakaLM
     from bakallm.training.checkpoint import (
@@ -136,7 +144,7 @@ def _load_bakalm(path: str, device: torch.device) -> ModelUnderTest:
     )
 
     run_dir, checkpoint = resolve_checkpoint(path)
-    model = BakaLM.from_pretrained(path, device)
+    model = use_scan_backend(BakaLM.from_pretrained(path, device), scan)
     tokenizer = read_run_config(run_dir).get("training", {}).get("tokenizer")
     counts = model.num_parameters()
 

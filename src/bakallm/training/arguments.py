@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bakallm.errors import UserError
+from bakallm.kernels import SCAN_BACKENDS
 
 SCHEDULES = ("constant", "cosine", "linear")
 BATCHING_MODES = ("dynamic", "static")
@@ -16,7 +17,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Arguments that may change when a run is resumed; every other one must match the saved run.
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device", "compile",
+    {"max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device", "compile", "scan",
      "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe"}
 )
 
@@ -47,6 +48,7 @@ class TrainConfig:
     shuffle: bool = False
     carry_state: bool = True
     compile: bool = False
+    scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
     precision: str = "auto"
     device: str = "auto"
     run_dir: str | None = None
@@ -79,6 +81,8 @@ class TrainConfig:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.batching not in BATCHING_MODES:
             raise UserError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}.")
+        if self.scan not in SCAN_BACKENDS:
+            raise UserError(f"--scan must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan!r}.")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.resume and self.init_from:
@@ -118,6 +122,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
+    add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)")
     add("--precision", choices=PRECISIONS, help="auto: float32 on CPU, bfloat16 autocast on CUDA")
     add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     add("--run-dir", help="where checkpoints, config and metrics go (default runs/DATE-TIME)")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device
+from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device, use_scan_backend
 from bakallm.config import ModelConfig
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
@@ -22,6 +22,7 @@ from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import scored_token_count
+from bakallm.kernels.scan import resolve_scan_backend
 from bakallm.model import BakaLM
 from bakallm.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
@@ -94,6 +95,7 @@ class Trainer:
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
+        resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
@@ -123,6 +125,7 @@ class Trainer:
         if config.init_from:
             self._load_initial_weights(config.init_from)
         self.model.to(self.device)
+        use_scan_backend(self.model, config.scan)
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=self.device.type == "cuda"
         )
