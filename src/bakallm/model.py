@@ -21,12 +21,11 @@ from torch import nn
 
 from bakallm.attention import XLAttention, xl_attention_mask
 from bakallm.config import ModelConfig
+from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from bakallm.mamba import Mamba
 from bakallm.mlp import GatedMLP
 from bakallm.rotary import rotary_tables
 from bakallm.state import RecurrentState
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -150,14 +149,15 @@ class BakaLM(nn.Module):
         window_logits = []
         loss_sum = None
         for start in range(0, length, window):
-            logits, state = self._window(input_ids[:, start : start + window], state)
+            hidden, state = self._window(input_ids[:, start : start + window], state)
             if targets is not None:
-                window_loss = F.cross_entropy(
-                    logits.float().flatten(0, 1), targets[:, start : start + window].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                # In chunks of tokens: the window's float32 logits never all exist at once.
+                window_loss = linear_cross_entropy(
+                    hidden.flatten(0, 1), self.lm_head.weight, targets[:, start : start + window].flatten(), self.config.vocab_size
                 )
                 loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
             if return_logits:
-                window_logits.append(logits)
+                window_logits.append(self.lm_head(hidden)[..., : self.config.vocab_size])
         loss = n_targets = None
         if targets is not None:
             n_targets = (targets != IGNORE_INDEX).sum()
@@ -166,6 +166,7 @@ class BakaLM(nn.Module):
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets)
 
     def _window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """(final-normed hidden states of the window's tokens [B, T, d_model], the state after it)."""
         config = self.config
         batch = input_ids.shape[0]
         tokens = self.embed(input_ids)
@@ -203,8 +204,7 @@ class BakaLM(nn.Module):
             has_past=torch.ones_like(state.has_past),
         )
         hidden = x.index_select(1, token_positions + config.n_memory)
-        logits = self.lm_head(self.final_norm(hidden))[..., : config.vocab_size]
-        return logits, new_state
+        return self.final_norm(hidden), new_state
 
     def _insert_pauses(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Puts pause k before token k*spacing; returns the body and each token's index in it."""
