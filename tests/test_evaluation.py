@@ -217,3 +217,37 @@ def test_hf_refuses_a_stride_beyond_n_ctx_and_a_context_beyond_the_model(hf_mode
         evaluate_hf(hf_model_dir, corpus, n_ctx=16, stride=17)
     with pytest.raises(UserError, match="exceeds the 128 positions"):
         evaluate_hf(hf_model_dir, corpus, n_ctx=256)
+
+
+@pytest.mark.parametrize("stride", [3, 8])
+def test_hf_window_losses_equal_a_plain_model_call_per_window(hf_model_dir, stride):
+    """Windows of n_ctx inputs every `stride` tokens, each run alone; each prediction counts in the first window that makes it."""
+    from transformers import AutoModelForCausalLM
+
+    n_ctx = 8
+    corpus = byte_corpus([30, 13, 9])
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).eval()
+    nll, window_lengths = [], []
+    for index in range(len(corpus)):
+        ids = torch.as_tensor(corpus.document(index).astype(np.int64))
+        n_inputs = len(ids) - 1
+        lengths, start, scored_until = [], 0, 0
+        while scored_until < n_inputs:
+            inputs = ids[start : min(start + n_ctx, n_inputs)]
+            with torch.no_grad():
+                window_nll = nll_of_logits(model(inputs[None]).logits[0], ids[start + 1 : start + 1 + len(inputs)])
+            nll.append(window_nll[scored_until - start :])
+            lengths.append(len(inputs))
+            scored_until, start = start + len(inputs), start + stride
+        window_lengths.append(lengths)
+        assert [(w.start, w.stop - w.start) for w in hf_windows(index, len(ids), n_ctx, stride)] == [
+            (k * stride, length) for k, length in enumerate(lengths)
+        ]
+    # Every window but an article's last is n_ctx long.
+    assert all(length == n_ctx for lengths in window_lengths for length in lengths[:-1])
+    assert window_lengths[1] == ([8, 8, 6] if stride == 3 else [8, 4])
+    expected = torch.cat(nll).double()
+    assert len(expected) == 29 + 12 + 8
+    result = evaluate_hf(hf_model_dir, corpus, n_ctx=n_ctx, stride=stride, batch_size=2)
+    assert result.tokens == len(expected)
+    assert result.loss == pytest.approx(float(expected.mean()), abs=1e-5)

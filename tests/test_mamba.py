@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,27 @@ def test_fast_and_reference_mamba_blocks_agree_with_gradients():
         x.grad = None
     for got, want in zip(results["blocked"], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def written_out_recurrence(x, dt, A, B, C, D, h0):
+    """Mamba-1's recurrence one row, step, channel and state at a time:
+    h[t] = exp(dt[t] A) h[t-1] + dt[t] B[t] x[t];  y[t] = sum_n C[t, n] h[t, n] + D x[t]."""
+    rows, length, channels = x.shape
+    y = torch.zeros_like(x)
+    h = h0.clone()
+    for b in range(rows):
+        for t in range(length):
+            for d in range(channels):
+                for n in range(A.shape[1]):
+                    h[b, d, n] = math.exp(dt[b, t, d] * A[d, n]) * h[b, d, n] + dt[b, t, d] * B[b, t, n] * x[b, t, d]
+                y[b, t, d] = sum(C[b, t, n] * h[b, d, n] for n in range(A.shape[1])) + D[d] * x[b, t, d]
+    return y, h
+
+
+@pytest.mark.parametrize("scan", [selective_scan, selective_scan_reference])
+def test_scans_follow_the_mamba_recurrence_written_out(scan):
+    inputs = [t.detach() for t in scan_inputs(batch=2, length=9, d_inner=3, d_state=2)]
+    y, h = scan(*inputs)
+    expected_y, expected_h = written_out_recurrence(*inputs)
+    torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, expected_h, rtol=1e-10, atol=1e-10)

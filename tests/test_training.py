@@ -133,20 +133,38 @@ def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     )
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
-    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "nan"), "max_steps": 10}))
+@pytest.mark.parametrize("bad_value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch, bad_value, shown):
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "bad"), "max_steps": 10}))
     original = trainer.model.forward
 
     def poisoned(*args, **kwargs):
         output = original(*args, **kwargs)
         if trainer.step >= 3:
-            output.loss = output.loss * float("nan")
+            output.loss = output.loss + bad_value
         return output
 
     monkeypatch.setattr(trainer, "forward_model", poisoned)
-    with pytest.raises(Exception, match="training loss became nan at step 4.*step-00000002"):
+    with pytest.raises(Exception, match=f"training loss became {shown} at step 4.*step-00000002"):
         trainer.train()
     assert ckpt.latest_checkpoint(trainer.run_dir).name == "step-00000002"
+
+
+def test_resume_restores_every_random_generator(corpus_dir, tmp_path):
+    run_dir = tmp_path / "rng"
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, run_dir), "max_steps": 4}))
+    trainer.train_step()
+    # What a stochastic layer or data augmentation would draw between steps.
+    torch.rand(5)
+    random.random()
+    trainer.save()
+    trainer.metrics.close()
+    expected_torch, expected_python = torch.rand(5), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    Trainer(TrainConfig(resume=str(run_dir), progress=False)).metrics.close()
+    assert torch.equal(torch.rand(5), expected_torch)
+    assert random.random() == expected_python
 
 
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(corpus_dir, tmp_path):
