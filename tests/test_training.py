@@ -16,7 +16,7 @@ from bakallm import BakaLM
 from bakallm.cli import main
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import TrainConfig
-from bakallm.training.trainer import Trainer, learning_rate
+from bakallm.training.trainer import Trainer, planned_schedule
 
 WORDS = "the a cat dog sat ran on under mat tree and then quickly slowly big small red blue house river".split()
 
@@ -36,7 +36,7 @@ def train_args(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "train", "--preset", "tiny", "--model-config", str(_tiny_model_file(run_dir.parent)), "--data", str(corpus_dir),
         "--tokenizer", "bytes", "--batch-size", "3", "--train-ctx", "64", "--lr", "3e-3", "--warmup-steps", "2",
-        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", *extra,
+        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", "--threads", "1", *extra,
     ]
 
 
@@ -128,7 +128,7 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
 def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     return dict(
         preset="tiny", model_config=str(_tiny_model_file(run_dir.parent)), data=str(corpus_dir), tokenizer="bytes", batch_size=3,
-        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1,
+        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1, threads=1,
     )
 
 
@@ -198,9 +198,11 @@ def test_bad_recipe_and_model_config_fail_with_one_sentence(tmp_path, capsys):
 @pytest.mark.parametrize("schedule, expected_end", [("constant", 1.0), ("cosine", 0.1), ("linear", 0.1)])
 def test_learning_rate_schedules(schedule, expected_end):
     config = TrainConfig(lr=1.0, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
-    assert learning_rate(config, 0, 100) == pytest.approx(0.25)
-    assert learning_rate(config, 4, 100) == pytest.approx(1.0)
-    assert learning_rate(config, 100, 100) == pytest.approx(expected_end)
+    learning_rate = planned_schedule(config, 100).learning_rate
+    assert learning_rate(0) == pytest.approx(0.25)
+    assert learning_rate(4) == pytest.approx(1.0)
+    assert learning_rate(100) == pytest.approx(expected_end)
+    assert learning_rate(150) == pytest.approx(expected_end)  # past the horizon the final rate holds
 
 
 def test_every_training_argument_has_a_flag():

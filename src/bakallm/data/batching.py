@@ -146,6 +146,11 @@ class DocumentBatcher:
             epochs_ended=step.epochs_ended,
         )
 
+    @property
+    def exhausted(self) -> bool:
+        """All `max_epochs` epochs have been delivered: `next_batch()` gives None."""
+        return self._stream_ended() and all(unit == _FREE for unit in self._row_units)
+
     def count_batches(self) -> int:
         """Batches until `max_epochs` epochs are delivered, from a fresh start, without reading a token."""
         if self.max_epochs is None:
@@ -161,7 +166,7 @@ class DocumentBatcher:
     # ----- the schedule of rows over documents, without tokens -----
     def _advance(self) -> _Step | None:
         """Moves every row one step on; None once the stream has ended."""
-        if self._stream_ended() and all(unit == _FREE for unit in self._row_units):
+        if self.exhausted:
             return None
         epoch = self.epoch
         reset = [unit == _FREE for unit in self._row_units]
