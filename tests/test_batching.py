@@ -63,13 +63,68 @@ def test_dynamic_mode_reference_example():
 
 def test_static_mode_reference_example():
     corpus, (a1, a2, a3, a4) = reference_corpus()
-    batcher = DocumentBatcher(corpus, batch_size=3, train_ctx=CTX, mode="static")
+    batcher = DocumentBatcher(corpus, batch_size=3, train_ctx=CTX, mode="static", max_epochs=1)
     batches = [batcher.next_batch() for _ in range(3)]
     assert_batch(batches[0], [window(a1, 0), window(a2, 0), window(a3, 0)], reset=[True, True, True])
     assert_batch(batches[1], [window(a1, 2), IDLE, window(a3, 2)], reset=[False, True, False])
-    assert_batch(batches[2], [window(a4, 0), IDLE, IDLE], reset=[True, True, True])
+    assert_batch(batches[2], [window(a4, 0), IDLE, IDLE], reset=[True, True, True])  # the run's end drains
     assert [batch.epoch_end for batch in batches] == [False, False, True]
     assert [batch.epoch_fraction for batch in batches] == [10 / 22, 18 / 22, 1.0]
+    assert batcher.next_batch() is None
+
+
+def test_rows_roll_into_the_next_epoch_instead_of_idling():
+    corpus, (a1, a2, a3, a4) = reference_corpus()
+    batcher = DocumentBatcher(corpus, batch_size=3, train_ctx=CTX, mode="static")
+    batches = [batcher.next_batch() for _ in range(4)]
+    assert_batch(batches[2], [window(a4, 0), window(a1, 0), window(a2, 0)], reset=[True, True, True])
+    assert [(batch.epoch, batch.epochs_ended) for batch in batches] == [(0, 0), (0, 0), (0, 1), (1, 0)]
+    assert batches[2].epoch_fraction == 1.0
+    assert batches[2].padding_share == 1 - (4 + 4 + 2) / 12
+    # Static groups still wait for their slowest row; epoch 1 holds a1's first 4 and a2's 2 targets, then a1's next 4.
+    assert_batch(batches[3], [IDLE, window(a1, 2), IDLE], reset=[True, False, True])
+    assert batches[3].epoch_fraction == (6 + 4) / 22
+
+
+def test_count_batches_matches_the_batches_delivered():
+    rng = np.random.default_rng(5)
+    corpus, _ = numbered_corpus(rng.integers(0, 60, size=30).tolist())
+    for mode in MODES:
+        for max_doc_tokens in (None, 7):
+            batcher = DocumentBatcher(corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens)
+            for _ in range(5):
+                batcher.next_batch()  # counting starts from the beginning whatever the position
+            expected = len(list(DocumentBatcher(corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens)))
+            assert batcher.count_batches() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=25), min_size=1, max_size=10).filter(lambda ls: max(ls) >= 2),
+    batch_size=st.integers(min_value=1, max_value=5),
+    train_ctx=st.integers(min_value=1, max_value=7),
+    epochs=st.integers(min_value=1, max_value=3),
+    max_doc_tokens=st.one_of(st.none(), st.integers(min_value=1, max_value=9)),
+    shuffle=st.booleans(),
+)
+def test_rolling_epochs_deliver_every_target_once_per_epoch_and_idle_only_at_the_end(
+    lengths, batch_size, train_ctx, epochs, max_doc_tokens, shuffle
+):
+    corpus, token_lists = numbered_corpus(lengths)
+    expected_targets = sorted(t for tokens in token_lists if len(tokens) >= 2 for t in tokens[1:])
+    batcher = DocumentBatcher(corpus, batch_size, train_ctx, shuffle=shuffle, seed=1, max_epochs=epochs, max_doc_tokens=max_doc_tokens)
+    seen, epochs_ended, idle_seen = [], 0, False
+    for batch in batcher:
+        targets = batch.targets.numpy()
+        counts = (targets != IGNORE_INDEX).sum(axis=1)
+        if (batch.reset.numpy() & (counts > 0)).any():
+            assert not idle_seen  # once a row idles, the stream has ended: no row starts a document again
+        idle_seen = idle_seen or (counts == 0).any()
+        assert batch.epoch == epochs_ended
+        epochs_ended += batch.epochs_ended
+        seen += targets[targets != IGNORE_INDEX].tolist()
+    assert epochs_ended == epochs
+    assert sorted(seen) == sorted(expected_targets * epochs)
 
 
 @settings(max_examples=300, deadline=None)
@@ -85,7 +140,7 @@ def test_every_non_first_token_is_a_target_exactly_once_per_epoch(lengths, batch
     corpus, token_lists = numbered_corpus(lengths)
     first_tokens = {tokens[0] for tokens in token_lists if tokens}
     expected_targets = sorted(t for tokens in token_lists if len(tokens) >= 2 for t in tokens[1:])
-    batcher = DocumentBatcher(corpus, batch_size, train_ctx, mode=mode, shuffle=shuffle, seed=seed, pad_id=PAD)
+    batcher = DocumentBatcher(corpus, batch_size, train_ctx, mode=mode, shuffle=shuffle, seed=seed, pad_id=PAD, max_epochs=1)
     seen_targets, last_target_of_row = [], [None] * batch_size
     idle_seen = False
     for _ in range(sum(lengths) + len(lengths) + 1):
@@ -116,7 +171,7 @@ def test_every_non_first_token_is_a_target_exactly_once_per_epoch(lengths, batch
             break
     assert batch.epoch_end
     assert sorted(seen_targets) == expected_targets
-    assert batcher.next_batch().epoch == 1
+    assert batcher.next_batch() is None
 
 
 def test_state_dict_round_trip_mid_epoch_with_shuffle():
@@ -192,7 +247,7 @@ def test_max_epochs_ends_iteration():
 
 def test_documents_without_targets_are_skipped():
     corpus, token_lists = numbered_corpus([1, 0, 3, 1])
-    batch = DocumentBatcher(corpus, batch_size=2, train_ctx=4).next_batch()
+    batch = DocumentBatcher(corpus, batch_size=2, train_ctx=4, max_epochs=1).next_batch()
     assert batch.input_ids.tolist() == [[2, 3, 0, 0], [0, 0, 0, 0]]
     assert batch.targets.tolist() == [[3, 4, -100, -100], [-100] * 4]
     assert batch.reset.tolist() == [True, True] and batch.epoch_end
@@ -207,3 +262,15 @@ def test_corpus_without_targets_and_bad_settings_are_refused():
         DocumentBatcher(corpus, batch_size=2, train_ctx=4, mode="packed")
     with pytest.raises(UserError, match="must be at least 1"):
         DocumentBatcher(corpus, batch_size=0, train_ctx=4)
+
+
+def test_max_doc_tokens_cuts_long_documents_into_independent_pieces():
+    corpus, (document,) = numbered_corpus([10])  # tokens 1..10: targets 2..10
+    batcher = DocumentBatcher(corpus, batch_size=3, train_ctx=8, max_epochs=1, max_doc_tokens=4)
+    batch = batcher.next_batch()
+    assert batch.reset.tolist() == [True, True, True]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0], [9, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch.targets[:, :4].tolist() == [[2, 3, 4, 5], [6, 7, 8, 9], [10, -100, -100, -100]]
+    assert batch.epoch_end and batcher.next_batch() is None
+    with pytest.raises(UserError, match="different max_doc_tokens"):
+        DocumentBatcher(corpus, batch_size=3, train_ctx=8).load_state_dict(batcher.state_dict())

@@ -119,3 +119,26 @@ def test_scans_follow_the_mamba_recurrence_written_out(scan):
     expected_y, expected_h = written_out_recurrence(*inputs)
     torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h, expected_h, rtol=1e-10, atol=1e-10)
+
+
+def test_the_cpu_scan_runs_on_one_thread_and_restores_the_thread_count(monkeypatch):
+    from bakallm.kernels import blocked as scan
+
+    threads_seen = []
+    real_addcmul = torch.addcmul
+
+    def recording_addcmul(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return real_addcmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addcmul", recording_addcmul)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1, 40, 8, requires_grad=True)
+        y, _ = scan.selective_scan(x, torch.rand(1, 40, 8) * 0.1, -torch.rand(8, 4), torch.randn(1, 40, 4), torch.randn(1, 40, 4), torch.ones(8), torch.zeros(1, 8, 4))
+        y.sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen and set(threads_seen) == {1}

@@ -11,7 +11,7 @@ from bakallm.training.metrics import MetricsLog
 
 def log_steps(log: MetricsLog, steps) -> None:
     for step in steps:
-        log.log_step(step, epoch=step // 3, tokens=1000 * step, loss=10.0 / step, lr=1e-3, grad_norm=0.5 * step, tokens_per_s=2000.0, time=1.5 * step)
+        log.log_step(step, epoch=step // 3, tokens=1000 * step, loss=10.0 / step, lr=1e-3, grad_norm=0.5 * step, tokens_per_s=2000.0, time=1.5 * step, padding=0.25)
 
 
 def test_steps_and_evals_round_trip(tmp_path):
@@ -24,9 +24,9 @@ def test_steps_and_evals_round_trip(tmp_path):
     assert (run_dir / "metrics.sqlite3").is_file()
     with MetricsLog(run_dir) as log:
         assert log.read_steps() == [
-            {"step": 1, "epoch": 0, "tokens": 1000, "loss": 10.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 2000.0, "time": 1.5},
-            {"step": 2, "epoch": 0, "tokens": 2000, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 2000.0, "time": 3.0},
-            {"step": 3, "epoch": 1, "tokens": 3000, "loss": 0.25, "lr": 5e-4, "grad_norm": None, "tokens_per_s": None, "time": 4.5},
+            {"step": 1, "epoch": 0, "tokens": 1000, "loss": 10.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 2000.0, "time": 1.5, "padding": 0.25},
+            {"step": 2, "epoch": 0, "tokens": 2000, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 2000.0, "time": 3.0, "padding": 0.25},
+            {"step": 3, "epoch": 1, "tokens": 3000, "loss": 0.25, "lr": 5e-4, "grad_norm": None, "tokens_per_s": None, "time": 4.5, "padding": None},
         ]
         assert log.read_evals() == [
             {"step": 2, "tokens": 2000, "loss": 4.0, "ppl": 54.6, "bpb": 1.2, "data": "wikitext-103/validation"},
@@ -128,3 +128,16 @@ def test_wandb_mirror_keeps_one_run_id_across_resumes(tmp_path, monkeypatch):
     assert second_init[1]["id"] == first_init[1]["id"]
     assert log_call == ("log", {"eval/val/loss": 3.0, "eval/val/ppl": 20.0, "eval/val/bpb": 1.0}, 5)
     assert first_finish == ("finish",)
+
+
+def test_a_log_from_before_the_padding_column_gains_it(tmp_path):
+    import sqlite3
+
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
+        connection.execute("CREATE TABLE steps (step INTEGER PRIMARY KEY, epoch INTEGER, tokens INTEGER, loss REAL, lr REAL, grad_norm REAL, tokens_per_s REAL, time REAL)")
+        connection.execute("INSERT INTO steps VALUES (1, 0, 10, 2.0, 0.1, 1.0, 5.0, 1.0)")
+    with MetricsLog(run_dir) as log:
+        log.log_step(2, 0, 20, 1.5, 0.1, 1.0, 5.0, 2.0, padding=0.5)
+        assert [row["padding"] for row in log.read_steps()] == [None, 0.5]

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from bakallm.cli import main
 from bakallm.kernels import scan
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import TrainConfig
-from bakallm.training.trainer import Trainer, learning_rate
+from bakallm.training.trainer import Trainer, planned_schedule
 
 WORDS = "the a cat dog sat ran on under mat tree and then quickly slowly big small red blue house river".split()
 
@@ -37,7 +38,7 @@ def train_args(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "train", "--preset", "tiny", "--model-config", str(_tiny_model_file(run_dir.parent)), "--data", str(corpus_dir),
         "--tokenizer", "bytes", "--batch-size", "3", "--train-ctx", "64", "--lr", "3e-3", "--warmup-steps", "2",
-        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", *extra,
+        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", "--threads", "1", *extra,
     ]
 
 
@@ -129,7 +130,7 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
 def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     return dict(
         preset="tiny", model_config=str(_tiny_model_file(run_dir.parent)), data=str(corpus_dir), tokenizer="bytes", batch_size=3,
-        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1,
+        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1, threads=1,
     )
 
 
@@ -217,9 +218,11 @@ def test_bad_recipe_and_model_config_fail_with_one_sentence(tmp_path, capsys):
 @pytest.mark.parametrize("schedule, expected_end", [("constant", 1.0), ("cosine", 0.1), ("linear", 0.1)])
 def test_learning_rate_schedules(schedule, expected_end):
     config = TrainConfig(lr=1.0, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
-    assert learning_rate(config, 0, 100) == pytest.approx(0.25)
-    assert learning_rate(config, 4, 100) == pytest.approx(1.0)
-    assert learning_rate(config, 100, 100) == pytest.approx(expected_end)
+    learning_rate = planned_schedule(config, 100).learning_rate
+    assert learning_rate(0) == pytest.approx(0.25)
+    assert learning_rate(4) == pytest.approx(1.0)
+    assert learning_rate(100) == pytest.approx(expected_end)
+    assert learning_rate(150) == pytest.approx(expected_end)  # past the horizon the final rate holds
 
 
 def test_every_training_argument_has_a_flag():
@@ -239,3 +242,178 @@ def test_scan_flag_sets_the_backend_and_one_that_cannot_run_fails_with_one_sente
     error = capsys.readouterr().err.strip()
     assert "needs the triton package" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "triton").exists()  # refused before anything was written
+
+
+def step_learning_rates(run_dir: Path) -> list[float]:
+    with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
+        return [row[0] for row in connection.execute("SELECT lr FROM steps ORDER BY step")]
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Sends this process a real SIGINT once `trainer` has taken `step` steps."""
+    import os
+    import signal
+
+    train_step = trainer.train_step
+
+    def step_then_signal():
+        batches = train_step()
+        if trainer.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batches
+
+    trainer.train_step = step_then_signal
+
+
+def test_a_run_stopped_early_resumes_on_the_schedule_it_planned(corpus_dir, tmp_path, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(train_args(corpus_dir, straight, "--max-steps", "14", "--shuffle")) == 0
+    config, explicit = _parsed(train_args(corpus_dir, stopped, "--max-steps", "14", "--shuffle"))
+    trainer = Trainer(config, explicit)
+    stop_after(trainer, 7)
+    summary = trainer.train()
+    assert summary["interrupted"] and summary["steps"] == 7
+    assert "Interrupted: saved step 7" in capsys.readouterr().out
+    assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
+    assert json.loads((stopped / "config.json").read_text())["training"]["decay_steps"] == 14
+    assert step_learning_rates(stopped) == step_learning_rates(straight)
+    expected, got = step_losses(straight), step_losses(stopped)
+    assert len(got) == 14 and max(abs(a - b) for a, b in zip(expected, got)) <= 1e-6
+
+
+def _parsed(argv: list[str]):
+    from bakallm.cli import build_parser
+    from bakallm.training.arguments import train_config_from_args
+
+    return train_config_from_args(build_parser("train").parse_args(argv))
+
+
+def test_a_longer_resume_holds_the_final_rate_unless_a_new_decay_is_asked(corpus_dir, tmp_path):
+    held, redecayed = tmp_path / "held", tmp_path / "redecayed"
+    for run_dir in (held, redecayed):
+        assert main(train_args(corpus_dir, run_dir, "--max-steps", "8")) == 0
+    assert main(["train", "--resume", str(held), "--max-steps", "12", "--no-progress"]) == 0
+    rates = step_learning_rates(held)
+    floor = 3e-3 * 0.1
+    assert rates[7] > floor and rates[8:] == [pytest.approx(floor)] * 4  # the decay ends where step 8 was planned
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rates[2:], rates[3:]))  # never up after warm-up
+    assert main(["train", "--resume", str(redecayed), "--max-steps", "14", "--new-decay", "--no-progress"]) == 0
+    rates = step_learning_rates(redecayed)
+    assert rates[:8] == step_learning_rates(held)[:8]
+    assert rates[7] < rates[8] < rates[9] == pytest.approx(3e-3)  # warm-up from where the run was back to --lr
+    assert rates[9:] == sorted(rates[9:], reverse=True) and rates[-1] < 3e-3 / 2
+    assert main(["train", "--resume", str(redecayed), "--max-steps", "15", "--no-progress"]) == 0
+    assert step_learning_rates(redecayed)[:14] == rates  # the new decay is saved with the run
+
+
+def test_epochs_plan_the_steps_the_batcher_really_takes(corpus_dir, tmp_path, capsys):
+    for extra in ((), ("--max-doc-tokens", "100", "--grad-accum", "2")):
+        run_dir = tmp_path / f"epochs{len(extra)}"
+        config, explicit = _parsed(train_args(corpus_dir, run_dir, "--epochs", "2", "--batch-size", "4", *extra))
+        trainer = Trainer(config, explicit)
+        planned = trainer.planned_steps
+        summary = trainer.train()
+        assert summary["steps"] == planned and summary["epochs_done"] == 2
+        assert json.loads((run_dir / "config.json").read_text())["training"]["decay_steps"] == planned
+        lines = capsys.readouterr().out.splitlines()
+        step_lines = [line for line in lines if line.startswith("step ")]
+        assert len(step_lines) == planned and step_lines[-1].startswith(f"step {planned}/{planned} | epoch ")
+        assert [line.split(" done")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+
+
+def test_text_log_lines_every_log_every_steps(corpus_dir, tmp_path, capsys):
+    assert main(train_args(corpus_dir, tmp_path / "logged", "--max-steps", "10", "--log-every", "5")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines[:-1]] == ["step 5/10", "step 10/10"]
+    fields = [field.split()[0] for field in lines[0].split(" | ")]
+    assert fields == ["step", "epoch", "loss", "lr", fields[4], "padding", "ETA"] and lines[0].split(" | ")[4].endswith("tok/s")
+    padding = float(lines[0].split("padding ")[1].split("%")[0]) / 100
+    with sqlite3.connect(tmp_path / "logged" / "metrics.sqlite3") as connection:
+        logged = [row[0] for row in connection.execute("SELECT padding FROM steps WHERE step <= 5")]
+    assert padding == pytest.approx(sum(logged) / 5, abs=0.001) and all(0 <= share < 1 for share in logged)
+
+
+def _start_training(argv: list[str], patch: str = "") -> subprocess.Popen:
+    script = f"import sys\n{patch}\nfrom bakallm.cli import main\nsys.exit(main({argv!r}))\n"
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(process: subprocess.Popen, prefix: str) -> str:
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+
+
+def test_first_signal_saves_and_stops_second_stops_at_once(corpus_dir, tmp_path):
+    import signal
+
+    run_dir = tmp_path / "signalled"
+    process = _start_training(train_args(corpus_dir, run_dir, "--max-steps", "100000", "--save-every", "2"))
+    _wait_for_line(process, "step 3/")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    step = int(out.split("Interrupted: saved step ")[1].split(";")[0])
+    assert ckpt.latest_checkpoint(run_dir).name == ckpt.step_name(step)
+    assert f"--resume {run_dir}" in out and "SIGTERM received" in err
+    assert main(["train", "--resume", str(run_dir), "--max-steps", str(step + 2), "--no-progress"]) == 0
+    assert len(step_losses(run_dir)) == step + 2
+
+    # A second signal while the interrupt's checkpoint is being written: exit at once, the last complete checkpoint stays.
+    slow_save = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from bakallm.training import checkpoint
+        real_save = checkpoint.save_checkpoint
+        def save(run_dir, name, *args, **kwargs):
+            if pathlib.Path({str(tmp_path / "interrupting")!r}).exists():
+                pathlib.Path({str(tmp_path / "saving")!r}).touch()
+                time.sleep(120)
+            return real_save(run_dir, name, *args, **kwargs)
+        checkpoint.save_checkpoint = save
+        """
+    )
+    run_dir = tmp_path / "twice"
+    process = _start_training(train_args(corpus_dir, run_dir, "--max-steps", "100000", "--save-every", "2"), slow_save)
+    _wait_for_line(process, "step 3/")
+    (tmp_path / "interrupting").touch()
+    process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "saving").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    saved_before = ckpt.latest_checkpoint(run_dir).name
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert ckpt.latest_checkpoint(run_dir).name == saved_before
+    assert main(["train", "--resume", str(run_dir), "--max-steps", str(int(saved_before.split("-")[1]) + 1), "--no-progress"]) == 0
+
+
+def test_runs_work_from_any_directory_and_accept_a_moved_corpus(corpus_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    (tmp_path / "start").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    args = train_args(Path("../corpus"), Path("run"), "--max-steps", "2")
+    args[args.index("--model-config") + 1] = "../" + _tiny_model_file(tmp_path).name
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "start" / "run" / "config.json").read_text())["training"]
+    assert saved["data"] == str(corpus) and saved["run_dir"] == str(tmp_path / "start" / "run")
+    assert saved["model_config"] == str(tmp_path / "tiny-small.json")
+    monkeypatch.chdir(tmp_path)
+    run_dir = "start/run"
+    assert main(["train", "--resume", run_dir, "--max-steps", "3", "--data", str(corpus), "--no-progress"]) == 0
+    moved = tmp_path / "moved"
+    corpus.rename(moved)
+    capsys.readouterr()
+    assert main(["train", "--resume", run_dir, "--max-steps", "4", "--no-progress"]) == 2
+    assert "is gone; pass --data with its new location" in capsys.readouterr().err
+    assert main(["train", "--resume", run_dir, "--max-steps", "4", "--data", "moved", "--no-progress"]) == 0
+    assert len(step_losses(tmp_path / run_dir)) == 4
+    (moved / "doc00.txt").write_text("Something else entirely.", encoding="utf-8")
+    assert main(["train", "--resume", run_dir, "--max-steps", "5", "--data", "moved", "--no-progress"]) == 2
+    assert "holds other content than the run was trained on" in capsys.readouterr().err

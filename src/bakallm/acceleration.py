@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bakallm.model import BakaLM
@@ -50,3 +52,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if precision == "bfloat16" else None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as set by taskset or a container), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def use_threads(threads: int | None) -> int:
+    """Sets PyTorch's CPU threads: `threads`, or every CPU this process may use; returns the count."""
+    count = threads or available_cpus()
+    torch.set_num_threads(count)
+    return count

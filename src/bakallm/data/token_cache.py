@@ -5,6 +5,10 @@ the corpus fingerprint and the tokenizer fingerprint. It holds `tokens.bin` (eve
 tokens, back to back), `offsets.npy` (where each document starts, plus the total), `n_bytes.npy`
 and `n_words.npy` (size of each document's text) and `meta.json`. An entry is built in a hidden
 temporary folder and renamed into place only once complete, so a half-written entry is never read.
+
+A `TokenizedCorpus` is identified by a hash of its content (token ids, document boundaries and
+ids, vocabulary size), not of where it was read from: the same files moved elsewhere give the
+same fingerprint, so a run can resume on a moved corpus.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class TokenizedCorpus:
     n_bytes: np.ndarray
     n_words: np.ndarray
     vocab_size: int
-    fingerprint: str
+    fingerprint: str  # content_fingerprint of the tokens
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -87,18 +91,24 @@ class TokenizedCorpus:
         tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(offsets[-1]))
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
-        content_hash = hashlib.sha256(f"{vocab_size}\0{json.dumps(doc_ids)}".encode())
-        content_hash.update(offsets.tobytes())
-        content_hash.update(tokens.tobytes())
+        tokens = tokens.astype(token_dtype(vocab_size))
         return cls(
-            tokens=tokens.astype(token_dtype(vocab_size)),
+            tokens=tokens,
             offsets=offsets,
             doc_ids=doc_ids,
             n_bytes=_text_sizes(texts, _n_bytes, n_documents),
             n_words=_text_sizes(texts, _n_words, n_documents),
             vocab_size=vocab_size,
-            fingerprint=content_hash.hexdigest(),
+            fingerprint=content_fingerprint(vocab_size, doc_ids, offsets, tokens),
         )
+
+
+def content_fingerprint(vocab_size: int, doc_ids: Sequence[str], offsets: np.ndarray, tokens: np.ndarray) -> str:
+    """A hash of what a tokenized corpus holds, whatever file it was read from."""
+    content_hash = hashlib.sha256(f"{vocab_size}\0{json.dumps(list(doc_ids))}".encode())
+    content_hash.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    content_hash.update(np.ascontiguousarray(tokens).tobytes())
+    return content_hash.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -144,7 +154,8 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
                 bar.update(len(batch))
         if offsets[-1] == 0:
             raise UserError(f"Corpus {corpus.name} has no tokens at all; check that its documents hold text.")
-        np.save(partial / OFFSETS_FILE, np.array(offsets, dtype=np.int64))
+        offsets_array = np.array(offsets, dtype=np.int64)
+        np.save(partial / OFFSETS_FILE, offsets_array)
         np.save(partial / N_BYTES_FILE, np.array(n_bytes, dtype=np.int64))
         np.save(partial / N_WORDS_FILE, np.array(n_words, dtype=np.int64))
         meta = {
@@ -158,6 +169,9 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
             "dtype": dtype.name,
             "n_tokens": offsets[-1],
             "doc_ids": doc_ids,
+            "content_fingerprint": content_fingerprint(
+                tokenizer.vocab_size, doc_ids, offsets_array, np.memmap(partial / TOKENS_FILE, dtype=dtype, mode="r", shape=(offsets[-1],))
+            ),
         }
         (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
         try:
@@ -177,14 +191,17 @@ def _open_entry(entry: Path, key: str) -> TokenizedCorpus:
         tokens_path = entry / TOKENS_FILE
         if meta["key"] != key or tokens_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
             raise ValueError("entry does not match its metadata")
+        tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+        offsets = np.load(entry / OFFSETS_FILE)
+        fingerprint = meta.get("content_fingerprint") or content_fingerprint(meta["vocab_size"], meta["doc_ids"], offsets, tokens)
         return TokenizedCorpus(
-            tokens=np.memmap(tokens_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],)),
-            offsets=np.load(entry / OFFSETS_FILE),
+            tokens=tokens,
+            offsets=offsets,
             doc_ids=meta["doc_ids"],
             n_bytes=np.load(entry / N_BYTES_FILE),
             n_words=np.load(entry / N_WORDS_FILE),
             vocab_size=meta["vocab_size"],
-            fingerprint=key,
+            fingerprint=fingerprint,
         )
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"Token cache entry {entry} is damaged; delete that folder and run again.") from error

@@ -31,6 +31,7 @@ which carry states and gradients through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -143,9 +144,35 @@ class _Block:
         return incoming.view_as(self.inputs[0]), carry
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu(like: torch.Tensor):
+    """Runs the scan's operations on one CPU thread.
+
+    The blocked scan issues thousands of small operations per call. On several threads each one
+    ends in a barrier that waits for every thread of the pool, so when another process holds a core,
+    every operation waits for a descheduled thread: the scan ran 16x slower on 2 threads than on one
+    on a busy 2-core machine (benchmarks/bench_contention.py has the whole-step figures). One thread
+    does the same work without barriers; the matmuls around the scan keep all threads.
+    """
+    if like.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _BlockedSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, h0, block: int, chunk: int):
+        with _one_thread_on_cpu(x):
+            return _BlockedSelectiveScan._forward(ctx, x, dt, A, B, C, D, h0, block, chunk)
+
+    @staticmethod
+    def _forward(ctx, x, dt, A, B, C, D, h0, block: int, chunk: int):
         A_t = A.t().contiguous()
         length = x.shape[1]
         y = torch.empty_like(x)
@@ -169,6 +196,11 @@ class _BlockedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
+        with _one_thread_on_cpu(grad_y):
+            return _BlockedSelectiveScan._backward(ctx, grad_y, grad_h_last)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_h_last):
         x, dt, A, B, C, D, block_starts = ctx.saved_tensors
         block, chunk, length = ctx.block, ctx.chunk, x.shape[1]
         A_t = A.t().contiguous()

@@ -10,16 +10,23 @@ from typing import Any
 
 from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
+from bakallm.training.schedule import SCHEDULES
 
-SCHEDULES = ("constant", "cosine", "linear")
 BATCHING_MODES = ("dynamic", "static")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Arguments that may change when a run is resumed; every other one must match the saved run.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device", "compile", "scan",
-     "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe"}
+     "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
 )
+# Arguments that may name the same source at another path when a run is resumed: the trainer checks
+# that the content is the same (the corpus and tokenizer fingerprints, the model config's fields).
+RELOCATABLE = frozenset({"data", "tokenizer", "model_config"})
+# Arguments that name local files or folders; stored resolved, so a run works from any directory.
+PATH_ARGUMENTS = ("data", "tokenizer", "model_config", "eval_data", "cache_dir", "run_dir", "resume", "init_from", "recipe")
+# Those that are always local paths, even before they exist (the others may be hub names).
+ALWAYS_LOCAL = ("cache_dir", "run_dir", "resume")
 
 
 @dataclass
@@ -36,7 +43,8 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    decay_steps: int | None = None  # schedule length; default: the planned length of the run
+    decay_steps: int | None = None  # schedule length; default: the planned length of the run, fixed when it starts
+    new_decay: bool = False  # on resume: warm up again and decay to the new end of the run
     schedule: str = "cosine"
     beta1: float = 0.9
     beta2: float = 0.95
@@ -46,11 +54,13 @@ class TrainConfig:
     seed: int = 0
     batching: str = "dynamic"
     shuffle: bool = False
+    max_doc_tokens: int | None = None  # cut longer documents into independent pieces
     carry_state: bool = True
     compile: bool = False
     scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
     precision: str = "auto"
     device: str = "auto"
+    threads: int | None = None  # CPU threads; default: every CPU this process may use
     run_dir: str | None = None
     resume: str | None = None
     init_from: str | None = None
@@ -71,7 +81,7 @@ class TrainConfig:
         for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "epochs", "decay_steps"):
+        for name in ("max_steps", "epochs", "decay_steps", "max_doc_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -87,11 +97,27 @@ class TrainConfig:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init-from starts a new one from its weights; pass only one of them.")
+        if self.new_decay and not self.resume:
+            raise UserError("--new-decay starts a new decay when a run is resumed; pass it with --resume.")
         if self.eval_every and not self.eval_data:
             raise UserError("--eval-every needs --eval-data, the corpus to evaluate on.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_resolved_paths(self) -> TrainConfig:
+        """The same arguments with local paths made absolute; hub names and 'bytes' stay as given."""
+        values = self.to_dict()
+        for name in PATH_ARGUMENTS:
+            values[name] = resolve_path_argument(values[name], always_local=name in ALWAYS_LOCAL)
+        return TrainConfig(**values)
+
+
+def resolve_path_argument(value: str | None, always_local: bool = False) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if always_local or path.exists() else value
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +136,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="peak learning rate (default 6e-4)")
     add("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr for cosine/linear (default 0.1)")
     add("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
-    add("--decay-steps", type=int, help="steps over which the schedule decays (default: --max-steps, or the steps of --epochs)")
+    add("--decay-steps", type=int, help="steps over which the schedule decays, fixed when the run starts (default: --max-steps, or the steps --epochs takes)")
+    add("--new-decay", action="store_true", default=None,
+        help="with --resume and a longer run: warm up again from the current learning rate and decay to the new end (default: hold the final learning rate)")
     add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (default cosine)")
     add("--beta1", type=float, help="AdamW beta1 (default 0.9)")
     add("--beta2", type=float, help="AdamW beta2 (default 0.95)")
@@ -120,23 +148,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, help="seed for weights and shuffling (default 0)")
     add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch")
     add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
+    add("--max-doc-tokens", type=int, help="cut documents longer than this many tokens into independent pieces (default: never)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)")
     add("--precision", choices=PRECISIONS, help="auto: float32 on CPU, bfloat16 autocast on CUDA")
     add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    add("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     add("--run-dir", help="where checkpoints, config and metrics go (default runs/DATE-TIME)")
     add("--resume", help="continue the run in this directory exactly where it stopped")
     add("--init-from", help="start a new run from the weights of this run directory or checkpoint")
     add("--save-every", type=int, help="save a checkpoint every N steps (default 500)")
     add("--keep-last", type=int, help="step checkpoints to keep (default 3); epoch snapshots are always kept")
-    add("--log-every", type=int, help="write metrics every N steps (default 1)")
+    add("--log-every", type=int, help="write metrics, and a text line when there is no progress bar, every N steps (default 1)")
     add("--eval-data", help="corpus to evaluate on during training")
     add("--eval-split", help="split of --eval-data (default validation)")
     add("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end when --eval-data is given)")
     add("--eval-n-ctx", type=int, help="evaluation context: reset the state every N tokens (default 1048576)")
     add("--cache-dir", help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
-    add("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false", default=None,
+        help="text lines instead of a progress bar (the default when stdout is not a terminal)")
     add("--tensorboard", action="store_true", default=None, help="also log to TensorBoard in the run directory")
     add("--wandb-project", help="also log to this Weights & Biases project")
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from bakallm.training.arguments import add_train_arguments, train_config_from_args
+from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,4 +20,4 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, explicit)
     summary = trainer.train()
     print(json.dumps(summary))
-    return 0
+    return INTERRUPTED_EXIT_STATUS if summary.get("interrupted") else 0

@@ -21,14 +21,15 @@ _SCHEMA = (
         lr REAL,
         grad_norm REAL,
         tokens_per_s REAL,
-        time REAL              -- wall seconds since the run started
+        time REAL,             -- wall seconds since the run started
+        padding REAL           -- share of the step's positions without a target
     )
     """,
     "CREATE TABLE IF NOT EXISTS evals (step INTEGER, tokens INTEGER, loss REAL, ppl REAL, bpb REAL, data TEXT)",
     "CREATE INDEX IF NOT EXISTS evals_by_step ON evals (step)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
-STEP_COLUMNS = ("step", "epoch", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time")
+STEP_COLUMNS = ("step", "epoch", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "time", "padding")
 EVAL_COLUMNS = ("step", "tokens", "loss", "ppl", "bpb", "data")
 WANDB_RUN_ID_KEY = "wandb_run_id"
 
@@ -64,6 +65,8 @@ class MetricsLog:
         self._connection.execute("PRAGMA synchronous = NORMAL")
         for statement in _SCHEMA:
             self._connection.execute(statement)
+        if "padding" not in {record["name"] for record in self._connection.execute("PRAGMA table_info(steps)")}:
+            self._connection.execute("ALTER TABLE steps ADD COLUMN padding REAL")  # a log written before the column existed
         self._mirrors: list[_Mirror] = []
         if summary_writer_class is not None:
             self._mirrors.append(_TensorBoardMirror(summary_writer_class, self.run_dir / "tensorboard"))
@@ -80,6 +83,7 @@ class MetricsLog:
         grad_norm: float | None,
         tokens_per_s: float | None,
         time: float,
+        padding: float | None = None,
     ) -> None:
         """Record one optimiser step; logging a step again (after a resume) replaces the earlier row."""
         # Plain Python numbers: SQLite cannot store numpy or torch scalars.
@@ -92,12 +96,13 @@ class MetricsLog:
             "grad_norm": _optional_float(grad_norm),
             "tokens_per_s": _optional_float(tokens_per_s),
             "time": float(time),
+            "padding": _optional_float(padding),
         }
         self._connection.execute(
             f"INSERT OR REPLACE INTO steps ({', '.join(STEP_COLUMNS)}) VALUES ({', '.join(':' + name for name in STEP_COLUMNS)})",
             values,
         )
-        scalars = {f"train/{name}": values[name] for name in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens", "epoch")}
+        scalars = {f"train/{name}": values[name] for name in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens", "epoch", "padding")}
         self._mirror(values["step"], scalars)
 
     def log_eval(self, step: int, tokens: int, loss: float, ppl: float, bpb: float | None, data: str) -> None:

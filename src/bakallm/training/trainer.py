@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,36 +15,31 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device, use_scan_backend
+from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device, use_scan_backend, use_threads
 from bakallm.config import ModelConfig
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import scored_token_count
 from bakallm.kernels.scan import resolve_scan_backend
 from bakallm.model import BakaLM
 from bakallm.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
-from bakallm.training.arguments import RESUMABLE_CHANGES, TrainConfig, train_config_from_values
+from bakallm.training.arguments import RELOCATABLE, RESUMABLE_CHANGES, TrainConfig, train_config_from_values
+from bakallm.training.interrupt import GracefulInterrupt
 from bakallm.training.metrics import MetricsLog
+from bakallm.training.progress import ProgressReport
+from bakallm.training.schedule import Schedule
 
 # Parameters that are not matrices of a linear map or an embedding get no weight decay.
 NO_DECAY_NAMES = ("pause", "initial_memory", "write_slots", "A_log")
+# Facts about a run saved beside its training arguments in config.json (not arguments themselves).
+RUN_FACTS = ("version", "corpus_fingerprint", "tokenizer_fingerprint")
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up, then the configured decay down to min_lr_ratio * lr at total_steps."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    floor = config.min_lr_ratio
-    if config.schedule == "cosine":
-        return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return config.lr * (1 - (1 - floor) * progress)
+def planned_schedule(config: TrainConfig, decay_steps: int) -> Schedule:
+    return Schedule.planned(config.schedule, config.lr, config.min_lr_ratio, config.warmup_steps, decay_steps)
 
 
 def build_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -90,10 +86,13 @@ def _restore_rng(state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, config: TrainConfig, explicit: set[str] | None = None):
         explicit = explicit or set()
+        config = config.with_resolved_paths()
+        saved_facts: dict[str, Any] = {}
         if config.resume:
-            config = self._resume_config(config, explicit)
+            config, saved_facts = self._resume_config(config, explicit)
         config.validate()
         self.config = config
+        use_threads(config.threads)
         self.device = resolve_device(config.device)
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
@@ -102,6 +101,7 @@ class Trainer:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
 
         self.tokenizer = load_tokenizer(config.tokenizer)
+        self._require_same_source("tokenizer", saved_facts.get("tokenizer_fingerprint"), self.tokenizer.fingerprint())
         self.model_config = build_model_config(config, self.tokenizer.vocab_size)
         if config.resume:
             saved_model = ModelConfig.from_dict(ckpt.read_run_config(self.run_dir)["model"])
@@ -112,8 +112,10 @@ class Trainer:
                 )
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=config.progress)
+        self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
         self.batcher = DocumentBatcher(
-            self.corpus, config.batch_size, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed
+            self.corpus, config.batch_size, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
+            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens,
         )
         self.eval_corpus = None
         if config.eval_data:
@@ -132,14 +134,22 @@ class Trainer:
         self.step = 0
         self.epochs_done = 0
         self.tokens_seen = 0
+        self.positions_seen = 0  # batch positions processed, targets or padding
+        self.epoch_progress = {"steps": 0, "positions": 0, "targets": 0}  # of the epoch in progress
         self.elapsed = 0.0
         self.state: RecurrentState | None = None
         self.planned_steps = self._planned_steps()
-        self.schedule_steps = config.decay_steps or self.planned_steps
         if config.resume:
+            self.schedule = planned_schedule(config, config.decay_steps or self.planned_steps)  # for runs saved without one
             self._restore(ckpt.latest_checkpoint(self.run_dir))
+            if config.new_decay:
+                self.schedule = self.schedule.with_new_decay(self.step, self.planned_steps)
         else:
-            ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), "version": __version__})
+            # The horizon is fixed now and saved: no later resume with other --max-steps or --epochs moves it.
+            self.config.decay_steps = config.decay_steps or self.planned_steps
+            self.schedule = planned_schedule(config, self.config.decay_steps)
+            facts = {"version": __version__, "corpus_fingerprint": self.corpus.fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
+            ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
         self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
         self.metrics.truncate_after(self.step)
         self.forward_model = compile_layers(self.model) if config.compile else self.model
@@ -148,21 +158,33 @@ class Trainer:
 
     # ----- setup -----
     @staticmethod
-    def _resume_config(config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    def _resume_config(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+        """The saved run's arguments with the allowed changes, and the facts saved about its sources."""
         run_dir = Path(config.resume)
         if ckpt.latest_checkpoint(run_dir) is None:
             raise UserError(f"{run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
         saved = ckpt.read_run_config(run_dir)["training"]
-        saved.pop("version", None)
+        facts = {name: saved.pop(name) for name in RUN_FACTS if name in saved}
         current = config.to_dict()
-        for name in sorted(explicit - RESUMABLE_CHANGES):
+        for name in sorted(explicit - RESUMABLE_CHANGES - RELOCATABLE):
             if current[name] != saved.get(name):
                 flag = "--" + name.replace("_", "-")
                 raise UserError(
                     f"Cannot resume {run_dir}: {flag} is {current[name]!r} but the run used {saved.get(name)!r}; drop the flag or start a new run."
                 )
-        merged = {**saved, **{name: current[name] for name in explicit & RESUMABLE_CHANGES}, "resume": str(run_dir), "run_dir": str(run_dir)}
-        return train_config_from_values(merged)
+        changes = explicit & (RESUMABLE_CHANGES | RELOCATABLE)
+        merged = {**saved, **{name: current[name] for name in changes}, "resume": str(run_dir), "run_dir": str(run_dir)}
+        data = Path(str(merged["data"])).expanduser()
+        if data.is_absolute() and not data.exists():
+            raise UserError(f"The corpus of {run_dir}, {data}, is gone; pass --data with its new location (its content is checked).")
+        return train_config_from_values(merged), facts
+
+    def _require_same_source(self, name: str, saved_fingerprint: str | None, fingerprint: str) -> None:
+        """On resume, --data or --tokenizer may name another path, but only for the same content."""
+        if saved_fingerprint is not None and saved_fingerprint != fingerprint:
+            raise UserError(
+                f"Cannot resume {self.run_dir}: the --{name} {getattr(self.config, name)} holds other content than the run was trained on; pass the original one."
+            )
 
     def _load_initial_weights(self, source: str) -> None:
         source_run, checkpoint = ckpt.resolve_checkpoint(source)
@@ -175,13 +197,12 @@ class Trainer:
         ckpt.load_weights(self.model, checkpoint)
 
     def _planned_steps(self) -> int:
-        """Steps the run will take: --max-steps, or an estimate from the corpus size for --epochs."""
-        if self.config.max_steps is not None:
+        """Steps the run will take: --max-steps, or the steps the batcher really needs for --epochs
+        (found by running its schedule on document lengths alone), whichever comes first."""
+        if self.max_epochs is None:
             return self.config.max_steps
-        epochs = self.config.epochs or 1
-        targets = scored_token_count(self.corpus)  # every token of a document but its first is a target
-        per_step = self.config.batch_size * self.config.train_ctx * self.config.grad_accum
-        return max(1, epochs * math.ceil(targets / per_step))
+        steps_of_epochs = math.ceil(self.batcher.count_batches() / self.config.grad_accum)
+        return min(steps_of_epochs, self.config.max_steps or steps_of_epochs)
 
     @property
     def max_epochs(self) -> int | None:
@@ -195,8 +216,11 @@ class Trainer:
             "step": self.step,
             "epochs_done": self.epochs_done,
             "tokens_seen": self.tokens_seen,
+            "positions_seen": self.positions_seen,
+            "epoch_progress": self.epoch_progress,
             "elapsed": self.elapsed,
             "batcher": self.batcher.state_dict(),
+            "schedule": self.schedule.segments_as_lists(),
         }
 
     def save(self, name: str | None = None) -> Path:
@@ -214,7 +238,11 @@ class Trainer:
         self.step = trainer_state["step"]
         self.epochs_done = trainer_state["epochs_done"]
         self.tokens_seen = trainer_state["tokens_seen"]
+        self.positions_seen = trainer_state.get("positions_seen", 0)
+        self.epoch_progress = trainer_state.get("epoch_progress", self.epoch_progress)
         self.elapsed = trainer_state["elapsed"]
+        if "schedule" in trainer_state:
+            self.schedule = self.schedule.with_segments(trainer_state["schedule"])
         self.batcher.load_state_dict(trainer_state["batcher"])
         if loaded.recurrent_state is not None:
             self.state = RecurrentState.from_dict(loaded.recurrent_state).to(self.device)
@@ -241,36 +269,45 @@ class Trainer:
         return output.loss.detach() * batch.n_targets
 
     def train_step(self) -> list[Batch]:
+        """One optimizer step over up to --grad-accum micro-batches; none (and no step) once the data has ended."""
         config = self.config
         started = time.perf_counter()
         self.model.train()
-        batches = [self.batcher.next_batch() for _ in range(config.grad_accum)]
+        batches = [batch for batch in (self.batcher.next_batch() for _ in range(config.grad_accum)) if batch is not None]
+        if not batches:
+            return []
         n_targets = sum(batch.n_targets for batch in batches)
+        n_positions = sum(batch.targets.numel() for batch in batches)
         loss_sum = sum(self._micro_step(batch, batch.n_targets / max(n_targets, 1)) for batch in batches)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        lr = learning_rate(config, self.step, self.schedule_steps)
+        lr = self.schedule.learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += n_targets
+        self.positions_seen += n_positions
+        for name, value in (("steps", 1), ("positions", n_positions), ("targets", n_targets)):
+            self.epoch_progress[name] += value
         seconds = time.perf_counter() - started
         self.elapsed += seconds
         self._pending.append(
             {"step": self.step, "epoch": batches[-1].epoch, "tokens": self.tokens_seen, "loss": loss_sum / max(n_targets, 1),
-             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_targets / seconds, "time": self.elapsed}
+             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_targets / seconds, "time": self.elapsed,
+             "padding": 1 - n_targets / n_positions}
         )
         return batches
 
-    def _flush_metrics(self) -> None:
-        """Writes pending step metrics; the one host synchronisation, so done only every log_every steps."""
+    def _flush_metrics(self) -> list[dict[str, Any]]:
+        """Writes pending step metrics and returns them; the one host synchronisation, so done only every log_every steps."""
         if not self._pending:
-            return
+            return []
         losses = torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float().cpu().tolist()
         norms = torch.stack([torch.as_tensor(entry["grad_norm"]) for entry in self._pending]).float().cpu().tolist()
+        logged = []
         for entry, loss, norm in zip(self._pending, losses, norms):
             if not math.isfinite(loss):
                 latest = ckpt.latest_checkpoint(self.run_dir)
@@ -278,10 +315,11 @@ class Trainer:
                 raise UserError(
                     f"The training loss became {loss} at step {entry['step']}; {kept}. Lower --lr or check the data, then resume."
                 )
-            self.metrics.log_step(**{**entry, "loss": loss, "grad_norm": norm})
+            logged.append({**entry, "loss": loss, "grad_norm": norm})
+            self.metrics.log_step(**logged[-1])
             self._smoothed_loss = loss if self._smoothed_loss is None else 0.95 * self._smoothed_loss + 0.05 * loss
-        self._last_logged = self._pending[-1]
         self._pending = []
+        return logged
 
     def evaluate(self) -> dict[str, float]:
         from bakallm.evaluation.evaluate import evaluate_bakalm
@@ -295,44 +333,58 @@ class Trainer:
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}
 
     def train(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
+        """Trains to the end of the run, or until the first SIGINT/SIGTERM (then `summary["interrupted"]`)."""
         config = self.config
-        bar = tqdm(total=self.planned_steps, initial=self.step, unit="step", disable=not config.progress, dynamic_ncols=True)
+        report = ProgressReport(self.planned_steps, self.step, show_bar=config.progress and sys.stdout.isatty())
         last_eval: dict[str, float] | None = None
+        interrupt = GracefulInterrupt("finishing this step, then saving a checkpoint")
         try:
-            while not self._finished():
-                batches = self.train_step()
-                bar.update(1)
-                if self.step % config.log_every == 0:
-                    self._flush_metrics()
-                    bar.set_postfix(
-                        epoch=f"{batches[-1].epoch + batches[-1].epoch_fraction:.3f}",
-                        loss=f"{self._smoothed_loss:.4f}",
-                        tok_s=f"{self._last_logged['tokens_per_s']:.0f}",
-                    )
-                if any(batch.epoch_end for batch in batches):
-                    self.epochs_done += 1
-                    self.save(f"epoch-{self.epochs_done}")
-                if config.eval_every and self.step % config.eval_every == 0:
-                    last_eval = self.evaluate()
-                if self.step % config.save_every == 0:
+            with interrupt:
+                while not self._finished() and not interrupt.requested:
+                    batches = self.train_step()
+                    if not batches:
+                        break
+                    report.step_done()
+                    if self.step % config.log_every == 0:
+                        self._report(report, batches[-1])
+                    for _ in range(sum(batch.epochs_ended for batch in batches)):
+                        self._end_epoch(report)
+                    if config.eval_every and self.step % config.eval_every == 0:
+                        last_eval = self.evaluate()
+                    if self.step % config.save_every == 0:
+                        self.save()
+                self._flush_metrics()
+                if not (self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)).exists():
                     self.save()
-            self._flush_metrics()
-            if not (self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)).exists():
-                self.save()
-            if self.eval_corpus is not None and not (config.eval_every and self.step % config.eval_every == 0):
+            if interrupt.requested:
+                report.message(f"Interrupted: saved step {self.step}; continue with `bakallm train --resume {self.run_dir}`.")
+            elif self.eval_corpus is not None and not (config.eval_every and self.step % config.eval_every == 0):
                 last_eval = self.evaluate()
         finally:
-            bar.close()
+            report.close()
             self.metrics.close()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
-                   "loss": self._smoothed_loss}
+                   "loss": self._smoothed_loss, "padding": 1 - self.tokens_seen / max(self.positions_seen, 1)}
+        if interrupt.requested:
+            summary["interrupted"] = True
         if last_eval:
             summary["eval_loss"] = last_eval["loss"]
         return summary
 
+    def _report(self, report: ProgressReport, batch: Batch) -> None:
+        logged = self._flush_metrics()
+        padding = sum(entry["padding"] for entry in logged) / len(logged)
+        tokens_per_s = sum(entry["tokens_per_s"] for entry in logged) / len(logged)
+        report.log(self.step, batch.epoch + batch.epoch_fraction, self._smoothed_loss, logged[-1]["lr"], tokens_per_s, padding)
+
+    def _end_epoch(self, report: ProgressReport) -> None:
+        self.epochs_done += 1
+        progress = self.epoch_progress
+        report.epoch_done(self.epochs_done, progress["steps"], 1 - progress["targets"] / max(progress["positions"], 1))
+        self.epoch_progress = {"steps": 0, "positions": 0, "targets": 0}
+        self.save(f"epoch-{self.epochs_done}")
+
     def _finished(self) -> bool:
         if self.config.max_steps is not None and self.step >= self.config.max_steps:
             return True
-        return self.max_epochs is not None and self.epochs_done >= self.max_epochs
+        return self.batcher.exhausted
