@@ -9,6 +9,10 @@ is a target exactly once per epoch. Documents of fewer than 2 tokens have no tar
 Modes:
   dynamic  a row whose document ended takes the next document at the next step;
   static   B documents start together, and the next B start only when all of them have ended.
+
+Data-parallel ranks share one global batch: every rank runs the same batcher over all N x B rows
+(it only moves document offsets, which is cheap) and materialises only its own `rows`, so the
+union of the ranks' rows is exactly the batch a single process with N x B rows would get.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, train_ctx]; pad_id where a row has no input
     targets: torch.Tensor  # int64 [B, train_ctx]; IGNORE_INDEX where there is no target
     reset: torch.Tensor  # bool [B]; the row starts a new document or is idle padding
-    n_targets: int
+    n_targets: int  # targets in the rows returned here
+    total_targets: int  # targets in every row of the batch, including the rows other ranks materialise
     epoch: int
     epoch_fraction: float  # share of this epoch's targets delivered up to and including this batch
     epoch_end: bool  # this is the last batch of the epoch
@@ -52,11 +57,16 @@ class DocumentBatcher:
         seed: int = 0,
         pad_id: int = 0,
         max_epochs: int | None = None,
+        rows: range | None = None,
     ) -> None:
+        """`rows`: the rows of the batch to return (default all); the others are tracked but not read."""
         if mode not in MODES:
             raise UserError(f"Unknown batching mode {mode!r}; use one of {', '.join(MODES)}.")
         if batch_size < 1 or train_ctx < 1:
             raise UserError(f"Batch size and training context must be at least 1 (got {batch_size} and {train_ctx}).")
+        rows = range(batch_size) if rows is None else rows
+        if rows.step != 1 or len(rows) == 0 or rows.start < 0 or rows.stop > batch_size:
+            raise ValueError(f"rows must be a non-empty contiguous range inside the batch's {batch_size} rows, got {rows}.")
         lengths = np.diff(corpus.offsets)
         self._trainable_documents = np.flatnonzero(lengths >= 2)
         if self._trainable_documents.size == 0:
@@ -71,6 +81,7 @@ class DocumentBatcher:
         self.seed = seed
         self.pad_id = pad_id
         self.max_epochs = max_epochs
+        self.rows = rows
         self._targets_per_epoch = int((lengths[self._trainable_documents] - 1).sum())
         self._start_epoch(0)
 
@@ -93,30 +104,34 @@ class DocumentBatcher:
         """The next batch, or None once `max_epochs` epochs have been delivered."""
         if self.max_epochs is not None and self.epoch >= self.max_epochs:
             return None
-        reset = np.array([document == _FREE for document in self._row_documents])
+        reset = np.array([self._row_documents[row] == _FREE for row in self.rows])
         self._assign_documents()
-        input_ids = np.full((self.batch_size, self.train_ctx), self.pad_id, dtype=np.int64)
-        targets = np.full((self.batch_size, self.train_ctx), IGNORE_INDEX, dtype=np.int64)
-        n_targets = 0
+        input_ids = np.full((len(self.rows), self.train_ctx), self.pad_id, dtype=np.int64)
+        targets = np.full((len(self.rows), self.train_ctx), IGNORE_INDEX, dtype=np.int64)
+        n_targets = total_targets = 0
         for row, document in enumerate(self._row_documents):
             if document == _FREE:
                 continue
             start = int(self.corpus.offsets[document]) + self._row_positions[row]
             last = int(self.corpus.offsets[document + 1]) - 1  # the last token is only ever a target
             count = min(self.train_ctx, last - start)
-            input_ids[row, :count] = self.corpus.tokens[start : start + count]
-            targets[row, :count] = self.corpus.tokens[start + 1 : start + count + 1]
-            n_targets += count
+            if row in self.rows:
+                own_row = row - self.rows.start
+                input_ids[own_row, :count] = self.corpus.tokens[start : start + count]
+                targets[own_row, :count] = self.corpus.tokens[start + 1 : start + count + 1]
+                n_targets += count
+            total_targets += count
             if start + count == last:
                 self._row_documents[row], self._row_positions[row] = _FREE, 0
             else:
                 self._row_positions[row] += count
-        self._targets_done += n_targets
+        self._targets_done += total_targets
         batch = Batch(
             input_ids=torch.from_numpy(input_ids),
             targets=torch.from_numpy(targets),
             reset=torch.from_numpy(reset),
             n_targets=n_targets,
+            total_targets=total_targets,
             epoch=self.epoch,
             epoch_fraction=self._targets_done / self._targets_per_epoch,
             epoch_end=self._next_document == len(self._order) and all(d == _FREE for d in self._row_documents),

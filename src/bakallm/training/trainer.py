@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device
+from bakallm.acceleration import autocast_dtype, compile_layers
 from bakallm.config import ModelConfig
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
@@ -26,6 +26,7 @@ from bakallm.model import BakaLM
 from bakallm.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import RESUMABLE_CHANGES, TrainConfig, train_config_from_values
+from bakallm.training.distributed import Distributed
 from bakallm.training.metrics import MetricsLog
 
 # Parameters that are not matrices of a linear map or an embedding get no weight decay.
@@ -79,7 +80,9 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(saved: dict[str, Any], rank: int) -> None:
+    """Restores this rank's generators; after a change of world size, a new rank continues rank 0's."""
+    state = saved.get(f"rank{rank}", saved["rank0"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -87,13 +90,16 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, explicit: set[str] | None = None):
+    def __init__(self, config: TrainConfig, explicit: set[str] | None = None, distributed: Distributed | None = None):
+        """`distributed`: the ranks of a torchrun launch (bakallm.training.distributed.launch); default one process."""
         explicit = explicit or set()
         if config.resume:
             config = self._resume_config(config, explicit)
         config.validate()
         self.config = config
-        self.device = resolve_device(config.device)
+        self.distributed = distributed or Distributed()
+        self.global_rows = config.batch_size * self.distributed.world_size
+        self.device = self.distributed.device(config.device)
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
@@ -108,21 +114,30 @@ class Trainer:
                 raise UserError(
                     f"Cannot resume {self.run_dir}: model field {changed[0]} differs ({getattr(saved_model, changed[0])} saved, {getattr(self.model_config, changed[0])} now); drop the flags that change it."
                 )
+        checkpoint = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
+        if checkpoint is not None:
+            self._check_resumed_rows(checkpoint)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=config.progress)
-        self.batcher = DocumentBatcher(
-            self.corpus, config.batch_size, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed
-        )
         self.eval_corpus = None
-        if config.eval_data:
-            self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+        with self.distributed.local_main_first():
+            show_progress = config.progress and self.distributed.is_main
+            self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=show_progress)
+            if config.eval_data:
+                self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+        self.batcher = DocumentBatcher(
+            self.corpus, self.global_rows, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
+            rows=self.distributed.rows(config.batch_size),
+        )
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model = BakaLM(self.model_config)
         if config.init_from:
             self._load_initial_weights(config.init_from)
+        if checkpoint is not None:
+            ckpt.load_weights(self.model, checkpoint)  # into the whole model, before FSDP2 shards it
         self.model.to(self.device)
+        self.forward_model = self.distributed.wrap(compile_layers(self.model) if config.compile else self.model, self.device, config.fsdp)
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=self.device.type == "cuda"
         )
@@ -133,13 +148,14 @@ class Trainer:
         self.state: RecurrentState | None = None
         self.planned_steps = self._planned_steps()
         self.schedule_steps = config.decay_steps or self.planned_steps
-        if config.resume:
-            self._restore(ckpt.latest_checkpoint(self.run_dir))
-        else:
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.distributed.is_main:
             ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), "version": __version__})
-        self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
-        self.metrics.truncate_after(self.step)
-        self.forward_model = compile_layers(self.model) if config.compile else self.model
+        self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
+        if self.distributed.is_main:
+            self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
+            self.metrics.truncate_after(self.step)
         self._pending: list[dict[str, Any]] = []
         self._smoothed_loss: float | None = None
 
@@ -177,7 +193,7 @@ class Trainer:
             return self.config.max_steps
         epochs = self.config.epochs or 1
         targets = scored_token_count(self.corpus)  # every token of a document but its first is a target
-        per_step = self.config.batch_size * self.config.train_ctx * self.config.grad_accum
+        per_step = self.global_rows * self.config.train_ctx * self.config.grad_accum
         return max(1, epochs * math.ceil(targets / per_step))
 
     @property
@@ -193,20 +209,38 @@ class Trainer:
             "epochs_done": self.epochs_done,
             "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed,
+            "world_size": self.distributed.world_size,
             "batcher": self.batcher.state_dict(),
         }
 
-    def save(self, name: str | None = None) -> Path:
+    def save(self, name: str | None = None) -> Path | None:
+        """Every rank takes part (gathering the shards and rows); rank 0 writes. Returns the folder on rank 0."""
         self._flush_metrics()
-        recurrent = self.state.to_dict() if self.state is not None else None
+        weights = self.distributed.full_weights(self.model)
+        optimizer_state = self.distributed.full_optimizer_state(self.model, self.optimizer)
+        recurrent = self.distributed.gather_rows(self.state.to_dict()) if self.state is not None else None
+        rng_states = self.distributed.gather_objects(_rng_state())
+        if not self.distributed.is_main:
+            return None
         return ckpt.save_checkpoint(
-            self.run_dir, name or ckpt.step_name(self.step), self.model, self.optimizer, self._trainer_state(), recurrent, _rng_state(), self.config.keep_last
+            self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
+            recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
         )
 
+    def _check_resumed_rows(self, checkpoint: Path) -> None:
+        """A run resumes on any split of the same global rows over ranks, and on nothing else."""
+        saved = ckpt.read_trainer_state(checkpoint)
+        saved_rows, saved_world = saved["batcher"]["batch_size"], saved.get("world_size", 1)
+        if saved_rows != self.global_rows:
+            raise UserError(
+                f"Cannot resume {self.run_dir}: it trained {saved_rows} rows per step ({saved_world} ranks x {saved_rows // saved_world}) but this launch gives "
+                f"{self.distributed.world_size} ranks x --batch-size {self.config.batch_size} = {self.global_rows}; keep ranks x --batch-size at {saved_rows}."
+            )
+
     def _restore(self, checkpoint_path: Path) -> None:
-        ckpt.load_weights(self.model, checkpoint_path)
+        """Everything but the weights, which are loaded before the model is wrapped."""
         loaded = ckpt.load_checkpoint(checkpoint_path)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.distributed.load_optimizer_state(self.model, self.optimizer, loaded.optimizer_state)
         trainer_state = loaded.trainer_state
         self.step = trainer_state["step"]
         self.epochs_done = trainer_state["epochs_done"]
@@ -214,9 +248,10 @@ class Trainer:
         self.elapsed = trainer_state["elapsed"]
         self.batcher.load_state_dict(trainer_state["batcher"])
         if loaded.recurrent_state is not None:
-            self.state = RecurrentState.from_dict(loaded.recurrent_state).to(self.device)
+            own_rows = list(self.distributed.rows(self.config.batch_size))
+            self.state = RecurrentState.from_dict(loaded.recurrent_state).select(own_rows).to(self.device)
         if loaded.rng_state is not None:
-            _restore_rng(loaded.rng_state)
+            _restore_rng(loaded.rng_state, self.distributed.rank)
 
     # ----- training -----
     def _autocast(self):
@@ -242,11 +277,19 @@ class Trainer:
         started = time.perf_counter()
         self.model.train()
         batches = [self.batcher.next_batch() for _ in range(config.grad_accum)]
-        n_targets = sum(batch.n_targets for batch in batches)
-        loss_sum = sum(self._micro_step(batch, batch.n_targets / max(n_targets, 1)) for batch in batches)
+        n_targets = sum(batch.total_targets for batch in batches)  # over all ranks' rows: every rank knows the global batch
+        # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that average into the
+        # sum of token losses / all ranks' targets, so rows with more padding weigh no more than others.
+        scale = self.distributed.world_size / max(n_targets, 1)
+        loss_sum = 0.0
+        for index, batch in enumerate(batches):
+            with self.distributed.gradient_sync(self.forward_model, enabled=index == len(batches) - 1):
+                loss_sum = loss_sum + self._micro_step(batch, batch.n_targets * scale)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         lr = learning_rate(config, self.step, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -266,7 +309,8 @@ class Trainer:
         """Writes pending step metrics; the one host synchronisation, so done only every log_every steps."""
         if not self._pending:
             return
-        losses = torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float().cpu().tolist()
+        # Each rank's loss is its own token losses over all ranks' targets: their sum is the step's loss.
+        losses = self.distributed.sum(torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float()).cpu().tolist()
         norms = torch.stack([torch.as_tensor(entry["grad_norm"]) for entry in self._pending]).float().cpu().tolist()
         for entry, loss, norm in zip(self._pending, losses, norms):
             if not math.isfinite(loss):
@@ -275,7 +319,8 @@ class Trainer:
                 raise UserError(
                     f"The training loss became {loss} at step {entry['step']}; {kept}. Lower --lr or check the data, then resume."
                 )
-            self.metrics.log_step(**{**entry, "loss": loss, "grad_norm": norm})
+            if self.metrics is not None:
+                self.metrics.log_step(**{**entry, "loss": loss, "grad_norm": norm})
             self._smoothed_loss = loss if self._smoothed_loss is None else 0.95 * self._smoothed_loss + 0.05 * loss
         self._last_logged = self._pending[-1]
         self._pending = []
@@ -283,19 +328,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         from bakallm.evaluation.evaluate import evaluate_bakalm
 
+        # Every rank evaluates the whole corpus (FSDP2 needs all ranks in each forward); rank 0 logs.
         self.model.eval()
         result = evaluate_bakalm(
-            self.forward_model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
+            self.model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
             device=self.device, autocast=self.autocast_dtype,
         )
-        self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
+        if self.metrics is not None:
+            self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}
 
     def train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         config = self.config
-        bar = tqdm(total=self.planned_steps, initial=self.step, unit="step", disable=not config.progress, dynamic_ncols=True)
+        show_progress = config.progress and self.distributed.is_main
+        bar = tqdm(total=self.planned_steps, initial=self.step, unit="step", disable=not show_progress, dynamic_ncols=True)
         last_eval: dict[str, float] | None = None
         try:
             while not self._finished():
@@ -322,7 +370,8 @@ class Trainer:
                 last_eval = self.evaluate()
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
                    "loss": self._smoothed_loss}
         if last_eval:
