@@ -1,13 +1,13 @@
 """Data parallelism: N ranks x B rows train exactly like one process with N x B rows (DDP and FSDP2), resume exactly,
-and resume on another split of the same rows. The ranks run as spawned processes on gloo, as torchrun starts them."""
+and resume on another split of the same rows. The ranks run as processes on gloo with torchrun's environment."""
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,10 @@ from bakallm.data.batching import DocumentBatcher
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.training import checkpoint as ckpt
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 WORDS = "the a cat dog sat ran on under mat tree and then quickly slowly big small red blue house river".split()
 STEPS = 6
@@ -52,35 +55,49 @@ def train_args(workspace: Path, run_dir: Path, batch_size: int, *extra: str) -> 
     ]
 
 
-def launch(world_size: int, args: list[str], timeout: float = 240) -> list[tuple[int, str]]:
-    """Runs `python -m bakallm ARGS` as `world_size` ranks with torchrun's environment; (exit status, stderr) per rank.
+def launch(world_size: int, args: list[str], log_prefix: Path, prepare=None, timeout: float = 240) -> list[tuple[int, str]]:
+    """Runs `bakallm ARGS` as `world_size` ranks with torchrun's environment; (exit status, output) per rank.
 
-    Like torchrun, it stops the other ranks as soon as one fails.
+    The ranks are forked from this process, so they skip the seconds of importing torch that a fresh
+    interpreter pays. Like torchrun, it stops the other ranks as soon as one fails. `prepare(rank)` runs
+    in each rank before the command.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    logs = [Path(args[args.index("--run-dir") + 1] + f".rank{rank}.log") for rank in range(world_size)]
-    processes = []
-    for rank in range(world_size):
-        environment = {
-            **os.environ, "WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        }
-        with open(logs[rank], "w") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "bakallm", *args], env=environment, stdout=log, stderr=subprocess.STDOUT))
+    logs = [Path(f"{log_prefix}.rank{rank}.log") for rank in range(world_size)]
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, args, logs[rank], prepare)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
     deadline = time.monotonic() + timeout
-    while any(process.poll() is None for process in processes):
-        if time.monotonic() > deadline or any(process.poll() not in (None, 0) for process in processes):
+    while any(process.exitcode is None for process in processes):
+        if time.monotonic() > deadline or any(process.exitcode not in (None, 0) for process in processes):
             for process in processes:
-                if process.poll() is None:
+                if process.exitcode is None:
                     process.kill()
         time.sleep(0.05)
-    return [(process.returncode, log.read_text()) for process, log in zip(processes, logs)]
+    return [(process.exitcode, log.read_text()) for process, log in zip(processes, logs)]
 
 
-def run_ranks(world_size: int, args: list[str]) -> None:
-    results = launch(world_size, args)
+def _rank_main(rank: int, world_size: int, port: int, args: list[str], log: Path, prepare) -> None:
+    os.environ.update(
+        WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    output = open(log, "w", buffering=1)
+    os.dup2(output.fileno(), 1)
+    os.dup2(output.fileno(), 2)
+    sys.stdout = sys.stderr = output
+    if prepare is not None:
+        prepare(rank)
+    code = main(args)
+    output.flush()
+    os._exit(code)
+
+
+def run_ranks(world_size: int, args: list[str], run_dir: Path) -> None:
+    results = launch(world_size, args, log_prefix=run_dir)
     assert all(code == 0 for code, _ in results), "\n".join(f"rank {rank} exited {code}:\n{log}" for rank, (code, log) in enumerate(results))
 
 
@@ -119,7 +136,7 @@ def single_process_run(workspace) -> Path:
 def two_rank_half_run(workspace) -> Path:
     """2 ranks x 2 rows, stopped after 3 of the 6 steps."""
     run_dir = workspace / "two-ranks-half"
-    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS // 2)))
+    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS // 2)), run_dir)
     return run_dir
 
 
@@ -144,7 +161,7 @@ def test_rank_rows_together_are_the_single_process_batches(workspace):
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_process_run, parallelism):
     run_dir = workspace / f"two-ranks-{parallelism}"
-    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), *(["--fsdp"] if parallelism == "fsdp" else [])))
+    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), *(["--fsdp"] if parallelism == "fsdp" else [])), run_dir)
     assert_trains_like(single_process_run, run_dir)
     # Only rank 0 writes: one metrics log, one set of checkpoints, no leftovers.
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
@@ -153,7 +170,7 @@ def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_
 def test_two_ranks_resume_exactly(workspace, single_process_run, two_rank_half_run):
     run_dir = workspace / "two-ranks-resumed"
     shutil.copytree(two_rank_half_run, run_dir)
-    run_ranks(2, ["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--no-progress"])
+    run_ranks(2, ["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--no-progress"], run_dir)
     assert_trains_like(single_process_run, run_dir)
 
 
@@ -171,3 +188,31 @@ def test_fsdp_without_torchrun_is_refused(workspace, capsys):
     assert main(train_args(workspace, workspace / "fsdp-alone", 2, "--max-steps", "1", "--fsdp")) == 2
     error = capsys.readouterr().err.strip()
     assert "torchrun" in error and len(error.splitlines()) == 1
+
+
+def _rank_1_dies_at_its_second_save(rank: int) -> None:
+    from bakallm.training.trainer import Trainer
+
+    if rank != 1:
+        return
+    save = Trainer.save
+    calls = []
+
+    def save_or_die(self, name=None):
+        calls.append(name)
+        if len(calls) == 2:
+            os._exit(1)
+        return save(self, name)
+
+    Trainer.save = save_or_die
+
+
+def test_a_rank_that_dies_while_saving_leaves_the_previous_checkpoint_and_the_run_resumes(workspace, single_process_run):
+    run_dir = workspace / "rank-dies"
+    args = train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), "--save-every", "2")
+    results = launch(2, args, log_prefix=run_dir, prepare=_rank_1_dies_at_its_second_save)
+    assert results[1][0] == 1 and results[0][0] != 0  # rank 0 fails in the collective, or is stopped by the launcher
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
+    assert not (run_dir / "checkpoints" / "step-00000004").exists()
+    run_ranks(2, ["train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert_trains_like(single_process_run, run_dir)

@@ -13,6 +13,7 @@ states of all ranks gathered on rank 0), so a run can resume on any N x B split 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -82,10 +83,11 @@ class Distributed:
                 fully_shard(block)
             fully_shard(model)
             return model
-        # The carried state is passed to forward, never registered: there are no buffers worth broadcasting.
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+        # The carried state is passed to forward, never registered; the only buffers, the rotary tables, are
+        # the same on every rank, so DDP need not broadcast them before each forward.
+        ddp = nn.parallel.DistributedDataParallel
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers": False}
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
     @staticmethod
     def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:

@@ -157,6 +157,8 @@ class Trainer:
             self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
             self.metrics.truncate_after(self.step)
         self._pending: list[dict[str, Any]] = []
+        # Known on every rank alike, unlike the checkpoint folder that only rank 0 writes.
+        self._step_saved: int | None = self.step if checkpoint is not None and checkpoint.name == ckpt.step_name(self.step) else None
         self._smoothed_loss: float | None = None
 
     # ----- setup -----
@@ -220,6 +222,8 @@ class Trainer:
         optimizer_state = self.distributed.full_optimizer_state(self.model, self.optimizer)
         recurrent = self.distributed.gather_rows(self.state.to_dict()) if self.state is not None else None
         rng_states = self.distributed.gather_objects(_rng_state())
+        if name is None:
+            self._step_saved = self.step
         if not self.distributed.is_main:
             return None
         return ckpt.save_checkpoint(
@@ -364,7 +368,7 @@ class Trainer:
                 if self.step % config.save_every == 0:
                     self.save()
             self._flush_metrics()
-            if not (self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)).exists():
+            if self._step_saved != self.step:
                 self.save()
             if self.eval_corpus is not None and not (config.eval_every and self.step % config.eval_every == 0):
                 last_eval = self.evaluate()
