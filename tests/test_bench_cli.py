@@ -20,7 +20,7 @@ from bakallm.data.tokenizers import load_tokenizer
 from bakallm.evaluation.evaluate import evaluate_bakalm
 from bakallm.kernels import scan
 from bakallm.results.db import ResultsDB
-from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, write_run_config
+from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, savable_weights, write_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +33,8 @@ def make_run(run_dir, **overrides):
     model = BakaLM(config)
     write_run_config(run_dir, config, {"tokenizer": "bytes"})
     save_checkpoint(
-        run_dir, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=3
+        run_dir, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={},
+        recurrent_state=None, rng_state={}, keep_last=3,
     )
 
 

@@ -63,7 +63,9 @@ def available_cpus() -> int:
 
 
 def use_threads(threads: int | None) -> int:
-    """Sets PyTorch's CPU threads: `threads`, or every CPU this process may use; returns the count."""
-    count = threads or available_cpus()
+    """Sets PyTorch's CPU threads: `threads`, or this process's share of the CPUs it may use (all of
+    them, divided among the ranks that torchrun starts on this node); returns the count."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    count = threads or max(1, available_cpus() // ranks_here)
     torch.set_num_threads(count)
     return count

@@ -17,6 +17,10 @@ end of the run (`max_epochs`) drains: rows idle there until the last document en
 Modes:
   dynamic  a row whose document ended takes the next document at the next step;
   static   B documents start together, and the next B start only when all of them have ended.
+
+Data-parallel ranks share one global batch: every rank runs the same batcher over all N x B rows
+(it only moves document offsets, which is cheap) and materialises only its own `rows`, so the
+union of the ranks' rows is exactly the batch a single process with N x B rows would get.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, train_ctx]; pad_id where a row has no input
     targets: torch.Tensor  # int64 [B, train_ctx]; IGNORE_INDEX where there is no target
     reset: torch.Tensor  # bool [B]; the row starts a new document or is idle padding
-    n_targets: int
+    n_targets: int  # targets in the rows returned here
+    total_targets: int  # targets in every row of the batch, including the rows other ranks materialise
     epoch: int  # the oldest epoch not yet complete when this batch started
     epoch_fraction: float  # share of that epoch's targets delivered up to and including this batch
     epochs_ended: int  # epochs completed by this batch (0, usually 1 at an epoch's last batch)
@@ -83,11 +88,16 @@ class DocumentBatcher:
         pad_id: int = 0,
         max_epochs: int | None = None,
         max_doc_tokens: int | None = None,
+        rows: range | None = None,
     ) -> None:
+        """`rows`: the rows of the batch to return (default all); the others are tracked but not read."""
         if mode not in MODES:
             raise UserError(f"Unknown batching mode {mode!r}; use one of {', '.join(MODES)}.")
         if batch_size < 1 or train_ctx < 1:
             raise UserError(f"Batch size and training context must be at least 1 (got {batch_size} and {train_ctx}).")
+        rows = range(batch_size) if rows is None else rows
+        if rows.step != 1 or len(rows) == 0 or rows.start < 0 or rows.stop > batch_size:
+            raise ValueError(f"rows must be a non-empty contiguous range inside the batch's {batch_size} rows, got {rows}.")
         if max_doc_tokens is not None and max_doc_tokens < 1:
             raise UserError(f"The longest document piece must hold at least 1 token (got {max_doc_tokens}).")
         starts, ends = _pieces(corpus.offsets, max_doc_tokens)
@@ -105,6 +115,7 @@ class DocumentBatcher:
         self.pad_id = pad_id
         self.max_epochs = max_epochs
         self.max_doc_tokens = max_doc_tokens
+        self.rows = rows
         self._unit_starts = starts[trainable]
         self._unit_ends = ends[trainable]
         self._targets_per_epoch = int((self._unit_ends - self._unit_starts - 1).sum())
@@ -129,18 +140,19 @@ class DocumentBatcher:
         step = self._advance()
         if step is None:
             return None
-        input_ids = np.full((self.batch_size, self.train_ctx), self.pad_id, dtype=np.int64)
-        targets = np.full((self.batch_size, self.train_ctx), IGNORE_INDEX, dtype=np.int64)
+        input_ids = np.full((len(self.rows), self.train_ctx), self.pad_id, dtype=np.int64)
+        targets = np.full((len(self.rows), self.train_ctx), IGNORE_INDEX, dtype=np.int64)
         n_targets = 0
-        for row, (start, count) in enumerate(step.windows):
-            input_ids[row, :count] = self.corpus.tokens[start : start + count]
-            targets[row, :count] = self.corpus.tokens[start + 1 : start + count + 1]
+        for own_row, (start, count) in enumerate(step.windows[self.rows.start : self.rows.stop]):
+            input_ids[own_row, :count] = self.corpus.tokens[start : start + count]
+            targets[own_row, :count] = self.corpus.tokens[start + 1 : start + count + 1]
             n_targets += count
         return Batch(
             input_ids=torch.from_numpy(input_ids),
             targets=torch.from_numpy(targets),
-            reset=torch.from_numpy(np.array(step.reset)),
+            reset=torch.from_numpy(np.array(step.reset[self.rows.start : self.rows.stop])),
             n_targets=n_targets,
+            total_targets=sum(count for _, count in step.windows),
             epoch=step.epoch,
             epoch_fraction=step.epoch_fraction,
             epochs_ended=step.epochs_ended,

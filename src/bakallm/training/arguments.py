@@ -16,9 +16,10 @@ BATCHING_MODES = ("dynamic", "static")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Arguments that may change when a run is resumed; every other one must match the saved run.
+# batch_size may change only with the number of ranks, so that ranks x batch_size stays (the trainer checks it).
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device", "compile", "scan",
-     "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
+    {"batch_size", "fsdp", "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device",
+     "compile", "scan", "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
 )
 # Arguments that may name the same source at another path when a run is resumed: the trainer checks
 # that the content is the same (the corpus and tokenizer fingerprints, the model config's fields).
@@ -58,6 +59,7 @@ class TrainConfig:
     carry_state: bool = True
     compile: bool = False
     scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     precision: str = "auto"
     device: str = "auto"
     threads: int | None = None  # CPU threads; default: every CPU this process may use
@@ -129,7 +131,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", help="training corpus: wikitext-103, wikitext-2, or a local .raw/.txt folder/.jsonl/.parquet path")
     add("--split", help="corpus split for hub corpora (default train)")
     add("--tokenizer", help="tokenizer.json file or folder, hub name, or 'bytes' (default EleutherAI/pythia-70m-deduped)")
-    add("--batch-size", type=int, help="rows per step, each streaming one document (default 8)")
+    add("--batch-size", type=int, help="rows per step and rank, each streaming one document (default 8)")
     add("--train-ctx", type=int, help="tokens per row and step; gradients flow through them (default 2048)")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
     add("--epochs", type=int, help="stop after this many passes over the corpus (default 1 without --max-steps)")
@@ -152,6 +154,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)")
+    add("--fsdp", action="store_true", default=None, help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP")
     add("--precision", choices=PRECISIONS, help="auto: float32 on CPU, bfloat16 autocast on CUDA")
     add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     add("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")

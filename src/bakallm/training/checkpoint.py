@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model as load_safetensors_into, save_file, save_model
+from safetensors.torch import load_file, load_model as load_safetensors_into, save_file
 
 from bakallm.atomic import write_text_atomic
 from bakallm.config import ModelConfig
@@ -54,24 +54,37 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def savable_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`weights` (default: the model's state dict) with one name per tied parameter, the first, as safetensors stores them."""
+    weights = model.state_dict() if weights is None else weights
+    first_name: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(parameter), name)
+    tied_copies = {name for name, parameter in model.named_parameters(remove_duplicate=False) if first_name[id(parameter)] != name}
+    return {name: tensor for name, tensor in weights.items() if name not in tied_copies}
+
+
 def save_checkpoint(
     run_dir: Path,
     name: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     recurrent_state: dict[str, torch.Tensor] | None,
     rng_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Writes checkpoint `name` completely, points LATEST at it, then prunes old step checkpoints."""
+    """Writes checkpoint `name` completely, points LATEST at it, then prunes old step checkpoints.
+
+    `weights` come from `savable_weights`; `optimizer_state` is an optimizer.state_dict().
+    """
     checkpoints = run_dir / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     _remove_leftover_temporaries(checkpoints)
     temporary = checkpoints / f".tmp-{name}-{os.getpid()}"
     temporary.mkdir()
-    save_model(model, str(temporary / MODEL_FILE))  # handles tied embeddings
-    torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
+    save_file({key: value.detach().contiguous().cpu() for key, value in weights.items()}, temporary / MODEL_FILE)
+    torch.save(optimizer_state, temporary / OPTIMIZER_FILE)
     if recurrent_state is not None:
         save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
     torch.save(rng_state, temporary / RNG_FILE)
@@ -154,12 +167,16 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         )
 
 
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(checkpoint: Path) -> Checkpoint:
     recurrent = checkpoint / RECURRENT_STATE_FILE
     return Checkpoint(
         path=checkpoint,
         optimizer_state=torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
-        trainer_state=json.loads((checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8")),
+        trainer_state=read_trainer_state(checkpoint),
         recurrent_state=load_file(recurrent) if recurrent.is_file() else None,
         rng_state=torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=True),
     )

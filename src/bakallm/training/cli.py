@@ -14,10 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bakallm.training.distributed import launch
     from bakallm.training.trainer import Trainer
 
     config, explicit = train_config_from_args(args)
-    trainer = Trainer(config, explicit)
-    summary = trainer.train()
-    print(json.dumps(summary))
+    with launch() as distributed:  # one process, or the ranks of a torchrun launch
+        summary = Trainer(config, explicit, distributed).train()
+    if distributed.is_main:
+        print(json.dumps(summary))
     return INTERRUPTED_EXIT_STATUS if summary.get("interrupted") else 0

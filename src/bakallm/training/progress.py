@@ -20,14 +20,16 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReport:
-    def __init__(self, total_steps: int, first_step: int, show_bar: bool, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, first_step: int, show_bar: bool, stream: TextIO | None = None, enabled: bool = True):
+        """`enabled=False` shows nothing (the ranks of a torchrun launch other than rank 0)."""
         from tqdm.auto import tqdm
 
         self.stream = stream or sys.stdout
         self.total_steps = total_steps
         self._first_step = first_step
         self._started = time.perf_counter()
-        self._bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True) if show_bar else None
+        self.enabled = enabled
+        self._bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True) if show_bar and enabled else None
 
     def step_done(self) -> None:
         if self._bar is not None:
@@ -55,6 +57,8 @@ class ProgressReport:
         self.message(f"epoch {epoch} done in {steps} steps | padding {padding:.1%}")
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:

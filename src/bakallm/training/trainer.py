@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, compile_layers, resolve_device, use_scan_backend, use_threads
+from bakallm.acceleration import autocast_dtype, compile_layers, use_scan_backend, use_threads
 from bakallm.config import ModelConfig
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
@@ -27,6 +27,7 @@ from bakallm.model import BakaLM
 from bakallm.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import RELOCATABLE, RESUMABLE_CHANGES, TrainConfig, train_config_from_values
+from bakallm.training.distributed import Distributed
 from bakallm.training.interrupt import GracefulInterrupt
 from bakallm.training.metrics import MetricsLog
 from bakallm.training.progress import ProgressReport
@@ -76,7 +77,9 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(saved: dict[str, Any], rank: int) -> None:
+    """Restores this rank's generators; after a change of world size, a new rank continues rank 0's."""
+    state = saved.get(f"rank{rank}", saved["rank0"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -84,7 +87,8 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, explicit: set[str] | None = None):
+    def __init__(self, config: TrainConfig, explicit: set[str] | None = None, distributed: Distributed | None = None):
+        """`distributed`: the ranks of a torchrun launch (bakallm.training.distributed.launch); default one process."""
         explicit = explicit or set()
         config = config.with_resolved_paths()
         saved_facts: dict[str, Any] = {}
@@ -93,7 +97,9 @@ class Trainer:
         config.validate()
         self.config = config
         use_threads(config.threads)
-        self.device = resolve_device(config.device)
+        self.distributed = distributed or Distributed()
+        self.global_rows = config.batch_size * self.distributed.world_size
+        self.device = self.distributed.device(config.device)
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -110,24 +116,32 @@ class Trainer:
                 raise UserError(
                     f"Cannot resume {self.run_dir}: model field {changed[0]} differs ({getattr(saved_model, changed[0])} saved, {getattr(self.model_config, changed[0])} now); drop the flags that change it."
                 )
+        checkpoint = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
+        if checkpoint is not None:
+            self._check_resumed_rows(checkpoint)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=config.progress)
-        self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
-        self.batcher = DocumentBatcher(
-            self.corpus, config.batch_size, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
-            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens,
-        )
         self.eval_corpus = None
-        if config.eval_data:
-            self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+        with self.distributed.local_main_first():
+            show_progress = config.progress and self.distributed.is_main
+            self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=show_progress)
+            self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
+            if config.eval_data:
+                self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+        self.batcher = DocumentBatcher(
+            self.corpus, self.global_rows, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
+            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size),
+        )
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model = BakaLM(self.model_config)
         if config.init_from:
             self._load_initial_weights(config.init_from)
+        if checkpoint is not None:
+            ckpt.load_weights(self.model, checkpoint)  # into the whole model, before FSDP2 shards it
         self.model.to(self.device)
         use_scan_backend(self.model, config.scan)
+        self.forward_model = self.distributed.wrap(compile_layers(self.model) if config.compile else self.model, self.device, config.fsdp)
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=self.device.type == "cuda"
         )
@@ -139,21 +153,25 @@ class Trainer:
         self.elapsed = 0.0
         self.state: RecurrentState | None = None
         self.planned_steps = self._planned_steps()
-        if config.resume:
+        if checkpoint is not None:
             self.schedule = planned_schedule(config, config.decay_steps or self.planned_steps)  # for runs saved without one
-            self._restore(ckpt.latest_checkpoint(self.run_dir))
+            self._restore(checkpoint)
             if config.new_decay:
                 self.schedule = self.schedule.with_new_decay(self.step, self.planned_steps)
         else:
             # The horizon is fixed now and saved: no later resume with other --max-steps or --epochs moves it.
             self.config.decay_steps = config.decay_steps or self.planned_steps
             self.schedule = planned_schedule(config, self.config.decay_steps)
-            facts = {"version": __version__, "corpus_fingerprint": self.corpus.fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
-            ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
-        self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
-        self.metrics.truncate_after(self.step)
-        self.forward_model = compile_layers(self.model) if config.compile else self.model
+            if self.distributed.is_main:
+                facts = {"version": __version__, "corpus_fingerprint": self.corpus.fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
+                ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
+        self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
+        if self.distributed.is_main:
+            self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
+            self.metrics.truncate_after(self.step)
         self._pending: list[dict[str, Any]] = []
+        # Known on every rank alike, unlike the checkpoint folder that only rank 0 writes.
+        self._step_saved: int | None = self.step if checkpoint is not None and checkpoint.name == ckpt.step_name(self.step) else None
         self._smoothed_loss: float | None = None
 
     # ----- setup -----
@@ -219,21 +237,41 @@ class Trainer:
             "positions_seen": self.positions_seen,
             "epoch_progress": self.epoch_progress,
             "elapsed": self.elapsed,
+            "world_size": self.distributed.world_size,
             "batcher": self.batcher.state_dict(),
             "schedule": self.schedule.segments_as_lists(),
         }
 
-    def save(self, name: str | None = None) -> Path:
+    def save(self, name: str | None = None) -> Path | None:
+        """Every rank takes part (gathering the shards and rows); rank 0 writes. Returns the folder on rank 0."""
         self._flush_metrics()
-        recurrent = self.state.to_dict() if self.state is not None else None
+        weights = self.distributed.full_weights(self.model)
+        optimizer_state = self.distributed.full_optimizer_state(self.model, self.optimizer)
+        recurrent = self.distributed.gather_rows(self.state.to_dict()) if self.state is not None else None
+        rng_states = self.distributed.gather_objects(_rng_state())
+        if name is None:
+            self._step_saved = self.step
+        if not self.distributed.is_main:
+            return None
         return ckpt.save_checkpoint(
-            self.run_dir, name or ckpt.step_name(self.step), self.model, self.optimizer, self._trainer_state(), recurrent, _rng_state(), self.config.keep_last
+            self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
+            recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
         )
 
+    def _check_resumed_rows(self, checkpoint: Path) -> None:
+        """A run resumes on any split of the same global rows over ranks, and on nothing else."""
+        saved = ckpt.read_trainer_state(checkpoint)
+        saved_rows, saved_world = saved["batcher"]["batch_size"], saved.get("world_size", 1)
+        if saved_rows != self.global_rows:
+            raise UserError(
+                f"Cannot resume {self.run_dir}: it trained {saved_rows} rows per step ({saved_world} ranks x {saved_rows // saved_world}) but this launch gives "
+                f"{self.distributed.world_size} ranks x --batch-size {self.config.batch_size} = {self.global_rows}; keep ranks x --batch-size at {saved_rows}."
+            )
+
     def _restore(self, checkpoint_path: Path) -> None:
-        ckpt.load_weights(self.model, checkpoint_path)
+        """Everything but the weights, which are loaded before the model is wrapped."""
         loaded = ckpt.load_checkpoint(checkpoint_path)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.distributed.load_optimizer_state(self.model, self.optimizer, loaded.optimizer_state)
         trainer_state = loaded.trainer_state
         self.step = trainer_state["step"]
         self.epochs_done = trainer_state["epochs_done"]
@@ -245,9 +283,10 @@ class Trainer:
             self.schedule = self.schedule.with_segments(trainer_state["schedule"])
         self.batcher.load_state_dict(trainer_state["batcher"])
         if loaded.recurrent_state is not None:
-            self.state = RecurrentState.from_dict(loaded.recurrent_state).to(self.device)
+            own_rows = list(self.distributed.rows(self.config.batch_size))
+            self.state = RecurrentState.from_dict(loaded.recurrent_state).select(own_rows).to(self.device)
         if loaded.rng_state is not None:
-            _restore_rng(loaded.rng_state)
+            _restore_rng(loaded.rng_state, self.distributed.rank)
 
     # ----- training -----
     def _autocast(self):
@@ -276,12 +315,20 @@ class Trainer:
         batches = [batch for batch in (self.batcher.next_batch() for _ in range(config.grad_accum)) if batch is not None]
         if not batches:
             return []
-        n_targets = sum(batch.n_targets for batch in batches)
-        n_positions = sum(batch.targets.numel() for batch in batches)
-        loss_sum = sum(self._micro_step(batch, batch.n_targets / max(n_targets, 1)) for batch in batches)
+        n_targets = sum(batch.total_targets for batch in batches)  # over all ranks' rows: every rank knows the global batch
+        n_positions = sum(batch.targets.numel() for batch in batches) * self.distributed.world_size
+        # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that average into the
+        # sum of token losses / all ranks' targets, so rows with more padding weigh no more than others.
+        scale = self.distributed.world_size / max(n_targets, 1)
+        loss_sum = 0.0
+        for index, batch in enumerate(batches):
+            with self.distributed.gradient_sync(self.forward_model, enabled=index == len(batches) - 1):
+                loss_sum = loss_sum + self._micro_step(batch, batch.n_targets * scale)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         lr = self.schedule.learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -305,7 +352,8 @@ class Trainer:
         """Writes pending step metrics and returns them; the one host synchronisation, so done only every log_every steps."""
         if not self._pending:
             return []
-        losses = torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float().cpu().tolist()
+        # Each rank's loss is its own token losses over all ranks' targets: their sum is the step's loss.
+        losses = self.distributed.sum(torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float()).cpu().tolist()
         norms = torch.stack([torch.as_tensor(entry["grad_norm"]) for entry in self._pending]).float().cpu().tolist()
         logged = []
         for entry, loss, norm in zip(self._pending, losses, norms):
@@ -316,7 +364,8 @@ class Trainer:
                     f"The training loss became {loss} at step {entry['step']}; {kept}. Lower --lr or check the data, then resume."
                 )
             logged.append({**entry, "loss": loss, "grad_norm": norm})
-            self.metrics.log_step(**logged[-1])
+            if self.metrics is not None:
+                self.metrics.log_step(**logged[-1])
             self._smoothed_loss = loss if self._smoothed_loss is None else 0.95 * self._smoothed_loss + 0.05 * loss
         self._pending = []
         return logged
@@ -324,18 +373,20 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         from bakallm.evaluation.evaluate import evaluate_bakalm
 
+        # Every rank evaluates the whole corpus (FSDP2 needs all ranks in each forward); rank 0 logs.
         self.model.eval()
         result = evaluate_bakalm(
-            self.forward_model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
+            self.model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
             device=self.device, autocast=self.autocast_dtype,
         )
-        self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
+        if self.metrics is not None:
+            self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}
 
     def train(self) -> dict[str, Any]:
         """Trains to the end of the run, or until the first SIGINT/SIGTERM (then `summary["interrupted"]`)."""
         config = self.config
-        report = ProgressReport(self.planned_steps, self.step, show_bar=config.progress and sys.stdout.isatty())
+        report = ProgressReport(self.planned_steps, self.step, show_bar=config.progress and sys.stdout.isatty(), enabled=self.distributed.is_main)
         last_eval: dict[str, float] | None = None
         interrupt = GracefulInterrupt("finishing this step, then saving a checkpoint")
         try:
@@ -354,7 +405,7 @@ class Trainer:
                     if self.step % config.save_every == 0:
                         self.save()
                 self._flush_metrics()
-                if not (self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)).exists():
+                if self._step_saved != self.step:  # known on every rank alike, unlike the folder only rank 0 writes
                     self.save()
             if interrupt.requested:
                 report.message(f"Interrupted: saved step {self.step}; continue with `bakallm train --resume {self.run_dir}`.")
@@ -362,7 +413,8 @@ class Trainer:
                 last_eval = self.evaluate()
         finally:
             report.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
                    "loss": self._smoothed_loss, "padding": 1 - self.tokens_seen / max(self.positions_seen, 1)}
         if interrupt.requested:

@@ -1,0 +1,218 @@
+"""Data parallelism: N ranks x B rows train exactly like one process with N x B rows (DDP and FSDP2), resume exactly,
+and resume on another split of the same rows. The ranks run as processes on gloo with torchrun's environment."""
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bakallm.cli import main
+from bakallm.data.batching import DocumentBatcher
+from bakallm.data.token_cache import TokenizedCorpus
+from bakallm.training import checkpoint as ckpt
+
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
+
+WORDS = "the a cat dog sat ran on under mat tree and then quickly slowly big small red blue house river".split()
+STEPS = 6
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A corpus of ten documents of different lengths (so rows end and refill at different steps) and a tiny model."""
+    folder = tmp_path_factory.mktemp("distributed")
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for index in range(10):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(10, 70))]
+        (corpus / f"doc{index:02d}.txt").write_text(" ".join(words) + ".", encoding="utf-8")
+    (folder / "model.json").write_text(json.dumps({"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "window": 16, "n_memory": 2, "n_pauses": 2}))
+    return folder
+
+
+def train_args(workspace: Path, run_dir: Path, batch_size: int, *extra: str) -> list[str]:
+    return [
+        "train", "--preset", "tiny", "--model-config", str(workspace / "model.json"), "--data", str(workspace / "corpus"),
+        "--tokenizer", "bytes", "--batch-size", str(batch_size), "--train-ctx", "32", "--lr", "3e-3", "--warmup-steps", "2",
+        "--shuffle", "--epochs", "100", "--decay-steps", str(STEPS), "--device", "cpu", "--run-dir", str(run_dir), "--no-progress",
+        "--cache-dir", str(workspace / "cache"), "--save-every", "100", "--threads", "1", *extra,
+    ]
+
+
+def launch(world_size: int, args: list[str], log_prefix: Path, prepare=None, timeout: float = 240) -> list[tuple[int, str]]:
+    """Runs `bakallm ARGS` as `world_size` ranks with torchrun's environment; (exit status, output) per rank.
+
+    The ranks are forked from this process, so they skip the seconds of importing torch that a fresh
+    interpreter pays. Like torchrun, it stops the other ranks as soon as one fails. `prepare(rank)` runs
+    in each rank before the command.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs = [Path(f"{log_prefix}.rank{rank}.log") for rank in range(world_size)]
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, args, logs[rank], prepare)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    while any(process.exitcode is None for process in processes):
+        if time.monotonic() > deadline or any(process.exitcode not in (None, 0) for process in processes):
+            for process in processes:
+                if process.exitcode is None:
+                    process.kill()
+        time.sleep(0.05)
+    return [(process.exitcode, log.read_text()) for process, log in zip(processes, logs)]
+
+
+def _rank_main(rank: int, world_size: int, port: int, args: list[str], log: Path, prepare) -> None:
+    os.environ.update(
+        WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    output = open(log, "w", buffering=1)
+    os.dup2(output.fileno(), 1)
+    os.dup2(output.fileno(), 2)
+    sys.stdout = sys.stderr = output
+    if prepare is not None:
+        prepare(rank)
+    code = main(args)
+    output.flush()
+    os._exit(code)
+
+
+def run_ranks(world_size: int, args: list[str], run_dir: Path) -> None:
+    results = launch(world_size, args, log_prefix=run_dir)
+    assert all(code == 0 for code, _ in results), "\n".join(f"rank {rank} exited {code}:\n{log}" for rank, (code, log) in enumerate(results))
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
+        return [row[0] for row in connection.execute("SELECT loss FROM steps ORDER BY step")]
+
+
+def checkpoint_files(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    return load_file(latest / ckpt.MODEL_FILE), torch.load(latest / ckpt.OPTIMIZER_FILE, weights_only=True)
+
+
+def assert_trains_like(reference: Path, run_dir: Path) -> None:
+    expected, got = step_losses(reference), step_losses(run_dir)
+    assert len(got) == STEPS
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= TOLERANCE, (expected, got)
+    (weights, optimizer), (reference_weights, reference_optimizer) = checkpoint_files(run_dir), checkpoint_files(reference)
+    assert weights.keys() == reference_weights.keys()
+    assert max((weights[name] - tensor).abs().max().item() for name, tensor in reference_weights.items()) <= TOLERANCE
+    assert optimizer["param_groups"] == reference_optimizer["param_groups"]
+    for index, moments in reference_optimizer["state"].items():
+        for name, tensor in moments.items():
+            assert torch.allclose(optimizer["state"][index][name], tensor, rtol=1e-4, atol=TOLERANCE), (index, name)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(workspace) -> Path:
+    """The reference: one process with 4 rows for 6 steps."""
+    run_dir = workspace / "one-process"
+    assert main(train_args(workspace, run_dir, 4, "--max-steps", str(STEPS))) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_rank_half_run(workspace) -> Path:
+    """2 ranks x 2 rows, stopped after 3 of the 6 steps."""
+    run_dir = workspace / "two-ranks-half"
+    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS // 2)), run_dir)
+    return run_dir
+
+
+def test_rank_rows_together_are_the_single_process_batches(workspace):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 90, size=17)
+    corpus = TokenizedCorpus.from_token_lists([list(rng.integers(1, 50, size=n)) for n in lengths], vocab_size=50)
+    for mode in ("dynamic", "static"):
+        whole = DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3)
+        ranks = [DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3, rows=range(rank * 2, rank * 2 + 2)) for rank in range(3)]
+        for _ in range(60):  # several epochs
+            expected, parts = whole.next_batch(), [batcher.next_batch() for batcher in ranks]
+            assert torch.equal(torch.cat([part.input_ids for part in parts]), expected.input_ids)
+            assert torch.equal(torch.cat([part.targets for part in parts]), expected.targets)
+            assert torch.equal(torch.cat([part.reset for part in parts]), expected.reset)
+            assert sum(part.n_targets for part in parts) == expected.n_targets
+            assert all(part.total_targets == expected.n_targets == expected.total_targets for part in parts)
+            assert all((part.epoch, part.epoch_end) == (expected.epoch, expected.epoch_end) for part in parts)
+        assert all(batcher.state_dict() == whole.state_dict() for batcher in ranks)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_process_run, parallelism):
+    run_dir = workspace / f"two-ranks-{parallelism}"
+    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), *(["--fsdp"] if parallelism == "fsdp" else [])), run_dir)
+    assert_trains_like(single_process_run, run_dir)
+    # Only rank 0 writes: one metrics log, one set of checkpoints, no leftovers.
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
+
+
+def test_two_ranks_resume_exactly(workspace, single_process_run, two_rank_half_run):
+    run_dir = workspace / "two-ranks-resumed"
+    shutil.copytree(two_rank_half_run, run_dir)
+    run_ranks(2, ["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--no-progress"], run_dir)
+    assert_trains_like(single_process_run, run_dir)
+
+
+def test_two_rank_run_resumes_in_one_process_with_the_same_rows(workspace, single_process_run, two_rank_half_run, capsys):
+    run_dir = workspace / "two-ranks-then-one"
+    shutil.copytree(two_rank_half_run, run_dir)
+    assert main(["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "4 rows per step (2 ranks x 2)" in error and "--batch-size 2 = 2" in error and len(error.splitlines()) == 1
+    assert main(["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--batch-size", "4", "--no-progress"]) == 0
+    assert_trains_like(single_process_run, run_dir)
+
+
+def test_fsdp_without_torchrun_is_refused(workspace, capsys):
+    assert main(train_args(workspace, workspace / "fsdp-alone", 2, "--max-steps", "1", "--fsdp")) == 2
+    error = capsys.readouterr().err.strip()
+    assert "torchrun" in error and len(error.splitlines()) == 1
+
+
+def _rank_1_dies_at_its_second_save(rank: int) -> None:
+    from bakallm.training.trainer import Trainer
+
+    if rank != 1:
+        return
+    save = Trainer.save
+    calls = []
+
+    def save_or_die(self, name=None):
+        calls.append(name)
+        if len(calls) == 2:
+            os._exit(1)
+        return save(self, name)
+
+    Trainer.save = save_or_die
+
+
+def test_a_rank_that_dies_while_saving_leaves_the_previous_checkpoint_and_the_run_resumes(workspace, single_process_run):
+    run_dir = workspace / "rank-dies"
+    args = train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), "--save-every", "2")
+    results = launch(2, args, log_prefix=run_dir, prepare=_rank_1_dies_at_its_second_save)
+    assert results[1][0] == 1 and results[0][0] != 0  # rank 0 fails in the collective, or is stopped by the launcher
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
+    assert not (run_dir / "checkpoints" / "step-00000004").exists()
+    run_ranks(2, ["train", "--resume", str(run_dir), "--no-progress"], run_dir)
+    assert_trains_like(single_process_run, run_dir)
