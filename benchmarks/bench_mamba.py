@@ -2,12 +2,19 @@
 
     python benchmarks/bench_mamba.py [--device cpu|cuda] [--batch-sizes 1 8] [--skip-slow-peers]
 
-Compares our `bakallm.mamba.Mamba` (fast scan, with its conv and SSM states carried in and out)
+Compares our `bakallm.mamba.Mamba` (blocked scan, and on CUDA the Triton scan, with its conv and
+SSM states carried in and out)
 with `mambapy`'s MambaBlock (parallel pscan, starts from a zero state) and the PyTorch fallback of
 `transformers`' MambaMixer (a token-by-token loop, the path taken without the `mamba_ssm`
 kernels), all at d_model 768, d_state 16, expand 2, d_conv 4 on T = 552 positions (512 tokens,
-8 pauses, 16 read and 16 write memory slots). It first checks that our fast scan gives the
+8 pauses, 16 read and 16 write memory slots). It first checks that our fast scans give the
 outputs and gradients of our sequential reference scan.
+
+With --scan-table it also times the selective scan alone (forward + backward from a carried state,
+d_inner 1536, d_state 16): our Triton and blocked scans, and on CUDA flash-linear-attention's
+`fused_recurrent_hgrn` when `fla` imports. HGRN's recurrence h = exp(g) h + x is the Mamba scan
+once d_inner x d_state is flattened into channels (x = (dt u) outer B, g = dt outer A, then
+y = sum_n C h + D u), so that peer materialises [B, T, d_inner x d_state] tensors.
 """
 
 from __future__ import annotations
@@ -33,18 +40,21 @@ from common import (
 D_MODEL, D_STATE, EXPAND, D_CONV = 768, 16, 2, 4
 WINDOW_LENGTH = 552
 OURS_PREFIX = "bakallm Mamba"
-OURS, MAMBAPY, TRANSFORMERS = f"{OURS_PREFIX} (fast scan)", "mambapy MambaBlock (pscan)", "transformers MambaMixer (slow path)"
+OURS, MAMBAPY, TRANSFORMERS = f"{OURS_PREFIX} (blocked scan)", "mambapy MambaBlock (pscan)", "transformers MambaMixer (slow path)"
+OURS_TRITON = f"{OURS_PREFIX} (triton scan)"
+SCAN_TRITON, SCAN_BLOCKED, SCAN_FLA = "triton scan", "blocked scan", "fla fused_recurrent_hgrn (flattened)"
 
 
 def build_case(implementation: str, batch: int, length: int, device: torch.device, scan_sizes: tuple[int, int] | None = None, seed: int = 0):
     """The module and input of one implementation; returns a callable doing forward + backward.
-    `scan_sizes` (block, chunk) overrides our fast scan's defaults."""
+    `scan_sizes` (block, chunk) overrides our blocked scan's defaults."""
     torch.manual_seed(seed)
     x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
     if implementation.startswith(OURS_PREFIX):
         from bakallm.mamba import Mamba
 
         block = Mamba(D_MODEL, D_STATE, D_CONV, EXPAND).to(device)
+        block.scan = "triton" if implementation == OURS_TRITON else "blocked"
         if scan_sizes:
             block.scan_block, block.scan_chunk = scan_sizes
         conv_state, ssm_state = block.initial_state(batch, device)
@@ -89,9 +99,20 @@ def available_peers(skip_slow: bool) -> list[str]:
     return peers
 
 
-def parity_check(device: torch.device, batch: int, length: int) -> float:
-    """Max abs difference between the fast and the reference scan in one Mamba block: outputs,
-    carried states and the gradients of the input, the incoming states and every parameter."""
+def triton_usable(device: torch.device) -> bool:
+    from bakallm.errors import UserError
+    from bakallm.kernels.scan import resolve_scan_backend
+
+    try:
+        return resolve_scan_backend("triton", device) == "triton"
+    except UserError as error:
+        print(f"Triton scan left out: {error}")
+        return False
+
+
+def parity_check(device: torch.device, batch: int, length: int, backend: str = "blocked") -> float:
+    """Max abs difference between a fast scan backend and the reference scan in one Mamba block:
+    outputs, carried states and the gradients of the input, the incoming states and every parameter."""
     from bakallm.mamba import Mamba
 
     torch.manual_seed(0)
@@ -99,18 +120,72 @@ def parity_check(device: torch.device, batch: int, length: int) -> float:
     x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
     conv_state, ssm_state = (state.normal_().requires_grad_() for state in block.initial_state(batch, device))
     results = {}
-    for scan in ("blocked", "reference"):
+    for scan in (backend, "reference"):
         block.scan = scan
         outputs = block(x, conv_state, ssm_state)
         loss = sum((output * torch.linspace(-1, 1, output.shape[-1], device=device)).sum() for output in outputs)
         inputs = [x, conv_state, ssm_state, *block.parameters()]
         results[scan] = [output.detach() for output in outputs] + list(torch.autograd.grad(loss, inputs))
     names = ["y", "conv state", "ssm state", "grad x", "grad conv state", "grad ssm state"] + [f"grad {n}" for n, _ in block.named_parameters()]
-    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results["blocked"], results["reference"])}
+    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results[backend], results["reference"])}
     worst = max(differences, key=differences.get)
-    print(f"Parity, fast vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
+    print(f"Parity, {backend} vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
           f"y {differences['y']:.2e}, ssm state {differences['ssm state']:.2e}, grad x {differences['grad x']:.2e}, grad A_log {differences['grad A_log']:.2e}")
     return differences[worst]
+
+
+def build_scan_case(implementation: str, batch: int, length: int, device: torch.device, d_inner: int = EXPAND * D_MODEL):
+    """Forward + backward of the selective scan alone from a carried state, at one block's shape."""
+    from bakallm.kernels.scan import selective_scan
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, length, d_inner, device=device, requires_grad=True)
+    dt = (torch.rand(batch, length, d_inner, device=device) * 0.1).requires_grad_()
+    A = (-torch.rand(d_inner, D_STATE, device=device) * 4).requires_grad_()
+    B, C = (torch.randn(batch, length, D_STATE, device=device, requires_grad=True) for _ in range(2))
+    D = torch.randn(d_inner, device=device, requires_grad=True)
+    h0 = torch.randn(batch, d_inner, D_STATE, device=device, requires_grad=True)
+    if implementation == SCAN_FLA:
+        from fla.ops.hgrn import fused_recurrent_hgrn
+
+        def scan():
+            flat_x = ((dt * x).unsqueeze(-1) * B.unsqueeze(2)).flatten(2)
+            flat_g = (dt.unsqueeze(-1) * A).flatten(2)
+            states, h_last = fused_recurrent_hgrn(flat_x, flat_g, initial_state=h0.flatten(1), output_final_state=True)
+            y = (states.view(batch, length, d_inner, D_STATE) * C.unsqueeze(2)).sum(-1) + D * x
+            return y, h_last
+    else:
+        backend = "triton" if implementation == SCAN_TRITON else "blocked"
+
+        def scan():
+            return selective_scan(x, dt, A, B, C, D, h0, backend=backend)
+
+    def step():
+        y, h_last = scan()
+        (y.sum() + h_last.sum()).backward()
+
+    return step
+
+
+def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeats: int) -> None:
+    implementations = [SCAN_BLOCKED]
+    if device.type == "cuda" and triton_usable(device):
+        implementations.insert(0, SCAN_TRITON)
+    if device.type == "cuda":
+        try:
+            __import__("fla.ops.hgrn")
+            implementations.append(SCAN_FLA)
+        except ImportError as error:
+            print(f"flash-linear-attention does not import ({error}): {SCAN_FLA} left out.")
+    cases = {(name, batch): build_scan_case(name, batch, length, device) for batch in batch_sizes for name in implementations}
+    peaks = {}
+    times = {key: median(values) for key, values in interleaved_times(cases, repeats, device, peaks=peaks).items()}
+    rows = []
+    for (name, batch), seconds in times.items():
+        blocked = times[SCAN_BLOCKED, batch]
+        rows.append([name, batch, length, f"{seconds * 1e3:.2f}", f"{batch * length / seconds:,.0f}", f"{blocked / seconds:.2f}x", format_bytes(peaks.get((name, batch)))])
+    print()
+    print(markdown_table(["selective scan alone", "B", "T", "fwd+bwd ms", "tokens/s", "speed vs blocked", "peak memory"], rows))
 
 
 def main() -> None:
@@ -125,21 +200,24 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--parity-batch", type=int, default=1)
+    parser.add_argument("--scan-table", action="store_true", help="also time the selective scan alone (triton, blocked, fla)")
     parser.add_argument(
         "--scan-sizes", type=int, nargs=2, action="append", metavar=("BLOCK", "CHUNK"),
-        help="also time our block with these fast-scan block and sub-chunk sizes (repeatable)",
+        help="also time our block with these blocked-scan block and sub-chunk sizes (repeatable)",
     )
     args = parser.parse_args()
     device = resolve_device(args)
     print(f"Machine: {machine_description(device)}")
-    parity_check(device, args.parity_batch, args.length)
+    ours = [OURS_TRITON, OURS] if device.type == "cuda" and triton_usable(device) else [OURS]
+    for implementation in ours:
+        parity_check(device, args.parity_batch, args.length, "triton" if implementation == OURS_TRITON else "blocked")
 
     peers = available_peers(args.skip_slow_peers)
-    variants = [f"{OURS_PREFIX} (fast scan, block {block}, chunk {chunk})" for block, chunk in args.scan_sizes or []]
+    variants = [f"{OURS_PREFIX} (blocked scan, block {block}, chunk {chunk})" for block, chunk in args.scan_sizes or []]
     scan_sizes = dict(zip(variants, args.scan_sizes or []))
     cases, repeats, cpu_single_runs = {}, {}, []
     for batch in args.batch_sizes:
-        for implementation in [OURS, *variants, *peers]:
+        for implementation in [*ours, *variants, *peers]:
             key = (implementation, batch)
             slow = implementation == TRANSFORMERS
             if slow and batch > args.slow_peer_max_batch:
@@ -162,7 +240,7 @@ def main() -> None:
     rows = []
     for batch in args.batch_sizes:
         baseline = times.get((MAMBAPY, batch))
-        for implementation in [OURS, *variants, *peers]:
+        for implementation in [*ours, *variants, *peers]:
             key = (implementation, batch)
             if key not in times:
                 rows.append([implementation, batch, args.length, "not run", "", ""])
@@ -176,6 +254,8 @@ def main() -> None:
         f"\nForward + backward of one block, median of {args.repeats} interleaved calls after a warm-up"
         f" (the transformers path: one call). Peak memory: extra bytes above the inputs and parameters."
     )
+    if args.scan_table:
+        scan_table(device, args.batch_sizes, args.length, args.repeats)
 
 
 if __name__ == "__main__":

@@ -57,26 +57,28 @@ def pythia_config_path() -> Path:
     return Path(os.environ.get("BAKALLM_PYTHIA_CONFIG", DEFAULT_PYTHIA_CONFIG))
 
 
-def build_model(name: str, device: torch.device) -> nn.Module:
+def build_model(name: str, device: torch.device, scan: str = "auto") -> nn.Module:
     if name == PYTHIA:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         config = GPTNeoXConfig(**json.loads(pythia_config_path().read_text()))
         return GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+    from bakallm.acceleration import use_scan_backend
     from bakallm.config import ModelConfig
     from bakallm.model import BakaLM
 
-    return BakaLM(ModelConfig.preset(name)).to(device)
+    model = BakaLM(ModelConfig.preset(name)).to(device)
+    return model if device.type == "meta" else use_scan_backend(model, scan)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: torch.dtype, mode: str, compile_model: bool):
+def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: torch.dtype, mode: str, compile_model: bool, scan: str = "auto"):
     """A callable running one training step (mode "train") or one evaluation forward ("eval")."""
     torch.manual_seed(0)
-    model = build_model(name, device)
+    model = build_model(name, device, scan)
     forward = model
     if compile_model and name == PYTHIA:
         forward = torch.compile(model)
@@ -181,6 +183,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU; 0 measures a large matmul")
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 4096 on CPU, 8192 on CUDA)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
+    parser.add_argument("--scan", default="auto", choices=["auto", "triton", "blocked", "reference"], help="our models' selective scan backend")
+    parser.add_argument("--epoch-tokens", type=float, default=120e6, help="tokens of one epoch, for the projected epoch time (WikiText-103: ~120M)")
     parser.add_argument("--profile", metavar="MODEL", help="print a torch.profiler table of one training step of MODEL and exit")
     args = parser.parse_args()
     device = resolve_device(args)
@@ -192,7 +196,7 @@ def main() -> None:
         print(f"Pythia-70m config {pythia_config_path()} is absent (set BAKALLM_PYTHIA_CONFIG): GPT-NeoX left out.")
         models.remove(PYTHIA)
     if args.profile:
-        profile_step(build_case(args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile), device)
+        profile_step(build_case(args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan), device)
         return
 
     if args.peak_tflops:
@@ -204,7 +208,7 @@ def main() -> None:
 
     modes = ["train", "eval"] if args.eval else ["train"]
     cases = {
-        (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile) for name in models for mode in modes
+        (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile, args.scan) for name in models for mode in modes
     }
     peaks = {}
     times = {key: median(values) for key, values in interleaved_times(cases, args.steps, device, peaks=peaks).items()}
@@ -216,7 +220,7 @@ def main() -> None:
     tokens = args.batch_size * args.ctx
     for (name, mode), seconds in times.items():
         if device.type == "cpu" and not args.no_memory:
-            kwargs = {"name": name, "batch": args.batch_size, "ctx": args.ctx, "device": device, "dtype": dtype, "mode": mode, "compile_model": args.compile}
+            kwargs = {"name": name, "batch": args.batch_size, "ctx": args.ctx, "device": device, "dtype": dtype, "mode": mode, "compile_model": args.compile, "scan": args.scan}
             _, peaks[name, mode] = cpu_peak_memory("bench_train:build_case", kwargs)
         per_token = flops[name]["total"] / (3 if mode == "eval" else 1)
         rate = tokens / seconds
@@ -242,7 +246,11 @@ def main() -> None:
             rows,
         )
     )
-    print(f"\n{args.dtype}{', compiled' if args.compile else ''}; median of {args.steps} interleaved steps after a warm-up step.")
+    print(f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; median of {args.steps} interleaved steps after a warm-up step.")
+    for (name, mode), seconds in times.items():
+        if mode == "train":
+            hours = args.epoch_tokens * seconds / tokens / 3600
+            print(f"{name}: one epoch of {args.epoch_tokens / 1e6:.0f}M tokens would take {hours:.2f} h ({hours * 60:.1f} min) at this speed.")
     if ("celp18", "train") in mfu and (PYTHIA, "train") in mfu:
         ratio = mfu["celp18", "train"] / mfu[PYTHIA, "train"]
         print(f"celp18 / GPT-NeoX training MFU: {ratio:.2f}")

@@ -79,6 +79,15 @@ def test_triton_scan_takes_bfloat16_inputs_and_keeps_a_float32_state():
     assert all(t.grad.dtype == torch.bfloat16 for t in inputs)
 
 
+def test_triton_scan_without_gradients_gives_the_same_outputs():
+    inputs = [t.detach().float() for t in scan_inputs(2, 20, 8)]
+    y_want, h_want = selective_scan_reference(*inputs)
+    with torch.no_grad():
+        y, h = triton_scan.selective_scan_triton(*inputs)
+    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_want, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_mamba_block_keeps_the_triton_scan_in_one_graph():
     from torch._dynamo.utils import counters
 

@@ -159,7 +159,8 @@ def _forward(
     checkpoints = torch.empty(batch, n_checkpoints, d_inner, d_state, device=x.device, dtype=torch.float32)
     block_d, block_n = _blocks(d_inner, d_state)
     _scan_forward_kernel[(batch, triton.cdiv(d_inner, block_d))](
-        x, dt, A, B, C, D, h0, y, h_last, checkpoints,
+        # Without checkpoints the kernel never touches their pointer; an empty tensor's may be null.
+        x, dt, A, B, C, D, h0, y, h_last, checkpoints if save_checkpoints else h_last,
         length, d_inner, d_state, n_checkpoints,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHECKPOINT_EVERY, SAVE_CHECKPOINTS=save_checkpoints,
     )
@@ -228,10 +229,6 @@ class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
         x, dt, A, B, C, D, h0, checkpoints = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        if grad_h_last is None:
-            grad_h_last = h0.new_zeros(h0.shape, dtype=torch.float32)
         return _backward(x, dt, A, B, C, D, h0, checkpoints, grad_y.contiguous(), grad_h_last.contiguous())
 
 
