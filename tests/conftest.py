@@ -1,9 +1,17 @@
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RUNNING_IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+# CI draws the same examples every run: a failure there is reproducible, never a lucky draw.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if RUNNING_IN_CI:
+    settings.load_profile("ci")
 
 
 def shared_data_dir() -> Path:
@@ -13,10 +21,24 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The shared data folder, or a skip when it is absent; prefer `shared_file`, which skips per missing file."""
     path = shared_data_dir()
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent (set BAKALLM_SHARED_DATA to run this test)")
     return path
+
+
+@pytest.fixture
+def shared_file() -> Callable[[str], Path]:
+    """`shared_file("tokenizers/gpt2/tokenizer.json")`: that file of the shared data, or a skip that names it."""
+
+    def find(relative_path: str) -> Path:
+        path = shared_data_dir() / relative_path
+        if not path.exists():
+            pytest.skip(f"shared data file {path} is absent (set BAKALLM_SHARED_DATA to the folder that holds it)")
+        return path
+
+    return find
 
 
 @pytest.fixture(autouse=True)

@@ -174,6 +174,13 @@ def test_every_non_first_token_is_a_target_exactly_once_per_epoch(lengths, batch
     assert batcher.next_batch() is None
 
 
+def test_hypothesis_draws_fixed_examples_in_ci():
+    from conftest import RUNNING_IN_CI
+
+    assert settings.get_profile("ci").derandomize
+    assert settings.default.derandomize or not RUNNING_IN_CI
+
+
 def test_state_dict_round_trip_mid_epoch_with_shuffle():
     rng = np.random.default_rng(3)
     corpus, _ = numbered_corpus(rng.integers(0, 40, size=25).tolist())

@@ -119,12 +119,12 @@ def test_bench_of_a_hugging_face_model(tmp_path, text_folder, capsys):
     assert printed["loss"] == pytest.approx(row.loss)
 
 
-def test_a_hugging_face_folder_uses_its_own_tokenizer(tmp_path, text_folder, shared_data, capsys):
+def test_a_hugging_face_folder_uses_its_own_tokenizer(tmp_path, text_folder, shared_file, capsys):
     folder = save_random_gpt_neox(
         tmp_path / "hf-with-tokenizer", vocab_size=50304, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=64,
     )
-    shutil.copy(shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(shared_file("tokenizers/gpt-neox-20b/tokenizer.json"), folder / "tokenizer.json")
     db_path = tmp_path / "results.sqlite3"
     status, _, err = bench(capsys, "--hf", folder, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
     assert status == 0, err

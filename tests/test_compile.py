@@ -1,10 +1,18 @@
 """torch.compile: after warm-up, training steps and evaluation windows trigger no recompilation."""
 
+import json
+import math
+import random
+import sqlite3
+
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from bakallm import BakaLM, ModelConfig
 from bakallm.acceleration import compile_layers
+from bakallm.training.arguments import TrainConfig
+from bakallm.training.trainer import Trainer
 
 
 def compiled_graphs() -> int:
@@ -47,3 +55,49 @@ def test_training_steps_and_evaluation_windows_compile_once():
         eval_state = evaluation_window(eval_state)
     assert compiled_graphs() == after_warm_up
     assert counters["stats"]["unique_graphs"] == after_warm_up
+
+
+@pytest.mark.slow
+def test_trainer_and_evaluator_compiled_under_bfloat16_autocast_never_recompile(tmp_path):
+    """Trainer(compile=True) with inductor and bf16 autocast: after one training step and one evaluation,
+    further steps (documents ending, rows resetting) and evaluations compile nothing new and agree with eager."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for index in range(5):
+        words = " ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat", "and", "ran"]) for _ in range(rng.randint(20, 90)))
+        (corpus / f"doc{index}.txt").write_text(words, encoding="utf-8")
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}))
+
+    def trainer(compiled: bool) -> Trainer:
+        return Trainer(TrainConfig(
+            preset="tiny", model_config=str(model_file), data=str(corpus), tokenizer="bytes", batch_size=3, train_ctx=64,
+            run_dir=str(tmp_path / f"run-{compiled}"), cache_dir=str(tmp_path / "cache"), progress=False, compile=compiled,
+            precision="bfloat16", device="cpu", eval_data=str(corpus), eval_n_ctx=64, max_steps=100, warmup_steps=1,
+            epochs=100,
+        ))
+
+    def run(compiled: bool) -> tuple[list[float], list[float]]:
+        trainer_ = trainer(compiled)
+        assert trainer_.autocast_dtype == torch.bfloat16
+        evaluations = []
+        for phase in range(2):
+            with torch._dynamo.config.patch(error_on_recompile=compiled and phase == 1):
+                for _ in range(3):
+                    trainer_.train_step()
+                evaluations.append(trainer_.evaluate()["loss"])
+        trainer_.save()  # writes the step losses to the metrics database
+        trainer_.metrics.close()
+        with sqlite3.connect(trainer_.run_dir / "metrics.sqlite3") as connection:
+            losses = [loss for (loss,) in connection.execute("SELECT loss FROM steps ORDER BY step")]
+        assert len(losses) == 6
+        return losses, evaluations
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_losses, compiled_evaluations = run(compiled=True)
+    assert compiled_graphs() > 0
+    eager_losses, eager_evaluations = run(compiled=False)
+    assert all(math.isfinite(loss) for loss in compiled_losses + compiled_evaluations)
+    assert max(abs(a - b) for a, b in zip(compiled_losses + compiled_evaluations, eager_losses + eager_evaluations)) < 0.05

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from bakallm import BakaLM, ModelConfig
 
@@ -13,11 +14,38 @@ def test_presets_have_the_documented_shapes():
     assert ModelConfig.preset("tiny").d_model == 128
 
 
-def test_celp18_parameter_count_matches_the_reference_within_two_percent():
-    with __import__("torch").device("meta"):
-        counts = BakaLM(ModelConfig.preset("celp18")).num_parameters()
-    assert counts["total"] == pytest.approx(183e6, rel=0.02)
-    assert counts["non_embedding"] == pytest.approx(106e6, rel=0.02)
+def parameters_written_out(config: ModelConfig) -> int:
+    """The parameter count of a BakaLM, tensor by tensor."""
+    d, vocab, d_inner, rank, n_state = config.d_model, config.padded_vocab_size, config.d_inner, config.dt_rank, config.mamba_d_state
+    attention = 3 * d * d + d * d
+    mlp = 3 * d * config.d_ff
+    mamba = (
+        d * 2 * d_inner  # in_proj
+        + d_inner * config.mamba_d_conv + d_inner  # depthwise conv and its bias
+        + d_inner * (rank + 2 * n_state)  # x_proj
+        + rank * d_inner + d_inner  # dt_proj
+        + d_inner * n_state + d_inner  # A_log, D
+        + d_inner * d  # out_proj
+    )
+    layer = d + attention + mlp + (d + mamba if config.mamba else 0)  # two RMSNorm weights with Mamba
+    slots = (config.n_pauses + 2 * config.n_memory) * d  # pauses, initial memory, write slots
+    head = 0 if config.tie_embeddings else vocab * d
+    return vocab * d + slots + config.n_layers * layer + d + head
+
+
+@pytest.mark.parametrize(
+    "preset, total, embedding",
+    [("celp18", 182_975_232, 77_266_944), ("celp18-seed", 182_975_232, 77_266_944), ("tiny", 14_396_032, 12_877_824)],
+)
+def test_parameter_counts_are_exactly_the_documented_ones(preset, total, embedding):
+    config = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        counts = BakaLM(config).num_parameters()
+    assert counts == {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+    assert parameters_written_out(config) == total
+    tied = config.replace(tie_embeddings=True)
+    with torch.device("meta"):
+        assert BakaLM(tied).num_parameters()["total"] == parameters_written_out(tied) == total - embedding // 2
 
 
 def test_json_round_trip(tmp_path):

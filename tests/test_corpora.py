@@ -9,8 +9,7 @@ from bakallm.data.corpora import Document, load_corpus
 from bakallm.errors import UserError
 
 
-def wikitext_valid(shared_data):
-    return shared_data / "wikitext-103-raw" / "wiki.valid.raw"
+WIKITEXT_VALID = "wikitext-103-raw/wiki.valid.raw"
 
 
 def hub_rows(path):
@@ -19,8 +18,8 @@ def hub_rows(path):
         return [line if line.strip() else "" for line in file]
 
 
-def test_wikitext_validation_file_splits_into_60_articles_that_rebuild_the_rows(shared_data):
-    path = wikitext_valid(shared_data)
+def test_wikitext_validation_file_splits_into_60_articles_that_rebuild_the_rows(shared_file):
+    path = shared_file(WIKITEXT_VALID)
     documents = list(load_corpus(str(path)))
     assert len(documents) == 60
     assert documents[0].id == "Homarus gammarus"
@@ -43,9 +42,9 @@ def test_rows_before_the_first_heading_are_dropped():
     assert list(corpora.wikitext_articles(rows)) == [Document("A", " = A = \n a \n")]
 
 
-def test_hub_rows_give_the_same_articles_as_the_local_file(shared_data, monkeypatch):
+def test_hub_rows_give_the_same_articles_as_the_local_file(shared_file, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    path = wikitext_valid(shared_data)
+    path = shared_file(WIKITEXT_VALID)
     calls = []
 
     def fake_load_dataset(repo_id, config_name, split, revision):

@@ -52,9 +52,9 @@ def entries(cache_dir):
     return sorted(path.name for path in cache_dir.iterdir())
 
 
-def test_wikitext_tokens_equal_plain_tokenizers_encoding(shared_data, tmp_path):
-    corpus = load_corpus(str(shared_data / "wikitext-103-raw" / "wiki.valid.raw"))
-    tokenizer_path = shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+def test_wikitext_tokens_equal_plain_tokenizers_encoding(shared_file, tmp_path):
+    corpus = load_corpus(str(shared_file("wikitext-103-raw/wiki.valid.raw")))
+    tokenizer_path = shared_file("tokenizers/gpt-neox-20b/tokenizer.json")
     tokenized = tokenize_corpus(corpus, load_tokenizer(str(tokenizer_path)), cache_dir=tmp_path)
     documents = list(corpus)
     plain = tokenizers.Tokenizer.from_file(str(tokenizer_path))

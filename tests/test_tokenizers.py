@@ -10,20 +10,19 @@ SAMPLE = (
 )
 
 
-def neox_dir(shared_data):
-    return shared_data / "tokenizers" / "gpt-neox-20b"
+NEOX = "tokenizers/gpt-neox-20b/tokenizer.json"
 
 
-def test_gpt_neox_tokenizer_file_has_50277_ids_and_round_trips(shared_data):
-    tokenizer = load_tokenizer(str(neox_dir(shared_data) / "tokenizer.json"))
+def test_gpt_neox_tokenizer_file_has_50277_ids_and_round_trips(shared_file):
+    tokenizer = load_tokenizer(str(shared_file(NEOX)))
     assert tokenizer.vocab_size == 50277
     assert tokenizer.encode(" = Robert Boulter = ") == [426, 6911, 378, 3941, 350, 426, 209]
     assert tokenizer.decode(tokenizer.encode(SAMPLE)) == SAMPLE
     assert tokenizer.decode(np.array(tokenizer.encode(SAMPLE), dtype=np.uint16)) == SAMPLE
 
 
-def test_encode_batch_matches_plain_tokenizers_without_special_tokens(shared_data):
-    path = neox_dir(shared_data) / "tokenizer.json"
+def test_encode_batch_matches_plain_tokenizers_without_special_tokens(shared_file):
+    path = shared_file(NEOX)
     tokenizer = load_tokenizer(str(path))
     texts = [SAMPLE, "", "<|endoftext|> is text here"]
     plain = tokenizers.Tokenizer.from_file(str(path))
@@ -32,18 +31,18 @@ def test_encode_batch_matches_plain_tokenizers_without_special_tokens(shared_dat
     ]
 
 
-def test_folder_holding_tokenizer_json_loads_the_same_tokenizer(shared_data):
-    from_folder = load_tokenizer(str(neox_dir(shared_data)))
-    from_file = load_tokenizer(str(neox_dir(shared_data) / "tokenizer.json"))
+def test_folder_holding_tokenizer_json_loads_the_same_tokenizer(shared_file):
+    from_folder = load_tokenizer(str(shared_file(NEOX).parent))
+    from_file = load_tokenizer(str(shared_file(NEOX)))
     assert from_folder.name == from_file.name
     assert from_folder.fingerprint() == from_file.fingerprint()
 
 
-def test_fingerprint_ignores_json_formatting_but_not_vocabulary(shared_data):
-    neox = load_tokenizer(str(neox_dir(shared_data) / "tokenizer.json"))
+def test_fingerprint_ignores_json_formatting_but_not_vocabulary(shared_file):
+    neox = load_tokenizer(str(shared_file(NEOX)))
     # The official copy differs only in serialisation (it omits a default field).
-    official = load_tokenizer(str(neox_dir(shared_data) / "20B_tokenizer.json"))
-    gpt2 = load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"))
+    official = load_tokenizer(str(shared_file("tokenizers/gpt-neox-20b/20B_tokenizer.json")))
+    gpt2 = load_tokenizer(str(shared_file("tokenizers/gpt2/tokenizer.json")))
     assert neox.fingerprint() == official.fingerprint()
     assert neox.fingerprint() != gpt2.fingerprint()
     assert gpt2.vocab_size == 50257
@@ -70,11 +69,11 @@ def test_hub_name_offline_says_to_pass_a_local_tokenizer_json(monkeypatch, tmp_p
         load_tokenizer(DEFAULT_TOKENIZER)
 
 
-def test_hub_name_offline_uses_a_cached_tokenizer(monkeypatch, tmp_path, shared_data):
+def test_hub_name_offline_uses_a_cached_tokenizer(monkeypatch, tmp_path, shared_file):
     hub_constants = pytest.importorskip("huggingface_hub.constants")
     snapshot = tmp_path / "models--Org--tok" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
-    (snapshot / "tokenizer.json").write_bytes((neox_dir(shared_data) / "tokenizer.json").read_bytes())
+    (snapshot / "tokenizer.json").write_bytes(shared_file(NEOX).read_bytes())
     (tmp_path / "models--Org--tok" / "refs").mkdir()
     (tmp_path / "models--Org--tok" / "refs" / "main").write_text("0123abc")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -168,32 +168,128 @@ def test_resume_restores_every_random_generator(corpus_dir, tmp_path):
     assert random.random() == expected_python
 
 
-def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(corpus_dir, tmp_path):
-    run_dir = tmp_path / "killed"
-    args = train_args(corpus_dir, run_dir, "--max-steps", "8", "--save-every", "2")
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys, torch
-        real_save = torch.save
-        def save_then_die(obj, path, *a, **k):
-            if "step-00000004" in str(path):
-                with open(path, "wb") as handle:
-                    handle.write(b"half")
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_save(obj, path, *a, **k)
-        torch.save = save_then_die
-        from bakallm.cli import main
-        sys.exit(main({args!r}))
-        """
+def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
+        return list(connection.execute("SELECT step, loss FROM evals ORDER BY step"))
+
+
+def assert_same_run(expected: Path, got: Path) -> None:
+    """Same step losses, evaluations and final weights as the uninterrupted run."""
+    want_losses, got_losses = step_losses(expected), step_losses(got)
+    assert len(got_losses) == len(want_losses)
+    assert max(abs(a - b) for a, b in zip(want_losses, got_losses)) <= 1e-6
+    assert [step for step, _ in eval_losses(got)] == [step for step, _ in eval_losses(expected)]
+    assert max((abs(a - b) for (_, a), (_, b) in zip(eval_losses(expected), eval_losses(got))), default=0.0) <= 1e-6
+    reference = final_weights(expected)
+    assert max((tensor - reference[name]).abs().max().item() for name, tensor in final_weights(got).items()) <= 1e-6
+
+
+ACROSS_EPOCHS = ("--batch-size", "4", "--train-ctx", "128", "--grad-accum", "2", "--shuffle", "--epochs", "100", "--decay-steps", "10")
+
+
+@pytest.fixture(scope="module")
+def eval_dir(corpus_dir, tmp_path_factory) -> Path:
+    """Two documents of the training corpus: evaluation on, at little cost."""
+    folder = tmp_path_factory.mktemp("eval")
+    for path in sorted(corpus_dir.glob("*.txt"))[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def across_epochs_args(corpus_dir: Path, eval_dir: Path, run_dir: Path, max_steps: int) -> list[str]:
+    return [*train_args(corpus_dir, run_dir, "--max-steps", str(max_steps), *ACROSS_EPOCHS), "--eval-data", str(eval_dir), "--eval-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_across_epochs(corpus_dir, eval_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    args = across_epochs_args(corpus_dir, eval_dir, run_dir, 10)
+    assert main(args) == 0
+    epochs = [epoch for (epoch,) in sqlite3.connect(run_dir / "metrics.sqlite3").execute("SELECT epoch FROM steps ORDER BY step")]
+    assert epochs[0] == 0 and epochs[-1] >= 1, "the run must cross an epoch end"
+    return run_dir
+
+
+@pytest.mark.parametrize("stop", [4, pytest.param(7, marks=pytest.mark.slow)])
+def test_resume_across_an_epoch_end_with_gradient_accumulation_and_evaluation(corpus_dir, eval_dir, tmp_path, uninterrupted_across_epochs, stop):
+    run_dir = tmp_path / "interrupted"
+    assert main(across_epochs_args(corpus_dir, eval_dir, run_dir, stop)) == 0
+    assert main(["train", "--resume", str(run_dir), "--max-steps", "10", "--no-progress"]) == 0
+    assert_same_run(uninterrupted_across_epochs, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch-*")) == sorted(
+        p.name for p in (uninterrupted_across_epochs / "checkpoints").glob("epoch-*")
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == -9
+
+
+# A process killed at each stage of saving step 4: while writing the weights, while writing the
+# optimizer state, before renaming the finished folder into place, and before LATEST moves to it.
+KILL_AT_STAGE = {
+    "weights": """
+from bakallm.training import checkpoint
+real_save_model = checkpoint.save_model
+def save_model(model, path, *a, **k):
+    if "step-00000004" in path:
+        half_written_then_killed(path)
+    return real_save_model(model, path, *a, **k)
+checkpoint.save_model = save_model
+""",
+    "optimizer": """
+real_save = torch.save
+def save(obj, path, *a, **k):
+    if "step-00000004" in str(path) and str(path).endswith("optimizer.pt"):
+        half_written_then_killed(path)
+    return real_save(obj, path, *a, **k)
+torch.save = save
+""",
+    "rename": """
+real_replace = os.replace
+def replace(source, target, *a, **k):
+    if str(source).rstrip("/").split("/")[-1].startswith(".tmp-step-00000004"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, target, *a, **k)
+os.replace = replace
+""",
+    "LATEST": """
+real_replace = os.replace
+def replace(source, target, *a, **k):
+    if str(target).endswith("LATEST") and os.path.isdir(os.path.join(os.path.dirname(str(target)), "checkpoints", "step-00000004")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, target, *a, **k)
+os.replace = replace
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_short(corpus_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted-short") / "run"
+    assert main(train_args(corpus_dir, run_dir, "--max-steps", "6", "--save-every", "2")) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", [pytest.param(stage, marks=[] if stage == "optimizer" else pytest.mark.slow) for stage in KILL_AT_STAGE])
+def test_a_run_killed_at_any_stage_of_a_save_resumes_to_the_uninterrupted_result(corpus_dir, tmp_path, uninterrupted_short, stage):
+    run_dir = tmp_path / "killed"
+    args = train_args(corpus_dir, run_dir, "--max-steps", "6", "--save-every", "2")
+    script = "\n".join(
+        [
+            "import os, signal, sys, torch",
+            "def half_written_then_killed(path):",
+            "    with open(path, 'wb') as handle:",
+            "        handle.write(b'half')",
+            "    os.kill(os.getpid(), signal.SIGKILL)",
+            textwrap.dedent(KILL_AT_STAGE[stage]),
+            "from bakallm.cli import main",
+            f"sys.exit(main({args!r}))",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -9, result.stderr[-2000:]
     assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
-    assert list((run_dir / "checkpoints").glob(".tmp-*"))
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
-    assert ckpt.latest_checkpoint(run_dir).name == "step-00000008"
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000006"
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert len(step_losses(run_dir)) == 8
+    assert_same_run(uninterrupted_short, run_dir)
 
 
 def test_recipe_values_apply_and_flags_override_them(tmp_path):
