@@ -31,11 +31,11 @@ ROWS = [
 
 def test_markdown_sorted_by_loss_with_bold_rows():
     expected = (
-        "| n_ctx | loss | ppl | bpb | note |\n"
-        "|---|---|---|---|---|\n"
-        "| **1048576** | **3.4758** | **32.32** | **1.0123** | **after 2 epoch** |\n"
-        "| 4096 | 3.6123 | 37.04 | 1.0444 | after 1 epoch |\n"
-        "| **1024** | **3.9000** | **49.40** |  | **a \\| b** |\n"
+        "| model_name | benchmark | split | n_ctx | loss | ppl | bpb | note |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| **tiny** | **wikitext-103** | **test** | **1048576** | **3.4758** | **32.32** | **1.0123** | **after 2 epoch** |\n"
+        "| tiny | wikitext-103 | test | 4096 | 3.6123 | 37.04 | 1.0444 | after 1 epoch |\n"
+        "| **tiny** | **wikitext-103** | **test** | **1024** | **3.9000** | **49.40** |  | **a \\| b** |\n"
     )
     assert format_table(ROWS, bold_ids={2, 3}) == expected
 
@@ -103,19 +103,19 @@ def test_results_command_bolds_rows_added_since_previous_listing(tmp_path, capsy
     assert run_results("--db", str(path)) == 0
     first = capsys.readouterr().out
     assert first == (
-        "| n_ctx | loss | ppl | bpb | note |\n"
-        "|---|---|---|---|---|\n"
-        "| **1048576** | **3.4758** | **32.32** | **1.0123** | **after 2 epoch** |\n"
-        "| **4096** | **3.6123** | **37.04** | **1.0444** | **after 1 epoch** |\n"
+        "| model_name | benchmark | split | n_ctx | loss | ppl | bpb | note |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| **tiny** | **wikitext-103** | **test** | **1048576** | **3.4758** | **32.32** | **1.0123** | **after 2 epoch** |\n"
+        "| **tiny** | **wikitext-103** | **test** | **4096** | **3.6123** | **37.04** | **1.0444** | **after 1 epoch** |\n"
     )
     fill(path, ROWS[2:])
     assert run_results("--db", str(path)) == 0
     assert capsys.readouterr().out == (
-        "| n_ctx | loss | ppl | bpb | note |\n"
-        "|---|---|---|---|---|\n"
-        "| 1048576 | 3.4758 | 32.32 | 1.0123 | after 2 epoch |\n"
-        "| 4096 | 3.6123 | 37.04 | 1.0444 | after 1 epoch |\n"
-        "| **1024** | **3.9000** | **49.40** |  | **a \\| b** |\n"
+        "| model_name | benchmark | split | n_ctx | loss | ppl | bpb | note |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| tiny | wikitext-103 | test | 1048576 | 3.4758 | 32.32 | 1.0123 | after 2 epoch |\n"
+        "| tiny | wikitext-103 | test | 4096 | 3.6123 | 37.04 | 1.0444 | after 1 epoch |\n"
+        "| **tiny** | **wikitext-103** | **test** | **1024** | **3.9000** | **49.40** |  | **a \\| b** |\n"
     )
     run_results("--db", str(path), "--columns", "id,n_ctx")
     assert "**" not in capsys.readouterr().out

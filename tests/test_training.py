@@ -513,3 +513,20 @@ def test_runs_work_from_any_directory_and_accept_a_moved_corpus(corpus_dir, tmp_
     (moved / "doc00.txt").write_text("Something else entirely.", encoding="utf-8")
     assert main(["train", "--resume", run_dir, "--max-steps", "5", "--data", "moved", "--no-progress"]) == 2
     assert "holds other content than the run was trained on" in capsys.readouterr().err
+
+
+def test_resume_is_exact_across_the_rolling_epoch_boundary(corpus_dir, tmp_path):
+    common = ("--epochs", "2", "--batch-size", "4", "--train-ctx", "128", "--decay-steps", "30", "--shuffle")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(train_args(corpus_dir, straight, *common)) == 0
+    with sqlite3.connect(straight / "metrics.sqlite3") as connection:
+        epochs = [row[0] for row in connection.execute("SELECT epoch FROM steps ORDER BY step")]
+    boundary = epochs.index(1)  # steps 1..boundary belong to epoch 0; the last of them ends it
+    assert main(train_args(corpus_dir, stopped, *common, "--max-steps", str(boundary - 1))) == 0
+    rows = json.loads((ckpt.latest_checkpoint(stopped) / ckpt.TRAINER_STATE_FILE).read_text())["batcher"]
+    busy_epochs = {epoch for epoch, unit in zip(rows["row_epochs"], rows["row_documents"]) if unit != -1}
+    assert busy_epochs == {0, 1}  # the checkpoint holds rows of both epochs
+    assert main(["train", "--resume", str(stopped), "--max-steps", str(len(epochs)), "--no-progress"]) == 0
+    expected, got = step_losses(straight), step_losses(stopped)
+    assert len(got) == len(expected) and max(abs(a - b) for a, b in zip(expected, got)) <= 1e-6
+    assert step_learning_rates(stopped) == step_learning_rates(straight)

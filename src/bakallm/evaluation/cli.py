@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scan", choices=SCAN_BACKENDS,
         help="our models only: selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)",
     )
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     parser.add_argument("--cache-dir", type=Path, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -83,7 +84,7 @@ class ModelUnderTest:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bakallm.acceleration import resolve_device
+    from bakallm.acceleration import resolve_device, use_threads
     from bakallm.data.corpora import HUB_WIKITEXT_SPLITS, load_corpus
     from bakallm.data.token_cache import tokenize_corpus
     from bakallm.data.tokenizers import load_tokenizer
@@ -94,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.split not in HUB_WIKITEXT_SPLITS:
         raise UserError(f"Unknown split {args.split!r}; use one of {', '.join(HUB_WIKITEXT_SPLITS)}.")
-    for flag, value in (("--n-ctx", args.n_ctx), ("--stride", args.stride), ("--batch-size", args.batch_size)):
+    for flag, value in (("--n-ctx", args.n_ctx), ("--stride", args.stride), ("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None:
             require_positive(flag, value)
+    use_threads(args.threads)
     if args.stride is not None and args.hf is None:
         raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
     if args.scan is not None and args.hf is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from bakallm.errors import UserError
 from bakallm.results.db import ALL_COLUMNS, ResultRow
 
-DEFAULT_COLUMNS: tuple[str, ...] = ("n_ctx", "loss", "ppl", "bpb", "note")
+DEFAULT_COLUMNS: tuple[str, ...] = ("model_name", "benchmark", "split", "n_ctx", "loss", "ppl", "bpb", "note")
 FORMATS = ("markdown", "csv", "json")
 # Decimals shown in Markdown; CSV and JSON keep full precision because programs read them.
 MARKDOWN_FLOAT_FORMATS = {
