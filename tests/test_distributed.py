@@ -1,6 +1,8 @@
 """Data parallelism: N ranks x B rows train exactly like one process with N x B rows (DDP and FSDP2), resume exactly,
 and resume on another split of the same rows. The ranks run as processes on gloo with torchrun's environment."""
 
+import copy
+import functools
 import json
 import multiprocessing
 import os
@@ -8,8 +10,10 @@ import random
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,10 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A corpus of ten documents of different lengths (so rows end and refill at different steps) and a tiny model."""
+    """A corpus of ten documents of different lengths (so rows end and refill at different steps) and a tiny model.
+
+    The runs use two micro-batches per step, so gradient accumulation without all-reduce is part of every comparison.
+    """
     folder = tmp_path_factory.mktemp("distributed")
     corpus = folder / "corpus"
     corpus.mkdir()
@@ -51,23 +58,22 @@ def train_args(workspace: Path, run_dir: Path, batch_size: int, *extra: str) -> 
         "train", "--preset", "tiny", "--model-config", str(workspace / "model.json"), "--data", str(workspace / "corpus"),
         "--tokenizer", "bytes", "--batch-size", str(batch_size), "--train-ctx", "32", "--lr", "3e-3", "--warmup-steps", "2",
         "--shuffle", "--epochs", "100", "--decay-steps", str(STEPS), "--device", "cpu", "--run-dir", str(run_dir), "--no-progress",
-        "--cache-dir", str(workspace / "cache"), "--save-every", "100", "--threads", "1", *extra,
+        "--grad-accum", "2", "--cache-dir", str(workspace / "cache"), "--save-every", "100", "--threads", "1", *extra,
     ]
 
 
-def launch(world_size: int, args: list[str], log_prefix: Path, prepare=None, timeout: float = 240) -> list[tuple[int, str]]:
-    """Runs `bakallm ARGS` as `world_size` ranks with torchrun's environment; (exit status, output) per rank.
+def launch(world_size: int, command: Callable[[int], int], log_prefix: Path, timeout: float = 240) -> list[tuple[int, str]]:
+    """Runs `command(rank)` in `world_size` ranks with torchrun's environment; (exit status, output) per rank.
 
     The ranks are forked from this process, so they skip the seconds of importing torch that a fresh
-    interpreter pays. Like torchrun, it stops the other ranks as soon as one fails. `prepare(rank)` runs
-    in each rank before the command.
+    interpreter pays. Like torchrun, it stops the other ranks as soon as one fails.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     logs = [Path(f"{log_prefix}.rank{rank}.log") for rank in range(world_size)]
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, args, logs[rank], prepare)) for rank in range(world_size)]
+    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, command, logs[rank])) for rank in range(world_size)]
     for process in processes:
         process.start()
     deadline = time.monotonic() + timeout
@@ -80,7 +86,7 @@ def launch(world_size: int, args: list[str], log_prefix: Path, prepare=None, tim
     return [(process.exitcode, log.read_text()) for process, log in zip(processes, logs)]
 
 
-def _rank_main(rank: int, world_size: int, port: int, args: list[str], log: Path, prepare) -> None:
+def _rank_main(rank: int, world_size: int, port: int, command: Callable[[int], int], log: Path) -> None:
     os.environ.update(
         WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -89,15 +95,14 @@ def _rank_main(rank: int, world_size: int, port: int, args: list[str], log: Path
     os.dup2(output.fileno(), 1)
     os.dup2(output.fileno(), 2)
     sys.stdout = sys.stderr = output
-    if prepare is not None:
-        prepare(rank)
-    code = main(args)
+    code = command(rank)
     output.flush()
     os._exit(code)
 
 
 def run_ranks(world_size: int, args: list[str], run_dir: Path) -> None:
-    results = launch(world_size, args, log_prefix=run_dir)
+    """`bakallm ARGS` in `world_size` ranks, as `torchrun --nproc-per-node WORLD_SIZE -m bakallm ARGS` runs it."""
+    results = launch(world_size, lambda rank: main(args), log_prefix=run_dir)
     assert all(code == 0 for code, _ in results), "\n".join(f"rank {rank} exited {code}:\n{log}" for rank, (code, log) in enumerate(results))
 
 
@@ -190,11 +195,11 @@ def test_fsdp_without_torchrun_is_refused(workspace, capsys):
     assert "torchrun" in error and len(error.splitlines()) == 1
 
 
-def _rank_1_dies_at_its_second_save(rank: int) -> None:
+def _train_where_rank_1_dies_at_its_second_save(args: list[str], rank: int) -> int:
     from bakallm.training.trainer import Trainer
 
     if rank != 1:
-        return
+        return main(args)
     save = Trainer.save
     calls = []
 
@@ -205,14 +210,74 @@ def _rank_1_dies_at_its_second_save(rank: int) -> None:
         return save(self, name)
 
     Trainer.save = save_or_die
+    return main(args)
 
 
 def test_a_rank_that_dies_while_saving_leaves_the_previous_checkpoint_and_the_run_resumes(workspace, single_process_run):
     run_dir = workspace / "rank-dies"
     args = train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), "--save-every", "2")
-    results = launch(2, args, log_prefix=run_dir, prepare=_rank_1_dies_at_its_second_save)
+    results = launch(2, functools.partial(_train_where_rank_1_dies_at_its_second_save, args), log_prefix=run_dir)
     assert results[1][0] == 1 and results[0][0] != 0  # rank 0 fails in the collective, or is stopped by the launcher
     assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
     assert not (run_dir / "checkpoints" / "step-00000004").exists()
     run_ranks(2, ["train", "--resume", str(run_dir), "--no-progress"], run_dir)
     assert_trains_like(single_process_run, run_dir)
+
+
+def _accumulate_two_micro_batches(folder: Path, rank: int) -> int:
+    """Saves the gradients after an unsynchronised and a synchronised micro-batch, and those of an unwrapped copy."""
+    from bakallm import BakaLM, ModelConfig
+    from bakallm.training.distributed import launch as start_ranks
+
+    with start_ranks() as distributed:
+        torch.manual_seed(0)
+        model = BakaLM(ModelConfig.preset("tiny", **json.loads((folder / "model.json").read_text()), vocab_size=64))
+        unwrapped = copy.deepcopy(model)
+        wrapped = distributed.wrap(model, torch.device("cpu"), fsdp=False)
+        generator = torch.Generator().manual_seed(rank)  # each rank its own rows
+        for synchronised in (False, True):
+            ids = torch.randint(0, 64, (2, 16), generator=generator)
+            with distributed.gradient_sync(wrapped, synchronised):
+                wrapped(ids, targets=ids).loss.backward()
+            unwrapped(ids, targets=ids).loss.backward()
+            torch.save([parameter.grad.clone() for parameter in model.parameters()], folder / f"synchronised-{synchronised}-rank{rank}.pt")
+        torch.save([parameter.grad for parameter in unwrapped.parameters()], folder / f"local-rank{rank}.pt")
+    return 0
+
+
+def test_accumulation_all_reduces_only_the_last_micro_batch(workspace):
+    folder = workspace / "accumulation"
+    folder.mkdir()
+    shutil.copy(workspace / "model.json", folder)
+    results = launch(2, functools.partial(_accumulate_two_micro_batches, folder), log_prefix=folder)
+    assert all(code == 0 for code, _ in results), results
+    first = [torch.load(folder / f"synchronised-False-rank{rank}.pt") for rank in range(2)]
+    last = [torch.load(folder / f"synchronised-True-rank{rank}.pt") for rank in range(2)]
+    local = [torch.load(folder / f"local-rank{rank}.pt") for rank in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(*first))  # not all-reduced: the ranks kept their own gradients
+    for rank_0, rank_1, local_0, local_1 in zip(*last, *local):
+        assert torch.equal(rank_0, rank_1)
+        assert torch.allclose(rank_0, (local_0 + local_1) / 2, atol=1e-7)  # the average of both micro-batches' sums
+
+
+def test_fsdp_on_a_torch_without_fully_shard_names_the_version_needed(monkeypatch):
+    import torch.distributed.fsdp
+
+    from bakallm.errors import UserError
+    from bakallm.training.distributed import Distributed
+
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")
+    with pytest.raises(UserError, match=r"PyTorch 2\.6 or newer.*drop --fsdp"):
+        Distributed(world_size=2, launched=True).wrap(torch.nn.Linear(2, 2), torch.device("cpu"), fsdp=True)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_python_m_bakallm_as_the_readme_says(workspace, single_process_run):
+    run_dir = workspace / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bakallm",
+               *train_args(workspace, run_dir, 2, "--max-steps", "2")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2  # the summary, printed once, by rank 0
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert max(abs(a - b) for a, b in zip(step_losses(single_process_run), step_losses(run_dir))) <= TOLERANCE
