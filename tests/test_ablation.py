@@ -75,6 +75,14 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     (tmp_path / "runs" / "neox" / DONE_FILE).unlink()
     assert run_study(load_study(study_file), db, log=lambda message: None) == ["neox"]
 
+    # The same output folder with another budget is refused rather than mixed.
+    changed = yaml.safe_load(study_file.read_text())
+    changed["train_tokens"] *= 2
+    other = tmp_path / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    with pytest.raises(UserError, match="other settings \\(train_tokens differ\\)"):
+        run_study(load_study(other), db, log=lambda message: None)
+
     assert main(["results", "--study", "mini", "--db", str(db)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |")

@@ -153,7 +153,7 @@ def test_failed_upgrade_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     assert column_names(path) == before and "arch_hash" not in before
     with ResultsDB(path) as db:
         assert [row.model_name for row in db.rows()] == ["gpt2"]
-    assert column_names(path)[-3:] == ["arch_hash", "version", "extra"]
+    assert column_names(path)[-4:] == ["arch_hash", "version", "extra", "study"]
 
 
 def test_newer_schema_and_foreign_databases_are_refused(tmp_path):

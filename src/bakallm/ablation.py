@@ -23,6 +23,7 @@ from bakallm.atomic import atomic_path, write_text_atomic
 from bakallm.errors import UserError
 
 DONE_FILE = "ablation-result.json"
+SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
 WHOLE_DOCUMENT = "whole"
 # Our models carry their state through the whole document at this context: no reset in practice.
 WHOLE_DOCUMENT_N_CTX = 1 << 40
@@ -156,6 +157,7 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
     with ResultsDB(db_path if db_path is not None else default_db_path()) as db:
         for variant in study.variants:
             run_dir = study.run_dir(variant)
+            check_settings(study, variant)
             if (run_dir / DONE_FILE).is_file():
                 log(f"{variant.name}: done before, skipped ({run_dir})")
                 continue
@@ -169,6 +171,30 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
             write_text_atomic(run_dir / DONE_FILE, json.dumps({**trained, "rows": len(rows)}, indent=2))
             ran.append(variant.name)
     return ran
+
+
+def variant_settings(study: Study, variant: Variant) -> dict[str, Any]:
+    return {
+        "preset": variant.preset, "hf_config": variant.hf_config, "model": variant.model if variant.hf_config else {**study.model, **variant.model},
+        "training": {**study.training, **variant.training}, "train_tokens": study.train_tokens, "seed": study.seed,
+        "tokenizer": study.tokenizer, "data": study.train_sources,
+    }
+
+
+def check_settings(study: Study, variant: Variant) -> None:
+    """Records the variant's settings in its run directory, or refuses a directory made with others."""
+    path = study.run_dir(variant) / SETTINGS_FILE
+    settings = json.loads(json.dumps(variant_settings(study, variant)))  # as JSON gives it back
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in settings if recorded.get(key) != settings[key])
+        if changed:
+            raise UserError(
+                f"{path.parent} holds variant {variant.name} made with other settings ({', '.join(changed)} differ); "
+                "delete that directory or give the study another output folder (--output)."
+            )
+    else:
+        write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def variant_train_config(study: Study, variant: Variant, train_data: Path):
