@@ -126,10 +126,17 @@ def _sources(data: Any) -> list[str]:
     return sources
 
 
-def write_corpus(sources: list[str], path: Path, max_characters: int | None = None) -> Path:
-    """The documents of all `sources`, in order, as one JSONL corpus (each cut to `max_characters`)."""
+def write_corpus(sources: list[str], folder: Path, name: str, max_characters: int | None = None) -> Path:
+    """The documents of all `sources`, in order, as one JSONL corpus (each cut to `max_characters`).
+
+    Its file name holds a hash of what it was made from, so a changed study never reads a stale one.
+    """
+    import hashlib
+
     from bakallm.data.corpora import load_corpus
 
+    key = hashlib.sha256(json.dumps([sources, max_characters]).encode("utf-8")).hexdigest()[:12]
+    path = folder / f"{name}-{key}.jsonl"
     if path.is_file():
         return path
     with atomic_path(path) as temporary, temporary.open("w", encoding="utf-8") as out:
@@ -143,19 +150,29 @@ def write_corpus(sources: list[str], path: Path, max_characters: int | None = No
 # ----- running -----
 
 
-def run_study(study: Study, db_path: Path | None = None, progress: bool = False, log=print) -> list[str]:
-    """Trains and evaluates every variant not yet done; returns the names of those run now."""
+def run_study(study: Study, db_path: Path | None = None, progress: bool = False, log=print, only: list[str] | None = None) -> list[str]:
+    """Trains and evaluates every variant not yet done (of those in `only`, when given); returns the names of those run now.
+
+    Several processes may run one study side by side on disjoint `only` lists: they share the
+    results database, and the table orders variants as the study file does.
+    """
+    if only is not None:
+        unknown = sorted(set(only) - {variant.name for variant in study.variants})
+        if unknown:
+            raise UserError(f"--variants names {', '.join(unknown)}, not in study {study.name}; choose among {', '.join(v.name for v in study.variants)}.")
     from bakallm.results.db import ResultsDB, default_db_path
 
     study.output.mkdir(parents=True, exist_ok=True)
-    train_data = write_corpus(study.train_sources, study.output / "data" / "train.jsonl")
+    train_data = write_corpus(study.train_sources, study.output / "data", "train")
     eval_data = {
-        corpus.name: write_corpus(corpus.sources, study.output / "data" / f"eval-{corpus.name}.jsonl", corpus.max_characters)
+        corpus.name: write_corpus(corpus.sources, study.output / "data", f"eval-{corpus.name}", corpus.max_characters)
         for corpus in study.eval_corpora
     }
     ran = []
     with ResultsDB(db_path if db_path is not None else default_db_path()) as db:
         for variant in study.variants:
+            if only is not None and variant.name not in only:
+                continue
             run_dir = study.run_dir(variant)
             check_settings(study, variant)
             if (run_dir / DONE_FILE).is_file():
@@ -279,7 +296,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
                     checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
                     tokenizer=tokenizer.name, word_ppl=result.word_ppl, legacy_loss=result.legacy_loss, nan_count=result.nan_count,
                     tokens_per_s=result.tokens_per_s, study=study.name,
-                    extra={"variant": variant.name, "context": context, "train_tokens": trained["tokens"],
+                    extra={"variant": variant.name, "variant_index": study.variants.index(variant), "context": context, "train_tokens": trained["tokens"],
                            "train_seconds": trained["train_seconds"], "run_dir": str(run_dir)},
                 )
             )
@@ -293,6 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)")
     parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
     parser.add_argument("--output", type=Path, help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)")
+    parser.add_argument("--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -303,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         study = replace(study, output=args.output)
     started = time.perf_counter()
-    ran = run_study(study, args.db, progress=args.progress)
-    print(f"study {study.name}: {len(ran)} variant(s) run now, {len(study.variants) - len(ran)} done before, "
+    only = [name.strip() for name in args.variants.split(",") if name.strip()] if args.variants else None
+    ran = run_study(study, args.db, progress=args.progress, only=only)
+    print(f"study {study.name}: {len(ran)} variant(s) run now, "
           f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`")
     return 0

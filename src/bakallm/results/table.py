@@ -124,6 +124,8 @@ def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
         raise UserError(f"unknown table format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     variants: dict[str, dict[str, Any]] = {}
     figures: list[str] = []
+    # The study file's order (processes that share a study record out of order), else the order recorded.
+    rows = sorted(rows, key=lambda row: row.extra.get("variant_index", 0))
     for row in rows:
         variant = variants.setdefault(
             row.extra.get("variant", row.model_name),
