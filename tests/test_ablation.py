@@ -91,6 +91,12 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     assert table[0].startswith("| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |")
     assert [line.split("|")[1].strip() for line in table[2:]] == ["seed", "neox"]
     assert "(+0.0000)" in table[2]  # the first variant is the reference of the deltas
+    from bakallm.plotting import study_run_dirs
+
+    assert [path.name for path in study_run_dirs(db, "mini")] == ["seed", "neox"]
+    png = tmp_path / "mini.png"
+    assert main(["plot", "study", "mini", "--db", str(db), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     neox_loss = rows[2].loss  # the rerun's figure replaces the first one; both score the same checkpoint
     assert f"{neox_loss:.4f}" in table[3]
 

@@ -105,6 +105,7 @@ def study_run_dirs(db_path: str | Path | None, study: str) -> list[Path]:
     with ResultsDB(db_path, must_exist=True) as db:
         rows = db.rows(study=study)
         db_shown = db.path
+    rows = sorted(rows, key=lambda row: row.extra.get("variant_index", 0))  # the study file's order
     run_dirs = list(dict.fromkeys(row.extra["run_dir"] for row in rows if "run_dir" in row.extra))
     if not run_dirs:
         raise UserError(f"no results of study {study!r} in {db_shown}; run `bakallm ablate` on its study file first.")
