@@ -6,7 +6,9 @@ Each window of `window` tokens is laid out as
     y = x + attn(norm(x)) + mlp(norm(x));  y = y + mamba(norm(y))
 
 The last layer's output at the write slots becomes the next window's read memory; attention
-keys/values and the Mamba state are carried too (see docs/architecture.md).
+keys/values and the Mamba state are carried too (see docs/architecture.md). ModelConfig fields
+switch each part to the reference system's variant instead (norm, pauses, memory layout and
+read-out, initialisation, which layers have Mamba).
 """
 
 from __future__ import annotations
@@ -196,12 +198,12 @@ class BakaLM(nn.Module):
         config = self.config
         tokens = self.embed(input_ids)
         body, token_positions = self._insert_pauses(tokens)
-        x, read_length, past_masked_slots = self._memory_layout(body, state)
+        x, read_length, hidden_read_slots = self._memory_layout(body, state)
         length = x.shape[1]
         past_length = state.keys[0].shape[2]
         mask = xl_attention_mask(state.has_past, past_length, length)
-        if past_masked_slots is not None:
-            mask = mask & ~past_masked_slots
+        if hidden_read_slots is not None:
+            mask = mask & ~hidden_read_slots
         cos, sin = self.rotary_cos[: past_length + length], self.rotary_sin[: past_length + length]
         keys, values, convs, ssms = [], [], [], []
         mamba_index = 0
