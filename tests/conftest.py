@@ -8,6 +8,16 @@ from hypothesis import settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNNING_IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 
+# Without a GPU, Triton kernels run under Triton's interpreter. The variable is read when triton is
+# first imported, and torch.compile imports triton too, so it is set before any test runs.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 # CI draws the same examples every run: a failure there is reproducible, never a lucky draw.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if RUNNING_IN_CI:

@@ -31,7 +31,7 @@ def make_run(run_dir, **overrides):
     """A run directory with one checkpoint of an untrained model, tokenized with `bytes`."""
     config = small_config(**overrides)
     model = BakaLM(config)
-    write_run_config(run_dir, config, {"tokenizer": "bytes"})
+    write_run_config(run_dir, config.to_dict(), {"tokenizer": "bytes"})
     save_checkpoint(
         run_dir, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={},
         recurrent_state=None, rng_state={}, keep_last=3,

@@ -17,6 +17,7 @@ from bakallm.errors import UserError
 COMMANDS = {
     "train": ("bakallm.training.cli", "train a model (resumable run directory)"),
     "bench": ("bakallm.evaluation.cli", "benchmark a model on whole articles and record the result"),
+    "ablate": ("bakallm.ablation", "train and evaluate the variants of an ablation study (resumable)"),
     "results": ("bakallm.results.cli", "print the results table"),
     "plot": ("bakallm.plotting", "plot training curves or benchmark loss against context length"),
 }

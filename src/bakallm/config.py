@@ -11,6 +11,14 @@ from typing import Any
 
 VOCAB_PAD_MULTIPLE = 64
 
+# Choices of the fields that can reproduce the reference ("seed") system; the first of each is ours.
+NORMS = ("rmsnorm", "layernorm")
+PAUSE_EMBEDDINGS = ("per_position", "shared")
+PAUSE_PLACEMENTS = ("before_tokens", "window_slots")
+MEMORY_LAYOUTS = ("learned_slots", "copy_memory")
+MEMORY_READOUTS = ("write_slots", "first_slots")
+INIT_SCHEMES = ("scaled_normal", "pytorch_default")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -18,6 +26,8 @@ class ModelConfig:
 
     Each window holds `window` tokens. It is laid out as
     `[n_memory read slots | window tokens with n_pauses pauses | n_memory write slots]`.
+    The fields after `xl_cache` choose between our design (the defaults) and the reference
+    system's; docs/architecture.md ("Where we differ") explains each.
     """
 
     vocab_size: int = 50277
@@ -38,6 +48,25 @@ class ModelConfig:
     carry_mamba_state: bool = True
     # Attend to the previous window's keys and values (Transformer-XL); off gives a windowed model.
     xl_cache: bool = True
+    # Which layers have a Mamba mixer: every k-th one (layers k-1, 2k-1, ...); 1 means all.
+    mamba_every: int = 1
+    # rmsnorm, or layernorm (LayerNorm with bias) at the layer input, the Mamba input and the end.
+    norm: str = "rmsnorm"
+    # per_position: one learned vector per pause; shared: one vector used at every pause.
+    pause_embedding: str = "per_position"
+    # before_tokens: pause k precedes token k*s (s = window / n_pauses); window_slots: pause k sits
+    # at slot k*s of the [pauses and tokens] body, i.e. before token k*(s-1).
+    pause_placement: str = "before_tokens"
+    # learned_slots: [learned initial memory or carried memory | tokens | learned write slots];
+    # copy_memory: a fresh window is [tokens | learned write slots] (no read slots), later ones
+    # [memory | tokens | a copy of the memory as write slots].
+    memory_layout: str = "learned_slots"
+    # write_slots: the next memory is the last layer's output at the write slots;
+    # first_slots: at the first n_memory positions of the window.
+    memory_readout: str = "write_slots"
+    # scaled_normal: N(0, init_std), residual outputs scaled by 1/sqrt(2 n_layers);
+    # pytorch_default: PyTorch's own (Linear kaiming-uniform, embeddings, pauses, memory N(0, 1)).
+    init: str = "scaled_normal"
     tie_embeddings: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -69,6 +98,14 @@ class ModelConfig:
         return self.window // self.n_pauses if self.n_pauses else self.window
 
     @property
+    def pause_step(self) -> int:
+        """Tokens between two pauses: pause k precedes token k * pause_step."""
+        return self.pause_spacing - 1 if self.pause_placement == "window_slots" else self.pause_spacing
+
+    def has_mamba(self, layer: int) -> bool:
+        return self.mamba and layer % self.mamba_every == self.mamba_every - 1
+
+    @property
     def layout_length(self) -> int:
         """Positions in one full window: read memory, tokens, pauses and write slots."""
         return 2 * self.n_memory + self.window + self.n_pauses
@@ -80,7 +117,9 @@ class ModelConfig:
 
     # ----- validation -----
     def validate(self) -> None:
-        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand")
+        positive = (
+            "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_every"
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -97,6 +136,14 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.window ({self.window}) must be divisible by n_pauses ({self.n_pauses}) so that pauses sit at fixed spacing."
             )
+        for name, choices in (
+            ("norm", NORMS), ("pause_embedding", PAUSE_EMBEDDINGS), ("pause_placement", PAUSE_PLACEMENTS),
+            ("memory_layout", MEMORY_LAYOUTS), ("memory_readout", MEMORY_READOUTS), ("init", INIT_SCHEMES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        if self.n_pauses and self.pause_placement == "window_slots" and self.pause_spacing < 2:
+            raise ValueError("ModelConfig.pause_placement window_slots needs at least two tokens per pause (window >= 2 * n_pauses).")
         if self.n_pauses > self.window:
             raise ValueError(f"ModelConfig.n_pauses ({self.n_pauses}) cannot exceed window ({self.window}).")
         if not self.elephant_a > 0 or not self.elephant_d > 0:
@@ -152,8 +199,16 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "celp18": {},
-    # The reference system restarted Mamba from zero in every window; kept for ablations.
-    "celp18-seed": {"carry_mamba_state": False},
+    # The reference system (the "seed"), field by field: see docs/architecture.md.
+    "celp18-seed": {
+        "carry_mamba_state": False,
+        "norm": "layernorm",
+        "pause_embedding": "shared",
+        "pause_placement": "window_slots",
+        "memory_layout": "copy_memory",
+        "memory_readout": "first_slots",
+        "init": "pytorch_default",
+    },
     "tiny": {
         "d_model": 128,
         "n_layers": 4,

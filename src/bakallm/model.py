@@ -6,7 +6,9 @@ Each window of `window` tokens is laid out as
     y = x + attn(norm(x)) + mlp(norm(x));  y = y + mamba(norm(y))
 
 The last layer's output at the write slots becomes the next window's read memory; attention
-keys/values and the Mamba state are carried too (see docs/architecture.md).
+keys/values and the Mamba state are carried too (see docs/architecture.md). ModelConfig fields
+switch each part to the reference system's variant instead (norm, pauses, memory layout and
+read-out, initialisation, which layers have Mamba).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bakallm.attention import XLAttention, xl_attention_mask
@@ -36,16 +37,22 @@ class ModelOutput:
     n_targets: torch.Tensor | None = None  # how many targets the loss averages over
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, with_mamba: bool):
         super().__init__()
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = make_norm(config)
         self.attn = XLAttention(config.d_model, config.n_heads)
         self.mlp = GatedMLP(config.d_model, config.d_ff, config.elephant_a, config.elephant_d)
-        self.mamba_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps) if config.mamba else None
+        self.mamba_norm = make_norm(config) if with_mamba else None
         self.mamba = (
             Mamba(config.d_model, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.dt_rank)
-            if config.mamba
+            if with_mamba
             else None
         )
 
@@ -65,11 +72,13 @@ class BakaLM(nn.Module):
         self.config = config
         d_model = config.d_model
         self.embed = nn.Embedding(config.padded_vocab_size, d_model)
-        self.pause = nn.Parameter(torch.zeros(config.n_pauses, d_model))
-        self.initial_memory = nn.Parameter(torch.zeros(config.n_memory, d_model))
+        n_pause_vectors = min(config.n_pauses, 1) if config.pause_embedding == "shared" else config.n_pauses
+        self.pause = nn.Parameter(torch.zeros(n_pause_vectors, d_model))
+        # The reference layout has no read slots in a fresh window, so it learns no initial memory.
+        self.initial_memory = nn.Parameter(torch.zeros(config.n_memory, d_model)) if config.memory_layout == "learned_slots" else None
         self.write_slots = nn.Parameter(torch.zeros(config.n_memory, d_model))
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = nn.RMSNorm(d_model, eps=config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, config.has_mamba(index)) for index in range(config.n_layers))
+        self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -80,6 +89,9 @@ class BakaLM(nn.Module):
 
     # ----- parameters -----
     def reset_parameters(self) -> None:
+        if self.config.init == "pytorch_default":
+            self._reset_pytorch_default()
+            return
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         with torch.no_grad():
@@ -91,11 +103,27 @@ class BakaLM(nn.Module):
                         module.bias.zero_()
                 elif isinstance(module, nn.Embedding):
                     module.weight.normal_(0.0, std)
-            for parameter in (self.pause, self.initial_memory, self.write_slots):
+            for parameter in self._slot_vectors():
                 parameter.normal_(0.0, std)
-            for layer in self.layers:
-                if layer.mamba is not None:
-                    layer.mamba.reset_dt_projection()
+        self._reset_mamba_dt()
+
+    def _reset_pytorch_default(self) -> None:
+        """The reference's initialisation: each module's own default, slot vectors N(0, 1)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.reset_parameters()
+            for parameter in self._slot_vectors():
+                parameter.normal_(0.0, 1.0)
+        self._reset_mamba_dt()
+
+    def _slot_vectors(self) -> list[nn.Parameter]:
+        return [parameter for parameter in (self.pause, self.initial_memory, self.write_slots) if parameter is not None]
+
+    def _reset_mamba_dt(self) -> None:
+        for layer in self.layers:
+            if layer.mamba is not None:
+                layer.mamba.reset_dt_projection()
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameter count and the part in the token embedding and output projection."""
@@ -168,21 +196,22 @@ class BakaLM(nn.Module):
     def _window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """(final-normed hidden states of the window's tokens [B, T, d_model], the state after it)."""
         config = self.config
-        batch = input_ids.shape[0]
         tokens = self.embed(input_ids)
         body, token_positions = self._insert_pauses(tokens)
-        dtype = body.dtype
-        memory = torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), self.initial_memory.to(dtype))
-        x = torch.cat((memory, body, self.write_slots.to(dtype).expand(batch, -1, -1)), dim=1)
+        x, read_length, hidden_read_slots = self._memory_layout(body, state)
         length = x.shape[1]
         past_length = state.keys[0].shape[2]
         mask = xl_attention_mask(state.has_past, past_length, length)
+        if hidden_read_slots is not None:
+            mask = mask & ~hidden_read_slots
         cos, sin = self.rotary_cos[: past_length + length], self.rotary_sin[: past_length + length]
         keys, values, convs, ssms = [], [], [], []
+        mamba_index = 0
         for index, layer in enumerate(self.layers):
             conv_state = ssm_state = None
             if layer.mamba is not None:
-                conv_state, ssm_state = state.conv[index], state.ssm[index]
+                conv_state, ssm_state = state.conv[mamba_index], state.ssm[mamba_index]
+                mamba_index += 1
                 if not config.carry_mamba_state:
                     conv_state, ssm_state = torch.zeros_like(conv_state), torch.zeros_like(ssm_state)
             x, key, value, conv_state, ssm_state = layer(
@@ -195,29 +224,61 @@ class BakaLM(nn.Module):
             if layer.mamba is not None:
                 convs.append(conv_state.contiguous())
                 ssms.append(ssm_state.contiguous())
+        memory = x[:, : config.n_memory] if config.memory_readout == "first_slots" else x[:, length - config.n_memory :]
         new_state = RecurrentState(
-            memory=x[:, length - config.n_memory :].float(),
+            memory=memory.float(),
             keys=tuple(keys),
             values=tuple(values),
             conv=tuple(convs),
             ssm=tuple(ssms),
             has_past=torch.ones_like(state.has_past),
         )
-        hidden = x.index_select(1, token_positions + config.n_memory)
+        hidden = x.index_select(1, token_positions + read_length)
         return self.final_norm(hidden), new_state
 
+    def _memory_layout(self, body: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """The window's full input `[read slots | body | write slots]`, the number of read slots, and
+        an attention mask [B, 1, L, L_past + L] of read slots hidden from their row (or None)."""
+        batch, dtype, n_memory = body.shape[0], body.dtype, self.config.n_memory
+        has_past = state.has_past.view(batch, 1, 1)
+        write = self.write_slots.to(dtype).expand(batch, -1, -1)
+        if self.config.memory_layout == "learned_slots":
+            memory = torch.where(has_past, state.memory.to(dtype), self.initial_memory.to(dtype))
+            return torch.cat((memory, body, write), dim=1), n_memory, None
+        # The reference layout: a fresh window has no read slots, a later one reads the memory and
+        # writes into a copy of it. Exact when all rows agree (one host synchronisation to check).
+        memory = state.memory.to(dtype)
+        if not bool(state.has_past.any()):
+            return torch.cat((body, write), dim=1), 0, None
+        if bool(state.has_past.all()):
+            return torch.cat((memory, body, memory), dim=1), n_memory, None
+        # Rows of both kinds share one call: fresh rows get zero read slots that none of their
+        # positions but the slot itself attends to (see docs/architecture.md on this approximation).
+        x = torch.cat((torch.where(has_past, memory, 0.0), body, torch.where(has_past, memory, write)), dim=1)
+        length, past_length = x.shape[1], state.keys[0].shape[2]
+        key_positions = torch.arange(past_length + length, device=x.device)
+        query_positions = torch.arange(length, device=x.device).view(-1, 1)
+        hidden_slot = (key_positions >= past_length) & (key_positions < past_length + n_memory) & (key_positions != query_positions + past_length)
+        return x, n_memory, hidden_slot & ~state.has_past.view(batch, 1, 1, 1)
+
     def _insert_pauses(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Puts pause k before token k*spacing; returns the body and each token's index in it."""
+        """Puts pause k before token k * pause_step; returns the body and each token's index in it."""
+        config = self.config
         batch, length, d_model = tokens.shape
         positions = torch.arange(length, device=tokens.device)
-        if self.config.n_pauses == 0:
+        if config.n_pauses == 0:
             return tokens, positions
-        spacing = self.config.pause_spacing
-        groups = -(-length // spacing)
-        padded = F.pad(tokens, (0, 0, 0, groups * spacing - length)).view(batch, groups, spacing, d_model)
-        pauses = self.pause[:groups].to(tokens.dtype).view(1, groups, 1, d_model).expand(batch, -1, -1, -1)
-        body = torch.cat((pauses, padded), dim=2).view(batch, groups * (spacing + 1), d_model)[:, : groups + length]
-        return body, positions + positions // spacing + 1
+        step = config.pause_step
+        n_present = min(-(-length // step), config.n_pauses)  # a partial window keeps the pauses before its last token
+        token_positions = positions + torch.clamp(positions // step + 1, max=config.n_pauses)
+        pause_positions = torch.arange(n_present, device=tokens.device) * (step + 1)
+        pauses = self.pause[:n_present] if self.pause.shape[0] > 1 else self.pause.expand(n_present, -1)
+        combined = torch.cat((pauses.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
+        # order[slot] is the row of `combined` that goes to that slot of the body.
+        order = torch.empty(length + n_present, dtype=torch.long, device=tokens.device)
+        order[pause_positions] = torch.arange(n_present, device=tokens.device)
+        order[token_positions] = positions + n_present
+        return combined.index_select(1, order), token_positions
 
     def _check_inputs(self, input_ids, state, reset, targets) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

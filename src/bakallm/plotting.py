@@ -27,11 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     context.add_argument("--benchmark", help="only rows of this benchmark")
     context.add_argument("--split", help="only rows of this split")
     context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    study = modes.add_parser("study", help="training loss of every variant of a `bakallm ablate` study")
+    study.add_argument("study", metavar="STUDY", help="the study name, as in its study file")
+    study.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    study.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.plot_mode == "runs":
         written = plot_training(args.run_dirs, args.output, args.smooth)
+    elif args.plot_mode == "study":
+        written = plot_training(study_run_dirs(args.db, args.study), args.output, args.smooth)
     else:
         written = plot_context(args.db, args.output, args.models, args.benchmark, args.split)
     print(f"wrote {written}")
@@ -91,6 +98,18 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
     axes.legend()
     _save_png(figure, out_path)
     return out_path
+
+
+def study_run_dirs(db_path: str | Path | None, study: str) -> list[Path]:
+    """The run directories of a study's variants, in the order they were recorded."""
+    with ResultsDB(db_path, must_exist=True) as db:
+        rows = db.rows(study=study)
+        db_shown = db.path
+    rows = sorted(rows, key=lambda row: row.extra.get("variant_index", 0))  # the study file's order
+    run_dirs = list(dict.fromkeys(row.extra["run_dir"] for row in rows if "run_dir" in row.extra))
+    if not run_dirs:
+        raise UserError(f"no results of study {study!r} in {db_shown}; run `bakallm ablate` on its study file first.")
+    return [Path(run_dir) for run_dir in run_dirs]
 
 
 def plot_context(

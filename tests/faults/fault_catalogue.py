@@ -113,8 +113,8 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "scan-decay",
         "both selective scans (reference and blocked) decay the state by exp(dt * A / 2) instead of exp(dt * A)",
-        (Patch("bakallm.mamba:selective_scan", arguments={"A": halve}),
-         Patch("bakallm.mamba:selective_scan_reference", arguments={"A": halve})),
+        (Patch("bakallm.kernels.blocked:selective_scan", arguments={"A": halve}),
+         Patch("bakallm.kernels.reference:selective_scan_reference", arguments={"A": halve})),
         ("tests/test_mamba.py::test_scans_follow_the_mamba_recurrence_written_out",),
     ),
     Fault(

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
-        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_bakalm(args.model, device, args.scan or "auto")
+        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_run(args.model, device, args.progress, args.scan or "auto")
         n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
         stride = None
         if subject.kind == "hf":
@@ -133,6 +133,21 @@ def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
     if subject.default_tokenizer_note is not None:
         print(f"bakallm bench: {subject.default_tokenizer_note}", file=sys.stderr)
     return subject.default_tokenizer
+
+
+def _load_run(path: str, device: torch.device, progress: bool, scan: str) -> ModelUnderTest:
+    """A run of `bakallm train`: our model, or the transformers model of an --hf-config run."""
+    from dataclasses import replace
+
+    from bakallm.training.checkpoint import read_run_config, resolve_checkpoint
+    from bakallm.training.hf_model import HF_FOLDER
+
+    run_dir, checkpoint = resolve_checkpoint(path)
+    training = read_run_config(run_dir).get("training", {})
+    if not training.get("hf_config"):
+        return _load_bakalm(path, device, scan)
+    subject = _load_hf(str(checkpoint / HF_FOLDER), device, progress)
+    return replace(subject, name=run_dir.resolve().name, default_tokenizer=training.get("tokenizer"), default_tokenizer_note=None)
 
 
 def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from bakallm.errors import UserError
 from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, ResultRow, ResultsDB, default_db_path
-from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns
+from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, study_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
     parser.add_argument("--benchmark", help="only rows of this benchmark, e.g. wikitext-103")
     parser.add_argument("--split", help="only rows of this split, e.g. test")
+    parser.add_argument("--study", help="the table of this `bakallm ablate` study: one line per variant, with deltas to the first")
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--columns", help=f"comma-separated columns (default: {','.join(DEFAULT_COLUMNS)})")
@@ -34,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         columns = DEFAULT_COLUMNS
     path = args.db if args.db is not None else default_db_path()
+    if args.study is not None:
+        with ResultsDB(path, must_exist=True) as db:
+            rows = db.rows(benchmark=args.benchmark, split=args.split, study=args.study)
+        if not rows:
+            raise UserError(f"no results of study {args.study!r} in {path}; run `bakallm ablate` on its study file first.")
+        print(study_table(rows, fmt=args.format), end="")
+        return 0
     with ResultsDB(path, must_exist=True) as db:
         rows = db.rows(benchmark=args.benchmark, split=args.split)
         if not rows:

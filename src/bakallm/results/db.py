@@ -60,6 +60,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE results ADD COLUMN extra TEXT NOT NULL DEFAULT '{}'",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # Version 3: the ablation study a row belongs to (`bakallm ablate`).
+    (
+        "ALTER TABLE results ADD COLUMN study TEXT",
+        "CREATE INDEX results_by_study ON results (study)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -94,6 +99,7 @@ class ResultRow:
     arch_hash: str | None = None
     version: str | None = __version__  # None on rows recorded before the database stored it
     extra: dict[str, Any] = field(default_factory=dict)
+    study: str | None = None  # the `bakallm ablate` study that recorded the row
     id: int | None = None  # assigned by the database
     created_at: str | None = None  # UTC ISO time, assigned by the database
 
@@ -179,10 +185,12 @@ class ResultsDB:
         cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
         return int(cursor.lastrowid)
 
-    def rows(self, benchmark: str | None = None, split: str | None = None, since_id: int | None = None) -> list[ResultRow]:
-        """Rows in insertion order, optionally only those of a benchmark, a split, or with an id above `since_id`."""
+    def rows(
+        self, benchmark: str | None = None, split: str | None = None, since_id: int | None = None, study: str | None = None
+    ) -> list[ResultRow]:
+        """Rows in insertion order, optionally only those of a benchmark, a split, a study, or with an id above `since_id`."""
         conditions, parameters = [], []
-        for condition, value in (("benchmark = ?", benchmark), ("split = ?", split), ("id > ?", since_id)):
+        for condition, value in (("benchmark = ?", benchmark), ("split = ?", split), ("id > ?", since_id), ("study = ?", study)):
             if value is not None:
                 conditions.append(condition)
                 parameters.append(value)

@@ -114,3 +114,57 @@ def json_value(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
+    """One line per variant of an ablation study, in the order the study ran them: parameters,
+    training tokens and time, then the loss on each held-out corpus at each context and its
+    difference to the first variant (negative: better than the first)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown table format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    variants: dict[str, dict[str, Any]] = {}
+    figures: list[str] = []
+    # The study file's order (processes that share a study record out of order), else the order recorded.
+    rows = sorted(rows, key=lambda row: row.extra.get("variant_index", 0))
+    for row in rows:
+        variant = variants.setdefault(
+            row.extra.get("variant", row.model_name),
+            {"params": row.params_total, "train_tokens": row.extra.get("train_tokens"), "train_s": row.extra.get("train_seconds")},
+        )
+        figure = f"{row.benchmark} @{row.extra.get('context', row.n_ctx)}"
+        if figure not in figures:
+            figures.append(figure)
+        variant[figure] = row.loss  # a rerun of a variant replaces its earlier figure
+    first = next(iter(variants.values()), {})
+    records = []
+    for name, values in variants.items():
+        record: dict[str, Any] = {"variant": name, "params": values["params"], "train_tokens": values["train_tokens"], "train_s": values["train_s"]}
+        for figure in figures:
+            loss, reference = values.get(figure), first.get(figure)
+            record[figure] = loss
+            record[f"{figure} delta"] = loss - reference if loss is not None and reference is not None else None
+        records.append(record)
+    if fmt == "json":
+        return json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        columns = list(records[0]) if records else ["variant"]
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([_csv_cell(record[column]) for column in columns])
+        return buffer.getvalue()
+    header = ["variant", "params", "train tokens", "train min", *[f"loss {figure} (delta)" for figure in figures]]
+    lines = [_markdown_line(header), "|---|" + "---:|" * (len(header) - 1)]
+    for record in records:
+        cells = [record["variant"], _count(record["params"]), _count(record["train_tokens"]),
+                 "" if record["train_s"] is None else f"{record['train_s'] / 60:.1f}"]
+        for figure in figures:
+            loss, delta = record[figure], record[f"{figure} delta"]
+            cells.append("" if loss is None else f"{loss:.4f} ({delta:+.4f})")
+        lines.append(_markdown_line(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _count(value: int | None) -> str:
+    return "" if value is None else f"{value:,}"

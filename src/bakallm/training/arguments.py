@@ -13,7 +13,8 @@ from bakallm.kernels import SCAN_BACKENDS
 from bakallm.training.schedule import SCHEDULES
 
 BATCHING_MODES = ("dynamic", "static")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "pure-bfloat16")
+WEIGHT_DECAY_SCOPES = ("matrices", "all")
 
 # Arguments that may change when a run is resumed; every other one must match the saved run.
 # batch_size may change only with the number of ranks, so that ranks x batch_size stays (the trainer checks it).
@@ -33,7 +34,8 @@ ALWAYS_LOCAL = ("cache_dir", "run_dir", "resume")
 @dataclass
 class TrainConfig:
     preset: str = "tiny"
-    model_config: str | None = None  # JSON file of ModelConfig fields, applied over the preset
+    model_config: str | None = None  # JSON file of ModelConfig fields (of HF config fields with hf_config), applied over the preset
+    hf_config: str | None = None  # train a transformers causal LM built from this config.json instead of a BakaLM
     data: str = "wikitext-103"
     split: str = "train"
     tokenizer: str = "EleutherAI/pythia-70m-deduped"
@@ -50,6 +52,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
+    weight_decay_scope: str = "matrices"  # matrices: linear maps and embeddings; all: every parameter
     grad_clip: float = 0.5
     grad_accum: int = 1
     seed: int = 0
@@ -95,6 +98,10 @@ class TrainConfig:
             raise UserError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}.")
         if self.scan not in SCAN_BACKENDS:
             raise UserError(f"--scan must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan!r}.")
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise UserError(f"--weight-decay-scope must be one of {', '.join(WEIGHT_DECAY_SCOPES)}, got {self.weight_decay_scope!r}.")
+        if self.hf_config and self.compile:
+            raise UserError("--compile applies to our models only; drop it when training with --hf-config.")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.resume and self.init_from:
@@ -127,7 +134,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--recipe", help="YAML or JSON file of training arguments; flags given here override it")
     add("--preset", help="model preset: tiny, celp18, celp18-seed (default tiny)")
-    add("--model-config", help="JSON file of model config fields, applied over the preset")
+    add("--model-config", help="JSON file of model config fields, applied over the preset (HF config fields with --hf-config)")
+    add("--hf-config", help="train a transformers causal LM built from this config.json (or its folder) instead of our model")
     add("--data", help="training corpus: wikitext-103, wikitext-2, or a local .raw/.txt folder/.jsonl/.parquet path")
     add("--split", help="corpus split for hub corpora (default train)")
     add("--tokenizer", help="tokenizer.json file or folder, hub name, or 'bytes' (default EleutherAI/pythia-70m-deduped)")
@@ -144,7 +152,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (default cosine)")
     add("--beta1", type=float, help="AdamW beta1 (default 0.9)")
     add("--beta2", type=float, help="AdamW beta2 (default 0.95)")
-    add("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    add("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    add("--weight-decay-scope", choices=WEIGHT_DECAY_SCOPES, help="matrices: decay linear maps and embeddings only (default); all: every parameter")
     add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off (default 0.5)")
     add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     add("--seed", type=int, help="seed for weights and shuffling (default 0)")
@@ -155,7 +164,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)")
     add("--fsdp", action="store_true", default=None, help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP")
-    add("--precision", choices=PRECISIONS, help="auto: float32 on CPU, bfloat16 autocast on CUDA")
+    add(
+        "--precision", choices=PRECISIONS,
+        help="auto: float32 on CPU, bfloat16 autocast on CUDA; pure-bfloat16: weights and optimizer state in bfloat16 (meant for CUDA)",
+    )
     add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     add("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     add("--run-dir", help="where checkpoints, config and metrics go (default runs/DATE-TIME)")

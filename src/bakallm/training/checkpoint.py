@@ -151,8 +151,9 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return values
 
 
-def write_run_config(run_dir: Path, model_config: ModelConfig, training: dict[str, Any]) -> None:
-    write_text_atomic(run_dir / CONFIG_FILE, json.dumps({"model": model_config.to_dict(), "training": training}, indent=2, sort_keys=True))
+def write_run_config(run_dir: Path, model: dict[str, Any], training: dict[str, Any]) -> None:
+    """config.json of a run: the model's fields (a ModelConfig's, or a transformers config's) and the training arguments."""
+    write_text_atomic(run_dir / CONFIG_FILE, json.dumps({"model": model, "training": training}, indent=2, sort_keys=True))
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:

@@ -62,7 +62,9 @@ def build_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
         raise UserError(str(error)) from None
 
 
-def _parameter_groups(model: BakaLM, weight_decay: float) -> list[dict[str, Any]]:
+def _parameter_groups(model: torch.nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
+    if scope == "all":
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         wants_decay = parameter.dim() >= 2 and not any(part in name.split(".") for part in NO_DECAY_NAMES)
@@ -108,8 +110,9 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         self._require_same_source("tokenizer", saved_facts.get("tokenizer_fingerprint"), self.tokenizer.fingerprint())
-        self.model_config = build_model_config(config, self.tokenizer.vocab_size)
-        if config.resume:
+        # An --hf-config run has no ModelConfig: its model and run config come from transformers.
+        self.model_config = None if config.hf_config else build_model_config(config, self.tokenizer.vocab_size)
+        if config.resume and self.model_config is not None:
             saved_model = ModelConfig.from_dict(ckpt.read_run_config(self.run_dir)["model"])
             changed = saved_model.differences(self.model_config)
             if changed:
@@ -134,16 +137,21 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model = BakaLM(self.model_config)
+        self.model = self._build_model()
         if config.init_from:
             self._load_initial_weights(config.init_from)
         if checkpoint is not None:
             ckpt.load_weights(self.model, checkpoint)  # into the whole model, before FSDP2 shards it
         self.model.to(self.device)
-        use_scan_backend(self.model, config.scan)
+        if self.model_config is not None:
+            use_scan_backend(self.model, config.scan)
+        if config.precision == "pure-bfloat16":
+            self.model.to(torch.bfloat16)  # AdamW then keeps its moments in bfloat16 too
+        self.carry_state = config.carry_state and getattr(self.model, "carries_state", True)
         self.forward_model = self.distributed.wrap(compile_layers(self.model) if config.compile else self.model, self.device, config.fsdp)
         self.optimizer = torch.optim.AdamW(
-            _parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=self.device.type == "cuda"
+            _parameter_groups(self.model, config.weight_decay, config.weight_decay_scope), lr=config.lr,
+            betas=(config.beta1, config.beta2), fused=self.device.type == "cuda",
         )
         self.step = 0
         self.epochs_done = 0
@@ -164,7 +172,8 @@ class Trainer:
             self.schedule = planned_schedule(config, self.config.decay_steps)
             if self.distributed.is_main:
                 facts = {"version": __version__, "corpus_fingerprint": self.corpus.fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
-                ckpt.write_run_config(self.run_dir, self.model_config, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
+                model_values = self.model.config_dict() if self.model_config is None else self.model_config.to_dict()
+                ckpt.write_run_config(self.run_dir, model_values, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
         self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
         if self.distributed.is_main:
             self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
@@ -203,6 +212,22 @@ class Trainer:
             raise UserError(
                 f"Cannot resume {self.run_dir}: the --{name} {getattr(self.config, name)} holds other content than the run was trained on; pass the original one."
             )
+
+    def _build_model(self) -> torch.nn.Module:
+        if self.model_config is not None:
+            return BakaLM(self.model_config)
+        from bakallm.training.hf_model import build_hf_model
+
+        return build_hf_model(self.config.hf_config, self._hf_overrides(), self.tokenizer.vocab_size)
+
+    def _hf_overrides(self) -> dict[str, Any]:
+        """HF config fields of the --model-config file, applied over --hf-config."""
+        if not self.config.model_config:
+            return {}
+        try:
+            return json.loads(Path(self.config.model_config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"Cannot read --model-config {self.config.model_config} ({error}); pass a JSON file of HF config fields.") from None
 
     def _load_initial_weights(self, source: str) -> None:
         source_run, checkpoint = ckpt.resolve_checkpoint(source)
@@ -253,10 +278,15 @@ class Trainer:
             self._step_saved = self.step
         if not self.distributed.is_main:
             return None
-        return ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
             recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
         )
+        if self.model_config is None:
+            from bakallm.training.hf_model import HF_FOLDER
+
+            self.model.save_pretrained_atomic(path / HF_FOLDER)
+        return path
 
     def _check_resumed_rows(self, checkpoint: Path) -> None:
         """A run resumes on any split of the same global rows over ranks, and on nothing else."""
@@ -299,11 +329,11 @@ class Trainer:
         device = self.device
         input_ids = batch.input_ids.to(device, non_blocking=True)
         targets = batch.targets.to(device, non_blocking=True)
-        state, reset = (self.state, batch.reset.to(device, non_blocking=True)) if self.config.carry_state else (None, None)
+        state, reset = (self.state, batch.reset.to(device, non_blocking=True)) if self.carry_state else (None, None)
         with self._autocast():
             output = self.forward_model(input_ids, state=state, reset=reset if state is not None else None, targets=targets, return_logits=False)
         (output.loss * weight).backward()
-        if self.config.carry_state:
+        if self.carry_state:
             self.state = output.state.detach()
         return output.loss.detach() * batch.n_targets
 
@@ -372,13 +402,19 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         from bakallm.evaluation.evaluate import evaluate_bakalm
+        from bakallm.evaluation.hf_baseline import evaluate_hf
 
         # Every rank evaluates the whole corpus (FSDP2 needs all ranks in each forward); rank 0 logs.
         self.model.eval()
-        result = evaluate_bakalm(
-            self.model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
-            device=self.device, autocast=self.autocast_dtype,
-        )
+        if self.model_config is None:
+            n_ctx = min(self.config.eval_n_ctx, self.config.train_ctx)  # a transformer reads no further than it was trained on
+            result = evaluate_hf(self.model.hf, self.eval_corpus, n_ctx=n_ctx, batch_size=self.config.batch_size, device=self.device)
+            self.model.train()
+        else:
+            result = evaluate_bakalm(
+                self.model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
+                device=self.device, autocast=self.autocast_dtype,
+            )
         if self.metrics is not None:
             self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}

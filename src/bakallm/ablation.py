@@ -1,0 +1,328 @@
+"""`bakallm ablate SPEC.yaml`: train variants of a model for the same token budget and compare them.
+
+A study file names the shared setup (tokenizer, training corpus, token budget, seed, model and
+training arguments), the held-out corpora and contexts to evaluate at, and the variants: each a
+preset or a transformers config (`hf_config`) with model and training overrides over the shared
+ones. Every variant is a normal run directory `<output>/<variant>`; a variant whose results are
+recorded is skipped when the study runs again, and an interrupted one resumes from its last
+checkpoint. Results go to the results database tagged with the study name: see
+`bakallm results --study NAME` and `bakallm plot study NAME`. docs/ablations.md has an example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bakallm.atomic import atomic_path, write_text_atomic
+from bakallm.errors import UserError
+
+DONE_FILE = "ablation-result.json"
+SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
+WHOLE_DOCUMENT = "whole"
+# Our models carry their state through the whole document at this context: no reset in practice.
+WHOLE_DOCUMENT_N_CTX = 1 << 40
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str | None = None
+    hf_config: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalCorpus:
+    name: str
+    sources: list[str]
+    max_characters: int | None = None  # keep only the start of each document, for a fast evaluation
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    output: Path
+    tokenizer: str
+    train_sources: list[str]
+    train_tokens: int
+    seed: int
+    model: dict[str, Any]
+    training: dict[str, Any]
+    eval_corpora: list[EvalCorpus]
+    contexts: list[int | str]  # WHOLE_DOCUMENT, or reset every N tokens
+    eval_batch_size: int
+    variants: list[Variant]
+
+    def run_dir(self, variant: Variant) -> Path:
+        return self.output / variant.name
+
+
+# ----- the study file -----
+
+
+def load_study(path: str | Path) -> Study:
+    from bakallm.training.arguments import read_recipe
+
+    values = read_recipe(str(path))
+
+    def require(name: str, kind: type) -> Any:
+        if not isinstance(values.get(name), kind):
+            raise UserError(f"Study file {path} needs a {name!r} entry of type {kind.__name__}; see docs/ablations.md.")
+        return values[name]
+
+    name = require("study", str)
+    variants = [_variant(entry, path) for entry in require("variants", list)]
+    names = [variant.name for variant in variants]
+    if len(set(names)) != len(names) or not names:
+        raise UserError(f"Study file {path} must list at least one variant, each with its own name (got {names}).")
+    evaluation = require("eval", dict)
+    contexts = evaluation.get("contexts", [WHOLE_DOCUMENT])
+    if not all(context == WHOLE_DOCUMENT or (isinstance(context, int) and context > 0) for context in contexts):
+        raise UserError(f"eval.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}.")
+    corpora = [
+        EvalCorpus(name=str(entry["name"]), sources=_sources(entry["data"]), max_characters=entry.get("max_characters"))
+        for entry in evaluation.get("corpora", [])
+    ]
+    if not corpora:
+        raise UserError(f"Study file {path} needs eval.corpora: at least one held-out corpus with a name and data.")
+    return Study(
+        name=name,
+        output=Path(values.get("output", f"runs/ablations/{name}")),
+        tokenizer=require("tokenizer", str),
+        train_sources=_sources(values.get("data")),
+        train_tokens=require("train_tokens", int),
+        seed=int(values.get("seed", 0)),
+        model=dict(values.get("model", {})),
+        training=dict(values.get("training", {})),
+        eval_corpora=corpora,
+        contexts=list(contexts),
+        eval_batch_size=int(evaluation.get("batch_size", 1)),
+        variants=variants,
+    )
+
+
+def _variant(entry: Any, path: str | Path) -> Variant:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise UserError(f"Every variant of {path} must be a mapping with a name, got {entry!r}.")
+    if (entry.get("preset") is None) == (entry.get("hf_config") is None):
+        raise UserError(f"Variant {entry['name']} of {path} must give exactly one of preset and hf_config.")
+    unknown = sorted(set(entry) - {"name", "preset", "hf_config", "model", "training"})
+    if unknown:
+        raise UserError(f"Variant {entry['name']} of {path} has unknown entries {unknown}; use name, preset, hf_config, model, training.")
+    return Variant(entry["name"], entry.get("preset"), entry.get("hf_config"), dict(entry.get("model") or {}), dict(entry.get("training") or {}))
+
+
+def _sources(data: Any) -> list[str]:
+    sources = [data] if isinstance(data, str) else data
+    if not isinstance(sources, list) or not sources or not all(isinstance(source, str) for source in sources):
+        raise UserError(f"A study's data must be a corpus path or a list of them, got {data!r}.")
+    return sources
+
+
+def write_corpus(sources: list[str], folder: Path, name: str, max_characters: int | None = None) -> Path:
+    """The documents of all `sources`, in order, as one JSONL corpus (each cut to `max_characters`).
+
+    Its file name holds a hash of what it was made from, so a changed study never reads a stale one.
+    """
+    import hashlib
+
+    from bakallm.data.corpora import load_corpus
+
+    key = hashlib.sha256(json.dumps([sources, max_characters]).encode("utf-8")).hexdigest()[:12]
+    path = folder / f"{name}-{key}.jsonl"
+    if path.is_file():
+        return path
+    with atomic_path(path) as temporary, temporary.open("w", encoding="utf-8") as out:
+        for source in sources:
+            for document in load_corpus(source):
+                text = document.text[:max_characters] if max_characters else document.text
+                out.write(json.dumps({"id": f"{Path(source).name}:{document.id}", "text": text}) + "\n")
+    return path
+
+
+# ----- running -----
+
+
+def run_study(study: Study, db_path: Path | None = None, progress: bool = False, log=print, only: list[str] | None = None) -> list[str]:
+    """Trains and evaluates every variant not yet done (of those in `only`, when given); returns the names of those run now.
+
+    Several processes may run one study side by side on disjoint `only` lists: they share the
+    results database, and the table orders variants as the study file does.
+    """
+    if only is not None:
+        unknown = sorted(set(only) - {variant.name for variant in study.variants})
+        if unknown:
+            raise UserError(f"--variants names {', '.join(unknown)}, not in study {study.name}; choose among {', '.join(v.name for v in study.variants)}.")
+    from bakallm.results.db import ResultsDB, default_db_path
+
+    study.output.mkdir(parents=True, exist_ok=True)
+    train_data = write_corpus(study.train_sources, study.output / "data", "train")
+    eval_data = {
+        corpus.name: write_corpus(corpus.sources, study.output / "data", f"eval-{corpus.name}", corpus.max_characters)
+        for corpus in study.eval_corpora
+    }
+    ran = []
+    with ResultsDB(db_path if db_path is not None else default_db_path()) as db:
+        for variant in study.variants:
+            if only is not None and variant.name not in only:
+                continue
+            run_dir = study.run_dir(variant)
+            check_settings(study, variant)
+            if (run_dir / DONE_FILE).is_file():
+                log(f"{variant.name}: done before, skipped ({run_dir})")
+                continue
+            log(f"{variant.name}: training in {run_dir}")
+            trained = train_variant(study, variant, train_data, progress)
+            log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
+            rows = evaluate_variant(study, variant, eval_data, trained, progress)
+            for row in rows:
+                db.add(row)
+                log(f"{variant.name}: {row.benchmark} context {row.extra['context']}: loss {row.loss:.4f}")
+            write_text_atomic(run_dir / DONE_FILE, json.dumps({**trained, "rows": len(rows)}, indent=2))
+            ran.append(variant.name)
+    return ran
+
+
+def variant_settings(study: Study, variant: Variant) -> dict[str, Any]:
+    return {
+        "preset": variant.preset, "hf_config": variant.hf_config, "model": variant.model if variant.hf_config else {**study.model, **variant.model},
+        "training": {**study.training, **variant.training}, "train_tokens": study.train_tokens, "seed": study.seed,
+        "tokenizer": study.tokenizer, "data": study.train_sources,
+    }
+
+
+def check_settings(study: Study, variant: Variant) -> None:
+    """Records the variant's settings in its run directory, or refuses a directory made with others."""
+    path = study.run_dir(variant) / SETTINGS_FILE
+    settings = json.loads(json.dumps(variant_settings(study, variant)))  # as JSON gives it back
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in settings if recorded.get(key) != settings[key])
+        if changed:
+            raise UserError(
+                f"{path.parent} holds variant {variant.name} made with other settings ({', '.join(changed)} differ); "
+                "delete that directory or give the study another output folder (--output)."
+            )
+    else:
+        write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def variant_train_config(study: Study, variant: Variant, train_data: Path):
+    from bakallm.training.arguments import train_config_from_values
+
+    run_dir = study.run_dir(variant)
+    values = {**study.training, **variant.training}
+    steps = math.ceil(study.train_tokens / (values.get("batch_size", 8) * values.get("train_ctx", 2048) * values.get("grad_accum", 1)))
+    model_values = variant.model if variant.hf_config else {**study.model, **variant.model}
+    model_file = study.output / "model-configs" / f"{variant.name}.json"
+    write_text_atomic(model_file, json.dumps(model_values, indent=2, sort_keys=True))
+    values.update(
+        data=str(train_data), tokenizer=study.tokenizer, seed=study.seed, max_steps=steps, run_dir=str(run_dir),
+        model_config=str(model_file), progress=values.get("progress", False),
+    )
+    if variant.hf_config:
+        values["hf_config"] = variant.hf_config
+    else:
+        values["preset"] = variant.preset
+    return train_config_from_values(values)
+
+
+def train_variant(study: Study, variant: Variant, train_data: Path, progress: bool) -> dict[str, Any]:
+    from bakallm.training import checkpoint as ckpt
+    from bakallm.training.trainer import Trainer
+
+    config = variant_train_config(study, variant, train_data)
+    config.progress = progress
+    run_dir = Path(config.run_dir)
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        config.resume = str(run_dir)  # an interrupted variant continues where it stopped
+    trainer = Trainer(config)
+    summary = trainer.train()
+    return {
+        "run_dir": str(run_dir),
+        "tokens": int(summary["tokens"]),
+        "train_seconds": float(trainer.elapsed),
+        "params": trainer.model.num_parameters(),
+        "hf": bool(variant.hf_config),
+    }
+
+
+def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path], trained: dict[str, Any], progress: bool) -> list:
+    """One result row per held-out corpus and context, scored on the variant's last checkpoint."""
+    import torch
+
+    from bakallm.data.corpora import load_corpus
+    from bakallm.data.token_cache import tokenize_corpus
+    from bakallm.data.tokenizers import load_tokenizer
+    from bakallm.evaluation.evaluate import evaluate_bakalm
+    from bakallm.evaluation.hf_baseline import evaluate_hf, load_hf_model
+    from bakallm.results.db import ResultRow
+    from bakallm.training import checkpoint as ckpt
+    from bakallm.training.hf_model import HF_FOLDER
+
+    device = torch.device("cpu")
+    run_dir = Path(trained["run_dir"])
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    tokenizer = load_tokenizer(study.tokenizer)
+    train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
+    if trained["hf"]:
+        model = load_hf_model(str(checkpoint / HF_FOLDER), device)
+    else:
+        model = ckpt.load_model(run_dir, device)
+    rows = []
+    for corpus_name, data in eval_data.items():
+        corpus = tokenize_corpus(load_corpus(str(data)), tokenizer)
+        for context in study.contexts:
+            if trained["hf"]:
+                # A transformer reads at most train_ctx tokens: "whole" is a window of train_ctx sliding
+                # by half of it; "reset every N" is windows of N that do not overlap, as our reset is.
+                n_ctx = train_ctx if context == WHOLE_DOCUMENT else min(context, train_ctx)
+                stride = n_ctx // 2 if context == WHOLE_DOCUMENT else n_ctx
+                result = evaluate_hf(model, corpus, n_ctx=n_ctx, stride=stride, batch_size=study.eval_batch_size, device=device, progress=progress)
+            else:
+                n_ctx, stride = (WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context), None
+                result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=study.eval_batch_size, device=device, progress=progress)
+            rows.append(
+                ResultRow(
+                    model_kind="hf" if trained["hf"] else "bakallm", model_name=f"{study.name}/{variant.name}", benchmark=corpus_name,
+                    split="test", n_ctx=n_ctx, stride=stride, tokens=result.tokens, loss=result.loss, ppl=result.ppl, bpb=result.bpb,
+                    checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
+                    tokenizer=tokenizer.name, word_ppl=result.word_ppl, legacy_loss=result.legacy_loss, nan_count=result.nan_count,
+                    tokens_per_s=result.tokens_per_s, study=study.name,
+                    extra={"variant": variant.name, "variant_index": study.variants.index(variant), "context": context, "train_tokens": trained["tokens"],
+                           "train_seconds": trained["train_seconds"], "run_dir": str(run_dir)},
+                )
+            )
+    return rows
+
+
+# ----- command line -----
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)")
+    parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
+    parser.add_argument("--output", type=Path, help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)")
+    parser.add_argument("--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    study = load_study(args.spec)
+    if args.output is not None:
+        study = replace(study, output=args.output)
+    started = time.perf_counter()
+    only = [name.strip() for name in args.variants.split(",") if name.strip()] if args.variants else None
+    ran = run_study(study, args.db, progress=args.progress, only=only)
+    print(f"study {study.name}: {len(ran)} variant(s) run now, "
+          f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`")
+    return 0

@@ -1,0 +1,125 @@
+"""`bakallm ablate`: a two-variant study (our model and a transformers baseline) trains, evaluates, resumes, tabulates."""
+
+import json
+
+import pytest
+import yaml
+
+from bakallm.ablation import DONE_FILE, load_study, run_study
+from bakallm.cli import main
+from bakallm.errors import UserError
+from bakallm.results.db import ResultsDB
+
+WORDS = "the cat sat on a mat and then it ran far away from the dog who barked at night".split()
+
+
+def write_texts(folder, count, seed):
+    folder.mkdir(parents=True)
+    for index in range(count):
+        words = [WORDS[(index * 7 + seed + position * 3) % len(WORDS)] for position in range(400)]
+        (folder / f"doc{index}.txt").write_text(" ".join(words), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def study_file(tmp_path, one_torch_thread):
+    hf_config = tmp_path / "neox" / "config.json"
+    hf_config.parent.mkdir()
+    hf_config.write_text(json.dumps({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 256, "vocab_size": 256, "rotary_pct": 0.25, "use_parallel_residual": True, "torch_dtype": "float16",
+    }))
+    spec = {
+        "study": "mini",
+        "output": str(tmp_path / "runs"),
+        "tokenizer": "bytes",
+        "data": [str(write_texts(tmp_path / "train-a", 3, 0)), str(write_texts(tmp_path / "train-b", 2, 5))],
+        "train_tokens": 2 * 128 * 3,
+        "seed": 0,
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 64, "n_memory": 2, "n_pauses": 2},
+        "training": {"batch_size": 2, "train_ctx": 128, "lr": 0.001, "warmup_steps": 0, "save_every": 2, "log_every": 1},
+        "eval": {"corpora": [{"name": "held-out", "data": str(write_texts(tmp_path / "eval", 1, 3)), "max_characters": 600}],
+                 "contexts": ["whole", 64]},
+        "variants": [
+            {"name": "seed", "preset": "celp18-seed", "training": {"carry_state": False}},
+            {"name": "neox", "hf_config": str(hf_config)},
+        ],
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
+    db = tmp_path / "results.sqlite3"
+    study = load_study(study_file)
+    # Run the second variant first, as a second process sharing the study would.
+    assert run_study(study, db, log=lambda message: None, only=["neox"]) == ["neox"]
+    assert run_study(study, db, log=lambda message: None) == ["seed"]
+    with ResultsDB(db) as results:
+        recorded = results.rows(study="mini")
+    rows = recorded[2:] + recorded[:2]  # in the study file's order
+    # Two variants, one held-out corpus, two contexts: four rows; every variant trained 3 steps.
+    assert [(row.extra["variant"], row.extra["context"]) for row in rows] == [("seed", "whole"), ("seed", 64), ("neox", "whole"), ("neox", 64)]
+    assert all(row.extra["train_tokens"] == 3 * 2 * 128 - row.extra["train_tokens"] % 1 for row in rows)
+    assert {row.model_kind for row in rows} == {"bakallm", "hf"}
+    # The held-out text is cut to 600 characters: 599 scored byte tokens.
+    assert all(row.tokens == 599 for row in rows)
+    neox_whole = rows[2]
+    assert (neox_whole.n_ctx, neox_whole.stride) == (128, 64)  # a transformer reads at most its train_ctx
+    assert (rows[3].n_ctx, rows[3].stride) == (64, 64)  # reset every 64: windows that do not overlap
+
+    # Rerun: nothing is trained again and no row is added.
+    assert run_study(load_study(study_file), db, log=lambda message: None) == []
+    with ResultsDB(db) as results:
+        assert len(results.rows(study="mini")) == 4
+
+    # An unfinished variant resumes: drop its marker and it is evaluated again from its checkpoint.
+    (tmp_path / "runs" / "neox" / DONE_FILE).unlink()
+    assert run_study(load_study(study_file), db, log=lambda message: None) == ["neox"]
+
+    # The same output folder with another budget is refused rather than mixed.
+    changed = yaml.safe_load(study_file.read_text())
+    changed["train_tokens"] *= 2
+    other = tmp_path / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    with pytest.raises(UserError, match="other settings \\(train_tokens differ\\)"):
+        run_study(load_study(other), db, log=lambda message: None)
+
+    assert main(["results", "--study", "mini", "--db", str(db)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |")
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["seed", "neox"]
+    assert "(+0.0000)" in table[2]  # the first variant is the reference of the deltas
+    from bakallm.plotting import study_run_dirs
+
+    assert [path.name for path in study_run_dirs(db, "mini")] == ["seed", "neox"]
+    png = tmp_path / "mini.png"
+    assert main(["plot", "study", "mini", "--db", str(db), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    neox_loss = rows[2].loss  # the rerun's figure replaces the first one; both score the same checkpoint
+    assert f"{neox_loss:.4f}" in table[3]
+
+
+def test_hf_run_is_benchmarked_through_bench(study_file, tmp_path, capsys):
+    db = tmp_path / "results.sqlite3"
+    study = load_study(study_file)
+    run_study(study, db, log=lambda message: None)
+    capsys.readouterr()
+    (held_out,) = (tmp_path / "runs" / "data").glob("eval-held-out-*.jsonl")
+    code = main(["bench", str(tmp_path / "runs" / "neox"), "--data", str(held_out), "--n-ctx", "128",
+                 "--db", str(db), "--json", "--no-progress", "--device", "cpu"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    with ResultsDB(db) as results:
+        ablated = [r for r in results.rows(study="mini") if r.extra["variant"] == "neox" and r.extra["context"] == "whole"][0]
+    assert row["model_kind"] == "hf" and row["model_name"] == "neox"
+    assert row["loss"] == pytest.approx(ablated.loss, abs=1e-5)
+
+
+def test_study_file_errors_are_one_sentence(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"study": "x", "tokenizer": "bytes", "train_tokens": 10, "eval": {"corpora": [{"name": "a", "data": "a"}]},
+                                    "variants": [{"name": "a", "preset": "tiny", "hf_config": "c"}]}))
+    with pytest.raises(UserError, match="exactly one of preset and hf_config"):
+        load_study(path)
