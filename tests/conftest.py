@@ -24,6 +24,15 @@ if RUNNING_IN_CI:
     settings.load_profile("ci")
 
 
+def pytest_configure(config):
+    """Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton makes that choice
+    when a kernel is defined, so it is made here, before any test imports bakallm.kernels.triton_scan."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the checkout, or $BAKALLM_SHARED_DATA."""
     return Path(os.environ.get("BAKALLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
