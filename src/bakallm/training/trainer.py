@@ -94,7 +94,7 @@ class Trainer:
         use_threads(config.threads)
         self.device = resolve_device(config.device)
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
-        self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
 
