@@ -64,10 +64,11 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args)
     models = [name for name in args.models if name != PYTHIA or pythia_config_path().is_file()]
-    print(f"Machine: {machine_description(device)}")
+    print(f"Machine: {machine_description(device)}", flush=True)
     cases = {name: build_case(name, args.batch_size, args.ctx, device, torch.float32, "train", False) for name in models}
     tokens = args.batch_size * args.ctx
     alone = {name: tokens / median(seconds) for name, seconds in interleaved_times(cases, args.steps, device).items()}
+    print("alone: " + ", ".join(f"{name} {rate:,.0f} tokens/s" for name, rate in alone.items()), flush=True)
     with BusyNeighbour(args.neighbour_threads):
         busy = {name: tokens / median(seconds) for name, seconds in interleaved_times(cases, args.steps, device, warmup=0).items()}
     slowdown = {name: alone[name] / busy[name] for name in models}

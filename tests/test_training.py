@@ -120,6 +120,7 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
     assert main(train_args(corpus_dir, source, "--max-steps", "2")) == 0
     config = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "staged"), "init_from": str(source), "max_steps": 1})
     trainer = Trainer(config)
+    assert torch.get_num_threads() == 1  # --threads
     for name, tensor in final_weights(source).items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name
     wrong = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "wrong"), "init_from": str(source), "model_config": None})
@@ -530,3 +531,17 @@ def test_resume_is_exact_across_the_rolling_epoch_boundary(corpus_dir, tmp_path)
     expected, got = step_losses(straight), step_losses(stopped)
     assert len(got) == len(expected) and max(abs(a - b) for a, b in zip(expected, got)) <= 1e-6
     assert step_learning_rates(stopped) == step_learning_rates(straight)
+
+
+def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    from bakallm.acceleration import use_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    try:
+        assert use_threads(None) == 3 and torch.get_num_threads() == 3
+        assert use_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

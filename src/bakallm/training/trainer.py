@@ -104,7 +104,7 @@ class Trainer:
         self.device = self.distributed.device(config.device)
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
-        self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
 
