@@ -216,8 +216,12 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         if self.model_config is not None:
             return BakaLM(self.model_config)
+        from transformers.utils import logging as transformers_logging
+
         from bakallm.training.hf_model import build_hf_model
 
+        if not self.config.progress:
+            transformers_logging.disable_progress_bar()  # its bars on saving and loading checkpoints
         return build_hf_model(self.config.hf_config, self._hf_overrides(), self.tokenizer.vocab_size)
 
     def _hf_overrides(self) -> dict[str, Any]:
