@@ -2,11 +2,15 @@
 
 gradients: the gradient norm of each parameter group after one training step of carried state, with
   the step spanning one window (train_ctx = window) or two, from a checkpoint or a fresh model.
+batching: for each rows x train_ctx shape, the steps one epoch of dynamic batching really takes, the
+  share of padding, and the steps with at most half the rows busy, with whole documents and with
+  documents split every 32K and 8K tokens.
 paths: on a checkpoint, the loss of the tokens after the first window of each document with the full
   carried state, and with one path cut at every window boundary (memory back to the initial
   memory, Mamba state zeroed): how much each path carries across windows.
 
     python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
+    python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
 """
 
@@ -21,7 +25,8 @@ import torch
 
 from bakallm import BakaLM, ModelConfig
 from bakallm.data.corpora import load_corpus
-from bakallm.data.token_cache import tokenize_corpus
+from bakallm.data.batching import IGNORE_INDEX, DocumentBatcher
+from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.state import RecurrentState
 
@@ -94,9 +99,32 @@ def paths(args: argparse.Namespace) -> None:
         print(f"{path:>7} cut at every window: loss {total / count:.4f} over {count} tokens after the first window")
 
 
+def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
+    pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
+    return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
+
+
+def batching(args: argparse.Namespace) -> None:
+    corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
+    lengths = np.diff(np.asarray(corpus.offsets))
+    print(f"{len(lengths)} documents, {int(lengths.sum()):,} tokens, longest {int(lengths.max()):,}")
+    for label, documents in (("whole", corpus), ("split at 32K", split_documents(corpus, 32768)), ("split at 8K", split_documents(corpus, 8192))):
+        for rows, train_ctx in ((8, 512), (4, 1024), (2, 2048)):
+            steps = targets = half_idle = 0
+            for batch in DocumentBatcher(documents, rows, train_ctx, mode="dynamic", shuffle=True, seed=0, max_epochs=1):
+                steps += 1
+                targets += batch.n_targets
+                half_idle += int((batch.targets != IGNORE_INDEX).any(1).sum()) <= rows // 2
+            filled = int(np.ceil((lengths - 1).sum() / (rows * train_ctx)))
+            print(
+                f"{label:>12} {rows} x {train_ctx}: {steps} steps (the tokens fill {filled}), padding {1 - targets / (steps * rows * train_ctx):.0%}, "
+                f"steps with at most half the rows busy {half_idle} ({half_idle / steps:.0%})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("gradients", "paths"))
+    parser.add_argument("mode", choices=("gradients", "paths", "batching"))
     parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
@@ -104,7 +132,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="paths: tokens of each document scored")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    gradients(args) if args.mode == "gradients" else paths(args)
+    {"gradients": gradients, "paths": paths, "batching": batching}[args.mode](args)
 
 
 if __name__ == "__main__":

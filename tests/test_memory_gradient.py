@@ -1,11 +1,15 @@
 """The memory write slots learn only when a training step spans two windows or more (docs/quality.md)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from bakallm import BakaLM, ModelConfig
-from bakallm.training.arguments import TrainConfig
-from bakallm.training.trainer import untrained_memory_warning
+from bakallm.training.arguments import TrainConfig, read_recipe, train_config_from_values
+from bakallm.training.trainer import build_model_config, untrained_memory_warning
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,3 +38,10 @@ def test_the_trainer_warns_exactly_when_the_memory_cannot_learn():
     assert untrained_memory_warning(TrainConfig(train_ctx=32), CONFIG) is None
     assert untrained_memory_warning(TrainConfig(train_ctx=16, carry_state=False), CONFIG) is not None  # nothing even reads it
     assert untrained_memory_warning(TrainConfig(train_ctx=16), CONFIG.replace(n_memory=0)) is None
+
+
+@pytest.mark.parametrize("recipe", sorted(path.name for path in (REPO_ROOT / "recipes").glob("*.yaml")))
+def test_no_shipped_recipe_leaves_the_memory_untrained(recipe, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # recipes name their model config files relative to the repository
+    config = train_config_from_values(read_recipe(f"recipes/{recipe}"))
+    assert untrained_memory_warning(config, build_model_config(config, vocab_size=50277)) is None
