@@ -152,6 +152,9 @@ def config_only(run_dir):
         (lambda run_dir: run_dir, ["--n-ctx", WINDOW - 1], "smaller than the model's window"),
         (lambda run_dir: run_dir, ["--split", "dev"], "Unknown split 'dev'"),
         (lambda run_dir: run_dir, ["--stride", 8], "--stride applies only to Hugging Face models"),
+        (lambda run_dir: run_dir, ["--position-buckets", "0,64,32"], "must start at 0 and rise strictly"),
+        (lambda run_dir: run_dir, ["--position-buckets", "0,1K"], "is not a comma-separated list of whole numbers"),
+        (lambda run_dir: run_dir, ["--reset-every", 0], "--reset-every must be at least 1"),
     ],
 )
 def test_bad_input_fails_with_one_sentence(tmp_path, run_dir, text_folder, capsys, prepare, options, message):
@@ -200,3 +203,30 @@ def test_scan_flag_errors_are_one_sentence(tmp_path, run_dir, text_folder, capsy
     status, _, err = bench(capsys, run_dir, "--scan", "triton", "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache")
     assert status == 2 and len(err) == 1 and "needs the triton package" in err[0], err
     assert stored_rows(db_path) == []
+def test_reset_every_stores_both_rows_and_prints_the_loss_by_position(tmp_path, run_dir, text_folder, capsys):
+    db_path = tmp_path / "results.sqlite3"
+    status, out, err = bench(
+        capsys, run_dir, "--data", text_folder, "--db", db_path, "--cache-dir", tmp_path / "cache",
+        "--reset-every", WINDOW, "--position-buckets", f"0,{WINDOW},32",
+    )
+    assert status == 0, err
+    whole, reset = stored_rows(db_path)
+    assert (whole.n_ctx, reset.n_ctx) == (1_048_576, WINDOW)
+    model = BakaLM.from_pretrained(run_dir)
+    corpus = tokenize_corpus(load_corpus(str(text_folder)), load_tokenizer("bytes"), cache_dir=tmp_path / "cache")
+    for row in (whole, reset):
+        expected = evaluate_bakalm(model, corpus, n_ctx=row.n_ctx, batch_size=1, device="cpu", position_buckets=(0, WINDOW, 32))
+        assert [bucket["tokens"] for bucket in row.position_losses] == [b.tokens for b in expected.position_losses] == [16 + 16 + 11, 16 + 16, 12 + 37]  # articles of 44, 69 and 11 inputs
+        assert [bucket["loss"] for bucket in row.position_losses] == pytest.approx([b.loss for b in expected.position_losses], abs=1e-5)
+    gain = 100 * (reset.loss - whole.loss) / reset.loss
+    assert f"| all | 124 | {reset.loss:.4f} | {whole.loss:.4f} | {abs(gain):.2f}% {'lower' if gain >= 0 else 'higher'} |" in out
+    assert "| position | tokens | loss n_ctx 16 | loss n_ctx 1M | 1M vs 16 |" in out
+
+    assert main(["results", "--db", str(db_path), "--context-use"]) == 0
+    listed = capsys.readouterr().out
+    assert f"small-run on {text_folder}/validation:" in listed and "| 0-16 | 43 |" in listed
+
+
+def test_reset_every_is_refused_for_hugging_face_models(tmp_path, text_folder, capsys):
+    status, _, err = bench(capsys, "--hf", tmp_path / "any", "--data", text_folder, "--reset-every", 16, "--db", tmp_path / "r.sqlite3")
+    assert status == 2 and "--reset-every applies only to our models" in err[0]

@@ -100,6 +100,40 @@ def test_state_is_reset_every_n_ctx_tokens(n_ctx):
     assert abs(whole.loss - result.loss) > 1e-4
 
 
+@pytest.mark.parametrize("n_ctx", [WINDOW, WHOLE_ARTICLE])
+def test_position_losses_equal_the_token_losses_bucketed_by_hand(n_ctx):
+    model = small_model()
+    corpus = byte_corpus([90, 61])
+    buckets = (0, WINDOW, 40)
+    result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=2, device="cpu", position_buckets=buckets)
+
+    per_article = [direct_bakalm_nll(model, corpus.document(i), n_ctx).numpy() for i in range(2)]
+    # Article 0 has 89 inputs (positions 0..88), article 1 has 60: buckets [0, 16), [16, 40), [40, ...).
+    expected_tokens = [16 + 16, 24 + 24, 49 + 20]
+    pieces = [[nll[:16], nll[16:40], nll[40:]] for nll in per_article]
+    expected_losses = [float(np.concatenate([pieces[0][k], pieces[1][k]]).mean()) for k in range(3)]
+    assert [(b.start, b.stop) for b in result.position_losses] == [(0, 16), (16, 40), (40, None)]
+    assert [b.tokens for b in result.position_losses] == expected_tokens
+    assert [b.loss for b in result.position_losses] == pytest.approx(expected_losses, abs=1e-5)
+    total = sum(b.loss * b.tokens for b in result.position_losses) / sum(expected_tokens)
+    assert total == pytest.approx(result.loss, abs=1e-5)
+
+
+def test_the_first_window_scores_alike_whole_and_reset_and_later_positions_differ():
+    model = small_model()
+    corpus = byte_corpus([90, 61])
+    whole = evaluate_bakalm(model, corpus, n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
+    reset = evaluate_bakalm(model, corpus, n_ctx=WINDOW, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
+    assert whole.position_losses[0].loss == pytest.approx(reset.position_losses[0].loss, abs=1e-6)
+    assert abs(whole.position_losses[1].loss - reset.position_losses[1].loss) > 1e-4
+
+
+@pytest.mark.parametrize("starts", [(), (1, 512), (0, 512, 512), (0, 2048, 512)])
+def test_position_buckets_must_start_at_zero_and_rise(starts):
+    with pytest.raises(UserError, match="must start at 0 and rise strictly"):
+        ArticleLossTally(3, position_buckets=starts)
+
+
 def test_n_ctx_smaller_than_the_window_is_refused():
     with pytest.raises(UserError, match="smaller than the model's window of 16 tokens"):
         evaluate_bakalm(small_model(), byte_corpus([40]), n_ctx=WINDOW - 1, batch_size=1, device="cpu")
@@ -133,10 +167,11 @@ def test_long_articles_stream_one_window_per_call():
 
 def test_tally_leaves_nan_out_and_reports_it():
     corpus = TokenizedCorpus.from_token_lists([[1, 2, 3, 4], [5, 6, 7]], 10, texts=["ab cd", "efg"])
-    tally = ArticleLossTally(len(corpus))
+    tally = ArticleLossTally(len(corpus), position_buckets=(0, 2))
     nll = torch.tensor([[1.0, math.nan, 3.0], [2.0, 4.0, 0.0]])
     scored = torch.tensor([[True, True, True], [True, True, False]])
-    assert tally.add([0, 1], nll, scored) == 5
+    positions = torch.arange(3).expand(2, 3)
+    assert tally.add([0, 1], nll, scored, positions) == 5
     result = tally.result(corpus, seconds=2.0, peak_memory_bytes=None)
     assert result.tokens == 5 and result.nan_count == 1 and result.n_articles == 2
     assert result.loss == pytest.approx(10 / 4)
@@ -144,6 +179,10 @@ def test_tally_leaves_nan_out_and_reports_it():
     assert result.bpb == pytest.approx(10 / math.log(2) / (5 + 3))
     assert result.word_ppl == pytest.approx(math.exp(10 / 3))
     assert result.tokens_per_s == pytest.approx(2.5)
+    # Positions 0-1: 1, 2 and 4 (the NaN left out); position 2 and beyond: 3 (row 1's third token is not scored).
+    first, rest = result.position_losses
+    assert (first.start, first.stop, first.tokens, first.loss) == (0, 2, 3, pytest.approx(7 / 3))
+    assert (rest.start, rest.stop, rest.tokens, rest.loss, rest.label) == (2, None, 1, pytest.approx(3.0), "2+")
 
 
 def test_corpus_without_texts_has_no_byte_or_word_figures():
@@ -200,6 +239,11 @@ def test_hf_loss_equals_one_full_forward_when_n_ctx_covers_the_article(hf_model_
     assert result.tokens == 59 + 22 + 40
     assert result.loss == pytest.approx(float(expected.mean()), abs=1e-5)
     assert result.legacy_loss == pytest.approx(float(np.mean([n.double().mean() for n in nll])), abs=1e-5)
+    # Inputs at positions 0-15 of each article, then 16 and beyond (HF windows count positions from the article's start too).
+    by_hand = [torch.cat([n[:16] for n in nll]).double().mean(), torch.cat([n[16:] for n in nll]).double().mean()]
+    bucketed = evaluate_hf(hf_model_dir, corpus, n_ctx=64, batch_size=2, position_buckets=(0, 16)).position_losses
+    assert [b.tokens for b in bucketed] == [48, 59 + 22 + 40 - 48]
+    assert [b.loss for b in bucketed] == pytest.approx([float(value) for value in by_hand], abs=1e-5)
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])

@@ -95,3 +95,30 @@ def test_plot_context_user_errors(tmp_path):
     with pytest.raises(UserError, match="nothing to plot"):
         plot_context(db_path, tmp_path / "out.png", benchmark="wikitext-103", split="validation")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_plot_positions_draws_one_line_per_model_and_context(tmp_path, capsys, monkeypatch):
+    db_path = tmp_path / "results.sqlite3"
+    buckets = lambda first, later: [  # noqa: E731
+        {"start": 0, "stop": 512, "tokens": 10, "loss": first}, {"start": 512, "stop": 2048, "tokens": 20, "loss": later},
+        {"start": 2048, "stop": None, "tokens": 0, "loss": None},  # an empty bucket is not drawn
+    ]
+    with ResultsDB(db_path) as db:
+        db.add(ResultRow("bakallm", "ours", "books", "test", 512, 30, 5.0, 148.4, checkpoint_hash="a", position_losses=buckets(6.0, 5.0)))
+        db.add(ResultRow("bakallm", "ours", "books", "test", 1 << 20, 30, 4.8, 121.5, checkpoint_hash="a", position_losses=buckets(6.0, 4.5)))
+        db.add(ResultRow("bakallm", "old", "books", "test", 512, 30, 5.0, 148.4))  # recorded before position losses: left out
+    drawn = []
+    monkeypatch.setattr(plotting, "_save_png", lambda figure, path: drawn.append(figure))
+    out = tmp_path / "positions.png"
+    assert run_plot("positions", "--db", str(db_path), "-o", str(out)) == 0
+    (axes,) = drawn[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
+    assert lines == {"ours, n_ctx 512": ([0, 1], [6.0, 5.0]), "ours, n_ctx 1M": ([0, 1], [6.0, 4.5])}
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["0-512", "512-2K", "2K+"]
+
+
+def test_plot_positions_needs_position_losses(tmp_path):
+    db_path = tmp_path / "results.sqlite3"
+    add_results(db_path)
+    with pytest.raises(UserError, match="hold no loss by position"):
+        plotting.plot_positions(db_path, tmp_path / "out.png", benchmark="wikitext-103")

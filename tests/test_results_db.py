@@ -128,15 +128,17 @@ def test_version_1_database_is_upgraded_in_place(tmp_path):
     write_version_1_database(path)
     with ResultsDB(path) as db:
         (old,) = db.rows()
-        new_id = db.add(make_row(arch_hash="beef", extra={"k": 1}, study="seed-fixes"))
+        buckets = [{"start": 0, "stop": 512, "tokens": 511, "loss": 6.5}, {"start": 512, "stop": None, "tokens": 9, "loss": None}]
+        new_id = db.add(make_row(arch_hash="beef", extra={"k": 1}, study="seed-fixes", position_losses=buckets))
         (_, new) = db.rows()
         assert [row.id for row in db.rows(study="seed-fixes")] == [new_id]
     assert (old.id, old.created_at, old.model_kind, old.model_name, old.n_ctx, old.tokens) == (1, "2024-05-01T10:00:00+00:00", "hf", "gpt2", 1024, 245566)
     assert (old.loss, old.ppl, old.bpb, old.note) == (3.2, 24.53, 0.98, "baseline")
     assert (old.arch_hash, old.version, old.extra, old.study) == (None, None, {}, None)
     assert (new_id, new.arch_hash, new.extra) == (2, "beef", {"k": 1})
+    assert (old.position_losses, new.position_losses) == (None, buckets)
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     check.close()
 
 
@@ -153,7 +155,7 @@ def test_failed_upgrade_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     assert column_names(path) == before and "arch_hash" not in before
     with ResultsDB(path) as db:
         assert [row.model_name for row in db.rows()] == ["gpt2"]
-    assert column_names(path)[-4:] == ["arch_hash", "version", "extra", "study"]
+    assert column_names(path)[-5:] == ["arch_hash", "version", "extra", "study", "position_losses"]
 
 
 def test_newer_schema_and_foreign_databases_are_refused(tmp_path):

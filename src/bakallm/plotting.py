@@ -9,6 +9,8 @@ from typing import Any
 
 from bakallm.atomic import atomic_path
 from bakallm.errors import UserError
+from bakallm.evaluation.positions import count_label
+from bakallm.results.context_use import context_uses
 from bakallm.results.db import DB_PATH_ENV, ResultRow, ResultsDB
 from bakallm.training.metrics import METRICS_FILE_NAME, MetricsLog, metrics_path
 
@@ -32,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     study.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
     study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     study.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)")
+    positions = modes.add_parser(
+        "positions", help="benchmark loss by position in the article, one line per model and context length (whole vs reset)"
+    )
+    positions.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    positions.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    positions.add_argument("--benchmark", help="only rows of this benchmark")
+    positions.add_argument("--split", help="only rows of this split")
+    positions.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
         written = plot_training(args.run_dirs, args.output, args.smooth)
     elif args.plot_mode == "study":
         written = plot_training(study_run_dirs(args.db, args.study), args.output, args.smooth)
-    else:
+    elif args.plot_mode == "context":
         written = plot_context(args.db, args.output, args.models, args.benchmark, args.split)
+    else:
+        written = plot_positions(args.db, args.output, args.models, args.benchmark, args.split)
     print(f"wrote {written}")
     return 0
 
@@ -124,6 +136,69 @@ def plot_context(
     Where a model was measured more than once at one n_ctx, the newest row counts.
     """
     out_path = _png_path(out_path)
+    rows, benchmarks = _benchmark_rows(db_path, models, benchmark, split)
+
+    newest: dict[tuple[str, int], ResultRow] = {}
+    for row in rows:  # rows come in id order, so later rows replace earlier ones
+        newest[(row.model_name, row.n_ctx)] = row
+    figure, axes = _new_figure()
+    for model_name in dict.fromkeys(row.model_name for row in rows):
+        points = sorted((n_ctx, row.loss) for (name, n_ctx), row in newest.items() if name == model_name)
+        axes.plot([n_ctx for n_ctx, _ in points], [loss for _, loss in points], marker="o", label=model_name)
+    contexts = sorted({n_ctx for _, n_ctx in newest})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(contexts, [count_label(n_ctx) for n_ctx in contexts])
+    axes.minorticks_off()
+    axes.set_xlabel("context length n_ctx (tokens)")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(f"{benchmarks[0]}: loss against context length")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_png(figure, out_path)
+    return out_path
+
+
+def plot_positions(
+    db_path: str | Path | None,
+    out_path: str | Path,
+    models: Sequence[str] | None = None,
+    benchmark: str | None = None,
+    split: str | None = None,
+) -> Path:
+    """PNG of benchmark loss by position bucket in the article, one line per model_name and n_ctx.
+
+    A whole-article line below the reset-every-N line of the same model, and more so at later
+    positions, is the carried state at work. Where a model was measured more than once at one n_ctx,
+    the newest row counts.
+    """
+    out_path = _png_path(out_path)
+    rows, benchmarks = _benchmark_rows(db_path, models, benchmark, split)
+    uses = context_uses(rows)
+    if not uses:
+        raise UserError("nothing to plot: these results hold no loss by position; record some with `bakallm bench --reset-every 512`.")
+    figure, axes = _new_figure()
+    labels: list[str] = []
+    for use in uses:
+        for n_ctx, buckets in use.losses_by_n_ctx.items():
+            for bucket in buckets:
+                if bucket.label not in labels:
+                    labels.append(bucket.label)
+            points = [(labels.index(bucket.label), bucket.loss) for bucket in buckets if bucket.tokens]
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{use.model_name}, n_ctx {count_label(n_ctx)}")
+    axes.set_xticks(range(len(labels)), labels)
+    axes.set_xlabel("position of the predicted token's input in its article (tokens)")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(f"{benchmarks[0]}: loss by position in the article")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_png(figure, out_path)
+    return out_path
+
+
+def _benchmark_rows(
+    db_path: str | Path | None, models: Sequence[str] | None, benchmark: str | None, split: str | None
+) -> tuple[list[ResultRow], list[str]]:
+    """The rows of the chosen models on one benchmark and split, and that benchmark's name; refuses a mix."""
     with ResultsDB(db_path, must_exist=True) as db:
         rows = db.rows(benchmark=benchmark, split=split)
         db_shown = db.path
@@ -141,39 +216,13 @@ def plot_context(
     benchmarks = sorted({f"{row.benchmark}/{row.split}" for row in rows})
     if len(benchmarks) > 1:
         raise UserError(f"the results mix several benchmarks ({', '.join(benchmarks)}): choose one with --benchmark and --split.")
-
-    newest: dict[tuple[str, int], ResultRow] = {}
-    for row in rows:  # rows come in id order, so later rows replace earlier ones
-        newest[(row.model_name, row.n_ctx)] = row
-    figure, axes = _new_figure()
-    for model_name in dict.fromkeys(row.model_name for row in rows):
-        points = sorted((n_ctx, row.loss) for (name, n_ctx), row in newest.items() if name == model_name)
-        axes.plot([n_ctx for n_ctx, _ in points], [loss for _, loss in points], marker="o", label=model_name)
-    contexts = sorted({n_ctx for _, n_ctx in newest})
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(contexts, [_count_label(n_ctx) for n_ctx in contexts])
-    axes.minorticks_off()
-    axes.set_xlabel("context length n_ctx (tokens)")
-    axes.set_ylabel("loss (nats per token)")
-    axes.set_title(f"{benchmarks[0]}: loss against context length")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    _save_png(figure, out_path)
-    return out_path
+    return rows, benchmarks
 
 
 def _run_labels(run_dirs: Sequence[Path]) -> list[str]:
     """Folder names, or the paths as given where two runs share a folder name."""
     names = [run_dir.resolve().name for run_dir in run_dirs]  # resolved, so that '.' is named too
     return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
-
-
-def _count_label(count: int) -> str:
-    """1024 -> '1K', 1048576 -> '1M', 1536 -> '1536'."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if count >= size and count % size == 0:
-            return f"{count // size}{unit}"
-    return str(count)
 
 
 def _png_path(out_path: str | Path) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bakallm.errors import UserError
+from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, check_position_buckets
 from bakallm.kernels import SCAN_BACKENDS
 
 if TYPE_CHECKING:
@@ -48,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stride", type=int, help="Hugging Face models only: tokens between window starts (default n_ctx / 2)")
     parser.add_argument(
+        "--reset-every",
+        type=int,
+        metavar="N",
+        help="our models only: also score the same tokens with the state reset every N tokens (e.g. 512), store that "
+        "as a second row and print the loss by position of both, to show what the carried state is worth",
+    )
+    parser.add_argument(
+        "--position-buckets",
+        default=",".join(map(str, DEFAULT_POSITION_BUCKETS)),
+        help="where the position buckets of the context-use figures start, comma-separated from 0 "
+        f"(default {','.join(map(str, DEFAULT_POSITION_BUCKETS))}: 0-512, 512-2K, 2K-8K, 8K+)",
+    )
+    parser.add_argument(
         "--batch-size", type=int,
         help=f"articles (ours) or windows (--hf) per forward pass (default {BAKALLM_DEFAULT_BATCH_SIZE} ours, {HF_DEFAULT_BATCH_SIZE} --hf)",
     )
@@ -80,7 +94,8 @@ class ModelUnderTest:
     default_tokenizer_note: str | None  # printed when the default tokenizer is used, if it needs saying
     default_n_ctx: int
     default_batch_size: int
-    score: Callable[[TokenizedCorpus, int, int | None, int, bool], EvalResult]  # (corpus, n_ctx, stride, batch_size, progress)
+    # (corpus, n_ctx, stride, batch_size, progress, position bucket starts)
+    score: Callable[[TokenizedCorpus, int, int | None, int, bool, tuple[int, ...]], EvalResult]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.evaluation.evaluate import require_positive, require_vocabulary_fits
     from bakallm.evaluation.hf_baseline import default_stride
+    from bakallm.results.context_use import context_uses, format_context_use
     from bakallm.results.db import ResultsDB, default_db_path, utc_now_iso
     from bakallm.results.table import json_value
 
@@ -103,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
     if args.scan is not None and args.hf is not None:
         raise UserError("--scan applies only to our models; a Hugging Face model (--hf) runs its own code.")
+    if args.reset_every is not None:
+        if args.hf is not None:
+            raise UserError("--reset-every applies only to our models; for a Hugging Face model run bench again with another --n-ctx.")
+        require_positive("--reset-every", args.reset_every)
+    position_buckets = parse_position_buckets(args.position_buckets)
     device = resolve_device(args.device)
     # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
@@ -115,14 +136,29 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(_tokenizer_spec(args.tokenizer, subject))
         require_vocabulary_fits(tokenizer.vocab_size, subject.vocab_size, tokenizer.name)
         corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
-        result = subject.score(corpus, n_ctx, stride, batch_size, args.progress)
-        row = _result_row(subject, result, args, n_ctx, stride, batch_size, tokenizer.name, device)
-        row.created_at = utc_now_iso()
-        row.id = db.add(row)
-    print(_summary(row, result, db.path))
+        contexts = [n_ctx] + ([args.reset_every] if args.reset_every is not None else [])
+        stored = []
+        for context in contexts:
+            result = subject.score(corpus, context, stride, batch_size, args.progress, position_buckets)
+            row = _result_row(subject, result, args, context, stride, batch_size, tokenizer.name, device)
+            row.created_at = utc_now_iso()
+            row.id = db.add(row)
+            stored.append(row)
+            print(_summary(row, result, db.path))
+    if len(stored) > 1:
+        print(format_context_use(context_uses(stored)), end="")
     if args.json:
-        print(json.dumps({key: json_value(value) for key, value in asdict(row).items()}, sort_keys=True))
+        print(json.dumps({key: json_value(value) for key, value in asdict(stored[0]).items()}, sort_keys=True))
     return 0
+
+
+def parse_position_buckets(text: str) -> tuple[int, ...]:
+    """'0,512,2048' -> (0, 512, 2048), refused unless whole numbers that start at 0 and rise."""
+    try:
+        starts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--position-buckets {text!r} is not a comma-separated list of whole numbers; write e.g. 0,512,2048,8192.") from None
+    return check_position_buckets(starts)
 
 
 def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
@@ -165,8 +201,8 @@ def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
     tokenizer = read_run_config(run_dir).get("training", {}).get("tokenizer")
     counts = model.num_parameters()
 
-    def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool) -> EvalResult:
-        return evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=batch_size, device=device, progress=progress)
+    def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool, buckets: tuple[int, ...]) -> EvalResult:
+        return evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=batch_size, device=device, progress=progress, position_buckets=buckets)
 
     return ModelUnderTest(
         kind="bakallm",
@@ -215,8 +251,10 @@ def _load_hf(spec: str, device: torch.device, progress: bool) -> ModelUnderTest:
     counts = hf_parameter_counts(model)
     max_positions = getattr(model.config, "max_position_embeddings", None) or HF_DEFAULT_N_CTX
 
-    def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool) -> EvalResult:
-        return evaluate_hf(model, corpus, n_ctx=n_ctx, stride=stride, batch_size=batch_size, device=device, progress=progress)
+    def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool, buckets: tuple[int, ...]) -> EvalResult:
+        return evaluate_hf(
+            model, corpus, n_ctx=n_ctx, stride=stride, batch_size=batch_size, device=device, progress=progress, position_buckets=buckets
+        )
 
     return ModelUnderTest(
         kind="hf",
@@ -283,6 +321,7 @@ def _result_row(
         arch_hash=subject.arch_hash,
         version=__version__,
         extra={"n_articles": result.n_articles, "batch_size": batch_size, "device": str(device)},
+        position_losses=[bucket.to_dict() for bucket in result.position_losses],
     )
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
+from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, PositionLoss, check_position_buckets
 from bakallm.model import IGNORE_INDEX, BakaLM
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -43,34 +44,59 @@ class EvalResult:
     n_articles: int  # articles with at least one scored token
     tokens_per_s: float
     peak_memory_bytes: int | None  # see PeakMemory
+    position_losses: tuple[PositionLoss, ...] = ()  # the loss by position in the article, one entry per bucket
 
 
 class ArticleLossTally:
     """Sums of token losses per article, from which every figure of `EvalResult` follows.
 
     NaN losses are counted and kept out of the sums, so one broken token is reported instead of
-    turning every figure into NaN.
+    turning every figure into NaN. With `position_buckets` (the start of each bucket, the first 0),
+    the sums are also kept by the position of each token's input in its article.
     """
 
-    def __init__(self, n_articles: int):
+    def __init__(self, n_articles: int, position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS):
         self.nll_sum = np.zeros(n_articles, dtype=np.float64)
         self.n_finite = np.zeros(n_articles, dtype=np.int64)
         self.n_nan = np.zeros(n_articles, dtype=np.int64)
+        self.bucket_starts = check_position_buckets(position_buckets)
+        self.bucket_nll_sum = np.zeros(len(self.bucket_starts), dtype=np.float64)
+        self.bucket_n_finite = np.zeros(len(self.bucket_starts), dtype=np.int64)
+        self._bucket_bounds: torch.Tensor | None = None  # the starts after the first, on the device of the losses
 
-    def add(self, articles: Sequence[int], nll: torch.Tensor, scored: torch.Tensor) -> int:
+    def add(self, articles: Sequence[int], nll: torch.Tensor, scored: torch.Tensor, positions: torch.Tensor) -> int:
         """Adds row r of `nll` [R, T] where `scored` [R, T] holds to article `articles[r]`.
 
+        `positions` [R, T] holds the position in its article of the input of each token.
         Returns the number of tokens added. One transfer to the host per call: sums of one window
         are taken in float32 on the device, and added up across windows in float64 here.
         """
         is_nan = nll.isnan() & scored
         finite = scored & ~is_nan
-        per_row = torch.stack((torch.where(finite, nll, 0.0).sum(1), finite.sum(1).float(), is_nan.sum(1).float()))
-        sums, n_finite, n_nan = per_row.cpu().double().numpy()
+        finite_nll = torch.where(finite, nll, 0.0)
+        per_row = torch.stack((finite_nll.sum(1), finite.sum(1).float(), is_nan.sum(1).float()))
+        if self._bucket_bounds is None or self._bucket_bounds.device != nll.device:
+            self._bucket_bounds = torch.tensor(self.bucket_starts[1:], dtype=torch.long, device=nll.device)
+        bucket = torch.bucketize(positions.to(nll.device).contiguous(), self._bucket_bounds, right=True).flatten()
+        per_bucket = torch.zeros(2, len(self.bucket_starts), device=nll.device)
+        per_bucket[0].index_add_(0, bucket, finite_nll.flatten().float())
+        per_bucket[1].index_add_(0, bucket, finite.flatten().float())
+        host = torch.cat((per_row.flatten(), per_bucket.flatten())).cpu().double().numpy()
+        sums, n_finite, n_nan = host[: per_row.numel()].reshape(per_row.shape)
+        bucket_sums, bucket_counts = host[per_row.numel() :].reshape(per_bucket.shape)
         np.add.at(self.nll_sum, articles, sums)
         np.add.at(self.n_finite, articles, n_finite.astype(np.int64))
         np.add.at(self.n_nan, articles, n_nan.astype(np.int64))
+        self.bucket_nll_sum += bucket_sums
+        self.bucket_n_finite += bucket_counts.astype(np.int64)
         return int(n_finite.sum() + n_nan.sum())
+
+    def position_losses(self) -> tuple[PositionLoss, ...]:
+        stops = (*self.bucket_starts[1:], None)
+        return tuple(
+            PositionLoss(start, stop, int(count), float(total / count) if count else math.nan)
+            for start, stop, total, count in zip(self.bucket_starts, stops, self.bucket_nll_sum, self.bucket_n_finite)
+        )
 
     def result(self, corpus: TokenizedCorpus, seconds: float, peak_memory_bytes: int | None) -> EvalResult:
         scored = (self.n_finite + self.n_nan) > 0
@@ -93,6 +119,7 @@ class ArticleLossTally:
             n_articles=int(scored.sum()),
             tokens_per_s=tokens / seconds if seconds > 0 else math.nan,
             peak_memory_bytes=peak_memory_bytes,
+            position_losses=self.position_losses(),
         )
 
 
@@ -244,6 +271,7 @@ def evaluate_bakalm(
     device: torch.device | str,
     autocast: torch.dtype | None = None,
     progress: bool = False,
+    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
 ) -> EvalResult:
     """Scores every article of `corpus` with `model` (already on `device`), reading each from its start.
 
@@ -259,7 +287,7 @@ def evaluate_bakalm(
     require_vocabulary_fits(corpus.vocab_size, model.config.vocab_size)
     device = torch.device(device)
     feeder = _RowFeeder(corpus, n_ctx, window, batch_size)
-    tally = ArticleLossTally(len(corpus))
+    tally = ArticleLossTally(len(corpus), position_buckets)
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -278,7 +306,8 @@ def evaluate_bakalm(
                 state = output.state
                 nll, scored = token_nll(output.logits, targets), targets != IGNORE_INDEX
                 busy = [row for row, row_window in enumerate(windows) if row_window is not None]
-                bar.update(tally.add([windows[row].article for row in busy], nll[busy], scored[busy]))
+                positions = torch.tensor([windows[row].start for row in busy])[:, None] + torch.arange(window)
+                bar.update(tally.add([windows[row].article for row in busy], nll[busy], scored[busy], positions))
                 windows = feeder.next_windows()
     finally:
         model.train(was_training)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,6 +25,7 @@ from bakallm.data.corpora import hub_revision
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import (
+    DEFAULT_POSITION_BUCKETS,
     ArticleLossTally,
     EvalResult,
     PeakMemory,
@@ -142,6 +143,7 @@ def evaluate_hf(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
 ) -> EvalResult:
     """Scores every article of `corpus` with a Hugging Face causal LM: a name or path, or a model already on `device`.
 
@@ -161,7 +163,7 @@ def evaluate_hf(
     if max_positions is not None and n_ctx > max_positions:
         raise UserError(f"n_ctx {n_ctx} exceeds the {max_positions} positions the model was built for; pass an n_ctx of at most {max_positions}.")
     require_vocabulary_fits(corpus.vocab_size, hf_vocab_size(model))
-    tally = ArticleLossTally(len(corpus))
+    tally = ArticleLossTally(len(corpus), position_buckets)
     windows = (
         window for article in scorable_articles(corpus).tolist() for window in hf_windows(article, article_length(corpus, article), n_ctx, stride)
     )
@@ -174,7 +176,8 @@ def evaluate_hf(
             input_ids, attention_mask, targets = _window_batch(corpus, batch)
             targets = targets.to(device)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            bar.update(tally.add([window.article for window in batch], token_nll(logits, targets), targets != IGNORE_INDEX))
+            positions = torch.tensor([window.start for window in batch])[:, None] + torch.arange(input_ids.shape[1])
+            bar.update(tally.add([window.article for window in batch], token_nll(logits, targets), targets != IGNORE_INDEX, positions))
     return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
 
 

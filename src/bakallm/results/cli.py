@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bakallm.errors import UserError
+from bakallm.results.context_use import context_uses, format_context_use
 from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, ResultRow, ResultsDB, default_db_path
 from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, study_table
 
@@ -20,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--columns", help=f"comma-separated columns (default: {','.join(DEFAULT_COLUMNS)})")
     columns.add_argument("--all-columns", action="store_true", help="show every column")
+    parser.add_argument(
+        "--context-use",
+        action="store_true",
+        help="instead of the table: the loss by position in the article of each model at each context length it was "
+        "benchmarked with, and how much lower the longest context's loss is than the shortest's",
+    )
     parser.add_argument(
         "--since",
         help="bold the rows with this id or newer, or added at or after this ISO date/time "
@@ -46,6 +53,13 @@ def run(args: argparse.Namespace) -> int:
         rows = db.rows(benchmark=args.benchmark, split=args.split)
         if not rows:
             print(f"no results in {db.path}{_filter_description(args)}.")
+            return 0
+        if args.context_use:
+            uses = context_uses(rows)
+            if not uses:
+                print(f"no results with position losses in {db.path}{_filter_description(args)}: record some with `bakallm bench --reset-every 512`.")
+                return 0
+            print(format_context_use(uses), end="")
             return 0
         if args.since is not None:
             bold_ids = _ids_since(rows, args.since)

@@ -65,6 +65,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE results ADD COLUMN study TEXT",
         "CREATE INDEX results_by_study ON results (study)",
     ),
+    # Version 4: the loss by position in the article (JSON list of buckets), for the context-use figures.
+    ("ALTER TABLE results ADD COLUMN position_losses TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -100,6 +102,8 @@ class ResultRow:
     version: str | None = __version__  # None on rows recorded before the database stored it
     extra: dict[str, Any] = field(default_factory=dict)
     study: str | None = None  # the `bakallm ablate` study that recorded the row
+    # One {"start", "stop", "tokens", "loss"} per position bucket (stop None: open-ended); None on older rows.
+    position_losses: list[dict[str, Any]] | None = None
     id: int | None = None  # assigned by the database
     created_at: str | None = None  # UTC ISO time, assigned by the database
 
@@ -180,6 +184,8 @@ class ResultsDB:
         del values["id"]
         values["created_at"] = row.created_at or utc_now_iso()
         values["extra"] = json.dumps(row.extra, sort_keys=True)
+        if row.position_losses is not None:
+            values["position_losses"] = json.dumps(row.position_losses, sort_keys=True)
         names = ", ".join(values)
         placeholders = ", ".join(f":{name}" for name in values)
         cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
@@ -247,6 +253,8 @@ def _upgrade(connection: sqlite3.Connection, path: Path) -> None:
 def _row_from_record(record: sqlite3.Row) -> ResultRow:
     values = {name: record[name] for name in record.keys()}
     values["extra"] = json.loads(values["extra"])
+    if values["position_losses"] is not None:
+        values["position_losses"] = json.loads(values["position_losses"])
     for name in _NAN_WHEN_NULL:
         if values[name] is None:
             values[name] = math.nan

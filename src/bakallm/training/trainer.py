@@ -62,6 +62,22 @@ def build_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
         raise UserError(str(error)) from None
 
 
+def untrained_memory_warning(config: TrainConfig, model_config: ModelConfig) -> str | None:
+    """Why the memory slots cannot learn under these settings, or None when they can.
+
+    The write slots sit at the end of a window, so only the next window's loss can train what they
+    write; with steps of one window that next window lies beyond the truncated backpropagation, and
+    the write slots get exactly zero gradient (docs/quality.md measures it).
+    """
+    if model_config.n_memory == 0 or config.train_ctx >= 2 * model_config.window:
+        return None
+    return (
+        f"--train-ctx {config.train_ctx} spans less than two windows of {model_config.window} tokens, so the "
+        f"{model_config.n_memory} memory write slots get no gradient and never learn what to write; "
+        f"use --train-ctx {2 * model_config.window} or more (fewer --batch-size rows keep the tokens per step)."
+    )
+
+
 def _parameter_groups(model: torch.nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
     if scope == "all":
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
@@ -112,6 +128,9 @@ class Trainer:
         self._require_same_source("tokenizer", saved_facts.get("tokenizer_fingerprint"), self.tokenizer.fingerprint())
         # An --hf-config run has no ModelConfig: its model and run config come from transformers.
         self.model_config = None if config.hf_config else build_model_config(config, self.tokenizer.vocab_size)
+        self.warning = untrained_memory_warning(config, self.model_config) if self.model_config is not None else None
+        if self.warning is not None and self.distributed.is_main:
+            print(f"bakallm train: warning: {self.warning}", file=sys.stderr)
         if config.resume and self.model_config is not None:
             saved_model = ModelConfig.from_dict(ckpt.read_run_config(self.run_dir)["model"])
             changed = saved_model.differences(self.model_config)

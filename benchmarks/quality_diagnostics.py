@@ -1,0 +1,139 @@
+"""Diagnostics of the quality study (docs/quality.md): which recurrent paths learn, and which carry information.
+
+gradients: the gradient norm of each parameter group after one training step of carried state, with
+  the step spanning one window (train_ctx = window) or two, from a checkpoint or a fresh model.
+batching: for each rows x train_ctx shape, the steps one epoch of dynamic batching really takes, the
+  share of padding, and the steps with at most half the rows busy, with whole documents and with
+  documents split every 32K and 8K tokens.
+paths: on a checkpoint, the loss of the tokens after the first window of each document with the full
+  carried state, and with one path cut at every window boundary (memory back to the initial
+  memory, Mamba state zeroed): how much each path carries across windows.
+
+    python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
+    python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
+    python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import torch
+
+from bakallm import BakaLM, ModelConfig
+from bakallm.data.corpora import load_corpus
+from bakallm.data.batching import IGNORE_INDEX, DocumentBatcher
+from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
+from bakallm.data.tokenizers import load_tokenizer
+from bakallm.state import RecurrentState
+
+GROUPS = ("write_slots", "initial_memory", "pause", "mamba", "attn", "mlp", "embed", "lm_head")
+
+
+def group_of(name: str) -> str:
+    return next((group for group in GROUPS if group in name.split(".")), "other")
+
+
+def document_rows(args: argparse.Namespace, length: int) -> torch.Tensor:
+    """The first `length` + 1 tokens of each document long enough, one row each."""
+    corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
+    rows = [np.asarray(corpus.document(i)[: length + 1], dtype=np.int64) for i in range(len(corpus)) if len(corpus.document(i)) > length]
+    return torch.from_numpy(np.stack(rows[: args.rows]))
+
+
+def load(args: argparse.Namespace) -> BakaLM:
+    if args.run.startswith("{"):  # a fresh model of these ModelConfig fields, for the gradients at initialisation
+        torch.manual_seed(0)
+        return BakaLM(ModelConfig.preset("celp18", **json.loads(args.run)))
+    return BakaLM.from_pretrained(args.run)
+
+
+def gradients(args: argparse.Namespace) -> None:
+    model = load(args)
+    window = model.config.window
+    tokens = document_rows(args, 3 * window)
+    for span in (1, 2):
+        model.zero_grad(set_to_none=True)
+        # A first window runs without gradient, as the previous step of the trainer did; the step then spans `span` windows.
+        with torch.no_grad():
+            state = model(tokens[:, :window], return_logits=False).state.detach()
+        inputs, targets = tokens[:, window : (1 + span) * window], tokens[:, window + 1 : (1 + span) * window + 1]
+        model(inputs, state=state, targets=targets, return_logits=False).loss.backward()
+        norms: dict[str, float] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                norms[group_of(name)] = norms.get(group_of(name), 0.0) + float(parameter.grad.norm()) ** 2
+        print(f"train_ctx {span * window}: " + ", ".join(f"{group} {norms.get(group, 0.0) ** 0.5:.3g}" for group in GROUPS))
+
+
+def cut(state: RecurrentState, model: BakaLM, path: str) -> RecurrentState:
+    if path == "memory":
+        fresh = model.initial_memory.detach().float().expand_as(state.memory)
+        return dataclasses.replace(state, memory=fresh.clone())
+    if path == "mamba":
+        return dataclasses.replace(state, conv=tuple(torch.zeros_like(t) for t in state.conv), ssm=tuple(torch.zeros_like(t) for t in state.ssm))
+    return state
+
+
+@torch.inference_mode()
+def paths(args: argparse.Namespace) -> None:
+    model = load(args).eval()
+    window = model.config.window
+    tokens = document_rows(args, args.tokens)
+    names = ["full", "memory", "mamba"] + (["reset"])
+    for path in names:
+        state, total, count = None, 0.0, 0
+        for start in range(0, args.tokens, window):
+            if state is not None and path == "reset":
+                state = None
+            elif state is not None:
+                state = cut(state, model, path)
+            output = model(tokens[:, start : start + window], state=state, targets=tokens[:, start + 1 : start + window + 1], return_logits=False)
+            state = output.state
+            if start >= window:  # the first window has no past to cut
+                total += float(output.loss) * int(output.n_targets)
+                count += int(output.n_targets)
+        print(f"{path:>7} cut at every window: loss {total / count:.4f} over {count} tokens after the first window")
+
+
+def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
+    pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
+    return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
+
+
+def batching(args: argparse.Namespace) -> None:
+    corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
+    lengths = np.diff(np.asarray(corpus.offsets))
+    print(f"{len(lengths)} documents, {int(lengths.sum()):,} tokens, longest {int(lengths.max()):,}")
+    for label, documents in (("whole", corpus), ("split at 32K", split_documents(corpus, 32768)), ("split at 8K", split_documents(corpus, 8192))):
+        for rows, train_ctx in ((8, 512), (4, 1024), (2, 2048)):
+            steps = targets = half_idle = 0
+            for batch in DocumentBatcher(documents, rows, train_ctx, mode="dynamic", shuffle=True, seed=0, max_epochs=1):
+                steps += 1
+                targets += batch.n_targets
+                half_idle += int((batch.targets != IGNORE_INDEX).any(1).sum()) <= rows // 2
+            filled = int(np.ceil((lengths - 1).sum() / (rows * train_ctx)))
+            print(
+                f"{label:>12} {rows} x {train_ctx}: {steps} steps (the tokens fill {filled}), padding {1 - targets / (steps * rows * train_ctx):.0%}, "
+                f"steps with at most half the rows busy {half_idle} ({half_idle / steps:.0%})"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("gradients", "paths", "batching"))
+    parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096, help="paths: tokens of each document scored")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    {"gradients": gradients, "paths": paths, "batching": batching}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
