@@ -55,7 +55,9 @@ class Block(nn.Module):
         attended, key, value = self.attn(normed, past_key, past_value, mask, cos, sin)
         x = x + attended + self.mlp(normed)
         if self.mamba is not None:
-            mixed, conv_state, ssm_state = self.mamba(self.mamba_norm(x), conv_state, ssm_state)
+            # One position (token-by-token decoding) takes the direct state update instead of a scan.
+            mix = self.mamba.step if x.shape[1] == 1 else self.mamba
+            mixed, conv_state, ssm_state = mix(self.mamba_norm(x), conv_state, ssm_state)
             x = x + mixed
         return x, key, value, conv_state, ssm_state
 
@@ -150,7 +152,8 @@ class BakaLM(nn.Module):
         window_logits = []
         loss_sum = None
         for start in range(0, length, window):
-            logits, state = self._window(input_ids[:, start : start + window], state)
+            hidden, state = self._window(input_ids[:, start : start + window], state)
+            logits = self.logits(hidden)
             if targets is not None:
                 window_loss = F.cross_entropy(
                     logits.float().flatten(0, 1), targets[:, start : start + window].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -166,58 +169,118 @@ class BakaLM(nn.Module):
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets)
 
     def _window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        config = self.config
-        batch = input_ids.shape[0]
+        """One whole window (or the last, partial one): the last layer's output at its tokens
+        [B, n, d] and the state it commits."""
+        body, token_positions = self.embed_window_tokens(input_ids, first=0)
+        write_slots = self.write_slots.to(body.dtype).expand(input_ids.shape[0], -1, -1)
+        x = torch.cat((self.read_memory(state, body.dtype), body, write_slots), dim=1)
+        convs, ssms = self.window_mamba_state(state)
+        x, keys, values, convs, ssms = self.run_positions(x, state, (), (), convs, ssms)
+        new_state = self.commit_window(x, keys, values, convs, ssms, state)
+        return x.index_select(1, token_positions + self.config.n_memory), new_state
+
+    # ----- the pieces of a window, shared with incremental decoding (bakallm.generation) -----
+    def read_memory(self, state: RecurrentState, dtype: torch.dtype) -> torch.Tensor:
+        """The window's first n_memory positions [B, M, d]: the carried memory, or the learned
+        initial memory for rows without a past."""
+        batch = state.batch_size
+        return torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), self.initial_memory.to(dtype))
+
+    def embed_window_tokens(self, input_ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeds tokens `first`, `first`+1, ... of a window and puts pause k before token k*spacing.
+
+        Returns the body [B, n, d] (these tokens and the pauses that fall among them, starting
+        with the pause before token `first` if there is one) and each token's index in it.
+        """
         tokens = self.embed(input_ids)
-        body, token_positions = self._insert_pauses(tokens)
-        dtype = body.dtype
-        memory = torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), self.initial_memory.to(dtype))
-        x = torch.cat((memory, body, self.write_slots.to(dtype).expand(batch, -1, -1)), dim=1)
+        batch, length, d_model = tokens.shape
+        indices = torch.arange(first, first + length, device=tokens.device)
+        if self.config.n_pauses == 0:
+            return tokens, indices - first
+        spacing = self.config.pause_spacing
+        last = first + length - 1
+        first_pause = -(-first // spacing)
+        body_start = first + first_pause  # the body index of the pause before `first`, or of `first`
+        body_length = last + last // spacing + 1 - body_start + 1
+        token_positions = indices + indices // spacing + 1 - body_start
+        pause_numbers = torch.arange(first_pause, last // spacing + 1, device=tokens.device)
+        body = tokens.new_zeros(batch, body_length, d_model).index_copy(1, token_positions, tokens)
+        pauses = self.pause.to(tokens.dtype).index_select(0, pause_numbers).expand(batch, -1, -1)
+        return body.index_copy(1, pause_numbers * (spacing + 1) - body_start, pauses), token_positions
+
+    def window_mamba_state(self, state: RecurrentState) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The (conv, ssm) states each Mamba layer starts a window from: carried, or zero."""
+        if self.config.carry_mamba_state:
+            return state.conv, state.ssm
+        return tuple(map(torch.zeros_like, state.conv)), tuple(map(torch.zeros_like, state.ssm))
+
+    def run_positions(
+        self,
+        x: torch.Tensor,
+        state: RecurrentState,
+        window_keys: tuple[torch.Tensor, ...],
+        window_values: tuple[torch.Tensor, ...],
+        convs: tuple[torch.Tensor, ...],
+        ssms: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Runs positions x [B, L, d] of a window through every layer.
+
+        They follow the window's earlier positions, whose keys and values per layer are
+        `window_keys`/`window_values` (empty tuples at the window's start), and attend to those and
+        to the previous window's cache in `state`. Returns the last layer's output, the keys and
+        values of these positions, and the Mamba states after them.
+        """
         length = x.shape[1]
         past_length = state.keys[0].shape[2]
-        mask = xl_attention_mask(state.has_past, past_length, length)
-        cos, sin = self.rotary_cos[: past_length + length], self.rotary_sin[: past_length + length]
-        keys, values, convs, ssms = [], [], [], []
+        prefix = window_keys[0].shape[2] if window_keys else 0
+        mask = xl_attention_mask(state.has_past, past_length, length, prefix)
+        total = past_length + prefix + length
+        cos, sin = self.rotary_cos[:total], self.rotary_sin[:total]
+        keys, values, new_convs, new_ssms = [], [], [], []
+        mamba_index = 0
         for index, layer in enumerate(self.layers):
+            past_key, past_value = state.keys[index], state.values[index]
+            if window_keys:
+                past_key = torch.cat((past_key.to(window_keys[index].dtype), window_keys[index]), dim=2)
+                past_value = torch.cat((past_value.to(window_values[index].dtype), window_values[index]), dim=2)
             conv_state = ssm_state = None
             if layer.mamba is not None:
-                conv_state, ssm_state = state.conv[index], state.ssm[index]
-                if not config.carry_mamba_state:
-                    conv_state, ssm_state = torch.zeros_like(conv_state), torch.zeros_like(ssm_state)
-            x, key, value, conv_state, ssm_state = layer(
-                x, state.keys[index], state.values[index], mask, cos, sin, conv_state, ssm_state
-            )
-            # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
-            # block sees identical inputs and never recompiles.
-            keys.append(key[:, :, : config.cache_length].float().contiguous())
-            values.append(value[:, :, : config.cache_length].float().contiguous())
+                conv_state, ssm_state = convs[mamba_index], ssms[mamba_index]
+                mamba_index += 1
+            x, key, value, conv_state, ssm_state = layer(x, past_key, past_value, mask, cos, sin, conv_state, ssm_state)
+            keys.append(key)
+            values.append(value)
             if layer.mamba is not None:
-                convs.append(conv_state.contiguous())
-                ssms.append(ssm_state.contiguous())
-        new_state = RecurrentState(
-            memory=x[:, length - config.n_memory :].float(),
-            keys=tuple(keys),
-            values=tuple(values),
-            conv=tuple(convs),
-            ssm=tuple(ssms),
+                new_convs.append(conv_state.contiguous())
+                new_ssms.append(ssm_state.contiguous())
+        return x, keys, values, tuple(new_convs), tuple(new_ssms)
+
+    def commit_window(
+        self,
+        x: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        convs: tuple[torch.Tensor, ...],
+        ssms: tuple[torch.Tensor, ...],
+        state: RecurrentState,
+    ) -> RecurrentState:
+        """The state a window hands on: the last layer's output at its write slots (the last
+        n_memory positions of x), its keys and values per layer, and the Mamba states after it."""
+        config = self.config
+        # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
+        # block sees identical inputs and never recompiles.
+        return RecurrentState(
+            memory=x[:, x.shape[1] - config.n_memory :].float(),
+            keys=tuple(key[:, :, : config.cache_length].float().contiguous() for key in keys),
+            values=tuple(value[:, :, : config.cache_length].float().contiguous() for value in values),
+            conv=convs,
+            ssm=ssms,
             has_past=torch.ones_like(state.has_past),
         )
-        hidden = x.index_select(1, token_positions + config.n_memory)
-        logits = self.lm_head(self.final_norm(hidden))[..., : config.vocab_size]
-        return logits, new_state
 
-    def _insert_pauses(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Puts pause k before token k*spacing; returns the body and each token's index in it."""
-        batch, length, d_model = tokens.shape
-        positions = torch.arange(length, device=tokens.device)
-        if self.config.n_pauses == 0:
-            return tokens, positions
-        spacing = self.config.pause_spacing
-        groups = -(-length // spacing)
-        padded = F.pad(tokens, (0, 0, 0, groups * spacing - length)).view(batch, groups, spacing, d_model)
-        pauses = self.pause[:groups].to(tokens.dtype).view(1, groups, 1, d_model).expand(batch, -1, -1, -1)
-        body = torch.cat((pauses, padded), dim=2).view(batch, groups * (spacing + 1), d_model)[:, : groups + length]
-        return body, positions + positions // spacing + 1
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [..., vocab_size] from the last layer's output at token positions."""
+        return self.lm_head(self.final_norm(hidden))[..., : self.config.vocab_size]
 
     def _check_inputs(self, input_ids, state, reset, targets) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
