@@ -108,8 +108,9 @@ class BakaLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BakaLM":
-        """The model of a run directory (its latest checkpoint) or of one checkpoint folder."""
-        from bakallm.training.checkpoint import load_model
+        """The model of a run directory (its latest checkpoint), one checkpoint folder, or a folder
+        written by `bakallm export`."""
+        from bakallm.model_io import load_model
 
         return load_model(path, device=device)
 
