@@ -154,6 +154,8 @@ class BakaLM(nn.Module):
         loss_sum = None
         for start in range(0, length, window):
             hidden, state = self._window(input_ids[:, start : start + window], state)
+            if targets is None and not return_logits:
+                continue
             logits = self.logits(hidden)
             if targets is not None:
                 window_loss = F.cross_entropy(
