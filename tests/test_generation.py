@@ -147,3 +147,42 @@ def test_stop_strings_cut_the_text_and_streamed_pieces_add_up_to_it(one_torch_th
     assert all("\ufffd" not in piece for piece in pieces)  # a cut two-byte character is never shown
     without_stop = generate_text(ScriptedModel(script), ByteTokenizer(), ["x"], max_new_tokens=5, sampling=Sampling(temperature=0))[0]
     assert without_stop == "héll"  # five bytes
+
+
+# ----- bakallm generate -----
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    from bakallm.training.checkpoint import save_checkpoint, write_run_config
+
+    model = model_of()
+    path = tmp_path / "run"
+    write_run_config(path, model.config, {"tokenizer": "bytes"})
+    save_checkpoint(path, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    return path
+
+
+def test_generate_command_streams_the_continuation_of_the_api(run_dir, tmp_path, capsys, one_torch_thread):
+    from bakallm.cli import main
+
+    prompt = "The lobster " * 5  # 60 bytes: the prompt spans windows
+    expected = generate_text(model_of(), ByteTokenizer(), [prompt], 30, Sampling(temperature=0))[0]
+    assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "30", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    seeded = ["generate", str(run_dir), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "30", "--seed", "3"]
+    assert main(seeded) == 0
+    first = capsys.readouterr().out
+    assert main(seeded) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_generate_command_errors_are_one_sentence(run_dir, tmp_path, capsys):
+    from bakallm.cli import main
+
+    assert main(["generate", str(run_dir), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "Cannot read --prompt-file" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "top_p must be in (0, 1]" in error and "Traceback" not in error

@@ -31,6 +31,8 @@ class BakaLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = BakaLMConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    # Tied only when config.tie_word_embeddings is true (bakallm's tie_embeddings); stored once.
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
     def __init__(self, config: BakaLMConfig):
         super().__init__(config)
