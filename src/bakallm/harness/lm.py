@@ -13,6 +13,8 @@ n_ctx (state reset every n_ctx tokens in rolling scoring, default 1048576), batc
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
@@ -25,6 +27,8 @@ from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import score_articles
 from bakallm.generation import Sampling, generate_text
 from bakallm.model_io import load_model, model_files
+
+eval_logger = logging.getLogger("lm-eval")
 
 DEFAULT_N_CTX = 1_048_576
 DEFAULT_BATCH_SIZE = 8
@@ -48,6 +52,10 @@ class BakaLMHarness(LM):
         if spec is None:
             raise UserError(f"{path} names no tokenizer; pass the one the model was trained with as model_args tokenizer=...")
         self.tokenizer = load_tokenizer(spec)
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # The harness asks for cuda unless told otherwise; on a machine without it, run on CPU.
+            eval_logger.warning("bakallm: no CUDA device here, running on the CPU.")
+            device = "cpu"
         self._device = resolve_device(device or "auto")
         self.model = load_model(path, self._device).eval()
         self.n_ctx = int(n_ctx)
