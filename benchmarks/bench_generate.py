@@ -4,12 +4,13 @@
                                         [--new-tokens 32] [--device cpu|cuda] [--threads N]
 
 For each preset, a GPTNeoX of the same width, depth, heads and MLP width (random weights,
-vocabulary 50304, max_position_embeddings raised to fit) runs `generate` with its KV cache. Both
-read a random prompt of each length, then write `--new-tokens` tokens greedily.
+vocabulary 50304, max_position_embeddings raised to fit) decodes with its KV cache, step by step
+as its `generate` does. Both read a random prompt of each length, then write `--new-tokens`
+tokens greedily.
 
 - prefill tokens/s: prompt length / time to read the prompt and give the first next-token logits
   (ours: IncrementalReader.read; GPTNeoX: one forward with use_cache).
-- decode tokens/s: (new tokens - 1) / (time to write them all - time to write the first).
+- decode tokens/s: (new tokens - 1) / the time to write the tokens after the first.
   Ours decodes one position per token against a cache of at most two windows, so its speed should
   not depend on the prompt length; GPTNeoX attends to the whole prompt at every token.
 """
@@ -66,16 +67,23 @@ def time_ours(model: BakaLM, prompt: torch.Tensor, new_tokens: int, device: torc
 
 
 def time_gpt_neox(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
-    def generate(count: int) -> float:
+    """The same two figures for a transformers causal LM, decoding with its KV cache as `generate`
+    does (timed step by step, so that the prefill and the decode are measured apart)."""
+    with torch.inference_mode():
         synchronize(device)
         started = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True, pad_token_id=0)
+        output = model(prompt, use_cache=True, logits_to_keep=1)
+        token = output.logits[:, -1].argmax(-1, keepdim=True)
         synchronize(device)
-        return time.perf_counter() - started
-
-    with torch.inference_mode():
-        first = generate(1)
-        return first, (generate(new_tokens) - first) / (new_tokens - 1)
+        prefill = time.perf_counter() - started
+        cache = output.past_key_values
+        started = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            output = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = output.past_key_values
+            token = output.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        return prefill, (time.perf_counter() - started) / (new_tokens - 1)
 
 
 def main() -> None:

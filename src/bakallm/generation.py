@@ -44,7 +44,7 @@ class IncrementalReader:
         hidden = None
         while start < input_ids.shape[1]:
             if self.tokens_in_window == 0 and input_ids.shape[1] - start >= window:
-                hidden, self.state = self.model._window(input_ids[:, start : start + window], self.state)
+                hidden, self.state = self.model.run_window(input_ids[:, start : start + window], self.state)
                 hidden = hidden[:, -1]
                 start += window
                 continue

@@ -153,7 +153,7 @@ class BakaLM(nn.Module):
         window_logits = []
         loss_sum = None
         for start in range(0, length, window):
-            hidden, state = self._window(input_ids[:, start : start + window], state)
+            hidden, state = self.run_window(input_ids[:, start : start + window], state)
             if targets is None and not return_logits:
                 continue
             logits = self.logits(hidden)
@@ -171,7 +171,7 @@ class BakaLM(nn.Module):
         all_logits = (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1)) if return_logits else None
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets)
 
-    def _window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    def run_window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """One whole window (or the last, partial one): the last layer's output at its tokens
         [B, n, d] and the state it commits."""
         body, token_positions = self.embed_window_tokens(input_ids, first=0)
