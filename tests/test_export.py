@@ -38,6 +38,11 @@ def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp
         labels_loss = hf_model(ids, labels=ids).loss
     expected_loss = torch.nn.functional.cross_entropy(want[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(labels_loss, expected_loss)
+    # The library's generate re-reads the whole text each step; greedy, it writes what ours writes.
+    from bakallm.generation import Sampling, generate
+
+    hf_tokens = hf_model.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert hf_tokens == generate(model, [ids[0, :5].tolist()], 20, Sampling(temperature=0))[0]
 
 
 def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path, shared_data):

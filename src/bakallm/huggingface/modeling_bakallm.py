@@ -54,6 +54,10 @@ class BakaLMForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.lm_head
 
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **unused) -> dict:
+        # No key-value cache in the library's sense: every step reads the whole text again.
+        return {"input_ids": input_ids}
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **unused) -> CausalLMOutput:
         """Logits [B, T, vocab]; with `labels` (aligned with input_ids, -100 ignored) the mean
         next-token cross-entropy, as other causal LMs of the library compute it."""
