@@ -67,6 +67,21 @@ def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
     torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
 
 
+def test_one_position_steps_equal_the_full_forward():
+    mamba = Mamba(16, d_state=4, d_conv=4, expand=2).double()
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    conv = torch.randn(2, mamba.d_inner, 3, dtype=torch.float64)
+    ssm = torch.randn(2, mamba.d_inner, 4, dtype=torch.float64)
+    whole, conv_whole, ssm_whole = mamba(x, conv, ssm)
+    steps = []
+    for t in range(x.shape[1]):
+        y, conv, ssm = mamba.step(x[:, t : t + 1], conv, ssm)
+        steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, dim=1).double(), whole.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ssm.double(), ssm_whole.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.double(), conv_whole.double())
+
+
 @pytest.mark.parametrize("scan", ["blocked", "reference"])
 def test_mamba_block_carries_state_across_calls(scan):
     mamba = Mamba(16, d_state=4, d_conv=4, expand=2).double()

@@ -48,7 +48,7 @@ def test_layernorm_has_a_bias_everywhere():
 def test_shared_pause_is_one_vector_used_at_every_pause():
     model = BakaLM(config(pause_embedding="shared")).eval()
     assert model.pause.shape == (1, 32)
-    body, token_positions = model._insert_pauses(model.embed(tokens(1, 16)))
+    body, token_positions = model.embed_window_tokens(tokens(1, 16), first=0)
     pause_slots = sorted(set(range(body.shape[1])) - set(token_positions.tolist()))
     assert pause_slots == [0, 5, 10, 15]
     for slot in pause_slots:
@@ -60,7 +60,7 @@ def test_window_slot_placement_puts_pauses_at_slots_0_s_2s():
     # tokens 0, 3, 6, 9, and the last group holds the 7 remaining tokens.
     model = BakaLM(config(pause_placement="window_slots")).eval()
     ids = tokens(1, 16)
-    body, token_positions = model._insert_pauses(model.embed(ids))
+    body, token_positions = model.embed_window_tokens(ids, first=0)
     assert body.shape[1] == 20
     assert sorted(set(range(20)) - set(token_positions.tolist())) == [0, 4, 8, 12]
     torch.testing.assert_close(body[0, token_positions], model.embed(ids)[0])
@@ -68,13 +68,13 @@ def test_window_slot_placement_puts_pauses_at_slots_0_s_2s():
         torch.testing.assert_close(body[0, slot], model.pause[k])
     # Ours: pause k before token 4k, at slots 0, 5, 10, 15.
     ours = BakaLM(config()).eval()
-    _, ours_positions = ours._insert_pauses(ours.embed(ids))
+    _, ours_positions = ours.embed_window_tokens(ids, first=0)
     assert sorted(set(range(20)) - set(ours_positions.tolist())) == [0, 5, 10, 15]
 
 
 def test_partial_window_keeps_the_pauses_before_its_last_token():
     model = BakaLM(config(pause_placement="window_slots")).eval()
-    body, positions = model._insert_pauses(model.embed(tokens(1, 7)))  # step 3: pauses before tokens 0, 3, 6
+    body, positions = model.embed_window_tokens(tokens(1, 7), first=0)  # step 3: pauses before tokens 0, 3, 6
     assert body.shape[1] == 10 and positions.tolist() == [1, 2, 3, 5, 6, 7, 9]
 
 

@@ -16,15 +16,19 @@ from torch import nn
 from bakallm.rotary import apply_rotary
 
 
-def xl_attention_mask(past_valid: torch.Tensor, past_length: int, length: int) -> torch.Tensor:
-    """Boolean mask [B, 1, length, past_length + length]: True where a query may attend.
+def xl_attention_mask(past_valid: torch.Tensor, past_length: int, length: int, window_prefix: int = 0) -> torch.Tensor:
+    """Boolean mask [B, 1, length, past_length + window_prefix + length]: True where a query may attend.
 
-    Queries see the whole past block when their row has a past, and causally inside the window.
+    The keys are [previous window (past_length) | earlier positions of this window (window_prefix) |
+    these `length` positions]. Queries see the whole past block when their row has a past, every
+    earlier position of their window, and causally among themselves.
     """
     device = past_valid.device
+    batch = past_valid.shape[0]
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     past = past_valid.view(-1, 1, 1, 1).expand(-1, 1, length, past_length)
-    return torch.cat((past, causal.expand(past_valid.shape[0], 1, length, length)), dim=-1)
+    prefix = torch.ones(batch, 1, length, window_prefix, dtype=torch.bool, device=device)
+    return torch.cat((past, prefix, causal.expand(batch, 1, length, length)), dim=-1)
 
 
 class XLAttention(nn.Module):

@@ -18,6 +18,8 @@ COMMANDS = {
     "train": ("bakallm.training.cli", "train a model (resumable run directory)"),
     "bench": ("bakallm.evaluation.cli", "benchmark a model on whole articles and record the result"),
     "ablate": ("bakallm.ablation", "train and evaluate the variants of an ablation study (resumable)"),
+    "generate": ("bakallm.generation", "continue a text with a trained model (streams the new text to stdout)"),
+    "export": ("bakallm.huggingface.export", "write a model as a Hugging Face folder (AutoModelForCausalLM, trust_remote_code)"),
     "results": ("bakallm.results.cli", "print the results table"),
     "plot": ("bakallm.plotting", "plot training curves or benchmark loss against context length"),
 }

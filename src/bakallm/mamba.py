@@ -69,6 +69,27 @@ class Mamba(nn.Module):
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 
+    def step(
+        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One position, x [B, 1, d_model]: what `forward` gives for it, as a direct update of the
+        conv and SSM states instead of a scan (for token-by-token decoding)."""
+        hidden, gate = self.in_proj(x[:, 0]).chunk(2, dim=-1)
+        conv_window = torch.cat((conv_state.to(hidden.dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
+        hidden = (conv_window * self.conv.weight.squeeze(1).to(hidden.dtype)).sum(-1) + self.conv.bias.to(hidden.dtype)
+        new_conv_state = conv_window[:, :, 1:].float().contiguous()
+        hidden = F.silu(hidden)
+        dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
+        dt = F.softplus(self.dt_proj(dt_low_rank).float())
+        A = -torch.exp(self.A_log.float())
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            hidden = hidden.float()
+            decay = torch.exp(dt.unsqueeze(-1) * A)
+            new_ssm_state = decay * ssm_state.float() + (dt * hidden).unsqueeze(-1) * B.float().unsqueeze(1)
+            y = (new_ssm_state * C.float().unsqueeze(1)).sum(-1) + self.D.float() * hidden
+        y = y.to(gate.dtype) * F.silu(gate)
+        return self.out_proj(y).unsqueeze(1), new_conv_state, new_ssm_state
+
     def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depthwise causal convolution of hidden [B, L, d_inner] as d_conv shifted multiply-adds.
 

@@ -61,7 +61,9 @@ class Block(nn.Module):
         attended, key, value = self.attn(normed, past_key, past_value, mask, cos, sin)
         x = x + attended + self.mlp(normed)
         if self.mamba is not None:
-            mixed, conv_state, ssm_state = self.mamba(self.mamba_norm(x), conv_state, ssm_state)
+            # One position (token-by-token decoding) takes the direct state update instead of a scan.
+            mix = self.mamba.step if x.shape[1] == 1 else self.mamba
+            mixed, conv_state, ssm_state = mix(self.mamba_norm(x), conv_state, ssm_state)
             x = x + mixed
         return x, key, value, conv_state, ssm_state
 
@@ -133,8 +135,9 @@ class BakaLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BakaLM":
-        """The model of a run directory (its latest checkpoint) or of one checkpoint folder."""
-        from bakallm.training.checkpoint import load_model
+        """The model of a run directory (its latest checkpoint), one checkpoint folder, or a folder
+        written by `bakallm export`."""
+        from bakallm.model_io import load_model
 
         return load_model(path, device=device)
 
@@ -177,7 +180,10 @@ class BakaLM(nn.Module):
         window_logits = []
         loss_sum = None
         for start in range(0, length, window):
-            hidden, state = self._window(input_ids[:, start : start + window], state)
+            hidden, state = self.run_window(input_ids[:, start : start + window], state)
+            if targets is None and not return_logits:
+                continue
+            hidden = self.final_norm(hidden)
             if targets is not None:
                 # In chunks of tokens: the window's float32 logits never all exist at once.
                 window_loss = linear_cross_entropy(
@@ -193,48 +199,15 @@ class BakaLM(nn.Module):
         all_logits = (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1)) if return_logits else None
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets)
 
-    def _window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        """(final-normed hidden states of the window's tokens [B, T, d_model], the state after it)."""
-        config = self.config
-        tokens = self.embed(input_ids)
-        body, token_positions = self._insert_pauses(tokens)
+    def run_window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """One whole window (or the last, partial one): the last layer's output at its tokens
+        [B, n, d] (before the final norm) and the state it commits."""
+        body, token_positions = self.embed_window_tokens(input_ids, first=0)
         x, read_length, hidden_read_slots = self._memory_layout(body, state)
-        length = x.shape[1]
-        past_length = state.keys[0].shape[2]
-        mask = xl_attention_mask(state.has_past, past_length, length)
-        if hidden_read_slots is not None:
-            mask = mask & ~hidden_read_slots
-        cos, sin = self.rotary_cos[: past_length + length], self.rotary_sin[: past_length + length]
-        keys, values, convs, ssms = [], [], [], []
-        mamba_index = 0
-        for index, layer in enumerate(self.layers):
-            conv_state = ssm_state = None
-            if layer.mamba is not None:
-                conv_state, ssm_state = state.conv[mamba_index], state.ssm[mamba_index]
-                mamba_index += 1
-                if not config.carry_mamba_state:
-                    conv_state, ssm_state = torch.zeros_like(conv_state), torch.zeros_like(ssm_state)
-            x, key, value, conv_state, ssm_state = layer(
-                x, state.keys[index], state.values[index], mask, cos, sin, conv_state, ssm_state
-            )
-            # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
-            # block sees identical inputs and never recompiles.
-            keys.append(key[:, :, : config.cache_length].float().contiguous())
-            values.append(value[:, :, : config.cache_length].float().contiguous())
-            if layer.mamba is not None:
-                convs.append(conv_state.contiguous())
-                ssms.append(ssm_state.contiguous())
-        memory = x[:, : config.n_memory] if config.memory_readout == "first_slots" else x[:, length - config.n_memory :]
-        new_state = RecurrentState(
-            memory=memory.float(),
-            keys=tuple(keys),
-            values=tuple(values),
-            conv=tuple(convs),
-            ssm=tuple(ssms),
-            has_past=torch.ones_like(state.has_past),
-        )
-        hidden = x.index_select(1, token_positions + read_length)
-        return self.final_norm(hidden), new_state
+        convs, ssms = self.window_mamba_state(state)
+        x, keys, values, convs, ssms = self.run_positions(x, state, (), (), convs, ssms, hidden_keys=hidden_read_slots)
+        new_state = self.commit_window(x, keys, values, convs, ssms, state)
+        return x.index_select(1, token_positions + read_length), new_state
 
     def _memory_layout(self, body: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """The window's full input `[read slots | body | write slots]`, the number of read slots, and
@@ -243,8 +216,7 @@ class BakaLM(nn.Module):
         has_past = state.has_past.view(batch, 1, 1)
         write = self.write_slots.to(dtype).expand(batch, -1, -1)
         if self.config.memory_layout == "learned_slots":
-            memory = torch.where(has_past, state.memory.to(dtype), self.initial_memory.to(dtype))
-            return torch.cat((memory, body, write), dim=1), n_memory, None
+            return torch.cat((self.read_memory(state, dtype), body, write), dim=1), n_memory, None
         # The reference layout: a fresh window has no read slots, a later one reads the memory and
         # writes into a copy of it. Exact when all rows agree (one host synchronisation to check).
         memory = state.memory.to(dtype)
@@ -261,24 +233,117 @@ class BakaLM(nn.Module):
         hidden_slot = (key_positions >= past_length) & (key_positions < past_length + n_memory) & (key_positions != query_positions + past_length)
         return x, n_memory, hidden_slot & ~state.has_past.view(batch, 1, 1, 1)
 
-    def _insert_pauses(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Puts pause k before token k * pause_step; returns the body and each token's index in it."""
+    # ----- the pieces of a window, shared with incremental decoding (bakallm.generation) -----
+    def read_memory(self, state: RecurrentState, dtype: torch.dtype) -> torch.Tensor:
+        """The first n_memory positions of a `learned_slots` window [B, M, d]: the carried memory,
+        or the learned initial memory for rows without a past."""
+        batch = state.batch_size
+        return torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), self.initial_memory.to(dtype))
+
+    def embed_window_tokens(self, input_ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeds tokens `first`, `first`+1, ... of a window and puts pause k before token
+        k * pause_step (k < n_pauses).
+
+        Returns the body [B, n, d] (these tokens and the pauses that fall among them, starting
+        with the pause before token `first` if there is one) and each token's index in it.
+        """
         config = self.config
+        tokens = self.embed(input_ids)
         batch, length, d_model = tokens.shape
-        positions = torch.arange(length, device=tokens.device)
+        indices = torch.arange(first, first + length, device=tokens.device)
         if config.n_pauses == 0:
-            return tokens, positions
-        step = config.pause_step
-        n_present = min(-(-length // step), config.n_pauses)  # a partial window keeps the pauses before its last token
-        token_positions = positions + torch.clamp(positions // step + 1, max=config.n_pauses)
-        pause_positions = torch.arange(n_present, device=tokens.device) * (step + 1)
-        pauses = self.pause[:n_present] if self.pause.shape[0] > 1 else self.pause.expand(n_present, -1)
-        combined = torch.cat((pauses.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
-        # order[slot] is the row of `combined` that goes to that slot of the body.
-        order = torch.empty(length + n_present, dtype=torch.long, device=tokens.device)
-        order[pause_positions] = torch.arange(n_present, device=tokens.device)
-        order[token_positions] = positions + n_present
-        return combined.index_select(1, order), token_positions
+            return tokens, indices - first
+        step, n_pauses = config.pause_step, config.n_pauses
+        last = first + length - 1
+        first_pause = -(-first // step)
+        body_start = first + min(first_pause, n_pauses)  # the body index of the pause before `first`, or of `first`
+        body_length = last + min(last // step + 1, n_pauses) + 1 - body_start
+        token_positions = indices + torch.clamp(indices // step + 1, max=n_pauses) - body_start
+        pause_numbers = torch.arange(first_pause, min(last // step, n_pauses - 1) + 1, device=tokens.device)
+        pause_rows = pause_numbers if self.pause.shape[0] > 1 else torch.zeros_like(pause_numbers)  # one shared vector
+        body = tokens.new_zeros(batch, body_length, d_model).index_copy(1, token_positions, tokens)
+        pauses = self.pause.to(tokens.dtype).index_select(0, pause_rows).expand(batch, -1, -1)
+        return body.index_copy(1, pause_numbers * (step + 1) - body_start, pauses), token_positions
+
+    def window_mamba_state(self, state: RecurrentState) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The (conv, ssm) states each Mamba layer starts a window from: carried, or zero."""
+        if self.config.carry_mamba_state:
+            return state.conv, state.ssm
+        return tuple(map(torch.zeros_like, state.conv)), tuple(map(torch.zeros_like, state.ssm))
+
+    def run_positions(
+        self,
+        x: torch.Tensor,
+        state: RecurrentState,
+        window_keys: tuple[torch.Tensor, ...],
+        window_values: tuple[torch.Tensor, ...],
+        convs: tuple[torch.Tensor, ...],
+        ssms: tuple[torch.Tensor, ...],
+        hidden_keys: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Runs positions x [B, L, d] of a window through every layer.
+
+        They follow the window's earlier positions, whose keys and values per layer are
+        `window_keys`/`window_values` (empty tuples at the window's start), and attend to those and
+        to the previous window's cache in `state`, except where `hidden_keys` (a mask like
+        `xl_attention_mask`'s) is True. Returns the last layer's output, the keys and values of
+        these positions, and the Mamba states after them.
+        """
+        length = x.shape[1]
+        past_length = state.keys[0].shape[2]
+        prefix = window_keys[0].shape[2] if window_keys else 0
+        mask = xl_attention_mask(state.has_past, past_length, length, prefix)
+        if hidden_keys is not None:
+            mask = mask & ~hidden_keys
+        total = past_length + prefix + length
+        cos, sin = self.rotary_cos[:total], self.rotary_sin[:total]
+        keys, values, new_convs, new_ssms = [], [], [], []
+        mamba_index = 0
+        for index, layer in enumerate(self.layers):
+            past_key, past_value = state.keys[index], state.values[index]
+            if window_keys:
+                past_key = torch.cat((past_key.to(window_keys[index].dtype), window_keys[index]), dim=2)
+                past_value = torch.cat((past_value.to(window_values[index].dtype), window_values[index]), dim=2)
+            conv_state = ssm_state = None
+            if layer.mamba is not None:
+                conv_state, ssm_state = convs[mamba_index], ssms[mamba_index]
+                mamba_index += 1
+            x, key, value, conv_state, ssm_state = layer(x, past_key, past_value, mask, cos, sin, conv_state, ssm_state)
+            keys.append(key)
+            values.append(value)
+            if layer.mamba is not None:
+                new_convs.append(conv_state.contiguous())
+                new_ssms.append(ssm_state.contiguous())
+        return x, keys, values, tuple(new_convs), tuple(new_ssms)
+
+    def commit_window(
+        self,
+        x: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        convs: tuple[torch.Tensor, ...],
+        ssms: tuple[torch.Tensor, ...],
+        state: RecurrentState,
+    ) -> RecurrentState:
+        """The state a window hands on: the last layer's output at the memory read-out (the write
+        slots, the last n_memory positions of x; or the seed's first slots), its keys and values
+        per layer, and the Mamba states after it."""
+        config = self.config
+        memory = x[:, : config.n_memory] if config.memory_readout == "first_slots" else x[:, x.shape[1] - config.n_memory :]
+        # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
+        # block sees identical inputs and never recompiles.
+        return RecurrentState(
+            memory=memory.float(),
+            keys=tuple(key[:, :, : config.cache_length].float().contiguous() for key in keys),
+            values=tuple(value[:, :, : config.cache_length].float().contiguous() for value in values),
+            conv=convs,
+            ssm=ssms,
+            has_past=torch.ones_like(state.has_past),
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [..., vocab_size] from the last layer's output at token positions."""
+        return self.lm_head(self.final_norm(hidden))[..., : self.config.vocab_size]
 
     def _check_inputs(self, input_ids, state, reset, targets) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

@@ -96,8 +96,8 @@ class TokenizedCorpus:
             tokens=tokens,
             offsets=offsets,
             doc_ids=doc_ids,
-            n_bytes=_text_sizes(texts, _n_bytes, n_documents),
-            n_words=_text_sizes(texts, _n_words, n_documents),
+            n_bytes=_text_sizes(texts, count_bytes, n_documents),
+            n_words=_text_sizes(texts, count_words, n_documents),
             vocab_size=vocab_size,
             fingerprint=content_fingerprint(vocab_size, doc_ids, offsets, tokens),
         )
@@ -149,8 +149,8 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
                     np.asarray(ids, dtype=dtype).tofile(tokens_file)
                     offsets.append(offsets[-1] + len(ids))
                     doc_ids.append(document.id)
-                    n_bytes.append(_n_bytes(document.text))
-                    n_words.append(_n_words(document.text))
+                    n_bytes.append(count_bytes(document.text))
+                    n_words.append(count_words(document.text))
                 bar.update(len(batch))
         if offsets[-1] == 0:
             raise UserError(f"Corpus {corpus.name} has no tokens at all; check that its documents hold text.")
@@ -226,11 +226,11 @@ def _text_sizes(texts: Sequence[str] | None, size: Callable[[str], int], n_docum
     return np.array([size(text) for text in texts], dtype=np.int64)
 
 
-def _n_bytes(text: str) -> int:
+def count_bytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _n_words(text: str) -> int:
+def count_words(text: str) -> int:
     return len(text.split())
 
 

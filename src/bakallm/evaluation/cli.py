@@ -190,15 +190,10 @@ def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
     from bakallm.acceleration import use_scan_backend
     from bakallm.evaluation.evaluate import evaluate_bakalm
     from bakallm.model import BakaLM
-    from bakallm.training.checkpoint import (
-        MODEL_FILE,
-        read_run_config,
-        resolve_checkpoint,
-    )
+    from bakallm.model_io import model_files
 
-    run_dir, checkpoint = resolve_checkpoint(path)
+    files = model_files(path)
     model = use_scan_backend(BakaLM.from_pretrained(path, device), scan)
-    tokenizer = read_run_config(run_dir).get("training", {}).get("tokenizer")
     counts = model.num_parameters()
 
     def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool, buckets: tuple[int, ...]) -> EvalResult:
@@ -206,14 +201,14 @@ def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
 
     return ModelUnderTest(
         kind="bakallm",
-        name=run_dir.resolve().name,
-        checkpoint_path=str(checkpoint.resolve()),
-        checkpoint_hash=_sha256_files([checkpoint / MODEL_FILE]),
+        name=files.name,
+        checkpoint_path=str(files.weights.parent.resolve()),
+        checkpoint_hash=_sha256_files([files.weights]),
         params_total=counts["total"],
         params_embedding=counts["embedding"],
         vocab_size=model.config.vocab_size,
         arch_hash=hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest(),
-        default_tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+        default_tokenizer=files.tokenizer,
         default_tokenizer_note=None,
         default_n_ctx=BAKALLM_DEFAULT_N_CTX,
         default_batch_size=BAKALLM_DEFAULT_BATCH_SIZE,

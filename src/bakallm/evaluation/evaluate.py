@@ -280,6 +280,23 @@ def evaluate_bakalm(
     the next article when its own ends; a row with no article left runs padding. Each model call
     processes one window per row, so memory does not grow with the length of an article.
     """
+    memory = PeakMemory(torch.device(device))
+    started = time.perf_counter()
+    tally = score_articles(model, corpus, n_ctx, batch_size, device, autocast, progress, position_buckets)
+    return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
+
+
+def score_articles(
+    model: BakaLM,
+    corpus: TokenizedCorpus,
+    n_ctx: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: torch.dtype | None = None,
+    progress: bool = False,
+    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
+) -> ArticleLossTally:
+    """The token losses of every article, as `evaluate_bakalm` reads them, summed per article."""
     window = model.config.window
     if n_ctx < window:
         raise UserError(f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}.")
@@ -291,8 +308,6 @@ def evaluate_bakalm(
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    memory = PeakMemory(device)
-    started = time.perf_counter()
     try:
         with torch.inference_mode(), precision, tqdm(
             total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=not progress, dynamic_ncols=True
@@ -311,7 +326,7 @@ def evaluate_bakalm(
                 windows = feeder.next_windows()
     finally:
         model.train(was_training)
-    return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
+    return tally
 
 
 def _window_batch(

@@ -22,17 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model as load_safetensors_into, save_file
+from safetensors.torch import load_file, save_file
 
+from bakallm import model_io
 from bakallm.atomic import write_text_atomic
-from bakallm.config import ModelConfig
-from bakallm.errors import UserError
+# The run directory's layout and the loading of weights and config are the model's (model_io).
+from bakallm.model_io import (  # noqa: F401 (re-exported for the trainer)
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LATEST_FILE,
+    MODEL_FILE,
+    latest_checkpoint,
+    read_run_config,
+    resolve_checkpoint,
+)
 
-CONFIG_FILE = "config.json"
-LATEST_FILE = "LATEST"
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 RECURRENT_STATE_FILE = "recurrent_state.safetensors"
@@ -118,54 +122,14 @@ def _prune(checkpoints: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = run_dir / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
-    return path if path.is_dir() else None
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint folder) for a run directory or one of its checkpoint folders."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders.")
-    if (path / MODEL_FILE).is_file() and (path.parent.parent / CONFIG_FILE).is_file():
-        return path.parent.parent, path
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`.")
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
-        raise UserError(f"Run directory {path} holds no complete checkpoint yet; train it longer or pass another run.")
-    return path, checkpoint
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        values = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"Cannot read {run_dir / CONFIG_FILE} ({error}); the run directory is damaged.") from None
-    if not isinstance(values, dict) or "model" not in values:
-        raise UserError(f"{run_dir / CONFIG_FILE} has no 'model' section; it was not written by `bakallm train`.")
-    return values
-
-
 def write_run_config(run_dir: Path, model: dict[str, Any], training: dict[str, Any]) -> None:
     """config.json of a run: the model's fields (a ModelConfig's, or a transformers config's) and the training arguments."""
     write_text_atomic(run_dir / CONFIG_FILE, json.dumps({"model": model, "training": training}, indent=2, sort_keys=True))
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Loads model.safetensors of `checkpoint` into `model`, with one clear error when it does not fit."""
-    try:
-        missing, unexpected = load_safetensors_into(model, str(checkpoint / MODEL_FILE), strict=False, device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{checkpoint / MODEL_FILE} is corrupted or unreadable ({str(error).splitlines()[0]}); use another checkpoint of the run.") from None
-    if missing or unexpected:
-        raise UserError(
-            f"{checkpoint / MODEL_FILE} does not match its model config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the checkpoint is incomplete or from another model."
-        )
+    """Loads the weights of checkpoint folder `checkpoint` into `model`."""
+    model_io.load_weights(model, checkpoint / MODEL_FILE)
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -181,17 +145,3 @@ def load_checkpoint(checkpoint: Path) -> Checkpoint:
         recurrent_state=load_file(recurrent) if recurrent.is_file() else None,
         rng_state=torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=True),
     )
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The BakaLM of a run directory (latest checkpoint) or of one checkpoint folder."""
-    from bakallm.model import BakaLM
-
-    run_dir, checkpoint = resolve_checkpoint(path)
-    try:
-        config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
-    except ValueError as error:
-        raise UserError(f"{run_dir / CONFIG_FILE} holds an invalid model config: {error}") from None
-    model = BakaLM(config)
-    load_weights(model, checkpoint)
-    return model.to(device)

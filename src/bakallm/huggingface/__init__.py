@@ -1,0 +1,1 @@
+"""The Hugging Face format of a bakallm model: `bakallm export` and the modeling file it ships."""

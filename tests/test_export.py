@@ -1,0 +1,71 @@
+"""`bakallm export`: a Hugging Face folder that transformers and bakallm load with the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from bakallm import BakaLM, ModelConfig
+from bakallm.cli import main
+from bakallm.training.checkpoint import save_checkpoint, write_run_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_run(path, tokenizer: str, vocab_size: int, **changes) -> BakaLM:
+    config = ModelConfig.preset("tiny", vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=16, n_memory=4, n_pauses=4, **changes)
+    torch.manual_seed(0)
+    model = BakaLM(config).eval()
+    write_run_config(path, config, {"tokenizer": tokenizer})
+    save_checkpoint(path, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    model = make_run(tmp_path / "run", "bytes", 256, tie_embeddings=tied)
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bakallm" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_bakallm.BakaLMForCausalLM"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(0, 256, (2, 40))  # windows 16: crosses two window ends
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(hf_model(ids).logits, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(BakaLM.from_pretrained(out).eval()(ids).logits, want, rtol=0, atol=1e-5)
+        labels_loss = hf_model(ids, labels=ids).loss
+    expected_loss = torch.nn.functional.cross_entropy(want[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(labels_loss, expected_loss)
+    # The library's generate re-reads the whole text each step; greedy, it writes what ours writes.
+    from bakallm.generation import Sampling, generate
+
+    hf_tokens = hf_model.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert hf_tokens == generate(model, [ids[0, :5].tolist()], 20, Sampling(temperature=0))[0]
+
+
+def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path, shared_data):
+    transformers = pytest.importorskip("transformers")
+    tokenizer_file = shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        pytest.skip(f"{tokenizer_file} is absent")
+    make_run(tmp_path / "run", str(tokenizer_file), 50277)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    from bakallm.data.tokenizers import load_tokenizer
+
+    text = "The European lobster, Homarus gammarus, lives in the Atlantic."
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(str(tokenizer_file)).encode(text)
+
+
+def test_push_to_hub_offline_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    make_run(tmp_path / "run", "bytes", 256)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export"), "--push-to-hub", "someone/bakallm-tiny"]) == 2
+    error = capsys.readouterr().err
+    assert "Could not upload" in error and "someone/bakallm-tiny" in error and "Traceback" not in error
+    assert (tmp_path / "export" / "model.safetensors").is_file()  # the folder is written before the upload
