@@ -47,6 +47,8 @@ def overlap_segments_by_one_token(windows, arguments):
 
 
 def skip_each_rows_first_token(batch, arguments):
+    if batch is None:  # the batcher has delivered its last epoch
+        return None
     input_ids, targets = batch.input_ids.clone(), batch.targets.clone()
     skipped = 0
     for row in range(targets.shape[0]):
@@ -58,7 +60,8 @@ def skip_each_rows_first_token(batch, arguments):
 
 
 def without(key):
-    return lambda state: {name: value for name, value in state.items() if name != key}
+    # The saved generators are per rank ({"rank0": {...}, ...}); the fault drops `key` from every rank's.
+    return lambda saved: {rank: {name: value for name, value in state.items() if name != key} for rank, state in saved.items()}
 
 
 def keep_field(name):
@@ -139,13 +142,13 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "resume-skips-torch-rng",
         "resuming restores every random generator but torch's",
-        (Patch("bakallm.training.trainer:_restore_rng", arguments={"state": without("torch")}),),
+        (Patch("bakallm.training.trainer:_restore_rng", arguments={"saved": without("torch")}),),
         (TRAINING + "test_resume_restores_every_random_generator",),
     ),
     Fault(
         "resume-skips-python-rng",
         "resuming restores every random generator but Python's",
-        (Patch("bakallm.training.trainer:_restore_rng", arguments={"state": without("python")}),),
+        (Patch("bakallm.training.trainer:_restore_rng", arguments={"saved": without("python")}),),
         (TRAINING + "test_resume_restores_every_random_generator",),
     ),
     Fault(
