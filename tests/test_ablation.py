@@ -86,6 +86,7 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     with pytest.raises(UserError, match="other settings \\(train_tokens differ\\)"):
         run_study(load_study(other), db, log=lambda message: None)
 
+    capsys.readouterr()  # the variants' training log lines
     assert main(["results", "--study", "mini", "--db", str(db)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |")

@@ -7,7 +7,7 @@ import torch
 
 from bakallm import BakaLM, ModelConfig
 from bakallm.cli import main
-from bakallm.training.checkpoint import save_checkpoint, write_run_config
+from bakallm.training.checkpoint import savable_weights, save_checkpoint, write_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -16,8 +16,8 @@ def make_run(path, tokenizer: str, vocab_size: int, **changes) -> BakaLM:
     config = ModelConfig.preset("tiny", vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=16, n_memory=4, n_pauses=4, **changes)
     torch.manual_seed(0)
     model = BakaLM(config).eval()
-    write_run_config(path, config, {"tokenizer": tokenizer})
-    save_checkpoint(path, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    write_run_config(path, config.to_dict(), {"tokenizer": tokenizer})
+    save_checkpoint(path, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
     return model
 
 

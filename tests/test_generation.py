@@ -154,12 +154,12 @@ def test_stop_strings_cut_the_text_and_streamed_pieces_add_up_to_it(one_torch_th
 
 @pytest.fixture
 def run_dir(tmp_path):
-    from bakallm.training.checkpoint import save_checkpoint, write_run_config
+    from bakallm.training.checkpoint import savable_weights, save_checkpoint, write_run_config
 
     model = model_of()
     path = tmp_path / "run"
-    write_run_config(path, model.config, {"tokenizer": "bytes"})
-    save_checkpoint(path, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    write_run_config(path, model.config.to_dict(), {"tokenizer": "bytes"})
+    save_checkpoint(path, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
     return path
 
 

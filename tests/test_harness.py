@@ -8,7 +8,7 @@ import torch
 
 from bakallm import BakaLM, ModelConfig
 from bakallm.cli import main
-from bakallm.training.checkpoint import save_checkpoint, write_run_config
+from bakallm.training.checkpoint import savable_weights, save_checkpoint, write_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,8 +43,8 @@ def neox_run(shared_data, tmp_path):
     torch.manual_seed(0)
     model = BakaLM(config)
     run_dir = tmp_path / "run"
-    write_run_config(run_dir, config, {"tokenizer": str(tokenizer)})
-    save_checkpoint(run_dir, "step-00000001", model, torch.optim.AdamW(model.parameters()), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    write_run_config(run_dir, config.to_dict(), {"tokenizer": str(tokenizer)})
+    save_checkpoint(run_dir, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
     return run_dir
 
 

@@ -263,6 +263,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.evaluation.evaluate import evaluate_bakalm
     from bakallm.evaluation.hf_baseline import evaluate_hf, load_hf_model
+    from bakallm.model import BakaLM
     from bakallm.results.db import ResultRow
     from bakallm.training import checkpoint as ckpt
     from bakallm.training.hf_model import HF_FOLDER
@@ -275,7 +276,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
     if trained["hf"]:
         model = load_hf_model(str(checkpoint / HF_FOLDER), device)
     else:
-        model = ckpt.load_model(run_dir, device)
+        model = BakaLM.from_pretrained(run_dir, device)
     rows = []
     for corpus_name, data in eval_data.items():
         corpus = tokenize_corpus(load_corpus(str(data)), tokenizer)
