@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from bakallm.ablation import DONE_FILE, load_study, run_study
+from bakallm.ablation import DONE_FILE, StudyInterrupted, load_study, run_study
 from bakallm.cli import main
 from bakallm.errors import UserError
 from bakallm.results.db import ResultsDB
@@ -65,6 +65,9 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     assert {row.model_kind for row in rows} == {"bakallm", "hf"}
     # The held-out text is cut to 600 characters: 599 scored byte tokens.
     assert all(row.tokens == 599 for row in rows)
+    # Each row keeps the loss by position in the document, for `bakallm results --study --context-use`.
+    expected_buckets = [(0, 512), (512, 87), (2048, 0), (8192, 0)]  # the 599 scored tokens by position
+    assert all([(bucket["start"], bucket["tokens"]) for bucket in row.position_losses] == expected_buckets for row in rows)
     neox_whole = rows[2]
     assert (neox_whole.n_ctx, neox_whole.stride) == (128, 64)  # a transformer reads at most its train_ctx
     assert (rows[3].n_ctx, rows[3].stride) == (64, 64)  # reset every 64: windows that do not overlap
@@ -100,6 +103,44 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     neox_loss = rows[2].loss  # the rerun's figure replaces the first one; both score the same checkpoint
     assert f"{neox_loss:.4f}" in table[3]
+    assert main(["results", "--study", "mini", "--context-use", "--db", str(db)]) == 0
+    context_use = capsys.readouterr().out
+    assert "mini/seed on held-out/test:" in context_use
+    seed_whole, seed_64 = rows[0], rows[1]
+    assert f"{seed_whole.position_losses[1]['loss']:.4f}" in context_use and f"{seed_64.position_losses[1]['loss']:.4f}" in context_use
+
+
+def test_an_interrupted_variant_is_neither_evaluated_nor_marked_done_and_resumes(study_file, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from bakallm.training.trainer import Trainer
+
+    db = tmp_path / "results.sqlite3"
+    real_train_step = Trainer.train_step
+    signalled = []
+
+    def train_step_then_sigterm(self):
+        batches = real_train_step(self)
+        if not signalled:
+            signalled.append(self.step)
+            os.kill(os.getpid(), signal.SIGTERM)  # what Ctrl-C or a job scheduler sends
+        return batches
+
+    monkeypatch.setattr(Trainer, "train_step", train_step_then_sigterm)
+    with pytest.raises(StudyInterrupted, match="interrupted while training seed"):
+        run_study(load_study(study_file), db, log=lambda message: None, only=["seed"])
+    run_dir = tmp_path / "runs" / "seed"
+    assert not (run_dir / DONE_FILE).exists()
+    assert not db.exists() or ResultsDB(db).rows(study="mini") == []
+    assert (run_dir / "LATEST").read_text().strip() == "step-00000001"
+
+    assert run_study(load_study(study_file), db, log=lambda message: None, only=["seed"]) == ["seed"]
+    done = json.loads((run_dir / DONE_FILE).read_text())
+    assert done["interrupted"] is False
+    with ResultsDB(db) as results:
+        assert len(results.rows(study="mini")) == 2
+    assert (run_dir / "LATEST").read_text().strip() == "step-00000003"
 
 
 def test_hf_run_is_benchmarked_through_bench(study_file, tmp_path, capsys):

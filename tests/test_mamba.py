@@ -136,7 +136,7 @@ def test_scans_follow_the_mamba_recurrence_written_out(scan):
     torch.testing.assert_close(h, expected_h, rtol=1e-10, atol=1e-10)
 
 
-def test_the_cpu_scan_runs_on_one_thread_and_restores_the_thread_count(monkeypatch):
+def test_the_cpu_scan_times_one_thread_and_all_threads_then_restores_the_thread_count(monkeypatch):
     from bakallm.kernels import blocked as scan
 
     threads_seen = []
@@ -146,14 +146,43 @@ def test_the_cpu_scan_runs_on_one_thread_and_restores_the_thread_count(monkeypat
         threads_seen.append(torch.get_num_threads())
         return real_addcmul(*args, **kwargs)
 
+    choice = scan.CpuThreadChoice()
+    monkeypatch.setattr(scan, "cpu_thread_choice", choice)
     monkeypatch.setattr(torch, "addcmul", recording_addcmul)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x = torch.randn(1, 40, 8, requires_grad=True)
-        y, _ = scan.selective_scan(x, torch.rand(1, 40, 8) * 0.1, -torch.rand(8, 4), torch.randn(1, 40, 4), torch.randn(1, 40, 4), torch.ones(8), torch.zeros(1, 8, 4))
-        y.sum().backward()
-        assert torch.get_num_threads() == 2
+        for _ in range(2):
+            x = torch.randn(1, 40, 8, requires_grad=True)
+            y, _ = scan.selective_scan(x, torch.rand(1, 40, 8) * 0.1, -torch.rand(8, 4), torch.randn(1, 40, 4), torch.randn(1, 40, 4), torch.ones(8), torch.zeros(1, 8, 4))
+            y.sum().backward()
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert threads_seen and set(threads_seen) == {1}
+    assert set(threads_seen) == {1, 2}  # the first call of each direction on one thread, the second on both
+    assert set(choice.seconds_per_element) == {("forward", 1), ("forward", 2), ("backward", 1), ("backward", 2)}
+
+
+def test_the_thread_choice_runs_the_faster_and_follows_a_change_of_load():
+    from bakallm.kernels.blocked import CpuThreadChoice
+
+    now = [0.0]
+    choice = CpuThreadChoice(probe_spacing=8, clock=lambda: now[0])
+    cost = {1: 1.0, 4: 3.0}  # seconds per call: one thread is 3x faster, as on a busy machine
+
+    def run(calls: int) -> list[int]:
+        chosen = []
+        for _ in range(calls):
+            threads = choice.threads_for("forward", 4)
+            now[0] += cost[threads]
+            choice.record("forward", threads, cost[threads], elements=1)
+            chosen.append(threads)
+        return chosen
+
+    busy = run(100)
+    assert busy[:2] == [1, 4]  # each measured once
+    assert busy.count(4) in (4, 5)  # then a probe every 8 x 3 = 24 calls of the faster
+    cost.update({1: 2.0, 4: 1.0})  # the neighbour left: both threads now twice as fast
+    idle = run(100)
+    assert idle[-50:].count(1) <= 50 // 8  # the change is seen at the next probe; one thread is now only probed
+    assert choice.seconds_per_element[("forward", 4)] < choice.seconds_per_element[("forward", 1)]

@@ -536,15 +536,25 @@ def test_resume_is_exact_across_the_rolling_epoch_boundary(corpus_dir, tmp_path)
     assert step_learning_rates(stopped) == step_learning_rates(straight)
 
 
-def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+def test_threads_default_to_omp_num_threads_else_the_cpus_this_process_may_use(monkeypatch):
     import os
 
     from bakallm.acceleration import use_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     try:
         assert use_threads(None) == 3 and torch.get_num_threads() == 3
         assert use_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting wins over the CPU count
+        assert use_threads(None) == 2 and torch.get_num_threads() == 2
+        assert use_threads(1) == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # under torchrun, which sets OMP_NUM_THREADS=1 itself: a share of the CPUs
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert use_threads(None) == 1  # 3 CPUs among 3 ranks
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        assert use_threads(None) == 2
     finally:
         torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,17 @@ from typing import Any
 
 from bakallm.atomic import atomic_path, write_text_atomic
 from bakallm.errors import UserError
+from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 DONE_FILE = "ablation-result.json"
 SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
 WHOLE_DOCUMENT = "whole"
 # Our models carry their state through the whole document at this context: no reset in practice.
 WHOLE_DOCUMENT_N_CTX = 1 << 40
+
+
+class StudyInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a variant's training: it must not be evaluated or marked done."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,9 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
                 continue
             log(f"{variant.name}: training in {run_dir}")
             trained = train_variant(study, variant, train_data, progress)
+            if trained["interrupted"]:
+                raise StudyInterrupted(f"study {study.name} interrupted while training {variant.name} (checkpoint saved at its last step); "
+                                       "run the same command again to resume it.")
             log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
             rows = evaluate_variant(study, variant, eval_data, trained, progress)
             for row in rows:
@@ -251,6 +260,7 @@ def train_variant(study: Study, variant: Variant, train_data: Path, progress: bo
         "train_seconds": float(trainer.elapsed),
         "params": trainer.model.num_parameters(),
         "hf": bool(variant.hf_config),
+        "interrupted": bool(summary.get("interrupted")),
     }
 
 
@@ -297,6 +307,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
                     checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
                     tokenizer=tokenizer.name, word_ppl=result.word_ppl, legacy_loss=result.legacy_loss, nan_count=result.nan_count,
                     tokens_per_s=result.tokens_per_s, study=study.name,
+                    position_losses=[bucket.to_dict() for bucket in result.position_losses],
                     extra={"variant": variant.name, "variant_index": study.variants.index(variant), "context": context, "train_tokens": trained["tokens"],
                            "train_seconds": trained["train_seconds"], "run_dir": str(run_dir)},
                 )
@@ -323,7 +334,11 @@ def run(args: argparse.Namespace) -> int:
         study = replace(study, output=args.output)
     started = time.perf_counter()
     only = [name.strip() for name in args.variants.split(",") if name.strip()] if args.variants else None
-    ran = run_study(study, args.db, progress=args.progress, only=only)
+    try:
+        ran = run_study(study, args.db, progress=args.progress, only=only)
+    except StudyInterrupted as interrupted:
+        print(f"bakallm ablate: {interrupted}", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
     print(f"study {study.name}: {len(ran)} variant(s) run now, "
           f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`")
     return 0

@@ -63,9 +63,17 @@ def available_cpus() -> int:
 
 
 def use_threads(threads: int | None) -> int:
-    """Sets PyTorch's CPU threads: `threads`, or this process's share of the CPUs it may use (all of
-    them, divided among the ranks that torchrun starts on this node); returns the count."""
+    """Sets PyTorch's CPU threads: `threads`, else OMP_NUM_THREADS when the user set it, else this
+    process's share of the CPUs it may use (all of them, divided among the ranks that torchrun starts
+    on this node); returns the count.
+
+    Under torchrun OMP_NUM_THREADS is ignored: torchrun sets it to 1 itself whenever the user did
+    not, which would leave all but one CPU of each rank's share idle (use --threads there).
+    """
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if threads is None and "LOCAL_WORLD_SIZE" not in os.environ and from_environment.isdigit() and int(from_environment) > 0:
+        threads = int(from_environment)
     count = threads or max(1, available_cpus() // ranks_here)
     torch.set_num_threads(count)
     return count

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -144,31 +145,66 @@ class _Block:
         return incoming.view_as(self.inputs[0]), carry
 
 
-@contextlib.contextmanager
-def _one_thread_on_cpu(like: torch.Tensor):
-    """Runs the scan's operations on one CPU thread.
+class CpuThreadChoice:
+    """Chooses, by timing the scan itself, whether it runs on one CPU thread or on all of them.
 
-    The blocked scan issues thousands of small operations per call. On several threads each one
-    ends in a barrier that waits for every thread of the pool, so when another process holds a core,
-    every operation waits for a descheduled thread: the scan ran 16x slower on 2 threads than on one
-    on a busy 2-core machine (benchmarks/bench_contention.py has the whole-step figures). One thread
-    does the same work without barriers; the matmuls around the scan keep all threads.
+    The blocked scan issues thousands of small operations per call, and on several threads each one
+    ends in a barrier that waits for every thread of the pool. On an idle machine both threads still
+    win (a celp18 step 1.4x faster than on one); when another process holds a core, every barrier
+    waits for a descheduled thread and the scan runs 7-18x slower than on one thread
+    (docs/performance.md). Which holds changes with the machine's load, so each direction (forward,
+    backward) keeps a running time per element for both choices, runs the faster one, and now and
+    then runs the slower one again to see whether the load changed. Probes are spaced by the ratio
+    of the two times, so they cost at most about 1/`probe_spacing` of the scan's time.
     """
-    if like.device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
+
+    def __init__(self, probe_spacing: int = 32, clock=time.perf_counter):
+        self.probe_spacing = probe_spacing
+        self.clock = clock
+        self.seconds_per_element: dict[tuple[str, int], float] = {}
+        self.calls_since_probe: dict[str, int] = {}
+
+    def threads_for(self, direction: str, all_threads: int) -> int:
+        one, many = self.seconds_per_element.get((direction, 1)), self.seconds_per_element.get((direction, all_threads))
+        if one is None or many is None:
+            return 1 if one is None else all_threads  # measure each choice once first
+        faster, slower = (1, all_threads) if one <= many else (all_threads, 1)
+        calls = self.calls_since_probe.get(direction, 0) + 1
+        if calls >= self.probe_spacing * max(one, many) / min(one, many):
+            self.calls_since_probe[direction] = 0
+            return slower
+        self.calls_since_probe[direction] = calls
+        return faster
+
+    def record(self, direction: str, threads: int, seconds: float, elements: int) -> None:
+        key, measured = (direction, threads), seconds / elements
+        previous = self.seconds_per_element.get(key)
+        self.seconds_per_element[key] = measured if previous is None else (previous + measured) / 2
+
+    @contextlib.contextmanager
+    def timed(self, direction: str, like: torch.Tensor):
+        """Runs the block on the chosen thread count (restored after) and times it; CUDA tensors run untouched."""
+        all_threads = torch.get_num_threads()
+        if like.device.type != "cpu" or all_threads == 1:
+            yield
+            return
+        threads = self.threads_for(direction, all_threads)
         torch.set_num_threads(threads)
+        started = self.clock()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(all_threads)
+        self.record(direction, threads, self.clock() - started, like.numel())
+
+
+cpu_thread_choice = CpuThreadChoice()
 
 
 class _BlockedSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, h0, block: int, chunk: int):
-        with _one_thread_on_cpu(x):
+        with cpu_thread_choice.timed("forward", x):
             return _BlockedSelectiveScan._forward(ctx, x, dt, A, B, C, D, h0, block, chunk)
 
     @staticmethod
@@ -196,7 +232,7 @@ class _BlockedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
-        with _one_thread_on_cpu(grad_y):
+        with cpu_thread_choice.timed("backward", grad_y):
             return _BlockedSelectiveScan._backward(ctx, grad_y, grad_h_last)
 
     @staticmethod
