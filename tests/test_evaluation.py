@@ -76,6 +76,13 @@ def test_figures_equal_those_computed_from_each_articles_logits():
     assert result.legacy_loss != pytest.approx(result.loss, abs=1e-6)  # the articles differ in length, so the means differ
 
 
+def test_progress_bars_stay_out_of_a_log_file(capsys):
+    # Under pytest standard error is not a terminal, as when a run's output goes to a log file.
+    evaluate_bakalm(small_model(), byte_corpus([53, 37]), n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "scoring" not in captured.err
+
+
 def test_batch_size_does_not_change_the_result():
     model = small_model()
     corpus = byte_corpus([70, 5, 45, 100, 1, 33, 2, 17])

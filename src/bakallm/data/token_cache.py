@@ -141,7 +141,7 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
         offsets, doc_ids, n_bytes, n_words = [0], [], [], []
         with (
             (partial / TOKENS_FILE).open("wb") as tokens_file,
-            tqdm(desc=f"tokenizing {corpus.name}", unit=" docs", disable=not progress) as bar,
+            tqdm(desc=f"tokenizing {corpus.name}", unit=" docs", disable=None if progress else True) as bar,
         ):
             for batch in _document_batches(corpus):
                 encoded = tokenizer.encode_batch([document.text for document in batch])

@@ -310,7 +310,7 @@ def score_articles(
     model.eval()
     try:
         with torch.inference_mode(), precision, tqdm(
-            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=not progress, dynamic_ncols=True
+            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if progress else True, dynamic_ncols=True
         ) as bar:
             state = model.init_state(feeder.n_rows, device)
             windows = feeder.next_windows()

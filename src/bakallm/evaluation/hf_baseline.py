@@ -170,7 +170,7 @@ def evaluate_hf(
     memory = PeakMemory(device)
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(
-        total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=not progress, dynamic_ncols=True
+        total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if progress else True, dynamic_ncols=True
     ) as bar:
         while batch := list(islice(windows, batch_size)):
             input_ids, attention_mask, targets = _window_batch(corpus, batch)
