@@ -1,6 +1,6 @@
 import math
 
-from bakallm.evaluation.positions import PositionLoss, position_label
+from bakallm.evaluation.positions import PositionLoss, count_label, position_label
 from bakallm.results.context_use import context_uses, format_context_use, relative_gain
 from bakallm.results.db import ResultRow
 
@@ -16,6 +16,7 @@ def row(row_id, n_ctx, losses, model_name="m", checkpoint_hash="h", overall=None
 
 def test_labels_and_gain():
     assert [position_label(0, 512), position_label(512, 2048), position_label(8192, None), position_label(100, 1536)] == ["0-512", "512-2K", "8K+", "100-1536"]
+    assert [count_label(512), count_label(1 << 20), count_label(1 << 40), count_label(3 << 30)] == ["512", "1M", "1T", "3G"]  # 1T: an ablation's whole document
     assert relative_gain(5.0, 4.5) == 0.1 and math.isnan(relative_gain(math.nan, 1.0))
     assert PositionLoss.from_dict(PositionLoss(0, None, 0, math.nan).to_dict()).tokens == 0
 

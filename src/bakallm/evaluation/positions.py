@@ -48,8 +48,8 @@ def position_label(start: int, stop: int | None) -> str:
 
 
 def count_label(count: int) -> str:
-    """1024 -> '1K', 1048576 -> '1M', 1536 -> '1536'."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+    """1024 -> '1K', 1048576 -> '1M', 2**40 (an ablation's whole document) -> '1T', 1536 -> '1536'."""
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if count >= size and count % size == 0:
             return f"{count // size}{unit}"
     return str(count)
