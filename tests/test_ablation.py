@@ -103,11 +103,14 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     neox_loss = rows[2].loss  # the rerun's figure replaces the first one; both score the same checkpoint
     assert f"{neox_loss:.4f}" in table[3]
+    capsys.readouterr()  # the plot's "wrote ..." line
     assert main(["results", "--study", "mini", "--context-use", "--db", str(db)]) == 0
-    context_use = capsys.readouterr().out
-    assert "mini/seed on held-out/test:" in context_use
+    context_use = capsys.readouterr().out.splitlines()
+    assert context_use[0].startswith("| model | benchmark | contexts | loss (longest) | loss (shortest) | gain 0-512 | gain 512-2K |")
+    seed_line = next(line for line in context_use if line.startswith("| mini/seed |")).split(" | ")
     seed_whole, seed_64 = rows[0], rows[1]
-    assert f"{seed_whole.position_losses[1]['loss']:.4f}" in context_use and f"{seed_64.position_losses[1]['loss']:.4f}" in context_use
+    assert seed_line[2:5] == ["1T vs 64", f"{seed_whole.loss:.4f}", f"{seed_64.loss:.4f}"]
+    assert seed_line[-1] == f"{100 * (seed_64.loss - seed_whole.loss) / seed_64.loss:+.2f}% |"
 
 
 def test_an_interrupted_variant_is_neither_evaluated_nor_marked_done_and_resumes(study_file, tmp_path, monkeypatch):

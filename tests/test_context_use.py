@@ -1,7 +1,7 @@
 import math
 
 from bakallm.evaluation.positions import PositionLoss, count_label, position_label
-from bakallm.results.context_use import context_uses, format_context_use, relative_gain
+from bakallm.results.context_use import context_uses, format_context_gains, format_context_use, relative_gain
 from bakallm.results.db import ResultRow
 
 
@@ -37,3 +37,12 @@ def test_newest_row_wins_and_other_checkpoints_stay_apart():
     first, second = context_uses(rows)
     assert first.losses_by_n_ctx[512][1].loss == 6.0 and second.losses_by_n_ctx[512][1].loss == 1.0
     assert "| 512+ | 300 | 6.0000 |" in format_context_use([first]) and "vs" not in format_context_use([first])
+
+
+def test_the_gains_table_has_one_line_per_model_with_the_gain_by_position():
+    rows = [row(1, 512, [6.0, 5.0]), row(2, 1 << 20, [6.0, 4.5]), row(3, 512, [7.0, 7.0], model_name="single")]
+    lines = format_context_gains(context_uses(rows)).splitlines()
+    assert lines[0] == "| model | benchmark | contexts | loss (longest) | loss (shortest) | gain 0-512 | gain 512+ | gain all |"
+    # 512+: (5.0 - 4.5) / 5.0 = 10% lower; all: 5.25 against 4.875, 7.14% lower. A model read at one context has no line.
+    assert lines[2:] == ["| m | books | 1M vs 512 | 4.8750 | 5.2500 | +0.00% | +10.00% | +7.14% |"]
+    assert format_context_gains(context_uses(rows[2:])) == ""

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bakallm.errors import UserError
-from bakallm.results.context_use import context_uses, format_context_use
+from bakallm.results.context_use import context_uses, format_context_gains, format_context_use
 from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, ResultRow, ResultsDB, default_db_path
 from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, study_table
 
@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             raise UserError(f"no results of study {args.study!r} in {path}; run `bakallm ablate` on its study file first.")
         if args.context_use:
-            return _print_context_use(rows, f"{path} (study {args.study})")
+            table = format_context_gains(context_uses(rows))
+            print(table or f"no variant of study {args.study!r} has two contexts with position losses to compare.\n", end="")
+            return 0
         print(study_table(rows, fmt=args.format), end="")
         return 0
     with ResultsDB(path, must_exist=True) as db:

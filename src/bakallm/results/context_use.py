@@ -94,6 +94,32 @@ def format_context_use(uses: Sequence[ContextUse]) -> str:
     return "\n".join(blocks)
 
 
+def format_context_gains(uses: Sequence[ContextUse]) -> str:
+    """One Markdown line per model and benchmark (e.g. the variants of a study): the longest context's
+    loss against the shortest's overall, and how much lower it is in each position bucket."""
+    uses = [use for use in uses if len(use.losses_by_n_ctx) > 1]
+    if not uses:
+        return ""
+    buckets = uses[0].losses_by_n_ctx[uses[0].longest]
+    header = ["model", "benchmark", "contexts", "loss (longest)", "loss (shortest)", *[f"gain {bucket.label}" for bucket in buckets], "gain all"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    for use in uses:
+        longest, shortest = use.losses_by_n_ctx[use.longest], use.losses_by_n_ctx[use.shortest]
+        gains = [relative_gain(short.loss, long.loss) for short, long in zip(shortest, longest)]
+        if [bucket.label for bucket in longest] != [bucket.label for bucket in buckets]:
+            gains = [math.nan] * len(buckets)  # other buckets than the first model's: no column fits
+        overall = relative_gain(use.loss_by_n_ctx[use.shortest], use.loss_by_n_ctx[use.longest])
+        cells = [use.model_name, use.benchmark, f"{count_label(use.longest)} vs {count_label(use.shortest)}",
+                 _loss_cell(use.loss_by_n_ctx[use.longest]), _loss_cell(use.loss_by_n_ctx[use.shortest]),
+                 *[_percent_cell(gain) for gain in gains], _percent_cell(overall)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent_cell(gain: float) -> str:
+    return "" if math.isnan(gain) else f"{100 * gain:+.2f}%"
+
+
 def _loss_cell(loss: float) -> str:
     return "" if math.isnan(loss) else f"{loss:.4f}"
 
