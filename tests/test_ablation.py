@@ -168,3 +168,17 @@ def test_study_file_errors_are_one_sentence(tmp_path):
                                     "variants": [{"name": "a", "preset": "tiny", "hf_config": "c"}]}))
     with pytest.raises(UserError, match="exactly one of preset and hf_config"):
         load_study(path)
+
+
+def test_a_variant_may_train_from_another_seed_to_measure_the_noise(study_file, tmp_path):
+    from dataclasses import replace
+
+    from bakallm.ablation import Variant, variant_train_config
+
+    study = load_study(study_file)
+    again = Variant("seed-1", "celp18-seed", training={"carry_state": False, "seed": 1})
+    study = replace(study, variants=study.variants + [again])
+    train_data = tmp_path / "train.jsonl"
+    assert variant_train_config(study, study.variants[0], train_data).seed == 0  # the study's seed
+    assert variant_train_config(study, again, train_data).seed == 1
+

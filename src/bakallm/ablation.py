@@ -233,7 +233,7 @@ def variant_train_config(study: Study, variant: Variant, train_data: Path):
     model_file = study.output / "model-configs" / f"{variant.name}.json"
     write_text_atomic(model_file, json.dumps(model_values, indent=2, sort_keys=True))
     values.update(
-        data=str(train_data), tokenizer=study.tokenizer, seed=study.seed, max_steps=steps, run_dir=str(run_dir),
+        data=str(train_data), tokenizer=study.tokenizer, seed=variant.training.get("seed", study.seed), max_steps=steps, run_dir=str(run_dir),
         model_config=str(model_file), progress=values.get("progress", False),
     )
     if variant.hf_config:
