@@ -59,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"no results in {db.path}{_filter_description(args)}.")
             return 0
         if args.context_use:
-            return _print_context_use(rows, f"{db.path}{_filter_description(args)}")
+            uses = context_uses(rows)
+            if not uses:
+                print(f"no results with position losses in {db.path}{_filter_description(args)}: record some with `bakallm bench --reset-every 512`.")
+                return 0
+            print(format_context_use(uses), end="")
+            return 0
         if args.since is not None:
             bold_ids = _ids_since(rows, args.since)
         else:
@@ -89,12 +94,3 @@ def _ids_since(rows: list[ResultRow], since: str) -> set[int]:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return {row.id for row in rows if datetime.fromisoformat(row.created_at) >= moment}
-
-
-def _print_context_use(rows: list[ResultRow], where: str) -> int:
-    uses = context_uses(rows)
-    if not uses:
-        print(f"no results with position losses in {where}: record some with `bakallm bench --reset-every 512`.")
-        return 0
-    print(format_context_use(uses), end="")
-    return 0
