@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             raise UserError(f"no results of study {args.study!r} in {path}; run `bakallm ablate` on its study file first.")
         if args.context_use:
-            table = format_context_gains(context_uses(rows))
+            table = format_context_gains(context_uses(sorted(rows, key=lambda row: row.extra.get("variant_index", 0))))  # the study file's order
             print(table or f"no variant of study {args.study!r} has two contexts with position losses to compare.\n", end="")
             return 0
         print(study_table(rows, fmt=args.format), end="")
