@@ -52,6 +52,22 @@ def test_plot_runs_writes_a_png(tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["training.png"]  # no temporary file left
 
 
+def test_many_runs_get_distinct_lines_and_a_legend_beside_the_axes(tmp_path, monkeypatch):
+    run_dirs = []
+    for index in range(12):  # twelve runs of three curves each (train and two evaluation sets)
+        run_dirs.append(tmp_path / f"run{index}")
+        write_run(run_dirs[-1], 1.0 + index / 100)
+    drawn = []
+    monkeypatch.setattr(plotting, "_save_png", lambda figure, path: drawn.append(figure))
+    plot_training(run_dirs, tmp_path / "many.png")
+    (figure,) = drawn
+    (axes,) = figure.axes
+    train_lines = [line for line in axes.get_lines() if line.get_label().endswith(" train")]
+    assert len({(line.get_color(), line.get_linestyle()) for line in train_lines}) == 12  # colours repeat after ten, styles do not
+    assert axes.get_legend() is None and len(figure.legends) == 1  # 36 entries would cover the curves
+    assert figure.get_figwidth() > 8
+
+
 def test_plot_runs_user_errors(tmp_path):
     with pytest.raises(UserError, match="has no metrics.sqlite3"):
         plot_training([tmp_path], tmp_path / "out.png")

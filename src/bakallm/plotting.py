@@ -88,10 +88,10 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
     figure, axes = _new_figure()
     eval_sets = sorted({row["data"] for _, evals in logs for row in evals})
     for index, (label, (steps, evals)) in enumerate(zip(_run_labels(run_dirs), logs)):
-        color = f"C{index % 10}"
+        color, linestyle = line_style(index)
         if steps:
             losses = debiased_ema([row["loss"] for row in steps], smooth)
-            axes.plot([row["tokens"] for row in steps], losses, color=color, label=f"{label} train")
+            axes.plot([row["tokens"] for row in steps], losses, color=color, linestyle=linestyle, label=f"{label} train")
         for data in eval_sets:
             points = [row for row in evals if row["data"] == data]
             if points:
@@ -107,7 +107,7 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"training loss (smoothing {smooth:g}) and evaluations")
     axes.grid(alpha=0.3)
-    axes.legend()
+    add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -153,7 +153,7 @@ def plot_context(
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"{benchmarks[0]}: loss against context length")
     axes.grid(alpha=0.3)
-    axes.legend()
+    add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -190,7 +190,7 @@ def plot_positions(
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"{benchmarks[0]}: loss by position in the article")
     axes.grid(alpha=0.3)
-    axes.legend()
+    add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -239,9 +239,36 @@ def _new_figure() -> tuple[Any, Any]:
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("plotting needs matplotlib: run `pip install matplotlib` (or `pip install bakallm[plot]`).") from None
+    from cycler import cycler
+    from matplotlib import rcParams
+
     figure = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
+    axes = figure.add_subplot()
+    # Ten colours, then the same ten dashed, dotted, ...: a study of 28 variants keeps every line apart.
+    colors = rcParams["axes.prop_cycle"].by_key()["color"][:10]
+    axes.set_prop_cycle(cycler(linestyle=LINE_STYLES) * cycler(color=colors))
+    return figure, axes
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+LEGEND_INSIDE_AT_MOST = 12  # entries; more would cover the curves
+
+
+def line_style(index: int) -> tuple[str, str]:
+    """The colour and line style of the index-th curve, as the axes' own cycle gives them."""
+    return f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
+
+
+def add_legend(figure: Any, axes: Any) -> None:
+    """A legend in the axes for a few entries; beside them, in a wider figure, for many."""
+    handles, labels = axes.get_legend_handles_labels()
+    if len(labels) <= LEGEND_INSIDE_AT_MOST:
+        axes.legend()
+        return
+    columns = -(-len(labels) // 30)
+    figure.set_size_inches(figure.get_figwidth() + 3.5 * columns, max(figure.get_figheight(), 0.2 * -(-len(labels) // columns) + 1))
+    figure.legend(handles, labels, loc="outside right upper", ncols=columns, fontsize="small")
 
 
 def _save_png(figure: Any, out_path: Path) -> None:
