@@ -88,7 +88,7 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
     figure, axes = _new_figure()
     eval_sets = sorted({row["data"] for _, evals in logs for row in evals})
     for index, (label, (steps, evals)) in enumerate(zip(_run_labels(run_dirs), logs)):
-        color, linestyle = line_style(index)
+        color, linestyle = _line_style(index)
         if steps:
             losses = debiased_ema([row["loss"] for row in steps], smooth)
             axes.plot([row["tokens"] for row in steps], losses, color=color, linestyle=linestyle, label=f"{label} train")
@@ -107,7 +107,7 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"training loss (smoothing {smooth:g}) and evaluations")
     axes.grid(alpha=0.3)
-    add_legend(figure, axes)
+    _add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -153,7 +153,7 @@ def plot_context(
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"{benchmarks[0]}: loss against context length")
     axes.grid(alpha=0.3)
-    add_legend(figure, axes)
+    _add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -190,7 +190,7 @@ def plot_positions(
     axes.set_ylabel("loss (nats per token)")
     axes.set_title(f"{benchmarks[0]}: loss by position in the article")
     axes.grid(alpha=0.3)
-    add_legend(figure, axes)
+    _add_legend(figure, axes)
     _save_png(figure, out_path)
     return out_path
 
@@ -255,12 +255,12 @@ LINE_STYLES = ("-", "--", ":", "-.")
 LEGEND_INSIDE_AT_MOST = 12  # entries; more would cover the curves
 
 
-def line_style(index: int) -> tuple[str, str]:
+def _line_style(index: int) -> tuple[str, str]:
     """The colour and line style of the index-th curve, as the axes' own cycle gives them."""
     return f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
 
 
-def add_legend(figure: Any, axes: Any) -> None:
+def _add_legend(figure: Any, axes: Any) -> None:
     """A legend in the axes for a few entries; beside them, in a wider figure, for many."""
     handles, labels = axes.get_legend_handles_labels()
     if len(labels) <= LEGEND_INSIDE_AT_MOST:
