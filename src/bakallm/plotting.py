@@ -104,12 +104,7 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
                     label=f"{label} eval {data}",
                 )
     axes.set_xlabel("tokens seen")
-    axes.set_ylabel("loss (nats per token)")
-    axes.set_title(f"training loss (smoothing {smooth:g}) and evaluations")
-    axes.grid(alpha=0.3)
-    _add_legend(figure, axes)
-    _save_png(figure, out_path)
-    return out_path
+    return _finish_loss_plot(figure, axes, f"training loss (smoothing {smooth:g}) and evaluations", out_path)
 
 
 def study_run_dirs(db_path: str | Path | None, study: str) -> list[Path]:
@@ -150,12 +145,7 @@ def plot_context(
     axes.set_xticks(contexts, [count_label(n_ctx) for n_ctx in contexts])
     axes.minorticks_off()
     axes.set_xlabel("context length n_ctx (tokens)")
-    axes.set_ylabel("loss (nats per token)")
-    axes.set_title(f"{benchmarks[0]}: loss against context length")
-    axes.grid(alpha=0.3)
-    _add_legend(figure, axes)
-    _save_png(figure, out_path)
-    return out_path
+    return _finish_loss_plot(figure, axes, f"{benchmarks[0]}: loss against context length", out_path)
 
 
 def plot_positions(
@@ -187,12 +177,7 @@ def plot_positions(
             axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{use.model_name}, n_ctx {count_label(n_ctx)}")
     axes.set_xticks(range(len(labels)), labels)
     axes.set_xlabel("position of the predicted token's input in its article (tokens)")
-    axes.set_ylabel("loss (nats per token)")
-    axes.set_title(f"{benchmarks[0]}: loss by position in the article")
-    axes.grid(alpha=0.3)
-    _add_legend(figure, axes)
-    _save_png(figure, out_path)
-    return out_path
+    return _finish_loss_plot(figure, axes, f"{benchmarks[0]}: loss by position in the article", out_path)
 
 
 def _benchmark_rows(
@@ -258,6 +243,16 @@ LEGEND_INSIDE_AT_MOST = 12  # entries; more would cover the curves
 def _line_style(index: int) -> tuple[str, str]:
     """The colour and line style of the index-th curve, as the axes' own cycle gives them."""
     return f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
+
+
+def _finish_loss_plot(figure: Any, axes: Any, title: str, out_path: Path) -> Path:
+    """Labels the loss axis, titles, grids, adds the legend and writes the PNG."""
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    _add_legend(figure, axes)
+    _save_png(figure, out_path)
+    return out_path
 
 
 def _add_legend(figure: Any, axes: Any) -> None:
