@@ -5,7 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bakallm.data.batching import IGNORE_INDEX, MODES, DocumentBatcher
+from collections import Counter
+
+from bakallm.data.batching import DOCUMENT_MODES, IGNORE_INDEX, MODES, DocumentBatcher
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 
@@ -132,7 +134,7 @@ def test_rolling_epochs_deliver_every_target_once_per_epoch_and_idle_only_at_the
     lengths=st.lists(st.integers(min_value=0, max_value=25), min_size=1, max_size=10).filter(lambda ls: max(ls) >= 2),
     batch_size=st.integers(min_value=1, max_value=4),
     train_ctx=st.integers(min_value=1, max_value=7),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(DOCUMENT_MODES),
     shuffle=st.booleans(),
     seed=st.integers(min_value=0, max_value=1000),
 )
@@ -181,10 +183,11 @@ def test_hypothesis_draws_fixed_examples_in_ci():
     assert settings.default.derandomize or not RUNNING_IN_CI
 
 
-def test_state_dict_round_trip_mid_epoch_with_shuffle():
+@pytest.mark.parametrize("mode", ["dynamic", "windows"])
+def test_state_dict_round_trip_mid_epoch_with_shuffle(mode):
     rng = np.random.default_rng(3)
     corpus, _ = numbered_corpus(rng.integers(0, 40, size=25).tolist())
-    settings = dict(batch_size=3, train_ctx=5, mode="dynamic", shuffle=True, seed=11)
+    settings = dict(batch_size=3, train_ctx=5, mode=mode, shuffle=True, seed=11)
     original = DocumentBatcher(corpus, **settings)
     for _ in range(7):
         original.next_batch()
@@ -265,7 +268,7 @@ def test_corpus_without_targets_and_bad_settings_are_refused():
     with pytest.raises(UserError, match="No document of the corpus has 2 or more tokens"):
         DocumentBatcher(short, batch_size=2, train_ctx=4)
     corpus, _ = reference_corpus()
-    with pytest.raises(UserError, match="Unknown batching mode 'packed'; use one of dynamic, static"):
+    with pytest.raises(UserError, match="Unknown batching mode 'packed'; use one of dynamic, static, windows"):
         DocumentBatcher(corpus, batch_size=2, train_ctx=4, mode="packed")
     with pytest.raises(UserError, match="must be at least 1"):
         DocumentBatcher(corpus, batch_size=0, train_ctx=4)
@@ -281,3 +284,32 @@ def test_max_doc_tokens_cuts_long_documents_into_independent_pieces():
     assert batch.epoch_end and batcher.next_batch() is None
     with pytest.raises(UserError, match="different max_doc_tokens"):
         DocumentBatcher(corpus, batch_size=3, train_ctx=8).load_state_dict(batcher.state_dict())
+
+
+def test_windows_mode_draws_each_start_equally_often_and_keeps_windows_inside_one_document():
+    corpus, token_lists = numbered_corpus([3, 10, 6, 1])  # 2, 9, 5 and 0 targets
+    batcher = DocumentBatcher(corpus, batch_size=3, train_ctx=4, mode="windows", seed=7)
+    first_inputs = Counter()
+    for _ in range(600):
+        batch = batcher.next_batch()
+        assert batch.reset.all()  # no row carries a state from one random window to the next
+        for inputs, targets in zip(batch.input_ids.tolist(), batch.targets.tolist(), strict=True):
+            document = next(tokens for tokens in token_lists if inputs[0] in tokens)
+            count = min(4, len(document) - 1)  # a full window wherever the document holds one
+            assert targets == list(range(inputs[0] + 1, inputs[0] + 1 + count)) + [IGNORE_INDEX] * (4 - count)
+            assert targets[count - 1] in document
+            first_inputs[inputs[0]] += 1
+    # Starts: the only one of the 3-token document, 6 of the 10-token one, 2 of the 6-token one.
+    starts = token_lists[0][:1] + token_lists[1][:6] + token_lists[2][:2]
+    assert sorted(first_inputs) == starts
+    assert all(150 < first_inputs[start] < 250 for start in starts)  # 1,800 draws over 9 starts: 200 each
+
+
+def test_windows_mode_counts_epochs_in_targets_and_ends_after_max_epochs():
+    corpus, _ = numbered_corpus([3, 10, 6])  # 16 targets an epoch
+    batches = list(DocumentBatcher(corpus, batch_size=2, train_ctx=4, mode="windows", seed=1, max_epochs=2))
+    delivered = np.cumsum([batch.n_targets for batch in batches])
+    assert delivered[-2] < 32 <= delivered[-1]  # the run stops at the first batch that completes epoch 2
+    assert sum(batch.epochs_ended for batch in batches) == 2
+    assert [batch.epoch for batch in batches] == [int(before) // 16 for before in [0, *delivered[:-1]]]
+    assert batches[-1].epoch_fraction == 1.0

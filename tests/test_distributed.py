@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from bakallm.cli import main
-from bakallm.data.batching import DocumentBatcher
+from bakallm.data.batching import MODES, DocumentBatcher
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.training import checkpoint as ckpt
 
@@ -149,7 +149,7 @@ def test_rank_rows_together_are_the_single_process_batches(workspace):
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 90, size=17)
     corpus = TokenizedCorpus.from_token_lists([list(rng.integers(1, 50, size=n)) for n in lengths], vocab_size=50)
-    for mode in ("dynamic", "static"):
+    for mode in MODES:
         whole = DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3)
         ranks = [DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3, rows=range(rank * 2, rank * 2 + 2)) for rank in range(3)]
         for _ in range(60):  # several epochs

@@ -16,7 +16,11 @@ end of the run (`max_epochs`) drains: rows idle there until the last document en
 
 Modes:
   dynamic  a row whose document ended takes the next document at the next step;
-  static   B documents start together, and the next B start only when all of them have ended.
+  static   B documents start together, and the next B start only when all of them have ended;
+  windows  every row of every step reads a window drawn at random from one document (each start
+           equally likely, a full `train_ctx` window wherever the document is long enough) and
+           starts from a fresh state: how plain transformers are usually trained. An "epoch" is
+           then as many targets as the corpus holds; some tokens are read twice, some never.
 
 Data-parallel ranks share one global batch: every rank runs the same batcher over all N x B rows
 (it only moves document offsets, which is cheap) and materialises only its own `rows`, so the
@@ -36,7 +40,8 @@ import torch
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 
-MODES = ("dynamic", "static")
+DOCUMENT_MODES = ("dynamic", "static")  # the modes that read every document through once per epoch
+MODES = (*DOCUMENT_MODES, "windows")
 IGNORE_INDEX = -100  # the target of padding; torch's cross-entropy skips it by default
 _FREE = -1  # row state: no document in progress
 
@@ -119,6 +124,9 @@ class DocumentBatcher:
         self._unit_starts = starts[trainable]
         self._unit_ends = ends[trainable]
         self._targets_per_epoch = int((self._unit_ends - self._unit_starts - 1).sum())
+        # windows mode: unit u offers max(targets - train_ctx, 0) + 1 starts, numbered consecutively.
+        self._unit_window_starts = np.maximum(self._unit_ends - self._unit_starts - 1 - train_ctx, 0) + 1
+        self._window_start_ends = np.cumsum(self._unit_window_starts)
         self._orders: dict[int, np.ndarray] = {}
         self._reset_position()
 
@@ -130,6 +138,8 @@ class DocumentBatcher:
         self._row_epochs = [0] * self.batch_size
         self._row_positions = [0] * self.batch_size
         self._targets_done: dict[int, int] = {}  # targets delivered, per epoch still in progress
+        self._windows_drawn = 0  # windows mode: steps taken (each step's draws come from its own seed)
+        self._targets_delivered = 0  # windows mode: targets delivered since the start
 
     def __iter__(self) -> Iterator[Batch]:
         while (batch := self.next_batch()) is not None:
@@ -161,6 +171,8 @@ class DocumentBatcher:
     @property
     def exhausted(self) -> bool:
         """All `max_epochs` epochs have been delivered: `next_batch()` gives None."""
+        if self.mode == "windows":
+            return self.max_epochs is not None and self._targets_delivered >= self.max_epochs * self._targets_per_epoch
         return self._stream_ended() and all(unit == _FREE for unit in self._row_units)
 
     def count_batches(self) -> int:
@@ -180,6 +192,8 @@ class DocumentBatcher:
         """Moves every row one step on; None once the stream has ended."""
         if self.exhausted:
             return None
+        if self.mode == "windows":
+            return self._draw_windows()
         epoch = self.epoch
         reset = [unit == _FREE for unit in self._row_units]
         self._assign_units()
@@ -205,6 +219,20 @@ class DocumentBatcher:
         for finished in [e for e in self._orders if e < self.epoch]:
             del self._orders[finished]
         return _Step(windows, reset, epoch, fraction, self.epoch - epoch)
+
+    def _draw_windows(self) -> _Step:
+        draws = np.random.default_rng([self.seed, self._windows_drawn]).integers(self._window_start_ends[-1], size=self.batch_size)
+        units = np.searchsorted(self._window_start_ends, draws, side="right")
+        starts = self._unit_starts[units] + draws - (self._window_start_ends[units] - self._unit_window_starts[units])
+        counts = np.minimum(self.train_ctx, self._unit_ends[units] - 1 - starts)
+        per_epoch, before = self._targets_per_epoch, self._targets_delivered
+        self._windows_drawn += 1
+        self._targets_delivered += int(counts.sum())
+        self.epoch = self._targets_delivered // per_epoch
+        epoch = before // per_epoch
+        fraction = min(1.0, (self._targets_delivered - epoch * per_epoch) / per_epoch)
+        windows = [(int(start), int(count)) for start, count in zip(starts, counts)]
+        return _Step(windows, [True] * self.batch_size, epoch, fraction, self.epoch - epoch)
 
     def _stream_ended(self) -> bool:
         return self.max_epochs is not None and self._next_epoch >= self.max_epochs
@@ -252,6 +280,8 @@ class DocumentBatcher:
             "row_epochs": list(self._row_epochs),
             "row_positions": list(self._row_positions),
             "targets_done": [[epoch, count] for epoch, count in sorted(self._targets_done.items())],
+            "windows_drawn": self._windows_drawn,
+            "targets_delivered": self._targets_delivered,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,6 +300,8 @@ class DocumentBatcher:
         self._row_epochs = list(state["row_epochs"])
         self._row_positions = list(state["row_positions"])
         self._targets_done = {int(epoch): int(count) for epoch, count in state["targets_done"]}
+        self._windows_drawn = int(state.get("windows_drawn", 0))  # absent from positions saved before windows mode
+        self._targets_delivered = int(state.get("targets_delivered", 0))
 
 
 def _pieces(offsets: np.ndarray, max_doc_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:

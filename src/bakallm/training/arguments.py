@@ -12,7 +12,7 @@ from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
 from bakallm.training.schedule import SCHEDULES
 
-BATCHING_MODES = ("dynamic", "static")
+BATCHING_MODES = ("dynamic", "static", "windows")
 PRECISIONS = ("auto", "float32", "bfloat16", "pure-bfloat16")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
 
@@ -157,7 +157,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off (default 0.5)")
     add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     add("--seed", type=int, help="seed for weights and shuffling (default 0)")
-    add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch")
+    add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch; windows: a random window per row and step, state reset every step (default dynamic)")
     add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
     add("--max-doc-tokens", type=int, help="cut documents longer than this many tokens into independent pieces (default: never)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
