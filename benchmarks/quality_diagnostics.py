@@ -8,10 +8,14 @@ batching: for each rows x train_ctx shape, the steps one epoch of dynamic batchi
 paths: on a checkpoint, the loss of the tokens after the first window of each document with the full
   carried state, and with one path cut at every window boundary (memory back to the initial
   memory, Mamba state zeroed): how much each path carries across windows.
+decay: on a checkpoint (or a fresh model), how much of each Mamba layer's SSM state survives one
+  window of text: the share of state entries (channel x state dimension) whose decay over the
+  window, exp(A * sum of dt), leaves more than 1%, 10% and 50% of them.
 
     python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
+    python benchmarks/quality_diagnostics.py decay RUN_DIR --data books.jsonl --tokenizer tokenizer.json
 """
 
 from __future__ import annotations
@@ -99,6 +103,27 @@ def paths(args: argparse.Namespace) -> None:
         print(f"{path:>7} cut at every window: loss {total / count:.4f} over {count} tokens after the first window")
 
 
+@torch.inference_mode()
+def decay(args: argparse.Namespace) -> None:
+    model = load(args).eval()
+    window = model.config.window
+    tokens = document_rows(args, 2 * window)
+    step_sizes: dict[int, torch.Tensor] = {}  # Mamba layer -> dt summed over the window [rows, d_inner]
+    mambas = [layer.mamba for layer in model.layers if layer.mamba is not None]
+    hooks = [
+        mamba.dt_proj.register_forward_hook(lambda module, inputs, output, index=index: step_sizes.__setitem__(index, torch.nn.functional.softplus(output.float()).sum(1)))
+        for index, mamba in enumerate(mambas)
+    ]
+    state = model(tokens[:, :window], return_logits=False).state
+    model(tokens[:, window : 2 * window], state=state, return_logits=False)  # a window with a past, as most are
+    for hook in hooks:
+        hook.remove()
+    for index, mamba in enumerate(mambas):
+        survival = torch.exp(step_sizes[index].unsqueeze(-1) * -torch.exp(mamba.A_log.float()))  # [rows, d_inner, d_state]
+        shares = ", ".join(f"> {level:.0%}: {float((survival > level).float().mean()):.1%}" for level in (0.01, 0.1, 0.5))
+        print(f"mamba layer {index}: state entries surviving one window {shares}; median dt {float(step_sizes[index].median()) / window:.4f}")
+
+
 def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
     pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
     return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
@@ -124,7 +149,7 @@ def batching(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("gradients", "paths", "batching"))
+    parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay"))
     parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
@@ -132,7 +157,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="paths: tokens of each document scored")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"gradients": gradients, "paths": paths, "batching": batching}[args.mode](args)
+    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,17 @@ def test_the_thread_choice_runs_the_faster_and_follows_a_change_of_load():
     idle = run(100)
     assert idle[-50:].count(1) <= 50 // 8  # the change is seen at the next probe; one thread is now only probed
     assert choice.seconds_per_element[("forward", 4)] < choice.seconds_per_element[("forward", 1)]
+
+
+@pytest.mark.parametrize("dt_min", [1e-3, 1e-5])
+def test_model_config_mamba_dt_min_sets_the_slowest_initial_step_sizes(dt_min):
+    from bakallm import BakaLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = BakaLM(ModelConfig.preset("tiny", vocab_size=64, n_layers=2, mamba_dt_min=dt_min))
+    for layer in model.layers:
+        step_sizes = F.softplus(layer.mamba.dt_proj.bias.detach())
+        assert step_sizes.min() >= dt_min * 0.999 and step_sizes.max() <= 0.1 * 1.001
+        assert step_sizes.min() < 2 * dt_min  # 256 log-uniform draws reach the bottom of the range
+    with pytest.raises(ValueError, match="mamba_dt_min must lie between 0 and 0.1"):
+        ModelConfig.preset("tiny", mamba_dt_min=0.5)

@@ -45,6 +45,10 @@ class ModelConfig:
     mamba_d_conv: int = 4
     mamba_expand: int = 2
     mamba_dt_rank: int = 0  # 0 means ceil(d_model / 16), as in Mamba-1
+    # Mamba's step sizes start log-uniform in [mamba_dt_min, 0.1]. With Mamba-1's 1e-3 only ~4% of the
+    # state keeps a tenth of itself across a 512-token window (docs/quality.md, Finding 5); a smaller
+    # minimum starts more of it slow enough to carry.
+    mamba_dt_min: float = 1e-3
     carry_mamba_state: bool = True
     # Attend to the previous window's keys and values (Transformer-XL); off gives a windowed model.
     xl_cache: bool = True
@@ -146,6 +150,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.pause_placement window_slots needs at least two tokens per pause (window >= 2 * n_pauses).")
         if self.n_pauses > self.window:
             raise ValueError(f"ModelConfig.n_pauses ({self.n_pauses}) cannot exceed window ({self.window}).")
+        if not 0 < self.mamba_dt_min < 0.1:
+            raise ValueError(f"ModelConfig.mamba_dt_min must lie between 0 and 0.1 (the largest initial step size), got {self.mamba_dt_min!r}.")
         if not self.elephant_a > 0 or not self.elephant_d > 0:
             raise ValueError(f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}.")
         if self.rope_base <= 1 or self.norm_eps <= 0 or self.init_std <= 0:

@@ -17,8 +17,9 @@ from bakallm.kernels.scan import selective_scan
 
 
 class Mamba(nn.Module):
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3):
         super().__init__()
+        self.dt_min = dt_min
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.d_conv = d_conv
@@ -39,12 +40,12 @@ class Mamba(nn.Module):
         self.scan_chunk = DEFAULT_CHUNK
         self.reset_dt_projection()
 
-    def reset_dt_projection(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
-        """Mamba's initialisation: small uniform weights, softplus(bias) log-uniform in [dt_min, dt_max]."""
+    def reset_dt_projection(self, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation: small uniform weights, softplus(bias) log-uniform in [self.dt_min, dt_max]."""
         with torch.no_grad():
             bound = self.dt_rank**-0.5
             self.dt_proj.weight.uniform_(-bound, bound)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

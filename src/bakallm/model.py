@@ -51,7 +51,7 @@ class Block(nn.Module):
         self.mlp = GatedMLP(config.d_model, config.d_ff, config.elephant_a, config.elephant_d)
         self.mamba_norm = make_norm(config) if with_mamba else None
         self.mamba = (
-            Mamba(config.d_model, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.dt_rank)
+            Mamba(config.d_model, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.dt_rank, config.mamba_dt_min)
             if with_mamba
             else None
         )
