@@ -558,3 +558,26 @@ def test_threads_default_to_omp_num_threads_else_the_cpus_this_process_may_use(m
         assert use_threads(None) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_padding_warning_names_the_long_document_and_a_split_that_removes_it():
+    from bakallm.data.batching import DocumentBatcher
+    from bakallm.data.token_cache import TokenizedCorpus
+    from bakallm.training.trainer import padding_warning
+
+    def batcher(lengths, **settings):
+        corpus = TokenizedCorpus.from_token_lists([[1] * n for n in lengths], vocab_size=2)
+        return DocumentBatcher(corpus, 4, 8, max_epochs=1, **settings)
+
+    # One 401-token document and 20 of 9: 560 targets fill 18 batches of 4 x 8, but the long one needs 50.
+    lopsided = batcher([401] + [9] * 20)
+    warning = padding_warning(lopsided, lopsided.count_batches())
+    assert warning.startswith("1 epoch(s) will take 50 batches where the tokens fill 18 (about 64% padding): the longest document (400 tokens)")
+    assert warning.endswith("cut documents with --max-doc-tokens 32 or use fewer --batch-size rows.")
+    split = batcher([401] + [9] * 20, max_doc_tokens=32)
+    assert padding_warning(split, split.count_batches()) is None  # the advice works
+    balanced = batcher([101] * 8)
+    assert padding_warning(balanced, balanced.count_batches()) is None
+    assert padding_warning(batcher([401] + [9] * 20, mode="windows"), 50) is None
+    endless = DocumentBatcher(TokenizedCorpus.from_token_lists([[1] * 401, [1] * 9], vocab_size=2), 4, 8)
+    assert padding_warning(endless, 50) is None  # rows roll into the next epoch: no drain until --max-steps

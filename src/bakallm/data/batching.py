@@ -169,6 +169,15 @@ class DocumentBatcher:
         )
 
     @property
+    def targets_per_epoch(self) -> int:
+        return self._targets_per_epoch
+
+    @property
+    def longest_document_targets(self) -> int:
+        """Targets of the longest training unit (a document, or a piece of one under `max_doc_tokens`)."""
+        return int((self._unit_ends - self._unit_starts - 1).max())
+
+    @property
     def exhausted(self) -> bool:
         """All `max_epochs` epochs have been delivered: `next_batch()` gives None."""
         if self.mode == "windows":

@@ -62,6 +62,28 @@ def build_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
         raise UserError(str(error)) from None
 
 
+def padding_warning(batcher: DocumentBatcher, batches: int) -> str | None:
+    """Why a run of whole epochs that takes `batches` batches will be mostly padding, or None.
+
+    An epoch cannot take fewer steps than its longest document needs; when that is more than the
+    corpus fills, the other rows run out of documents and idle (docs/quality.md, Finding 2).
+    """
+    if batcher.max_epochs is None or batcher.mode == "windows":
+        return None
+    rows, ctx = batcher.batch_size, batcher.train_ctx
+    filled = math.ceil(batcher.max_epochs * batcher.targets_per_epoch / (rows * ctx))
+    if filled >= 0.75 * batches:
+        return None
+    piece = max(ctx, batcher.targets_per_epoch // (4 * rows) // ctx * ctx)
+    longest = batcher.longest_document_targets
+    return (
+        f"{batcher.max_epochs} epoch(s) will take {batches} batches where the tokens fill {filled} "
+        f"(about {1 - filled / batches:.0%} padding): the longest document ({longest:,} tokens) keeps one of the {rows} rows "
+        f"busy for {math.ceil(longest / ctx)} batches while the others run out of documents; cut documents with "
+        f"--max-doc-tokens {piece} or use fewer --batch-size rows."
+    )
+
+
 def untrained_memory_warning(config: TrainConfig, model_config: ModelConfig) -> str | None:
     """Why the memory slots cannot learn under these settings, or None when they can.
 
@@ -267,7 +289,11 @@ class Trainer:
         (found by running its schedule on document lengths alone), whichever comes first."""
         if self.max_epochs is None:
             return self.config.max_steps
-        steps_of_epochs = math.ceil(self.batcher.count_batches() / self.config.grad_accum)
+        batches = self.batcher.count_batches()
+        warning = padding_warning(self.batcher, batches)
+        if warning is not None and self.distributed.is_main:
+            print(f"bakallm train: warning: {warning}", file=sys.stderr)
+        steps_of_epochs = math.ceil(batches / self.config.grad_accum)
         return min(steps_of_epochs, self.config.max_steps or steps_of_epochs)
 
     @property
