@@ -182,3 +182,11 @@ def test_a_variant_may_train_from_another_seed_to_measure_the_noise(study_file, 
     assert variant_train_config(study, study.variants[0], train_data).seed == 0  # the study's seed
     assert variant_train_config(study, again, train_data).seed == 1
 
+
+
+def test_a_study_logged_to_a_file_has_no_transformers_progress_bars(study_file, tmp_path, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()  # as in a fresh process; another test may have turned them off
+    assert main(["ablate", str(study_file), "--db", str(tmp_path / "results.sqlite3"), "--variants", "neox"]) == 0
+    assert "Writing model shards" not in capfd.readouterr().err  # stderr is a pipe here, as in `bakallm ablate ... 2> log`

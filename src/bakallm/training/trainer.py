@@ -261,8 +261,8 @@ class Trainer:
 
         from bakallm.training.hf_model import build_hf_model
 
-        if not self.config.progress:
-            transformers_logging.disable_progress_bar()  # its bars on saving and loading checkpoints
+        if not (self.config.progress and sys.stderr.isatty()):
+            transformers_logging.disable_progress_bar()  # its bars on saving and loading checkpoints, which fill log files
         return build_hf_model(self.config.hf_config, self._hf_overrides(), self.tokenizer.vocab_size)
 
     def _hf_overrides(self) -> dict[str, Any]:
