@@ -110,10 +110,14 @@ def decay(args: argparse.Namespace) -> None:
     tokens = document_rows(args, 2 * window)
     step_sizes: dict[int, torch.Tensor] = {}  # Mamba layer -> dt summed over the window [rows, d_inner]
     mambas = [layer.mamba for layer in model.layers if layer.mamba is not None]
-    hooks = [
-        mamba.dt_proj.register_forward_hook(lambda module, inputs, output, index=index: step_sizes.__setitem__(index, torch.nn.functional.softplus(output.float()).sum(1)))
-        for index, mamba in enumerate(mambas)
-    ]
+
+    def record_step_sizes(index: int):
+        def hook(module, inputs, output):
+            step_sizes[index] = torch.nn.functional.softplus(output.float()).sum(1)  # the last window's overwrites the first's
+
+        return hook
+
+    hooks = [mamba.dt_proj.register_forward_hook(record_step_sizes(index)) for index, mamba in enumerate(mambas)]
     state = model(tokens[:, :window], return_logits=False).state
     model(tokens[:, window : 2 * window], state=state, return_logits=False)  # a window with a past, as most are
     for hook in hooks:
