@@ -183,7 +183,6 @@ def test_a_variant_may_train_from_another_seed_to_measure_the_noise(study_file, 
     assert variant_train_config(study, again, train_data).seed == 1
 
 
-
 def test_a_study_logged_to_a_file_has_no_transformers_progress_bars(study_file, tmp_path, capfd):
     from transformers.utils import logging as transformers_logging
 

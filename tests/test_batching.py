@@ -1,11 +1,10 @@
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from collections import Counter
 
 from bakallm.data.batching import DOCUMENT_MODES, IGNORE_INDEX, MODES, DocumentBatcher
 from bakallm.data.token_cache import TokenizedCorpus

@@ -123,9 +123,10 @@ class DocumentBatcher:
         self.rows = rows
         self._unit_starts = starts[trainable]
         self._unit_ends = ends[trainable]
-        self._targets_per_epoch = int((self._unit_ends - self._unit_starts - 1).sum())
+        self._unit_targets = self._unit_ends - self._unit_starts - 1
+        self._targets_per_epoch = int(self._unit_targets.sum())
         # windows mode: unit u offers max(targets - train_ctx, 0) + 1 starts, numbered consecutively.
-        self._unit_window_starts = np.maximum(self._unit_ends - self._unit_starts - 1 - train_ctx, 0) + 1
+        self._unit_window_starts = np.maximum(self._unit_targets - train_ctx, 0) + 1
         self._window_start_ends = np.cumsum(self._unit_window_starts)
         self._orders: dict[int, np.ndarray] = {}
         self._reset_position()
@@ -175,7 +176,7 @@ class DocumentBatcher:
     @property
     def longest_document_targets(self) -> int:
         """Targets of the longest training unit (a document, or a piece of one under `max_doc_tokens`)."""
-        return int((self._unit_ends - self._unit_starts - 1).max())
+        return int(self._unit_targets.max())
 
     @property
     def exhausted(self) -> bool:

@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from bakallm.data.batching import MODES as BATCHING_MODES
 from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
 from bakallm.training.schedule import SCHEDULES
 
-BATCHING_MODES = ("dynamic", "static", "windows")
 PRECISIONS = ("auto", "float32", "bfloat16", "pure-bfloat16")
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
 
