@@ -4,6 +4,7 @@
 - test-books.jsonl: the first `--book-tokens` tokens of each held-out book (books of the shared folder
   that are not in training).
 - test-wiki.jsonl: the WikiText validation articles left out of training.
+- train-wiki.jsonl: the training articles alone (recipes/ablations/quality-1m-wikitext.yaml adds its own books).
 
 No data is stored in the repository; run:
     python benchmarks/quality_data.py --shared ../shared/data --out data/quality
@@ -39,8 +40,8 @@ def main() -> None:
     books = {path.name.split("_")[0]: path for path in (args.shared / "books/train").glob("*.txt")}
     articles = list(load_corpus(str(args.shared / "wikitext-103-raw/wiki.valid.raw")))
     held_out = {index for index in range(len(articles)) if index % args.wiki_holdout_every == args.wiki_holdout_every - 1}
-    train = [{"id": doc.id, "text": doc.text} for index, doc in enumerate(articles) if index not in held_out]
-    train += [{"id": name, "text": books[name].read_text(encoding="utf-8")} for name in TRAIN_BOOKS]
+    train_wiki = [{"id": doc.id, "text": doc.text} for index, doc in enumerate(articles) if index not in held_out]
+    train = train_wiki + [{"id": name, "text": books[name].read_text(encoding="utf-8")} for name in TRAIN_BOOKS]
     test_wiki = [{"id": articles[index].id, "text": articles[index].text} for index in sorted(held_out)]
     test_books = []
     for name in TEST_BOOKS:
@@ -52,7 +53,7 @@ def main() -> None:
             text = text[:keep]
         test_books.append({"id": name, "text": text})
     args.out.mkdir(parents=True, exist_ok=True)
-    for file_name, records in (("train.jsonl", train), ("test-books.jsonl", test_books), ("test-wiki.jsonl", test_wiki)):
+    for file_name, records in (("train.jsonl", train), ("test-books.jsonl", test_books), ("test-wiki.jsonl", test_wiki), ("train-wiki.jsonl", train_wiki)):
         with (args.out / file_name).open("w", encoding="utf-8") as file:
             for record in records:
                 file.write(json.dumps(record) + "\n")

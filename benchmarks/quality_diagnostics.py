@@ -11,11 +11,18 @@ paths: on a checkpoint, the loss of the tokens after the first window of each do
 decay: on a checkpoint (or a fresh model), how much of each Mamba layer's SSM state survives one
   window of text: the share of state entries (channel x state dimension) whose decay over the
   window, exp(A * sum of dt), leaves more than 1%, 10% and 50% of them.
+cache: on a checkpoint, how much of the text's repetition the model uses: the loss of the tokens
+  after each document's first window, read whole (state carried) and reset at every window, alone
+  and mixed with a unigram cache, p = (1 - w) p_model + w p_cache (the best of a few weights w), of
+  the document's tokens before the current window, of the window's tokens the model sees, and of
+  both. A cache gains what the model leaves unused: before the window, what its state could carry;
+  inside, what its attention could copy.
 
     python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
     python benchmarks/quality_diagnostics.py decay RUN_DIR --data books.jsonl --tokenizer tokenizer.json
+    python benchmarks/quality_diagnostics.py cache RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 32768
 """
 
 from __future__ import annotations
@@ -128,6 +135,53 @@ def decay(args: argparse.Namespace) -> None:
         print(f"mamba layer {index}: state entries surviving one window {shares}; median dt {float(step_sizes[index].median()) / window:.4f}")
 
 
+CACHE_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2)
+
+
+def cache_probabilities(tokens: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
+    """The target's share of the document's tokens before the current window ("before") and of the
+    window's tokens up to the target's input ("inside"), for every target after the first window."""
+    rows, vocab = tokens.shape[0], int(tokens.max()) + 1
+    counts = torch.zeros(rows, vocab, dtype=torch.float64)
+    before, inside = [], []
+    causal = torch.tril(torch.ones(window, window, dtype=torch.bool))
+    for start in range(window, tokens.shape[1] - 1, window):
+        for row in range(rows):
+            counts[row] += torch.bincount(tokens[row, start - window : start], minlength=vocab).double()
+        seen, targets = tokens[:, start : start + window], tokens[:, start + 1 : start + window + 1]
+        before.append(counts.gather(1, targets) / start)
+        matches = (targets.unsqueeze(2) == seen.unsqueeze(1)) & causal[: targets.shape[1], : seen.shape[1]]
+        inside.append(matches.sum(2).double() / torch.arange(1, targets.shape[1] + 1))
+    return {"before": torch.cat(before, 1), "inside": torch.cat(inside, 1)}
+
+
+@torch.inference_mode()
+def cache(args: argparse.Namespace) -> None:
+    model = load(args).eval()
+    window = model.config.window
+    tokens = document_rows(args, args.tokens)
+    caches = cache_probabilities(tokens, window)
+    for reading in ("whole", "reset"):
+        state, probabilities = None, []
+        for start in range(0, args.tokens, window):
+            output = model(tokens[:, start : start + window], state=None if reading == "reset" else state)
+            state = output.state
+            if start >= window:
+                targets = tokens[:, start + 1 : start + window + 1]
+                probabilities.append(torch.log_softmax(output.logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp())
+        p_model = torch.cat(probabilities, 1)
+        alone = float(-torch.log(p_model).mean())
+        line = f"{reading:>5}: model alone {alone:.4f}"
+        for name, label in (("before", "cache before the window"), ("inside", "cache inside it"), ("both", "both caches")):
+            mixes = {}
+            for weight in CACHE_WEIGHTS[1:]:
+                parts = (caches["before"] + caches["inside"]) / 2 if name == "both" else caches[name]
+                mixes[weight] = float(-torch.log((1 - weight) * p_model + weight * parts).mean())
+            best = min(mixes, key=mixes.get)
+            line += f"; + {label} {mixes[best]:.4f} ({100 * (mixes[best] / alone - 1):+.2f}%, w {best:g})"
+        print(line + f"; over {p_model.numel()} tokens after the first window")
+
+
 def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
     pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
     return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
@@ -153,15 +207,15 @@ def batching(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay"))
+    parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay", "cache"))
     parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=4096, help="paths: tokens of each document scored")
+    parser.add_argument("--tokens", type=int, default=4096, help="paths, cache: tokens of each document scored")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay}[args.mode](args)
+    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache}[args.mode](args)
 
 
 if __name__ == "__main__":

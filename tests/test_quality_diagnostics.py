@@ -1,0 +1,24 @@
+"""benchmarks/quality_diagnostics.py: the unigram caches its `cache` mode mixes with a model's predictions."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_diagnostics.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("quality_diagnostics", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_caches_count_the_targets_before_the_window_and_inside_it_up_to_the_input():
+    diagnostics = load_script()
+    # Window 4: the second window reads 1 2 2 5 and predicts 2 2 5 9; the first window read 1 2 1 3.
+    tokens = torch.tensor([[1, 2, 1, 3, 1, 2, 2, 5, 9], [4, 4, 4, 4, 4, 4, 7, 4, 4]])
+    caches = diagnostics.cache_probabilities(tokens, window=4)
+    torch.testing.assert_close(caches["before"], torch.tensor([[1 / 4, 1 / 4, 0, 0], [1, 0, 1, 1]], dtype=torch.float64))
+    torch.testing.assert_close(caches["inside"], torch.tensor([[0, 1 / 2, 0, 0], [1, 0, 2 / 3, 3 / 4]], dtype=torch.float64))
