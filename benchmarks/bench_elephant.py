@@ -40,7 +40,7 @@ def make_inputs(shape, device, dtype, seed=0):
 
 def build_case(variant: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, a: float, d: float):
     """Returns a callable running forward and backward of one gate variant."""
-    from bakallm.elephant import elephant_gate
+    from bakallm.model.elephant import elephant_gate
 
     up, gate, grad_out = make_inputs(shape, device, dtype)
 
@@ -53,7 +53,7 @@ def build_case(variant: str, shape: tuple[int, ...], device: torch.device, dtype
 
 def saved_bytes(variant: str, shape, device, dtype, a: float, d: float) -> int:
     """Bytes of the distinct tensors autograd keeps for backward, other than the two inputs."""
-    from bakallm.elephant import elephant_gate
+    from bakallm.model.elephant import elephant_gate
 
     up, gate, _ = make_inputs(shape, device, dtype)
     inputs = {up.untyped_storage().data_ptr(), gate.untyped_storage().data_ptr()}
@@ -73,7 +73,7 @@ def saved_bytes(variant: str, shape, device, dtype, a: float, d: float) -> int:
 def parity(shape, device, dtype, a: float, d: float) -> float:
     """Largest difference between the fused gate's output and gradients and the plain formula's,
     relative to the largest magnitude of each (so that bfloat16 is judged by its precision)."""
-    from bakallm.elephant import elephant_gate
+    from bakallm.model.elephant import elephant_gate
 
     up, gate, grad_out = make_inputs(shape, device, dtype)
     results = []

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_mamba.py [--device cpu|cuda] [--batch-sizes 1 8] [--skip-slow-peers]
 
-Compares our `bakallm.mamba.Mamba` (blocked scan, and on CUDA the Triton scan, with its conv and
+Compares our `bakallm.model.mamba.Mamba` (blocked scan, and on CUDA the Triton scan, with its conv and
 SSM states carried in and out)
 with `mambapy`'s MambaBlock (parallel pscan, starts from a zero state) and the PyTorch fallback of
 `transformers`' MambaMixer (a token-by-token loop, the path taken without the `mamba_ssm`
@@ -51,7 +51,7 @@ def build_case(implementation: str, batch: int, length: int, device: torch.devic
     torch.manual_seed(seed)
     x = torch.randn(batch, length, D_MODEL, device=device, requires_grad=True)
     if implementation.startswith(OURS_PREFIX):
-        from bakallm.mamba import Mamba
+        from bakallm.model.mamba import Mamba
 
         block = Mamba(D_MODEL, D_STATE, D_CONV, EXPAND).to(device)
         block.scan = "triton" if implementation == OURS_TRITON else "blocked"
@@ -113,7 +113,7 @@ def triton_usable(device: torch.device) -> bool:
 def parity_check(device: torch.device, batch: int, length: int, backend: str = "blocked") -> float:
     """Max abs difference between a fast scan backend and the reference scan in one Mamba block:
     outputs, carried states and the gradients of the input, the incoming states and every parameter."""
-    from bakallm.mamba import Mamba
+    from bakallm.model.mamba import Mamba
 
     torch.manual_seed(0)
     block = Mamba(D_MODEL, D_STATE, D_CONV, EXPAND).to(device)

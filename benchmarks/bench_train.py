@@ -64,8 +64,8 @@ def build_model(name: str, device: torch.device, scan: str = "auto") -> nn.Modul
         config = GPTNeoXConfig(**json.loads(pythia_config_path().read_text()))
         return GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
     from bakallm.acceleration import use_scan_backend
-    from bakallm.config import ModelConfig
-    from bakallm.model import BakaLM
+    from bakallm.model.config import ModelConfig
+    from bakallm.model.network import BakaLM
 
     model = BakaLM(ModelConfig.preset(name)).to(device)
     return model if device.type == "meta" else use_scan_backend(model, scan)

@@ -45,8 +45,8 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bakallm.attention import XLAttention, xl_attention_mask
-from bakallm.rotary import apply_rotary, rotary_tables
+from bakallm.model.attention import XLAttention, xl_attention_mask
+from bakallm.model.rotary import apply_rotary, rotary_tables
 import torch.nn.functional as F
 
 from bakallm.errors import UserError

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from bakallm import BakaLM, ModelConfig
-from bakallm.data.corpora import load_corpus
 from bakallm.data.batching import IGNORE_INDEX, DocumentBatcher
+from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
-from bakallm.state import RecurrentState
+from bakallm.model.state import RecurrentState
 
 GROUPS = ("write_slots", "initial_memory", "pause", "mamba", "attn", "mlp", "embed", "lm_head")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bakallm import BakaLM, ModelConfig, RecurrentState
-from bakallm.attention import XLAttention, xl_attention_mask
-from bakallm.rotary import rotary_tables
+from bakallm.model.attention import XLAttention, xl_attention_mask
+from bakallm.model.rotary import rotary_tables
 
 VOCAB = 300
 BASE = 10000.0

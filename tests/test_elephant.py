@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bakallm.elephant import elephant, elephant_gate
-from bakallm.mlp import GatedMLP
+from bakallm.model.elephant import elephant, elephant_gate
+from bakallm.model.mlp import GatedMLP
 
 
 def test_elephant_values_follow_the_formula():

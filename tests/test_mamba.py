@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bakallm.mamba import Mamba
 from bakallm.kernels.blocked import selective_scan
 from bakallm.kernels.reference import selective_scan_reference
+from bakallm.model.mamba import Mamba
 
 
 def scan_inputs(batch=2, length=45, d_inner=12, d_state=4):

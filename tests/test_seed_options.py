@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bakallm import BakaLM, ModelConfig
-from bakallm.config import VOCAB_PAD_MULTIPLE
+from bakallm.model.config import VOCAB_PAD_MULTIPLE
 
 VOCAB = 300
 

@@ -16,7 +16,7 @@ if DEVICE.type == "cpu" and not triton_scan.INTERPRETED:
 from bakallm import BakaLM, ModelConfig  # noqa: E402
 from bakallm.acceleration import use_scan_backend  # noqa: E402
 from bakallm.kernels.reference import selective_scan_reference  # noqa: E402
-from bakallm.mamba import Mamba  # noqa: E402
+from bakallm.model.mamba import Mamba  # noqa: E402
 
 NAMES = ("y", "final state", "grad x", "grad dt", "grad A", "grad B", "grad C", "grad D", "grad h0")
 

@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that light modules (errors, the CLI's help) do not pay for torch.
 _LAZY_EXPORTS = {
-    "ModelConfig": "bakallm.config",
-    "RecurrentState": "bakallm.state",
-    "BakaLM": "bakallm.model",
-    "ModelOutput": "bakallm.model",
+    "ModelConfig": "bakallm.model.config",
+    "RecurrentState": "bakallm.model.state",
+    "BakaLM": "bakallm.model.network",
+    "ModelOutput": "bakallm.model.network",
 }
 
 __all__ = [*_LAZY_EXPORTS, "__version__"]

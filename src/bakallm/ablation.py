@@ -273,7 +273,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.evaluation.evaluate import evaluate_bakalm
     from bakallm.evaluation.hf_baseline import evaluate_hf, load_hf_model
-    from bakallm.model import BakaLM
+    from bakallm.model.network import BakaLM
     from bakallm.results.db import ResultRow
     from bakallm.training import checkpoint as ckpt
     from bakallm.training.hf_model import HF_FOLDER

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bakallm.model import BakaLM
+from bakallm.model.network import BakaLM
 
 
 def compile_layers(model: BakaLM, backend: str = "inductor") -> BakaLM:

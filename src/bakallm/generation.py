@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bakallm.model import BakaLM
-from bakallm.state import RecurrentState
+from bakallm.model.network import BakaLM
+from bakallm.model.state import RecurrentState
 
 
 class IncrementalReader:
@@ -283,7 +283,7 @@ def run(args) -> int:
     from bakallm.acceleration import resolve_device
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.errors import UserError
-    from bakallm.model_io import load_model, model_files
+    from bakallm.model.io import load_model, model_files
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")

@@ -81,7 +81,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "A-xl-cache-dead",
         "attention never sees the previous window: the cached keys and values reach XLAttention as zeros",
-        (Patch("bakallm.attention:XLAttention.forward", arguments={"past_key": torch.zeros_like, "past_value": torch.zeros_like}),),
+        (Patch("bakallm.model.attention:XLAttention.forward", arguments={"past_key": torch.zeros_like, "past_value": torch.zeros_like}),),
         (ATTENTION + "test_the_previous_window_reaches_the_next_through_attention_alone",
          ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
          MODEL + "test_xl_cache_alone_carries_the_previous_window"),
@@ -89,14 +89,14 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "B-past-never-masked",
         "the previous-window block is never masked, so fresh rows attend to a stale cache",
-        (Patch("bakallm.attention:xl_attention_mask", result=unmask_past_block),),
+        (Patch("bakallm.model.attention:xl_attention_mask", result=unmask_past_block),),
         (ATTENTION + "test_a_fresh_row_ignores_whatever_its_cache_holds",
          ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions"),
     ),
     Fault(
         "C-queries-from-position-zero",
         "queries are rotated from position 0 instead of after the past block",
-        (Patch("bakallm.attention:apply_rotary", arguments={"cos": from_position_zero, "sin": from_position_zero}),),
+        (Patch("bakallm.model.attention:apply_rotary", arguments={"cos": from_position_zero, "sin": from_position_zero}),),
         (ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
          ATTENTION + "test_carried_queries_sit_after_the_past_block"),
     ),
@@ -110,7 +110,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "elephant-slope-sign",
         "the fused Elephant gate's backward uses the slope with the wrong sign",
-        (Patch("bakallm.elephant:_signed_power_below", result=lambda slope, arguments: slope.neg_()),),
+        (Patch("bakallm.model.elephant:_signed_power_below", result=lambda slope, arguments: slope.neg_()),),
         ("tests/test_elephant.py::test_fused_gate_matches_plain_formula_in_values_and_gradients",),
     ),
     Fault(
@@ -123,14 +123,14 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "reset-keeps-ssm",
         "resetting a row clears every tensor but the Mamba SSM state",
-        (Patch("bakallm.state:RecurrentState.reset", result=keep_field("ssm")),),
+        (Patch("bakallm.model.state:RecurrentState.reset", result=keep_field("ssm")),),
         ("tests/test_state.py::test_reset_clears_only_the_selected_rows_even_when_they_hold_nan",
          MODEL + "test_reset_row_equals_the_document_run_alone"),
     ),
     Fault(
         "reset-keeps-conv",
         "resetting a row clears every tensor but the Mamba convolution state",
-        (Patch("bakallm.state:RecurrentState.reset", result=keep_field("conv")),),
+        (Patch("bakallm.model.state:RecurrentState.reset", result=keep_field("conv")),),
         (MODEL + "test_reset_row_equals_the_document_run_alone",),
     ),
     Fault(

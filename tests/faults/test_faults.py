@@ -43,10 +43,10 @@ def test_planted_fault_is_caught(fault):
 @pytest.mark.parametrize(
     "patch, message",
     [
-        (Patch("bakallm.attention:XLAttention.forward_renamed"), "forward_renamed no longer exists"),
+        (Patch("bakallm.model.attention:XLAttention.forward_renamed"), "forward_renamed no longer exists"),
         (Patch("bakallm.no_such_module:function"), "cannot be imported"),
-        (Patch("bakallm.attention:NoSuchClass.forward"), "has no NoSuchClass"),
-        (Patch("bakallm.attention:xl_attention_mask", arguments={"renamed_argument": abs}), "no parameter renamed_argument"),
+        (Patch("bakallm.model.attention:NoSuchClass.forward"), "has no NoSuchClass"),
+        (Patch("bakallm.model.attention:xl_attention_mask", arguments={"renamed_argument": abs}), "no parameter renamed_argument"),
     ],
 )
 def test_a_renamed_target_fails_loudly_instead_of_planting_nothing(patch, message):

@@ -189,8 +189,8 @@ def _load_run(path: str, device: torch.device, progress: bool, scan: str) -> Mod
 def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
     from bakallm.acceleration import use_scan_backend
     from bakallm.evaluation.evaluate import evaluate_bakalm
-    from bakallm.model import BakaLM
-    from bakallm.model_io import model_files
+    from bakallm.model.io import model_files
+    from bakallm.model.network import BakaLM
 
     files = model_files(path)
     model = use_scan_backend(BakaLM.from_pretrained(path, device), scan)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, PositionLoss, check_position_buckets
-from bakallm.model import IGNORE_INDEX, BakaLM
+from bakallm.model.network import IGNORE_INDEX, BakaLM
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -37,7 +37,7 @@ from bakallm.evaluation.evaluate import (
     scored_token_count,
     token_nll,
 )
-from bakallm.model import IGNORE_INDEX
+from bakallm.model.network import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

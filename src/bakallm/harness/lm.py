@@ -26,7 +26,7 @@ from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import score_articles
 from bakallm.generation import Sampling, generate_text
-from bakallm.model_io import load_model, model_files
+from bakallm.model.io import load_model, model_files
 
 eval_logger = logging.getLogger("lm-eval")
 

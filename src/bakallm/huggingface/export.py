@@ -48,7 +48,7 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
     from safetensors.torch import save_file
 
     from bakallm.data.tokenizers import BYTES_TOKENIZER, HuggingFaceTokenizer, load_tokenizer
-    from bakallm.model_io import (
+    from bakallm.model.io import (
         CONFIG_FILE,
         HF_CONFIG_KEY,
         HF_MODEL_TYPE,

@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from bakallm.config import ModelConfig
-from bakallm.model import IGNORE_INDEX, BakaLM
-from bakallm.rotary import rotary_tables
+from bakallm.model.config import ModelConfig
+from bakallm.model.network import IGNORE_INDEX, BakaLM
+from bakallm.model.rotary import rotary_tables
 
 
 class BakaLMConfig(PretrainedConfig):
     model_type = "bakallm"
 
     def __init__(self, bakallm: dict | None = None, **kwargs):
-        self.bakallm = dict(bakallm or {})  # the fields of bakallm.config.ModelConfig
+        self.bakallm = dict(bakallm or {})  # the fields of bakallm.model.config.ModelConfig
         super().__init__(**kwargs)
 
 

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bakallm import model_io
 from bakallm.atomic import write_text_atomic
-# The run directory's layout and the loading of weights and config are the model's (model_io).
-from bakallm.model_io import (  # noqa: F401 (re-exported for the trainer)
+from bakallm.model import io as model_io
+
+# The run directory's layout and the loading of weights and config are the model's (bakallm.model.io).
+from bakallm.model.io import (  # noqa: F401 (re-exported for the trainer)
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LATEST_FILE,

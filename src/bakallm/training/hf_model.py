@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakallm.errors import UserError
-from bakallm.model import IGNORE_INDEX, ModelOutput
+from bakallm.model.network import IGNORE_INDEX, ModelOutput
 
 HF_FOLDER = "hf"  # each checkpoint's model as a transformers folder, readable by `bakallm bench --hf`
 

@@ -16,15 +16,15 @@ import torch
 
 from bakallm import __version__
 from bakallm.acceleration import autocast_dtype, compile_layers, use_scan_backend, use_threads
-from bakallm.config import ModelConfig
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
 from bakallm.kernels.scan import resolve_scan_backend
-from bakallm.model import BakaLM
-from bakallm.state import RecurrentState
+from bakallm.model.config import ModelConfig
+from bakallm.model.network import BakaLM
+from bakallm.model.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
 from bakallm.training.arguments import RELOCATABLE, RESUMABLE_CHANGES, TrainConfig, train_config_from_values
 from bakallm.training.distributed import Distributed

@@ -20,11 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from bakallm.config import ModelConfig
 from bakallm.errors import UserError
+from bakallm.model.config import ModelConfig
 
 if TYPE_CHECKING:
-    from bakallm.model import BakaLM
+    from bakallm.model.network import BakaLM
 
 CONFIG_FILE = "config.json"
 LATEST_FILE = "LATEST"
@@ -146,7 +146,7 @@ def load_weights(model: torch.nn.Module, weights: Path, prefix: str = "") -> Non
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> "BakaLM":
     """The BakaLM of a run directory (latest checkpoint), a checkpoint folder or an exported folder."""
-    from bakallm.model import BakaLM
+    from bakallm.model.network import BakaLM
 
     files = model_files(path)
     model = BakaLM(files.config)

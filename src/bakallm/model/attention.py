@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bakallm.rotary import apply_rotary
+from bakallm.model.rotary import apply_rotary
 
 
 def xl_attention_mask(past_valid: torch.Tensor, past_length: int, length: int, window_prefix: int = 0) -> torch.Tensor:

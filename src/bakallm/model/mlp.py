@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bakallm.elephant import elephant_gate
+from bakallm.model.elephant import elephant_gate
 
 
 class GatedMLP(nn.Module):

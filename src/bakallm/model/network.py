@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bakallm.attention import XLAttention, xl_attention_mask
-from bakallm.config import ModelConfig
 from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from bakallm.mamba import Mamba
-from bakallm.mlp import GatedMLP
-from bakallm.rotary import rotary_tables
-from bakallm.state import RecurrentState
+from bakallm.model.attention import XLAttention, xl_attention_mask
+from bakallm.model.config import ModelConfig
+from bakallm.model.mamba import Mamba
+from bakallm.model.mlp import GatedMLP
+from bakallm.model.rotary import rotary_tables
+from bakallm.model.state import RecurrentState
 
 
 @dataclass
@@ -137,7 +137,7 @@ class BakaLM(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BakaLM":
         """The model of a run directory (its latest checkpoint), one checkpoint folder, or a folder
         written by `bakallm export`."""
-        from bakallm.model_io import load_model
+        from bakallm.model.io import load_model
 
         return load_model(path, device=device)
 

@@ -1,0 +1,31 @@
+"""The network, one module per part; it imports bakallm.kernels and nothing else of bakallm's but errors:
+
+    config.py     ModelConfig: the shape, the presets and the choices of the reference system
+    network.py    BakaLM: windows of [read memory | tokens with pauses | write slots] through the blocks
+    attention.py  attention over the window and the previous window's keys/values (XL cache)
+    rotary.py     rotary positions
+    mlp.py        the gated MLP, whose gate is
+    elephant.py   the Elephant function 1/(1+|x/a|^d), fused to save memory
+    mamba.py      the Mamba block, its state carried from window to window (scans in bakallm.kernels)
+    state.py      RecurrentState: what a row carries to its next window, reset row by row
+    io.py         weights and config on disk: load_model
+
+Training, distribution and compilation are applied from outside (bakallm.training, bakallm.acceleration).
+"""
+
+from __future__ import annotations
+
+from bakallm.lazy import lazy_exports
+
+# Imported on first use, so that reading a ModelConfig does not pay for the network's modules.
+_LAZY_EXPORTS = {
+    "ModelConfig": "bakallm.model.config",
+    "RecurrentState": "bakallm.model.state",
+    "BakaLM": "bakallm.model.network",
+    "ModelOutput": "bakallm.model.network",
+    "load_model": "bakallm.model.io",
+}
+
+__all__ = list(_LAZY_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)
