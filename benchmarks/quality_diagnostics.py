@@ -135,7 +135,7 @@ def decay(args: argparse.Namespace) -> None:
         print(f"mamba layer {index}: state entries surviving one window {shares}; median dt {float(step_sizes[index].median()) / window:.4f}")
 
 
-CACHE_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2)
+CACHE_WEIGHTS = (0.02, 0.05, 0.1, 0.2)
 
 
 def cache_probabilities(tokens: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
@@ -173,10 +173,8 @@ def cache(args: argparse.Namespace) -> None:
         alone = float(-torch.log(p_model).mean())
         line = f"{reading:>5}: model alone {alone:.4f}"
         for name, label in (("before", "cache before the window"), ("inside", "cache inside it"), ("both", "both caches")):
-            mixes = {}
-            for weight in CACHE_WEIGHTS[1:]:
-                parts = (caches["before"] + caches["inside"]) / 2 if name == "both" else caches[name]
-                mixes[weight] = float(-torch.log((1 - weight) * p_model + weight * parts).mean())
+            p_cache = (caches["before"] + caches["inside"]) / 2 if name == "both" else caches[name]
+            mixes = {weight: float(-torch.log((1 - weight) * p_model + weight * p_cache).mean()) for weight in CACHE_WEIGHTS}
             best = min(mixes, key=mixes.get)
             line += f"; + {label} {mixes[best]:.4f} ({100 * (mixes[best] / alone - 1):+.2f}%, w {best:g})"
         print(line + f"; over {p_model.numel()} tokens after the first window")
