@@ -1,4 +1,4 @@
-"""The network, one module per part; it imports bakallm.kernels and nothing else of bakallm's but errors:
+"""The network, one module per part. Of bakallm it imports only kernels, errors and lazy (tests/test_layout.py):
 
     config.py     ModelConfig: the shape, the presets and the choices of the reference system
     network.py    BakaLM: windows of [read memory | tokens with pauses | write slots] through the blocks
