@@ -146,8 +146,7 @@ def cache_probabilities(tokens: torch.Tensor, window: int) -> dict[str, torch.Te
     before, inside = [], []
     causal = torch.tril(torch.ones(window, window, dtype=torch.bool))
     for start in range(window, tokens.shape[1] - 1, window):
-        for row in range(rows):
-            counts[row] += torch.bincount(tokens[row, start - window : start], minlength=vocab).double()
+        counts.scatter_add_(1, tokens[:, start - window : start], torch.ones(rows, window, dtype=torch.float64))
         seen, targets = tokens[:, start : start + window], tokens[:, start + 1 : start + window + 1]
         before.append(counts.gather(1, targets) / start)
         matches = (targets.unsqueeze(2) == seen.unsqueeze(1)) & causal[: targets.shape[1], : seen.shape[1]]
