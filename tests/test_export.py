@@ -21,10 +21,10 @@ def make_run(path, tokenizer: str, vocab_size: int, **changes) -> BakaLM:
     return model
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp_path, tied):
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}, {"document_cache": True}], ids=["untied", "tied", "document-cache"])
+def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp_path, changes):
     transformers = pytest.importorskip("transformers")
-    model = make_run(tmp_path / "run", "bytes", 256, tie_embeddings=tied)
+    model = make_run(tmp_path / "run", "bytes", 256, **changes)
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())

@@ -21,9 +21,12 @@ def small_config(**changes) -> ModelConfig:
 def model_of(**changes) -> BakaLM:
     torch.manual_seed(0)
     model = BakaLM(small_config(**changes)).eval()
-    with torch.no_grad():  # larger write slots and pauses than the init, so that a slip shows
+    with torch.no_grad():  # larger write slots, pauses and cache gate than the init, so that a slip shows
         model.write_slots.normal_(0, 1)
         model.pause.normal_(0, 1)
+        if model.document_cache is not None:
+            model.document_cache.gate.weight.normal_(0, 1)
+            model.document_cache.gate.bias.zero_()
     return model
 
 
@@ -32,6 +35,9 @@ def assert_states_equal(got, want):
         assert g.shape == w.shape, name
     torch.testing.assert_close(got.memory, want.memory, rtol=0, atol=1e-4)
     assert torch.equal(got.has_past, want.has_past)
+    assert (got.token_counts is None) == (want.token_counts is None)
+    if got.token_counts is not None:
+        assert torch.equal(got.token_counts, want.token_counts)
     for name in ("keys", "values", "conv", "ssm"):
         for g, w in zip(getattr(got, name), getattr(want, name), strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -43,6 +49,7 @@ VARIANTS = {
     "memory only": {"n_pauses": 0},
     "pauses only, no xl cache": {"n_memory": 0, "xl_cache": False},
     "mamba restarted per window": {"carry_mamba_state": False},
+    "document cache": {"document_cache": True},
 }
 
 
@@ -127,7 +134,7 @@ class ScriptedModel(BakaLM):
         self.script = list(text)
         self.calls = 0
 
-    def logits(self, hidden):
+    def logits(self, hidden, token_counts=None):
         index = min(self.calls, len(self.script) - 1)
         self.calls += 1
         out = torch.full((*hidden.shape[:-1], VOCAB), -10.0)

@@ -8,6 +8,11 @@ gradients are wanted, at once the chunk's gradients (softmax minus one-hot, time
 hidden states and of the head's weight. Backward only scales them by the incoming gradient. What
 stays alive until backward is one tensor the size of the hidden states and one the size of the
 weight, instead of the logits.
+
+With `mixture`, the loss is that of a two-component mixture, -log(exp(a) p_model(y) + exp(b)) per
+token: `a` the log-weight of the head's softmax, `b` the log-probability the other component gives
+the target (the document cache of bakallm.model.document_cache, already weighted). Each token's
+gradient is then scaled by the share of the mixture its softmax holds, which forward knows.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ DEFAULT_CHUNK_TOKENS = 1024
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, chunk_tokens: int, with_gradients: bool):
+    def forward(ctx, hidden, weight, targets, model_log_weight, other_log_prob, vocab_size: int, chunk_tokens: int, with_gradients: bool):
         head = weight[:vocab_size]
+        mixed = model_log_weight is not None
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if with_gradients else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_gradients else None
+        grad_model_log_weight = torch.zeros_like(model_log_weight, dtype=torch.float32) if with_gradients and mixed else None
+        grad_other_log_prob = torch.zeros_like(other_log_prob, dtype=torch.float32) if with_gradients and mixed else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start : start + chunk_tokens]
             chunk_targets = targets[start : start + chunk_tokens]
@@ -33,21 +41,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (chunk @ head.t()).float()  # in autocast's dtype under autocast, as nn.Linear would be
             log_normalizer = torch.logsumexp(logits, dim=1, keepdim=True)
             token_losses = log_normalizer.squeeze(1) - logits.gather(1, safe_targets).squeeze(1)
+            if mixed:
+                model_term = model_log_weight[start : start + chunk_tokens].float() - token_losses
+                log_mixture = torch.logaddexp(model_term, other_log_prob[start : start + chunk_tokens].float())
+                model_share = torch.where(scored, (model_term - log_mixture).exp(), 0.0)
+                token_losses = -log_mixture
             loss += torch.where(scored, token_losses, 0.0).sum()
             if with_gradients:
                 grad_logits = logits.sub_(log_normalizer).exp_()  # softmax, in place of the logits
-                grad_logits.scatter_add_(1, safe_targets, torch.full_like(token_losses, -1.0).unsqueeze(1))
-                grad_logits = grad_logits.mul_(scored.unsqueeze(1)).to(chunk.dtype)
+                grad_logits.scatter_add_(1, safe_targets, torch.full_like(log_normalizer, -1.0))
+                grad_logits = grad_logits.mul_(model_share.unsqueeze(1) if mixed else scored.unsqueeze(1)).to(chunk.dtype)
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ head.to(chunk.dtype)
                 grad_weight[:vocab_size] += grad_logits.t() @ chunk
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+                if mixed:
+                    grad_model_log_weight[start : start + chunk_tokens] = -model_share
+                    grad_other_log_prob[start : start + chunk_tokens] = torch.where(scored, model_share - 1.0, 0.0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob)
+        ctx.dtypes = (weight.dtype, None if not mixed else model_log_weight.dtype, None if not mixed else other_log_prob.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob = ctx.saved_tensors
+        weight_dtype, model_log_weight_dtype, other_log_prob_dtype = ctx.dtypes
+        mixture_grads = (None, None)
+        if grad_model_log_weight is not None:
+            mixture_grads = ((grad_model_log_weight * grad_loss).to(model_log_weight_dtype), (grad_other_log_prob * grad_loss).to(other_log_prob_dtype))
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(weight_dtype), None, *mixture_grads, None, None, None
 
 
 def linear_cross_entropy(
@@ -56,10 +76,17 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     vocab_size: int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    mixture: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy (float32) of the logits hidden [N, d] @ weight[:vocab_size].T against
     targets [N] (IGNORE_INDEX: not scored): F.cross_entropy(..., reduction="sum") of those logits,
-    without holding them. vocab_size leaves out padding rows of the weight (default: all rows)."""
+    without holding them. vocab_size leaves out padding rows of the weight (default: all rows).
+
+    mixture=(a, b), two [N] tensors, scores the mixture exp(a) softmax(logits) + exp(b) instead:
+    a is the log-weight of the softmax, b the other component's weighted log-probability of each
+    target (-inf where it gives the target none)."""
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
-    with_gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_tokens, with_gradients)
+    model_log_weight, other_log_prob = mixture if mixture is not None else (None, None)
+    inputs = (hidden, weight) if mixture is None else (hidden, weight, model_log_weight, other_log_prob)
+    with_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, model_log_weight, other_log_prob, vocab_size, chunk_tokens, with_gradients)

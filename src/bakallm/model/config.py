@@ -50,6 +50,9 @@ class ModelConfig:
     # minimum starts more of it slow enough to carry.
     mamba_dt_min: float = 1e-3
     carry_mamba_state: bool = True
+    # Mix the output with the counts of the document's tokens so far, through a learned gate
+    # (model/document_cache.py; docs/quality.md, Finding 9).
+    document_cache: bool = False
     # Attend to the previous window's keys and values (Transformer-XL); off gives a windowed model.
     xl_cache: bool = True
     # Which layers have a Mamba mixer: every k-th one (layers k-1, 2k-1, ...); 1 means all.

@@ -13,6 +13,7 @@ read-out, initialisation, which layers have Mamba).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from bakallm.model.attention import XLAttention, xl_attention_mask
 from bakallm.model.config import ModelConfig
+from bakallm.model.document_cache import DocumentCache
 from bakallm.model.mamba import Mamba
 from bakallm.model.mlp import GatedMLP
 from bakallm.model.rotary import rotary_tables
@@ -82,6 +84,7 @@ class BakaLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, config.has_mamba(index)) for index in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(d_model, config.padded_vocab_size, bias=False)
+        self.document_cache = DocumentCache(d_model, config.vocab_size) if config.document_cache else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rotary_tables(2 * config.layout_length, config.head_dim, config.rope_base, torch.device("cpu"))
@@ -107,7 +110,7 @@ class BakaLM(nn.Module):
                     module.weight.normal_(0.0, std)
             for parameter in self._slot_vectors():
                 parameter.normal_(0.0, std)
-        self._reset_mamba_dt()
+        self._reset_special_parameters()
 
     def _reset_pytorch_default(self) -> None:
         """The reference's initialisation: each module's own default, slot vectors N(0, 1)."""
@@ -117,15 +120,18 @@ class BakaLM(nn.Module):
                     module.reset_parameters()
             for parameter in self._slot_vectors():
                 parameter.normal_(0.0, 1.0)
-        self._reset_mamba_dt()
+        self._reset_special_parameters()
 
     def _slot_vectors(self) -> list[nn.Parameter]:
         return [parameter for parameter in (self.pause, self.initial_memory, self.write_slots) if parameter is not None]
 
-    def _reset_mamba_dt(self) -> None:
+    def _reset_special_parameters(self) -> None:
+        """Mamba's step-size projections and the document cache's gate, which both schemes start alike."""
         for layer in self.layers:
             if layer.mamba is not None:
                 layer.mamba.reset_dt_projection()
+        if self.document_cache is not None:
+            self.document_cache.reset_parameters()
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameter count and the part in the token embedding and output projection."""
@@ -155,6 +161,7 @@ class BakaLM(nn.Module):
             conv=tuple(conv for conv, _ in mamba_states),
             ssm=tuple(ssm for _, ssm in mamba_states),
             has_past=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            token_counts=self.document_cache.initial_counts(batch_size, device) if self.document_cache is not None else None,
         )
 
     # ----- forward -----
@@ -180,18 +187,27 @@ class BakaLM(nn.Module):
         window_logits = []
         loss_sum = None
         for start in range(0, length, window):
-            hidden, state = self.run_window(input_ids[:, start : start + window], state)
+            window_ids = input_ids[:, start : start + window]
+            counts_before = state.token_counts
+            hidden, state = self.run_window(window_ids, state)
             if targets is None and not return_logits:
                 continue
             hidden = self.final_norm(hidden)
             if targets is not None:
+                window_targets = targets[:, start : start + window]
+                mixture = None
+                if self.document_cache is not None:
+                    mixture = self.document_cache.target_mixture(hidden, counts_before, window_ids, window_targets)
                 # In chunks of tokens: the window's float32 logits never all exist at once.
                 window_loss = linear_cross_entropy(
-                    hidden.flatten(0, 1), self.lm_head.weight, targets[:, start : start + window].flatten(), self.config.vocab_size
+                    hidden.flatten(0, 1), self.lm_head.weight, window_targets.flatten(), self.config.vocab_size, mixture=mixture
                 )
                 loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
             if return_logits:
-                window_logits.append(self.lm_head(hidden)[..., : self.config.vocab_size])
+                logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+                if self.document_cache is not None:
+                    logits = self.document_cache.window_log_probs(hidden, logits, counts_before, window_ids)
+                window_logits.append(logits)
         loss = n_targets = None
         if targets is not None:
             n_targets = (targets != IGNORE_INDEX).sum()
@@ -207,6 +223,8 @@ class BakaLM(nn.Module):
         convs, ssms = self.window_mamba_state(state)
         x, keys, values, convs, ssms = self.run_positions(x, state, (), (), convs, ssms, hidden_keys=hidden_read_slots)
         new_state = self.commit_window(x, keys, values, convs, ssms, state)
+        if self.document_cache is not None:
+            new_state = dataclasses.replace(new_state, token_counts=self.document_cache.count(state.token_counts, input_ids))
         return x.index_select(1, token_positions + read_length), new_state
 
     def _memory_layout(self, body: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, int, torch.Tensor | None]:
@@ -339,11 +357,16 @@ class BakaLM(nn.Module):
             conv=convs,
             ssm=ssms,
             has_past=torch.ones_like(state.has_past),
+            token_counts=state.token_counts,
         )
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [..., vocab_size] from the last layer's output at token positions."""
-        return self.lm_head(self.final_norm(hidden))[..., : self.config.vocab_size]
+    def logits(self, hidden: torch.Tensor, token_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [..., vocab_size] from the last layer's output at token positions; with
+        the document cache, the mixture's log-probabilities given the counts [..., vocab_size] of
+        the tokens read up to each position."""
+        normed = self.final_norm(hidden)
+        logits = self.lm_head(normed)[..., : self.config.vocab_size]
+        return logits if self.document_cache is None else self.document_cache.mix(normed, logits, token_counts)
 
     def _check_inputs(self, input_ids, state, reset, targets) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

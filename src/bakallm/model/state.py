@@ -20,6 +20,9 @@ class RecurrentState:
     conv: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_conv - 1]
     ssm: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_state]
     has_past: torch.Tensor  # [B] bool
+    # [B, vocab_size] float32: how often each token occurred so far in the row's document; None
+    # for a model without the document cache (ModelConfig.document_cache).
+    token_counts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -34,6 +37,7 @@ class RecurrentState:
             conv=tuple(function(t) for t in self.conv),
             ssm=tuple(function(t) for t in self.ssm),
             has_past=function(self.has_past),
+            token_counts=None if self.token_counts is None else function(self.token_counts),
         )
 
     def reset(self, rows: torch.Tensor) -> "RecurrentState":
@@ -65,6 +69,8 @@ class RecurrentState:
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor mapping, e.g. for safetensors checkpoints."""
         flat = {"memory": self.memory, "has_past": self.has_past}
+        if self.token_counts is not None:
+            flat["token_counts"] = self.token_counts
         for name in ("keys", "values", "conv", "ssm"):
             for layer, tensor in enumerate(getattr(self, name)):
                 flat[f"{name}.{layer}"] = tensor
@@ -85,4 +91,5 @@ class RecurrentState:
             conv=layers("conv"),
             ssm=layers("ssm"),
             has_past=flat["has_past"].bool(),
+            token_counts=flat.get("token_counts"),
         )

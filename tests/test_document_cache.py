@@ -1,0 +1,111 @@
+"""The document cache: counts carried across windows and calls, the mixture's probabilities against
+hand counts, and the chunked mixture loss against autograd on the whole log-probabilities."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bakallm import BakaLM, ModelConfig
+from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WINDOW = 8
+
+
+def cache_model(gate_bias: float | None = None) -> BakaLM:
+    config = ModelConfig.preset(
+        "tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2, document_cache=True
+    )
+    torch.manual_seed(0)
+    model = BakaLM(config).double().eval()
+    with torch.no_grad():
+        if gate_bias is None:
+            model.document_cache.gate.weight.normal_(0, 1)  # a gate that differs from position to position
+        else:
+            model.document_cache.gate.bias.fill_(gate_bias)
+    return model
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 64])
+def test_chunked_mixture_loss_and_gradients_equal_autograd_on_the_whole_log_probabilities(chunk_tokens):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(17, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (17,), generator=generator)
+    targets[::5] = IGNORE_INDEX
+    model_log_weight = torch.randn(17, generator=generator, dtype=torch.float64).sigmoid().log().requires_grad_()
+    other = torch.randn(17, generator=generator, dtype=torch.float64) - 2
+    other[1::3] = -math.inf  # the cache gives these targets nothing
+    other.requires_grad_()
+    got = linear_cross_entropy(hidden, weight, targets, 37, chunk_tokens=chunk_tokens, mixture=(model_log_weight, other))
+    log_softmax = F.log_softmax(hidden @ weight[:37].t(), dim=1)
+    scored = targets != IGNORE_INDEX
+    picked = log_softmax.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    want = -torch.where(scored, torch.logaddexp(model_log_weight + picked, other), 0.0).sum()
+    inputs = (hidden, weight, model_log_weight, other)
+    got_grads = torch.autograd.grad(got * 0.7, inputs)
+    want_grads = torch.autograd.grad(want * 0.7, inputs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    for name, g, w in zip(("hidden", "weight", "model_log_weight", "other"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert not got_grads[3][1::3].any() and not got_grads[3][::5].any()
+
+
+def test_with_the_gate_open_the_probabilities_are_the_counts_of_the_document_so_far():
+    model = cache_model(gate_bias=60.0)  # sigmoid(60): the cache alone, to within e^-60
+    ids = torch.tensor([[3, 3, 7, 3, 9, 7, 3, 3, 1, 7, 4, 3, 7, 7, 9, 2, 3, 1, 1, 3]])  # three windows of 8
+    with torch.no_grad():
+        log_probs = model(ids).logits[0]
+        # In pieces that cut windows, with the state carried: the same counts (a forward call ends
+        # its last window where the piece ends, so only the model's e^-60 share differs).
+        state, pieces = None, []
+        for start, stop in ((0, 5), (5, 13), (13, 20)):
+            out = model(ids[:, start:stop], state=state)
+            state, pieces = out.state, pieces + [out.logits[0]]
+    for position in range(ids.shape[1]):
+        seen = ids[0, : position + 1].tolist()
+        for token in (3, 7, 9, 2):
+            if token in seen:
+                assert log_probs[position, token].item() == pytest.approx(math.log(seen.count(token) / len(seen)), abs=1e-6), (position, token)
+            else:  # only the model's share, e^-60 of the mixture
+                assert log_probs[position, token].item() < -55, (position, token)
+    counted = log_probs > -50
+    torch.testing.assert_close(torch.cat(pieces)[counted], log_probs[counted])
+    assert state.token_counts[0, 3].item() == 8 and state.token_counts[0, 7].item() == 5 and state.token_counts.sum().item() == 20
+
+
+def test_the_loss_equals_the_cross_entropy_of_the_returned_log_probabilities_with_equal_gradients():
+    model = cache_model()
+    ids = torch.randint(0, 12, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(2))  # repeats: the cache matters
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    targets[1, 4] = IGNORE_INDEX
+    output = model(ids, targets=targets, return_logits=True)
+    want = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(output.loss.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad(output.loss, parameters, retain_graph=True, allow_unused=True)
+    want_grads = torch.autograd.grad(want, parameters, allow_unused=True)
+    gate_grad = dict(zip((name for name, _ in model.named_parameters()), got_grads))["document_cache.gate.weight"]
+    assert gate_grad.abs().sum() > 0
+    for g, w in zip(got_grads, want_grads):
+        if g is None or w is None:
+            assert g is None and w is None
+            continue
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_reset_row_forgets_its_counts_and_the_other_keeps_them():
+    model = cache_model(gate_bias=60.0)
+    ids = torch.tensor([[4, 4, 4, 4], [5, 5, 5, 5]])
+    with torch.no_grad():
+        state = model(ids).state
+        out = model(torch.tensor([[6, 6], [6, 6]]), state=state, reset=torch.tensor([True, False]))
+    assert out.state.token_counts[0].tolist() == [0.0] * 6 + [2.0] + [0.0] * 43
+    assert out.state.token_counts[1, 5].item() == 4 and out.state.token_counts[1, 6].item() == 2
+    assert out.logits[0, 0, 6].item() == pytest.approx(0.0, abs=1e-6)  # only a 6 seen since the reset
+    assert out.logits[1, 0, 5].item() == pytest.approx(math.log(4 / 5), abs=1e-6)
