@@ -17,12 +17,19 @@ cache: on a checkpoint, how much of the text's repetition the model uses: the lo
   the document's tokens before the current window, of the window's tokens the model sees, and of
   both. A cache gains what the model leaves unused: before the window, what its state could carry;
   inside, what its attention could copy.
+mix: on a checkpoint without the document cache (ours, or an --hf-config run), every document of
+  --data scored whole, token by token, as `bakallm bench` scores it, alone and mixed at the best
+  constant weight with the cache that ModelConfig.document_cache learns to mix in (the counts of
+  the document's tokens so far): what that cache would give a peer, with the weight chosen on the
+  very text scored (an upper bound for a constant gate). Ours reads whole or, with --reset, resets
+  every window; a transformers model reads windows of --window tokens, each alone.
 
     python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
     python benchmarks/quality_diagnostics.py decay RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py cache RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 32768
+    python benchmarks/quality_diagnostics.py mix RUN_DIR --data books.jsonl --tokenizer tokenizer.json [--reset]
 """
 
 from __future__ import annotations
@@ -179,6 +186,55 @@ def cache(args: argparse.Namespace) -> None:
         print(line + f"; over {p_model.numel()} tokens after the first window")
 
 
+def document_cache_probabilities(tokens: torch.Tensor) -> torch.Tensor:
+    """For a document [n], the share of each target tokens[t + 1] among tokens[0..t], t < n - 1."""
+    order = torch.sort(tokens, stable=True).indices
+    sorted_tokens = tokens[order]
+    group_start = torch.ones_like(sorted_tokens, dtype=torch.bool)
+    group_start[1:] = sorted_tokens[1:] != sorted_tokens[:-1]
+    ranks_sorted = torch.arange(len(tokens)) - torch.cummax(torch.where(group_start, torch.arange(len(tokens)), 0), 0).values
+    earlier = torch.empty_like(ranks_sorted).scatter_(0, order, ranks_sorted)  # earlier occurrences of tokens[i]
+    return earlier[1:].double() / torch.arange(1, len(tokens), dtype=torch.float64)
+
+
+MIX_WEIGHTS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+@torch.inference_mode()
+def mix(args: argparse.Namespace) -> None:
+    from bakallm.evaluation.hf_baseline import load_hf_model
+    from bakallm.training.checkpoint import read_run_config, resolve_checkpoint
+    from bakallm.training.hf_model import HF_FOLDER
+
+    run_dir, checkpoint = resolve_checkpoint(args.run)
+    hf = bool(read_run_config(run_dir).get("training", {}).get("hf_config"))
+    model = (load_hf_model(checkpoint / HF_FOLDER) if hf else BakaLM.from_pretrained(args.run)).eval()
+    window = args.window if hf else model.config.window
+    if not hf and model.config.document_cache:
+        raise SystemExit("mix: this model already mixes in the document cache; run bakallm bench on it instead.")
+    corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
+    p_model, p_cache = [], []
+    for index in range(len(corpus)):
+        tokens = torch.from_numpy(np.asarray(corpus.document(index), dtype=np.int64))
+        state = None
+        for start in range(0, len(tokens) - 1, window):
+            inputs, targets = tokens[start : start + window], tokens[start + 1 : start + window + 1]
+            inputs = inputs[: len(targets)]
+            if hf:
+                logits = model(input_ids=inputs.unsqueeze(0)).logits[0, :, : model.config.vocab_size]
+            else:
+                output = model(inputs.unsqueeze(0), state=None if args.reset else state)
+                logits, state = output.logits[0], output.state
+            p_model.append(torch.log_softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp())
+        p_cache.append(document_cache_probabilities(tokens))
+    p_model, p_cache = torch.cat(p_model), torch.cat(p_cache)
+    alone = float(-torch.log(p_model).mean())
+    mixes = {weight: float(-torch.log((1 - weight) * p_model + weight * p_cache).mean()) for weight in MIX_WEIGHTS}
+    best = min(mixes, key=mixes.get)
+    print(f"{len(p_model)} tokens of {len(corpus)} documents: model alone {alone:.4f}; with the document cache {mixes[best]:.4f} "
+          f"({100 * (mixes[best] / alone - 1):+.2f}%, w {best:g})")
+
+
 def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
     pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
     return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
@@ -204,15 +260,17 @@ def batching(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay", "cache"))
+    parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay", "cache", "mix"))
     parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096, help="paths, cache: tokens of each document scored")
+    parser.add_argument("--reset", action="store_true", help="mix: reset our model's state at every window")
+    parser.add_argument("--window", type=int, default=512, help="mix: the window of a transformers model")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache}[args.mode](args)
+    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache, "mix": mix}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,10 @@ def test_caches_count_the_targets_before_the_window_and_inside_it_up_to_the_inpu
     caches = diagnostics.cache_probabilities(tokens, window=4)
     torch.testing.assert_close(caches["before"], torch.tensor([[1 / 4, 1 / 4, 0, 0], [1, 0, 1, 1]], dtype=torch.float64))
     torch.testing.assert_close(caches["inside"], torch.tensor([[0, 1 / 2, 0, 0], [1, 0, 2 / 3, 3 / 4]], dtype=torch.float64))
+
+
+def test_the_document_cache_gives_each_target_its_share_of_the_tokens_read_so_far():
+    diagnostics = load_script()
+    # Reading 3 3 7 3 9 7: after 3 the next 3 has 1/1; after 3 3 the 7 has 0/2; then 2/3, 0/4, 1/5.
+    got = diagnostics.document_cache_probabilities(torch.tensor([3, 3, 7, 3, 9, 7]))
+    torch.testing.assert_close(got, torch.tensor([1, 0, 2 / 3, 0, 1 / 5], dtype=torch.float64))

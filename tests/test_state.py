@@ -1,15 +1,18 @@
+import pytest
 import torch
 
 from bakallm import BakaLM, ModelConfig, RecurrentState
 
 
-def make_state() -> tuple[BakaLM, RecurrentState]:
-    model = BakaLM(ModelConfig.preset("tiny", vocab_size=100, window=16, n_pauses=2, n_layers=2))
+def make_state(**changes) -> tuple[BakaLM, RecurrentState]:
+    model = BakaLM(ModelConfig.preset("tiny", vocab_size=100, window=16, n_pauses=2, n_layers=2, **changes))
     return model, model(torch.randint(0, 100, (3, 20))).state
 
 
-def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan():
-    _, state = make_state()
+@pytest.mark.parametrize("document_cache", [False, True])
+def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan(document_cache):
+    _, state = make_state(document_cache=document_cache)
+    assert ("token_counts" in state.to_dict()) == document_cache
     state = RecurrentState(**{**state.__dict__, "memory": state.memory.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
     reset = state.reset(torch.tensor([False, True, False]))
     assert reset.has_past.tolist() == [True, False, True]
@@ -27,9 +30,11 @@ def test_select_reorders_rows_and_detach_cuts_the_graph():
     assert state.memory.requires_grad and not state.detach().memory.requires_grad
 
 
-def test_flat_dict_round_trip():
-    model, state = make_state()
+@pytest.mark.parametrize("document_cache", [False, True])
+def test_flat_dict_round_trip(document_cache):
+    model, state = make_state(document_cache=document_cache)
     flat = state.detach().to_dict()
+    assert ("token_counts" in flat) == document_cache
     assert set(flat) >= {"memory", "has_past", "keys.0", "keys.1", "values.1", "conv.1", "ssm.1"}
     restored = RecurrentState.from_dict(flat)
     ids = torch.randint(0, 100, (3, 8))
