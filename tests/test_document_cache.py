@@ -30,7 +30,7 @@ def cache_model(gate_bias: float | None = None) -> BakaLM:
 
 
 @pytest.mark.parametrize("chunk_tokens", [3, 64])
-def test_chunked_mixture_loss_and_gradients_equal_autograd_on_the_whole_log_probabilities(chunk_tokens):
+def test_chunked_mixture_loss_is_the_mixtures_with_the_gradients_of_the_softmaxs_own_loss_and_of_the_mixture_for_the_weights(chunk_tokens):
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(17, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 8, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -44,11 +44,15 @@ def test_chunked_mixture_loss_and_gradients_equal_autograd_on_the_whole_log_prob
     log_softmax = F.log_softmax(hidden @ weight[:37].t(), dim=1)
     scored = targets != IGNORE_INDEX
     picked = log_softmax.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    want = -torch.where(scored, torch.logaddexp(model_log_weight + picked, other), 0.0).sum()
+
+    def mixture_loss(picked):
+        return -torch.where(scored, torch.logaddexp(model_log_weight + picked, other), 0.0).sum()
+
+    torch.testing.assert_close(got.double(), mixture_loss(picked), rtol=1e-6, atol=1e-5)
+    objective = -torch.where(scored, picked, 0.0).sum() + mixture_loss(picked.detach())
     inputs = (hidden, weight, model_log_weight, other)
     got_grads = torch.autograd.grad(got * 0.7, inputs)
-    want_grads = torch.autograd.grad(want * 0.7, inputs)
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    want_grads = torch.autograd.grad(objective * 0.7, inputs)
     for name, g, w in zip(("hidden", "weight", "model_log_weight", "other"), got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert not got_grads[3][1::3].any() and not got_grads[3][::5].any()
@@ -77,26 +81,31 @@ def test_with_the_gate_open_the_probabilities_are_the_counts_of_the_document_so_
     assert state.token_counts[0, 3].item() == 8 and state.token_counts[0, 7].item() == 5 and state.token_counts.sum().item() == 20
 
 
-def test_the_loss_equals_the_cross_entropy_of_the_returned_log_probabilities_with_equal_gradients():
+def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_the_gate_on_the_mixture():
     model = cache_model()
+    twin = BakaLM(model.config.replace(document_cache=False)).double()
+    twin.load_state_dict({name: value for name, value in model.state_dict().items() if not name.startswith("document_cache.")})
     ids = torch.randint(0, 12, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(2))  # repeats: the cache matters
     targets = ids.roll(-1, dims=1)
     targets[:, -1] = IGNORE_INDEX
     targets[1, 4] = IGNORE_INDEX
     output = model(ids, targets=targets, return_logits=True)
-    want = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(output.loss.double(), want, rtol=1e-6, atol=1e-6)
+    mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    got_grads = torch.autograd.grad(output.loss, parameters, retain_graph=True, allow_unused=True)
-    want_grads = torch.autograd.grad(want, parameters, allow_unused=True)
-    gate_grad = dict(zip((name for name, _ in model.named_parameters()), got_grads))["document_cache.gate.weight"]
-    assert gate_grad.abs().sum() > 0
-    for g, w in zip(got_grads, want_grads):
-        if g is None or w is None:
-            assert g is None and w is None
-            continue
-        torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6)
+    names = [name for name, _ in model.named_parameters()]
+    got = dict(zip(names, torch.autograd.grad(output.loss, list(model.parameters()), allow_unused=True)))
+    want_network = dict(zip((n for n, _ in twin.named_parameters()), torch.autograd.grad(twin(ids, targets=targets).loss, list(twin.parameters()), allow_unused=True)))
+    gate = [model.document_cache.gate.weight, model.document_cache.gate.bias]
+    want_gate = torch.autograd.grad(mixture_loss, gate)  # the gate reads a detached hidden state: its gradient is the mixture's
+    for name, want in want_network.items():
+        if want is None:
+            assert got[name] is None, name
+        else:
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    assert got["document_cache.gate.weight"].abs().sum() > 0
+    for g, w in zip((got["document_cache.gate.weight"], got["document_cache.gate.bias"]), want_gate):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
 
 
 def test_a_reset_row_forgets_its_counts_and_the_other_keeps_them():

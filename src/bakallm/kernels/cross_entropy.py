@@ -11,8 +11,11 @@ weight, instead of the logits.
 
 With `mixture`, the loss is that of a two-component mixture, -log(exp(a) p_model(y) + exp(b)) per
 token: `a` the log-weight of the head's softmax, `b` the log-probability the other component gives
-the target (the document cache of bakallm.model.document_cache, already weighted). Each token's
-gradient is then scaled by the share of the mixture its softmax holds, which forward knows.
+the target (the document cache of bakallm.model.document_cache, already weighted). The gradients
+are then those of the softmax's own cross-entropy for the hidden states and the head, and those
+of the mixture's loss, the softmax's probabilities taken as given, for a and b: the other
+component only learns how much to be trusted and never takes gradient from the softmax
+(docs/quality.md, Finding 9, measured why).
 """
 
 from __future__ import annotations
@@ -44,17 +47,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if mixed:
                 model_term = model_log_weight[start : start + chunk_tokens].float() - token_losses
                 log_mixture = torch.logaddexp(model_term, other_log_prob[start : start + chunk_tokens].float())
-                model_share = torch.where(scored, (model_term - log_mixture).exp(), 0.0)
+                model_share = (model_term - log_mixture).exp()
                 token_losses = -log_mixture
             loss += torch.where(scored, token_losses, 0.0).sum()
             if with_gradients:
                 grad_logits = logits.sub_(log_normalizer).exp_()  # softmax, in place of the logits
                 grad_logits.scatter_add_(1, safe_targets, torch.full_like(log_normalizer, -1.0))
-                grad_logits = grad_logits.mul_(model_share.unsqueeze(1) if mixed else scored.unsqueeze(1)).to(chunk.dtype)
+                grad_logits = grad_logits.mul_(scored.unsqueeze(1)).to(chunk.dtype)
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ head.to(chunk.dtype)
                 grad_weight[:vocab_size] += grad_logits.t() @ chunk
                 if mixed:
-                    grad_model_log_weight[start : start + chunk_tokens] = -model_share
+                    grad_model_log_weight[start : start + chunk_tokens] = torch.where(scored, -model_share, 0.0)
                     grad_other_log_prob[start : start + chunk_tokens] = torch.where(scored, model_share - 1.0, 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob)
         ctx.dtypes = (weight.dtype, None if not mixed else model_log_weight.dtype, None if not mixed else other_log_prob.dtype)
@@ -84,7 +87,8 @@ def linear_cross_entropy(
 
     mixture=(a, b), two [N] tensors, scores the mixture exp(a) softmax(logits) + exp(b) instead:
     a is the log-weight of the softmax, b the other component's weighted log-probability of each
-    target (-inf where it gives the target none)."""
+    target (-inf where it gives the target none). hidden and weight then get the gradients of the
+    softmax's own cross-entropy, a and b those of the mixture's loss with the softmax held fixed."""
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     model_log_weight, other_log_prob = mixture if mixture is not None else (None, None)
     inputs = (hidden, weight) if mixture is None else (hidden, weight, model_log_weight, other_log_prob)
