@@ -23,9 +23,9 @@ def cache_model(gate_bias: float | None = None) -> BakaLM:
     model = BakaLM(config).double().eval()
     with torch.no_grad():
         if gate_bias is None:
-            model.document_cache.gate.weight.normal_(0, 1)  # a gate that differs from position to position
+            model.document_cache.gate_weight.normal_(0, 1)  # a gate that differs from position to position
         else:
-            model.document_cache.gate.bias.fill_(gate_bias)
+            model.document_cache.gate_bias.fill_(gate_bias)
     return model
 
 
@@ -96,15 +96,15 @@ def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_th
     names = [name for name, _ in model.named_parameters()]
     got = dict(zip(names, torch.autograd.grad(output.loss, list(model.parameters()), allow_unused=True)))
     want_network = dict(zip((n for n, _ in twin.named_parameters()), torch.autograd.grad(twin(ids, targets=targets).loss, list(twin.parameters()), allow_unused=True)))
-    gate = [model.document_cache.gate.weight, model.document_cache.gate.bias]
+    gate = [model.document_cache.gate_weight, model.document_cache.gate_bias]
     want_gate = torch.autograd.grad(mixture_loss, gate)  # the gate reads a detached hidden state: its gradient is the mixture's
     for name, want in want_network.items():
         if want is None:
             assert got[name] is None, name
         else:
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
-    assert got["document_cache.gate.weight"].abs().sum() > 0
-    for g, w in zip((got["document_cache.gate.weight"], got["document_cache.gate.bias"]), want_gate):
+    assert got["document_cache.gate_weight"].abs().sum() > 0
+    for g, w in zip((got["document_cache.gate_weight"], got["document_cache.gate_bias"]), want_gate):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
 
 
@@ -118,3 +118,15 @@ def test_a_reset_row_forgets_its_counts_and_the_other_keeps_them():
     assert out.state.token_counts[1, 5].item() == 4 and out.state.token_counts[1, 6].item() == 2
     assert out.logits[0, 0, 6].item() == pytest.approx(0.0, abs=1e-6)  # only a 6 seen since the reset
     assert out.logits[1, 0, 5].item() == pytest.approx(math.log(4 / 5), abs=1e-6)
+
+
+@pytest.mark.parametrize("init", ["scaled_normal", "pytorch_default"])
+def test_from_one_seed_the_network_starts_as_it_would_without_the_cache(init):
+    config = ModelConfig.preset("tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2, init=init)
+    torch.manual_seed(3)
+    with_cache = BakaLM(config.replace(document_cache=True)).state_dict()
+    torch.manual_seed(3)
+    without = BakaLM(config).state_dict()
+    assert set(with_cache) - set(without) == {"document_cache.gate_weight", "document_cache.gate_bias"}
+    for name, value in without.items():
+        assert torch.equal(with_cache[name], value), name

@@ -25,8 +25,8 @@ def model_of(**changes) -> BakaLM:
         model.write_slots.normal_(0, 1)
         model.pause.normal_(0, 1)
         if model.document_cache is not None:
-            model.document_cache.gate.weight.normal_(0, 1)
-            model.document_cache.gate.bias.zero_()
+            model.document_cache.gate_weight.normal_(0, 1)
+            model.document_cache.gate_bias.zero_()
     return model
 
 

@@ -34,13 +34,15 @@ class DocumentCache(nn.Module):
     def __init__(self, d_model: int, vocab_size: int):
         super().__init__()
         self.vocab_size = vocab_size
-        self.gate = nn.Linear(d_model, 1)
-        self.reset_parameters()
+        # Plain parameters, not an nn.Linear: the model's initialisation, which walks its Linear
+        # modules drawing random numbers, then draws exactly what it draws without the cache.
+        self.gate_weight = nn.Parameter(torch.zeros(d_model))
+        self.gate_bias = nn.Parameter(torch.full((), INITIAL_GATE_BIAS))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.gate.weight.zero_()
-            self.gate.bias.fill_(INITIAL_GATE_BIAS)
+            self.gate_weight.zero_()
+            self.gate_bias.fill_(INITIAL_GATE_BIAS)
 
     def initial_counts(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(batch_size, self.vocab_size, device=device)
@@ -52,7 +54,7 @@ class DocumentCache(nn.Module):
 
     def _log_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log(1 - g) and log(g) at each position of hidden [..., d] (final-normed), in float32 at least."""
-        gate = at_least_float32(self.gate(hidden.detach()).squeeze(-1))
+        gate = at_least_float32(hidden.detach() @ self.gate_weight.to(hidden.dtype) + self.gate_bias.to(hidden.dtype))
         return F.logsigmoid(-gate), F.logsigmoid(gate)
 
     def target_mixture(
