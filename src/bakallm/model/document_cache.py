@@ -78,8 +78,8 @@ class DocumentCache(nn.Module):
 
     def mix(self, hidden: torch.Tensor, logits: torch.Tensor, seen_counts: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [..., V] of the mixture, from hidden [..., d], the model's logits
-        [..., V] and the counts of the tokens read up to each position [..., V]. (Training takes
-        `target_mixture`: a loss on these gradients through the softmax too.)"""
+        [..., V] and the counts of the tokens read up to each position [..., V]. A loss on these
+        sends the mixture's gradient into the softmax; training scores `target_mixture` instead."""
         model_log_weight, cache_log_weight = self._log_weights(hidden)
         cache_log_prob = seen_counts.log() - seen_counts.sum(-1, keepdim=True).clamp(min=1).log()
         return torch.logaddexp(
