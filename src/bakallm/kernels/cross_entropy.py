@@ -69,8 +69,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight_dtype, model_log_weight_dtype, other_log_prob_dtype = ctx.dtypes
         mixture_grads = (None, None)
         if grad_model_log_weight is not None:
-            mixture_grads = ((grad_model_log_weight * grad_loss).to(model_log_weight_dtype), (grad_other_log_prob * grad_loss).to(other_log_prob_dtype))
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(weight_dtype), None, *mixture_grads, None, None, None
+            mixture_grads = (
+                (grad_model_log_weight * grad_loss).to(model_log_weight_dtype),
+                (grad_other_log_prob * grad_loss).to(other_log_prob_dtype),
+            )
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        return grad_hidden, (grad_weight * grad_loss).to(weight_dtype), None, *mixture_grads, None, None, None
 
 
 def linear_cross_entropy(
@@ -93,4 +97,6 @@ def linear_cross_entropy(
     model_log_weight, other_log_prob = mixture if mixture is not None else (None, None)
     inputs = (hidden, weight) if mixture is None else (hidden, weight, model_log_weight, other_log_prob)
     with_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, model_log_weight, other_log_prob, vocab_size, chunk_tokens, with_gradients)
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, targets, model_log_weight, other_log_prob, vocab_size, chunk_tokens, with_gradients
+    )

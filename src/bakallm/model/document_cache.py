@@ -80,13 +80,32 @@ class DocumentCache(nn.Module):
         """Log-probabilities [..., V] of the mixture, from hidden [..., d], the model's logits
         [..., V] and the counts of the tokens read up to each position [..., V]. A loss on these
         sends the mixture's gradient into the softmax; training scores `target_mixture` instead."""
-        model_log_weight, cache_log_weight = self._log_weights(hidden)
-        cache_log_prob = seen_counts.log() - seen_counts.sum(-1, keepdim=True).clamp(min=1).log()
-        return torch.logaddexp(
-            model_log_weight.unsqueeze(-1) + at_least_float32(logits).log_softmax(-1), cache_log_weight.unsqueeze(-1) + cache_log_prob
-        )
+        columns = (seen_counts > 0).reshape(-1, seen_counts.shape[-1]).any(0).nonzero().squeeze(1)
+        return self._mixture(hidden, logits, columns, seen_counts[..., columns], seen_counts.sum(-1))
 
-    def window_log_probs(self, hidden: torch.Tensor, logits: torch.Tensor, counts_before: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def window_log_probs(
+        self, hidden: torch.Tensor, logits: torch.Tensor, counts_before: torch.Tensor, input_ids: torch.Tensor
+    ) -> torch.Tensor:
         """`mix` at every position of a window [B, n], the counts growing along it."""
-        seen = F.one_hot(input_ids, self.vocab_size).float().cumsum(1) + counts_before.unsqueeze(1)
-        return self.mix(hidden, logits, seen)
+        batch, length = input_ids.shape
+        used = (counts_before > 0).any(0)
+        used[input_ids.flatten()] = True
+        columns = used.nonzero().squeeze(1)
+        column_of_input = torch.searchsorted(columns, input_ids.contiguous())
+        arrivals = counts_before.new_zeros(batch, length, len(columns)).scatter_(2, column_of_input.unsqueeze(2), 1.0)
+        seen = arrivals.cumsum_(1).add_(counts_before[:, columns].unsqueeze(1))
+        total = counts_before.sum(1, keepdim=True) + torch.arange(1, length + 1, device=input_ids.device)
+        return self._mixture(hidden, logits, columns, seen, total)
+
+    def _mixture(
+        self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, seen: torch.Tensor, total: torch.Tensor
+    ) -> torch.Tensor:
+        """The softmax's share of every token, plus the cache's share of the tokens in `columns` [K]
+        (those the document has used: elsewhere the cache gives nothing), which occurred `seen`
+        [..., K] times out of `total` [...]. Working on those columns only keeps the cost near
+        that of a log-softmax: a window's [n, V] logarithms and logaddexps would cost ten times it."""
+        model_log_weight, cache_log_weight = self._log_weights(hidden)
+        log_probs = at_least_float32(logits).log_softmax(-1) + model_log_weight.unsqueeze(-1)
+        cache_log_probs = cache_log_weight.unsqueeze(-1) + seen.log() - total.clamp(min=1).log().unsqueeze(-1)
+        mixed = torch.logaddexp(log_probs.index_select(-1, columns), cache_log_probs)
+        return log_probs.index_copy(-1, columns, mixed)
