@@ -71,8 +71,7 @@ class DocumentCache(nn.Module):
         earlier = counts_before.gather(1, safe_targets)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         in_window = ((safe_targets.unsqueeze(2) == input_ids.unsqueeze(1)) & causal).sum(2)
-        seen = counts_before.sum(1, keepdim=True) + torch.arange(1, length + 1, device=input_ids.device)
-        cache_log_prob = (earlier + in_window).log() - seen.log()
+        cache_log_prob = (earlier + in_window).log() - self._totals(counts_before, length).log()
         model_log_weight, cache_log_weight = self._log_weights(hidden)
         return model_log_weight.flatten(), (cache_log_weight + cache_log_prob).flatten()
 
@@ -94,8 +93,12 @@ class DocumentCache(nn.Module):
         column_of_input = torch.searchsorted(columns, input_ids.contiguous())
         arrivals = counts_before.new_zeros(batch, length, len(columns)).scatter_(2, column_of_input.unsqueeze(2), 1.0)
         seen = arrivals.cumsum_(1).add_(counts_before[:, columns].unsqueeze(1))
-        total = counts_before.sum(1, keepdim=True) + torch.arange(1, length + 1, device=input_ids.device)
-        return self._mixture(hidden, logits, columns, seen, total)
+        return self._mixture(hidden, logits, columns, seen, self._totals(counts_before, length))
+
+    @staticmethod
+    def _totals(counts_before: torch.Tensor, length: int) -> torch.Tensor:
+        """Tokens read by each position [B, n] of a window of `length`: those before it and its own so far."""
+        return counts_before.sum(1, keepdim=True) + torch.arange(1, length + 1, device=counts_before.device)
 
     def _mixture(
         self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, seen: torch.Tensor, total: torch.Tensor
@@ -103,7 +106,7 @@ class DocumentCache(nn.Module):
         """The softmax's share of every token, plus the cache's share of the tokens in `columns` [K]
         (those the document has used: elsewhere the cache gives nothing), which occurred `seen`
         [..., K] times out of `total` [...]. Working on those columns only keeps the cost near
-        that of a log-softmax: a window's [n, V] logarithms and logaddexps would cost ten times it."""
+        that of a log-softmax: over all V columns a window cost five times as much (docs/architecture.md)."""
         model_log_weight, cache_log_weight = self._log_weights(hidden)
         log_probs = at_least_float32(logits).log_softmax(-1) + model_log_weight.unsqueeze(-1)
         cache_log_probs = cache_log_weight.unsqueeze(-1) + seen.log() - total.clamp(min=1).log().unsqueeze(-1)
