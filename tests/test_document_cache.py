@@ -1,5 +1,6 @@
 """The document cache: counts carried across windows and calls, the mixture's probabilities against
-hand counts, and the chunked mixture loss against autograd on the whole log-probabilities."""
+hand counts (unigram and n-gram), and the chunked mixture loss against autograd on the whole
+log-probabilities."""
 
 import math
 
@@ -15,17 +16,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WINDOW = 8
 
 
-def cache_model(gate_bias: float | None = None) -> BakaLM:
+def cache_model(gate_bias: float | None = None, order: int = 1) -> BakaLM:
     config = ModelConfig.preset(
-        "tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2, document_cache=True
+        "tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2,
+        document_cache=True, document_cache_order=order,
     )
     torch.manual_seed(0)
     model = BakaLM(config).double().eval()
+    cache = model.document_cache
     with torch.no_grad():
-        if gate_bias is None:
-            model.document_cache.gate_weight.normal_(0, 1)  # a gate that differs from position to position
+        if gate_bias is None:  # gates that differ from position to position
+            cache.gate_weight.normal_(0, 1)
+            if order > 1:
+                cache.ngram_gate_weight.normal_(0, 1)
         else:
-            model.document_cache.gate_bias.fill_(gate_bias)
+            cache.gate_bias.fill_(gate_bias)
+            if order > 1:
+                cache.ngram_gate_bias.fill_(gate_bias)
     return model
 
 
@@ -81,9 +88,10 @@ def test_with_the_gate_open_the_probabilities_are_the_counts_of_the_document_so_
     assert state.token_counts[0, 3].item() == 8 and state.token_counts[0, 7].item() == 5 and state.token_counts.sum().item() == 20
 
 
-def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_the_gate_on_the_mixture():
-    model = cache_model()
-    twin = BakaLM(model.config.replace(document_cache=False)).double()
+@pytest.mark.parametrize("order", [1, 3])
+def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_the_gate_on_the_mixture(order):
+    model = cache_model(order=order)
+    twin = BakaLM(model.config.replace(document_cache=False, document_cache_order=1)).double()
     twin.load_state_dict({name: value for name, value in model.state_dict().items() if not name.startswith("document_cache.")})
     ids = torch.randint(0, 12, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(2))  # repeats: the cache matters
     targets = ids.roll(-1, dims=1)
@@ -96,16 +104,17 @@ def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_th
     names = [name for name, _ in model.named_parameters()]
     got = dict(zip(names, torch.autograd.grad(output.loss, list(model.parameters()), allow_unused=True)))
     want_network = dict(zip((n for n, _ in twin.named_parameters()), torch.autograd.grad(twin(ids, targets=targets).loss, list(twin.parameters()), allow_unused=True)))
-    gate = [model.document_cache.gate_weight, model.document_cache.gate_bias]
+    gate_names = [f"document_cache.{name}" for name, _ in model.document_cache.named_parameters()]
+    gate = list(model.document_cache.parameters())
     want_gate = torch.autograd.grad(mixture_loss, gate)  # the gate reads a detached hidden state: its gradient is the mixture's
     for name, want in want_network.items():
         if want is None:
             assert got[name] is None, name
         else:
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
-    assert got["document_cache.gate_weight"].abs().sum() > 0
-    for g, w in zip((got["document_cache.gate_weight"], got["document_cache.gate_bias"]), want_gate):
-        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+    assert all(got[name].abs().sum() > 0 for name in gate_names)
+    for name, w in zip(gate_names, want_gate):
+        torch.testing.assert_close(got[name].double(), w, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_reset_row_forgets_its_counts_and_the_other_keeps_them():
@@ -130,3 +139,72 @@ def test_from_one_seed_the_network_starts_as_it_would_without_the_cache(init):
     assert set(with_cache) - set(without) == {"document_cache.gate_weight", "document_cache.gate_bias"}
     for name, value in without.items():
         assert torch.equal(with_cache[name], value), name
+
+
+def reference_ngram_mixture(ids: list[int], position: int, token: int, count_weights: list[float]) -> float:
+    """The cache's probability of `token` after ids[: position + 1], all gates at one bias and no
+    weight on the hidden state, counted by hand: a term per context length c = 0, 1, ..., whose
+    weight is proportional to (1 + count of the context)^count_weight, and 0 for an unseen context."""
+    read = ids[: position + 1]
+    weights, probabilities = [1.0], [read.count(token) / len(read)]
+    for length, count_weight in enumerate(count_weights, start=1):
+        context = read[len(read) - length :]
+        followers = [read[j + length] for j in range(len(read) - length) if read[j : j + length] == context] if len(read) >= length else []
+        weights.append((1 + len(followers)) ** count_weight if followers else 0.0)
+        probabilities.append(followers.count(token) / len(followers) if followers else 0.0)
+    return sum(w * p for w, p in zip(weights, probabilities)) / sum(weights)
+
+
+def test_the_ngram_terms_are_the_continuations_of_the_last_tokens_counted_by_hand():
+    model = cache_model(gate_bias=60.0, order=3)  # e^60 against the softmax's 1: the cache alone
+    count_weights = [0.5, 1.5]
+    with torch.no_grad():
+        model.document_cache.ngram_count_weight.copy_(torch.tensor(count_weights))
+    ids = torch.tensor([[3, 3, 7, 3, 9, 7, 3, 3, 1, 7, 4, 3, 7, 7, 9, 2, 3, 1, 1, 3, 7, 3, 9, 7]])  # three windows of 8
+    with torch.no_grad():
+        log_probs = model(ids).logits[0]
+        state, pieces = None, []
+        for start, stop in ((0, 5), (5, 13), (13, 19), (19, 24)):  # cutting windows, the state carried
+            out = model(ids[:, start:stop], state=state)
+            state, pieces = out.state, pieces + [out.logits[0]]
+    pieced = torch.cat(pieces)
+    sequence = ids[0].tolist()
+    for position in range(len(sequence)):
+        for token in (3, 7, 9, 1, 2, 4):
+            want = reference_ngram_mixture(sequence, position, token, count_weights)
+            if want > 0:
+                assert log_probs[position, token].item() == pytest.approx(math.log(want), abs=1e-6), (position, token)
+                assert pieced[position, token].item() == pytest.approx(math.log(want), abs=1e-6), (position, token)
+            else:
+                assert log_probs[position, token].item() < -55, (position, token)
+    bigrams = dict(zip(state.ngram_keys[0][0].tolist(), state.ngram_counts[0][0].tolist()))
+    assert bigrams[3 * 50 + 7] == 3 and bigrams[7 * 50 + 3] == 3 and bigrams[3 * 50 + 3] == 2 and sum(bigrams.values()) == len(sequence) - 1
+    assert sum(state.ngram_counts[1][0].tolist()) == len(sequence) - 2 and state.recent_tokens[0].tolist() == [9, 7]
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_the_training_loss_is_the_mixtures_at_every_order(order):
+    model = cache_model(order=order)
+    ids = torch.randint(0, 6, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(5))  # a small alphabet: n-grams repeat
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    reset = torch.tensor([False, True])
+    with torch.no_grad():
+        state = model(ids[:, :11]).state
+        output = model(ids, state=state, reset=reset, targets=targets, return_logits=True)
+    mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
+
+
+def test_a_reset_row_forgets_its_ngrams_and_the_other_keeps_them():
+    model = cache_model(gate_bias=60.0, order=2)
+    with torch.no_grad():
+        state = model(torch.tensor([[4, 5, 4, 5], [5, 5, 5, 5]])).state
+        out = model(torch.tensor([[6, 6], [6, 6]]), state=state, reset=torch.tensor([True, False]))
+    fresh = dict(zip(out.state.ngram_keys[0][0].tolist(), out.state.ngram_counts[0][0].tolist()))
+    kept = dict(zip(out.state.ngram_keys[0][1].tolist(), out.state.ngram_counts[0][1].tolist()))
+    assert {key: count for key, count in fresh.items() if count} == {6 * 50 + 6: 1.0}
+    assert {key: count for key, count in kept.items() if count} == {5 * 50 + 5: 3.0, 5 * 50 + 6: 1.0, 6 * 50 + 6: 1.0}
+    # Row 0 has read "6 6" since its reset: after its first 6 nothing, after the second a 6 once.
+    assert out.logits[0, 1, 6].item() == pytest.approx(0.0, abs=1e-6)

@@ -21,7 +21,11 @@ def make_run(path, tokenizer: str, vocab_size: int, **changes) -> BakaLM:
     return model
 
 
-@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}, {"document_cache": True}], ids=["untied", "tied", "document-cache"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": True}, {"document_cache": True}, {"document_cache": True, "document_cache_order": 3}],
+    ids=["untied", "tied", "document-cache", "n-gram-cache"],
+)
 def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp_path, changes):
     transformers = pytest.importorskip("transformers")
     model = make_run(tmp_path / "run", "bytes", 256, **changes)

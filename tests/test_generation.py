@@ -25,8 +25,11 @@ def model_of(**changes) -> BakaLM:
         model.write_slots.normal_(0, 1)
         model.pause.normal_(0, 1)
         if model.document_cache is not None:
-            model.document_cache.gate_weight.normal_(0, 1)
-            model.document_cache.gate_bias.zero_()
+            for name, parameter in model.document_cache.named_parameters():
+                if "weight" in name:
+                    parameter.normal_(0, 1)
+                else:
+                    parameter.zero_()
     return model
 
 
@@ -38,6 +41,8 @@ def assert_states_equal(got, want):
     assert (got.token_counts is None) == (want.token_counts is None)
     if got.token_counts is not None:
         assert torch.equal(got.token_counts, want.token_counts)
+    for g, w in zip(got.ngram_keys + got.ngram_counts, want.ngram_keys + want.ngram_counts, strict=True):
+        assert torch.equal(g, w)
     for name in ("keys", "values", "conv", "ssm"):
         for g, w in zip(getattr(got, name), getattr(want, name), strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -50,6 +55,7 @@ VARIANTS = {
     "pauses only, no xl cache": {"n_memory": 0, "xl_cache": False},
     "mamba restarted per window": {"carry_mamba_state": False},
     "document cache": {"document_cache": True},
+    "n-gram document cache": {"document_cache": True, "document_cache_order": 3},
 }
 
 
@@ -134,7 +140,7 @@ class ScriptedModel(BakaLM):
         self.script = list(text)
         self.calls = 0
 
-    def logits(self, hidden, token_counts=None):
+    def logits(self, hidden, state=None):
         index = min(self.calls, len(self.script) - 1)
         self.calls += 1
         out = torch.full((*hidden.shape[:-1], VOCAB), -10.0)

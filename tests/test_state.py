@@ -9,10 +9,14 @@ def make_state(**changes) -> tuple[BakaLM, RecurrentState]:
     return model, model(torch.randint(0, 100, (3, 20))).state
 
 
-@pytest.mark.parametrize("document_cache", [False, True])
-def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan(document_cache):
-    _, state = make_state(document_cache=document_cache)
-    assert ("token_counts" in state.to_dict()) == document_cache
+CACHES = {"no cache": {}, "unigram cache": {"document_cache": True}, "n-gram cache": {"document_cache": True, "document_cache_order": 3}}
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan(cache):
+    _, state = make_state(**CACHES[cache])
+    assert ("token_counts" in state.to_dict()) == (cache != "no cache")
+    assert ("ngram_keys.1" in state.to_dict()) == (cache == "n-gram cache")
     state = RecurrentState(**{**state.__dict__, "memory": state.memory.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
     reset = state.reset(torch.tensor([False, True, False]))
     assert reset.has_past.tolist() == [True, False, True]
@@ -30,11 +34,12 @@ def test_select_reorders_rows_and_detach_cuts_the_graph():
     assert state.memory.requires_grad and not state.detach().memory.requires_grad
 
 
-@pytest.mark.parametrize("document_cache", [False, True])
-def test_flat_dict_round_trip(document_cache):
-    model, state = make_state(document_cache=document_cache)
+@pytest.mark.parametrize("cache", CACHES)
+def test_flat_dict_round_trip(cache):
+    model, state = make_state(**CACHES[cache])
     flat = state.detach().to_dict()
-    assert ("token_counts" in flat) == document_cache
+    assert ("token_counts" in flat) == (cache != "no cache")
+    assert ("recent_tokens" in flat) == (cache == "n-gram cache")
     assert set(flat) >= {"memory", "has_past", "keys.0", "keys.1", "values.1", "conv.1", "ssm.1"}
     restored = RecurrentState.from_dict(flat)
     ids = torch.randint(0, 100, (3, 8))

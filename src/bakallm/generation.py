@@ -60,7 +60,7 @@ class IncrementalReader:
             start += take
             if self.tokens_in_window == window:
                 self._commit_window()
-        return self.model.logits(hidden, self.state.token_counts)
+        return self.model.logits(hidden, self.state)
 
     def _read_in_window(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Tokens that do not go past the window's end; the last layer's output at the last one."""
@@ -73,8 +73,8 @@ class IncrementalReader:
         x = self._run(x)
         self.tokens_in_window += input_ids.shape[1]
         if model.document_cache is not None:
-            # The counts are not tied to windows: the state's grow with every token read.
-            self.state = dataclasses.replace(self.state, token_counts=model.document_cache.count(self.state.token_counts, input_ids))
+            # The cache is not tied to windows: the state's grows with every token read.
+            self.state = model.document_cache.read(self.state, input_ids)
         return x[:, int(token_positions[-1])]
 
     def _commit_window(self) -> None:

@@ -53,6 +53,9 @@ class ModelConfig:
     # Mix the output with the counts of the document's tokens so far, through a learned gate
     # (model/document_cache.py; docs/quality.md, Finding 9).
     document_cache: bool = False
+    # With the document cache, also mix in what followed each earlier run of the last k tokens, for
+    # every k < document_cache_order (2: the bigram continuations, 3: bigrams and trigrams; Finding 10).
+    document_cache_order: int = 1
     # Attend to the previous window's keys and values (Transformer-XL); off gives a windowed model.
     xl_cache: bool = True
     # Which layers have a Mamba mixer: every k-th one (layers k-1, 2k-1, ...); 1 means all.
@@ -125,7 +128,8 @@ class ModelConfig:
     # ----- validation -----
     def validate(self) -> None:
         positive = (
-            "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_every"
+            "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_every",
+            "document_cache_order",
         )
         for name in positive:
             value = getattr(self, name)
@@ -157,6 +161,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mamba_dt_min must lie between 0 and 0.1 (the largest initial step size), got {self.mamba_dt_min!r}.")
         if not self.elephant_a > 0 or not self.elephant_d > 0:
             raise ValueError(f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}.")
+        if self.document_cache_order > 1 and not self.document_cache:
+            raise ValueError("ModelConfig.document_cache_order above 1 needs document_cache: true; turn the cache on or set the order to 1.")
+        if self.vocab_size**self.document_cache_order >= 2**63 - 1:
+            raise ValueError(
+                f"ModelConfig.document_cache_order {self.document_cache_order} is too high for a vocabulary of {self.vocab_size}: "
+                "its n-grams would not fit in 64-bit keys; lower the order."
+            )
         if self.rope_base <= 1 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("ModelConfig.rope_base must exceed 1, and norm_eps and init_std must be positive.")
 

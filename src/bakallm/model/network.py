@@ -84,7 +84,7 @@ class BakaLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, config.has_mamba(index)) for index in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(d_model, config.padded_vocab_size, bias=False)
-        self.document_cache = DocumentCache(d_model, config.vocab_size) if config.document_cache else None
+        self.document_cache = DocumentCache(d_model, config.vocab_size, config.document_cache_order) if config.document_cache else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rotary_tables(2 * config.layout_length, config.head_dim, config.rope_base, torch.device("cpu"))
@@ -161,7 +161,7 @@ class BakaLM(nn.Module):
             conv=tuple(conv for conv, _ in mamba_states),
             ssm=tuple(ssm for _, ssm in mamba_states),
             has_past=torch.zeros(batch_size, dtype=torch.bool, device=device),
-            token_counts=self.document_cache.initial_counts(batch_size, device) if self.document_cache is not None else None,
+            **(self.document_cache.initial_state(batch_size, device) if self.document_cache is not None else {}),
         )
 
     # ----- forward -----
@@ -188,7 +188,7 @@ class BakaLM(nn.Module):
         loss_sum = None
         for start in range(0, length, window):
             window_ids = input_ids[:, start : start + window]
-            counts_before = state.token_counts
+            before = state
             hidden, state = self.run_window(window_ids, state)
             if targets is None and not return_logits:
                 continue
@@ -197,7 +197,7 @@ class BakaLM(nn.Module):
                 window_targets = targets[:, start : start + window]
                 mixture = None
                 if self.document_cache is not None:
-                    mixture = self.document_cache.target_mixture(hidden, counts_before, window_ids, window_targets)
+                    mixture = self.document_cache.target_mixture(hidden, before, window_ids, window_targets)
                 # In chunks of tokens: the window's float32 logits never all exist at once.
                 window_loss = linear_cross_entropy(
                     hidden.flatten(0, 1), self.lm_head.weight, window_targets.flatten(), self.config.vocab_size, mixture=mixture
@@ -206,7 +206,7 @@ class BakaLM(nn.Module):
             if return_logits:
                 logits = self.lm_head(hidden)[..., : self.config.vocab_size]
                 if self.document_cache is not None:
-                    logits = self.document_cache.window_log_probs(hidden, logits, counts_before, window_ids)
+                    logits = self.document_cache.window_log_probs(hidden, logits, before, window_ids)
                 window_logits.append(logits)
         loss = n_targets = None
         if targets is not None:
@@ -224,7 +224,7 @@ class BakaLM(nn.Module):
         x, keys, values, convs, ssms = self.run_positions(x, state, (), (), convs, ssms, hidden_keys=hidden_read_slots)
         new_state = self.commit_window(x, keys, values, convs, ssms, state)
         if self.document_cache is not None:
-            new_state = dataclasses.replace(new_state, token_counts=self.document_cache.count(state.token_counts, input_ids))
+            new_state = self.document_cache.read(new_state, input_ids)
         return x.index_select(1, token_positions + read_length), new_state
 
     def _memory_layout(self, body: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, int, torch.Tensor | None]:
@@ -349,24 +349,24 @@ class BakaLM(nn.Module):
         config = self.config
         memory = x[:, : config.n_memory] if config.memory_readout == "first_slots" else x[:, x.shape[1] - config.n_memory :]
         # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
-        # block sees identical inputs and never recompiles.
-        return RecurrentState(
+        # block sees identical inputs and never recompiles. The document cache's fields pass through.
+        return dataclasses.replace(
+            state,
             memory=memory.float(),
             keys=tuple(key[:, :, : config.cache_length].float().contiguous() for key in keys),
             values=tuple(value[:, :, : config.cache_length].float().contiguous() for value in values),
             conv=convs,
             ssm=ssms,
             has_past=torch.ones_like(state.has_past),
-            token_counts=state.token_counts,
         )
 
-    def logits(self, hidden: torch.Tensor, token_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
         """Next-token logits [..., vocab_size] from the last layer's output at token positions; with
-        the document cache, the mixture's log-probabilities given the counts [..., vocab_size] of
-        the tokens read up to each position."""
+        the document cache, the mixture's log-probabilities [B, vocab_size] for the token after
+        everything `state` has read, from hidden [B, d_model] there."""
         normed = self.final_norm(hidden)
         logits = self.lm_head(normed)[..., : self.config.vocab_size]
-        return logits if self.document_cache is None else self.document_cache.mix(normed, logits, token_counts)
+        return logits if self.document_cache is None else self.document_cache.mix(normed, logits, state)
 
     def _check_inputs(self, input_ids, state, reset, targets) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

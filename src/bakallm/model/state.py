@@ -23,6 +23,13 @@ class RecurrentState:
     # [B, vocab_size] float32: how often each token occurred so far in the row's document; None
     # for a model without the document cache (ModelConfig.document_cache).
     token_counts: torch.Tensor | None = None
+    # With ModelConfig.document_cache_order k > 1, for each context length c = 1 .. k-1: the
+    # document's runs of c tokens with the token that followed, as n-gram keys sorted along each
+    # row [B, P_c] int64 and their counts [B, P_c] float32 (entries of count 0 are padding, so a
+    # zeroed row is an empty one); and the last k - 1 tokens read [B, k - 1], right-aligned.
+    ngram_keys: tuple[torch.Tensor, ...] = ()
+    ngram_counts: tuple[torch.Tensor, ...] = ()
+    recent_tokens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -38,6 +45,9 @@ class RecurrentState:
             ssm=tuple(function(t) for t in self.ssm),
             has_past=function(self.has_past),
             token_counts=None if self.token_counts is None else function(self.token_counts),
+            ngram_keys=tuple(function(t) for t in self.ngram_keys),
+            ngram_counts=tuple(function(t) for t in self.ngram_counts),
+            recent_tokens=None if self.recent_tokens is None else function(self.recent_tokens),
         )
 
     def reset(self, rows: torch.Tensor) -> "RecurrentState":
@@ -71,7 +81,9 @@ class RecurrentState:
         flat = {"memory": self.memory, "has_past": self.has_past}
         if self.token_counts is not None:
             flat["token_counts"] = self.token_counts
-        for name in ("keys", "values", "conv", "ssm"):
+        if self.recent_tokens is not None:
+            flat["recent_tokens"] = self.recent_tokens
+        for name in ("keys", "values", "conv", "ssm", "ngram_keys", "ngram_counts"):
             for layer, tensor in enumerate(getattr(self, name)):
                 flat[f"{name}.{layer}"] = tensor
         return flat
@@ -92,4 +104,7 @@ class RecurrentState:
             ssm=layers("ssm"),
             has_past=flat["has_past"].bool(),
             token_counts=flat.get("token_counts"),
+            ngram_keys=layers("ngram_keys"),
+            ngram_counts=layers("ngram_counts"),
+            recent_tokens=flat.get("recent_tokens"),
         )
