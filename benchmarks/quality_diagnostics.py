@@ -22,20 +22,25 @@ mix: on a checkpoint without the document cache (ours, or an --hf-config run), e
   constant weight with the cache that ModelConfig.document_cache learns to mix in (the counts of
   the document's tokens so far): what that cache would give a peer, with the weight chosen on the
   very text scored (an upper bound for a constant gate). Ours reads whole or, with --reset, resets
-  every window; a transformers model reads windows of --window tokens, each alone.
+  every window; a transformers model reads windows of --window tokens, each alone. With --order K
+  above 1, also the n-gram terms of ModelConfig.document_cache_order K: each context length c < K
+  mixed with weight w_c n / (n + kappa), n the count of the context so far (0 if never seen), the
+  w_c and kappa the best of a small grid.
 
     python benchmarks/quality_diagnostics.py gradients RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py batching - --data train.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py paths RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 4096
     python benchmarks/quality_diagnostics.py decay RUN_DIR --data books.jsonl --tokenizer tokenizer.json
     python benchmarks/quality_diagnostics.py cache RUN_DIR --data books.jsonl --tokenizer tokenizer.json --tokens 32768
-    python benchmarks/quality_diagnostics.py mix RUN_DIR --data books.jsonl --tokenizer tokenizer.json [--reset]
+    python benchmarks/quality_diagnostics.py mix RUN_DIR --data books.jsonl --tokenizer tokenizer.json [--reset] [--order 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -197,7 +202,26 @@ def document_cache_probabilities(tokens: torch.Tensor) -> torch.Tensor:
     return earlier[1:].double() / torch.arange(1, len(tokens), dtype=torch.float64)
 
 
+def continuation_counts(tokens: list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a document and each target tokens[t + 1], t < n - 1: how often the `length` tokens
+    ending at t occurred before with their next token read, and how often that next token was
+    the target (the counts of ModelConfig.document_cache_order's n-gram terms)."""
+    contexts, continuations = collections.Counter(), collections.Counter()
+    seen_context, seen_continuation = np.zeros(len(tokens) - 1), np.zeros(len(tokens) - 1)
+    for t in range(len(tokens) - 1):
+        if t >= length:  # the run ending at t - 1, followed by tokens[t], is now complete
+            context = tuple(tokens[t - length : t])
+            contexts[context] += 1
+            continuations[context + (tokens[t],)] += 1
+        if t + 1 >= length:
+            context = tuple(tokens[t + 1 - length : t + 1])
+            seen_context[t], seen_continuation[t] = contexts[context], continuations[context + (tokens[t + 1],)]
+    return seen_context, seen_continuation
+
+
 MIX_WEIGHTS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+NGRAM_WEIGHTS = (0.1, 0.2, 0.3)
+NGRAM_KAPPAS = (1.0, 2.0, 4.0)
 
 
 @torch.inference_mode()
@@ -213,7 +237,7 @@ def mix(args: argparse.Namespace) -> None:
     if not hf and model.config.document_cache:
         raise SystemExit("mix: this model already mixes in the document cache; run bakallm bench on it instead.")
     corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
-    p_model, p_cache = [], []
+    p_model, p_cache, ngram_counts = [], [], []
     for index in range(len(corpus)):
         tokens = torch.from_numpy(np.asarray(corpus.document(index), dtype=np.int64))
         state = None
@@ -227,12 +251,23 @@ def mix(args: argparse.Namespace) -> None:
                 logits, state = output.logits[0], output.state
             p_model.append(torch.log_softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp())
         p_cache.append(document_cache_probabilities(tokens))
-    p_model, p_cache = torch.cat(p_model), torch.cat(p_cache)
-    alone = float(-torch.log(p_model).mean())
-    mixes = {weight: float(-torch.log((1 - weight) * p_model + weight * p_cache).mean()) for weight in MIX_WEIGHTS}
-    best = min(mixes, key=mixes.get)
-    print(f"{len(p_model)} tokens of {len(corpus)} documents: model alone {alone:.4f}; with the document cache {mixes[best]:.4f} "
-          f"({100 * (mixes[best] / alone - 1):+.2f}%, w {best:g})")
+        ngram_counts.append([continuation_counts(tokens.tolist(), length) for length in range(1, args.order)])
+    p_model, p_cache = torch.cat(p_model).numpy(), torch.cat(p_cache).numpy()
+    ngrams = [tuple(np.concatenate([document[c][q] for document in ngram_counts]) for q in (0, 1)) for c in range(args.order - 1)]
+    alone = float(-np.log(p_model).mean())
+
+    def mixed_loss(weight: float, ngram_weights: tuple[float, ...], kappa: float) -> float:
+        weights, cache = weight, weight * p_cache
+        for w, (n_context, n_continuation) in zip(ngram_weights, ngrams):
+            share = w * n_context / (n_context + kappa)
+            weights, cache = weights + share, cache + share * n_continuation / np.maximum(n_context, 1)
+        return float(-np.log((1 - weights) * p_model + cache).mean())
+
+    grid = [(w, ws, k) for w in MIX_WEIGHTS for ws in itertools.product(NGRAM_WEIGHTS, repeat=args.order - 1) for k in NGRAM_KAPPAS if w + sum(ws) < 1]
+    best = min(grid, key=lambda point: mixed_loss(*point))
+    loss = mixed_loss(*best)
+    print(f"{len(p_model)} tokens of {len(corpus)} documents: model alone {alone:.4f}; with the document cache of order {args.order} {loss:.4f} "
+          f"({100 * (loss / alone - 1):+.2f}%, w {best[0]:g}" + (f", n-gram w {best[1]}, kappa {best[2]:g})" if args.order > 1 else ")"))
 
 
 def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
@@ -268,6 +303,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="paths, cache: tokens of each document scored")
     parser.add_argument("--reset", action="store_true", help="mix: reset our model's state at every window")
     parser.add_argument("--window", type=int, default=512, help="mix: the window of a transformers model")
+    parser.add_argument("--order", type=int, default=1, help="mix: the document cache's order (2 and up add its n-gram terms)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache, "mix": mix}[args.mode](args)
