@@ -13,6 +13,12 @@ barely affect, unlike wall-clock tokens/s.
     python benchmarks/bench_eval.py                                  # tiny: 16K, 131K and 1M tokens
     python benchmarks/bench_eval.py --lengths 16384,131072 --threads 1
     python benchmarks/bench_eval.py --preset celp18 --device cuda
+    python benchmarks/bench_eval.py --document-cache-order 3 --text book.txt --tokenizer tokenizer.json
+
+With --document-cache-order K the model carries the document cache of that order, whose n-gram
+tables grow with the distinct n-grams read (docs/architecture.md): memory then grows with the
+length by design. --text scores a real text (tokenized, repeated to the length) in place of random
+tokens, whose n-grams almost never repeat.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ class Measurement:
     peak_memory_bytes: int | None
 
 
-def measure(preset: str, length: int, batch_size: int, device_name: str, threads: int | None, seed: int) -> Measurement:
-    """Scores one random document of `length` tokens with a freshly initialised model."""
+def measure(args: argparse.Namespace, length: int) -> Measurement:
+    """Scores one document of `length` tokens (random, or --text repeated) with a freshly initialised model."""
     import numpy as np
     import torch
 
@@ -47,13 +53,20 @@ def measure(preset: str, length: int, batch_size: int, device_name: str, threads
     from bakallm.data.token_cache import TokenizedCorpus
     from bakallm.evaluation.evaluate import evaluate_bakalm
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    device = resolve_device(device_name)
-    config = ModelConfig.preset(preset)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    cache = {"document_cache": True, "document_cache_order": args.document_cache_order} if args.document_cache_order else {}
+    config = ModelConfig.preset(args.preset, **cache)
     model = BakaLM(config).to(device)
-    document = np.random.default_rng(seed).integers(0, config.vocab_size, size=length)
+    if args.text:
+        from bakallm.data.tokenizers import load_tokenizer
+
+        text_tokens = np.asarray(load_tokenizer(args.tokenizer).encode(open(args.text, encoding="utf-8").read()))
+        document = np.resize(text_tokens, length)
+    else:
+        document = np.random.default_rng(args.seed).integers(0, config.vocab_size, size=length)
     corpus = TokenizedCorpus.from_token_lists([document], config.vocab_size)
     cpu_started = time.process_time()
     # n_ctx = the document's length: the state is carried through the whole document, never reset.
@@ -69,8 +82,10 @@ def measure(preset: str, length: int, batch_size: int, device_name: str, threads
 
 def measure_in_fresh_process(args: argparse.Namespace, length: int) -> Measurement:
     command = [sys.executable, __file__, "--measure", str(length), "--preset", args.preset, "--batch-size", str(args.batch_size), "--device", args.device, "--seed", str(args.seed)]
-    if args.threads is not None:
-        command += ["--threads", str(args.threads)]
+    command += ["--document-cache-order", str(args.document_cache_order)]
+    for flag, value in (("--threads", args.threads), ("--text", args.text), ("--tokenizer", args.tokenizer)):
+        if value is not None:
+            command += [flag, str(value)]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
         sys.exit(f"measuring {length} tokens failed:\n{finished.stderr}")
@@ -131,17 +146,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--document-cache-order", type=int, default=0, help="with the document cache of this order (0: without it)")
+    parser.add_argument("--text", help="a text file to score (repeated to each length) instead of random tokens; needs --tokenizer")
+    parser.add_argument("--tokenizer", help="tokenizer.json for --text")
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one length, in this process: how the fresh processes run
     args = parser.parse_args()
     if args.measure is not None:
-        print(json.dumps(asdict(measure(args.preset, args.measure, args.batch_size, args.device, args.threads, args.seed))))
+        print(json.dumps(asdict(measure(args, args.measure))))
         return
     lengths = [int(length) for length in args.lengths.split(",")]
     measurements = []
     for length in lengths:
         measurements.append(measure_in_fresh_process(args, length))
         print(f"measured {length:,} tokens: {measurements[-1].tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
-    print(markdown_table(args.preset, measurements))
+    label = args.preset + (f" + document cache of order {args.document_cache_order}" if args.document_cache_order else "")
+    print(markdown_table(label + (f", {args.text}" if args.text else ""), measurements))
     print()
     print(verdict(measurements))
 
