@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
     corpus = TokenizedCorpus.from_token_lists([document], config.vocab_size)
     cpu_started = time.process_time()
     # n_ctx = the document's length: the state is carried through the whole document, never reset.
-    result = evaluate_bakalm(model, corpus, n_ctx=max(length, config.window), batch_size=batch_size, device=device)
+    result = evaluate_bakalm(model, corpus, n_ctx=max(length, config.window), batch_size=args.batch_size, device=device)
     cpu_seconds = time.process_time() - cpu_started
     return Measurement(
         tokens=result.tokens,
