@@ -14,7 +14,6 @@ adds the tokenizer, stop strings and streaming.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
