@@ -161,8 +161,8 @@ class DocumentCache(nn.Module):
         in_window = ((safe_targets.unsqueeze(2) == input_ids.unsqueeze(1)) & causal).sum(2)
         probabilities = [(before.token_counts.gather(1, safe_targets) + in_window) / self._totals(before.token_counts, length)]
         context_counts = []
-        for length_c, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
-            query, valid, matches = self._window_matches(before, input_ids, length_c)
+        for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
+            query, valid, matches = self._window_matches(before, input_ids, context_length)
             ends = query * self.vocab_size
             cumulative = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
             in_table = cumulative.gather(1, torch.searchsorted(keys, ends + self.vocab_size)) - cumulative.gather(1, torch.searchsorted(keys, ends))
@@ -187,8 +187,8 @@ class DocumentCache(nn.Module):
         seen = arrivals.cumsum_(1).add_(before.token_counts[:, columns].unsqueeze(1))
         distributions = [seen / self._totals(before.token_counts, length).unsqueeze(-1)]
         context_counts = []
-        for length_c, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
-            query, valid, matches = self._window_matches(before, input_ids, length_c)
+        for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
+            query, valid, matches = self._window_matches(before, input_ids, context_length)
             table = self._continuations(keys, counts, query, columns)
             row, position, earlier = matches.nonzero(as_tuple=True)
             table.index_put_((row, position, column_of_input[row, earlier]), torch.ones_like(row, dtype=table.dtype), accumulate=True)
