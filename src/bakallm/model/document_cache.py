@@ -159,16 +159,16 @@ class DocumentCache(nn.Module):
         # Occurrences of each target among the inputs read so far: before the window, and in the
         # window up to and including the position (a [n, n] comparison per row, not [n, V] counts).
         in_window = ((safe_targets.unsqueeze(2) == input_ids.unsqueeze(1)) & causal).sum(2)
-        probabilities = [(before.token_counts.gather(1, safe_targets) + in_window) / self._totals(before.token_counts, length)]
+        read = before.token_counts.sum(1, keepdim=True) + torch.arange(1, length + 1, device=input_ids.device)  # by each position
+        probabilities = [(before.token_counts.gather(1, safe_targets) + in_window) / read]
         context_counts = []
         for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
             query, valid, matches = self._window_matches(before, input_ids, context_length)
-            ends = query * self.vocab_size
+            low, high = self._spans(keys, query)
             cumulative = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
-            in_table = cumulative.gather(1, torch.searchsorted(keys, ends + self.vocab_size)) - cumulative.gather(1, torch.searchsorted(keys, ends))
-            n_context = torch.where(valid, in_table + matches.sum(2), 0.0)
+            n_context = torch.where(valid, cumulative.gather(1, high) - cumulative.gather(1, low) + matches.sum(2), 0.0)
             followed_by_target = matches & (input_ids.unsqueeze(1) == safe_targets.unsqueeze(2))
-            n_pair = torch.where(valid, lookup(keys, counts, ends + safe_targets) + followed_by_target.sum(2), 0.0)
+            n_pair = torch.where(valid, lookup(keys, counts, query * self.vocab_size + safe_targets) + followed_by_target.sum(2), 0.0)
             probabilities.append(n_pair / n_context.clamp(min=1))
             context_counts.append(n_context)
         log_weights = self._log_weights(hidden, context_counts)
@@ -184,18 +184,14 @@ class DocumentCache(nn.Module):
         columns = used.nonzero().squeeze(1)
         column_of_input = torch.searchsorted(columns, input_ids.contiguous())
         arrivals = before.token_counts.new_zeros(batch, length, len(columns)).scatter_(2, column_of_input.unsqueeze(2), 1.0)
-        seen = arrivals.cumsum_(1).add_(before.token_counts[:, columns].unsqueeze(1))
-        distributions = [seen / self._totals(before.token_counts, length).unsqueeze(-1)]
-        context_counts = []
+        tables = [arrivals.cumsum_(1).add_(before.token_counts[:, columns].unsqueeze(1))]
         for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
             query, valid, matches = self._window_matches(before, input_ids, context_length)
             table = self._continuations(keys, counts, query, columns)
             row, position, earlier = matches.nonzero(as_tuple=True)
             table.index_put_((row, position, column_of_input[row, earlier]), torch.ones_like(row, dtype=table.dtype), accumulate=True)
-            table = table * valid.unsqueeze(-1)
-            context_counts.append(table.sum(-1))
-            distributions.append(table / context_counts[-1].clamp(min=1).unsqueeze(-1))
-        return self._mixture(hidden, logits, columns, distributions, context_counts)
+            tables.append(table * valid.unsqueeze(-1))
+        return self._mixture(hidden, logits, columns, tables)
 
     def mix(self, hidden: torch.Tensor, logits: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """Log-probabilities [B, V] of the mixture for the token after everything `state` has read,
@@ -203,21 +199,18 @@ class DocumentCache(nn.Module):
         counts = state.token_counts
         columns = (counts > 0).any(0).nonzero().squeeze(1)
         read = counts.sum(1, keepdim=True)
-        distributions = [counts[:, columns] / read.clamp(min=1)]
-        context_counts = []
+        tables = [counts[:, columns]]
         for length, keys, table_counts in zip(range(1, self.order), state.ngram_keys, state.ngram_counts):
             query = run_keys(state.recent_tokens[:, state.recent_tokens.shape[1] - length :], length, self.vocab_size)
-            table = self._continuations(keys, table_counts, query, columns)[:, 0] * (read >= length)
-            context_counts.append(table.sum(-1))
-            distributions.append(table / context_counts[-1].clamp(min=1).unsqueeze(-1))
-        return self._mixture(hidden, logits, columns, distributions, context_counts)
+            tables.append(self._continuations(keys, table_counts, query, columns)[:, 0] * (read >= length))
+        return self._mixture(hidden, logits, columns, tables)
 
     def _continuations(self, keys: torch.Tensor, counts: torch.Tensor, query: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """How often each token of `columns` [K] followed the context query [B, n] in the table
         (keys, counts) [B, P]: [B, n, K]. The table's entries of a context are one sorted span."""
         batch, length = query.shape
-        low = torch.searchsorted(keys, query * self.vocab_size).flatten()
-        spans = torch.searchsorted(keys, (query + 1) * self.vocab_size).flatten() - low
+        low, high = self._spans(keys, query)
+        low, spans = low.flatten(), (high - low).flatten()
         owner = torch.repeat_interleave(torch.arange(batch * length, device=query.device), spans)
         entry = low[owner] + torch.arange(len(owner), device=query.device) - torch.repeat_interleave(spans.cumsum(0) - spans, spans)
         row = owner // length
@@ -225,10 +218,9 @@ class DocumentCache(nn.Module):
         table = counts.new_zeros(batch * length, len(columns)).index_put_((owner, next_column), counts[row, entry], accumulate=True)
         return table.view(batch, length, len(columns))
 
-    @staticmethod
-    def _totals(counts_before: torch.Tensor, length: int) -> torch.Tensor:
-        """Tokens read by each position [B, n] of a window of `length`: those before it and its own so far."""
-        return counts_before.sum(1, keepdim=True) + torch.arange(1, length + 1, device=counts_before.device)
+    def _spans(self, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the entries of each context query [B, n] begin and end in the sorted keys [B, P]."""
+        return torch.searchsorted(keys, query * self.vocab_size), torch.searchsorted(keys, (query + 1) * self.vocab_size)
 
     def _log_weights(self, hidden: torch.Tensor, context_counts: list[torch.Tensor]) -> torch.Tensor:
         """The log-weights [..., 2 + len(context_counts)] of the softmax, the unigram term and each
@@ -242,14 +234,16 @@ class DocumentCache(nn.Module):
             gates.append(gate.masked_fill(n_context == 0, -torch.inf))
         return torch.stack([torch.zeros_like(gates[0]), *gates], -1).log_softmax(-1)
 
-    def _mixture(
-        self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, distributions: list[torch.Tensor], context_counts: list[torch.Tensor]
-    ) -> torch.Tensor:
+    def _mixture(self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
         """The softmax's share of every token, plus the cache terms' shares of the tokens in
-        `columns` [K] (those the document has used: elsewhere the cache gives nothing), each term's
-        distribution [..., K] over them. Working on those columns only keeps the cost near that
-        of a log-softmax: over all V columns a window cost five times as much (docs/architecture.md)."""
-        log_weights = self._log_weights(hidden, context_counts)
+        `columns` [K] (those the document has used: elsewhere the cache gives nothing), from each
+        term's counts [..., K] over them: the unigram counts, then each n-gram context's
+        continuations (their sum is how often the context occurred). Working on those columns only
+        keeps the cost near that of a log-softmax: over all V columns a window cost five times as
+        much (docs/architecture.md)."""
+        totals = [table.sum(-1) for table in tables]
+        distributions = [table / total.clamp(min=1).unsqueeze(-1) for table, total in zip(tables, totals)]
+        log_weights = self._log_weights(hidden, totals[1:])
         log_probs = at_least_float32(logits).log_softmax(-1) + log_weights[..., :1]
         cache = sum(weight.unsqueeze(-1) * distribution for weight, distribution in zip(log_weights[..., 1:].exp().unbind(-1), distributions))
         model_part = log_probs.index_select(-1, columns)
