@@ -1,6 +1,6 @@
 """The Triton selective scan against the sequential reference; on a CPU under Triton's interpreter
-(TRITON_INTERPRET=1, set in conftest.py). The interpreter runs each kernel step in Python: sizes
-stay small.
+(TRITON_INTERPRET=1, set in conftest.py). The interpreter runs each kernel operation in Python:
+sizes stay small.
 """
 
 import dataclasses
@@ -42,12 +42,9 @@ def outputs_and_gradients(scan, inputs, grad_y, grad_h):
     return [y, h, *gradients]
 
 
-# d_inner 40 spans two channel blocks, the second one partly masked; T = 552 spans several
-# checkpoints. Under the interpreter, T = 552 at B = 3 takes about half a minute: kept for -m slow.
-@pytest.mark.parametrize(
-    "length, batch, d_inner",
-    [(1, 1, 8), (1, 3, 8), (37, 1, 8), (37, 3, 40), (552, 1, 8), pytest.param(552, 3, 8, marks=pytest.mark.slow)],
-)
+# d_inner 40 spans three channel blocks, the last one partly masked; T = 37 and 552 end inside a
+# tile, and 552 spans 35 tiles, each starting from a kept state.
+@pytest.mark.parametrize("length, batch, d_inner", [(1, 1, 8), (1, 3, 8), (37, 1, 8), (37, 3, 40), (552, 1, 8), (552, 3, 40)])
 def test_triton_scan_equals_the_reference_outputs_final_state_and_gradients(length, batch, d_inner):
     reference_inputs = scan_inputs(batch, length, d_inner)
     grad_y = torch.randn(batch, length, d_inner, dtype=torch.float64, device=DEVICE)
@@ -60,7 +57,7 @@ def test_triton_scan_equals_the_reference_outputs_final_state_and_gradients(leng
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == torch.float32, name
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}")
-    if length > triton_scan.CHECKPOINT_EVERY:  # only states every CHECKPOINT_EVERY steps are kept
+    if length > triton_scan.TILE:  # only the states at the start of each tile are kept
         assert max(saved_sizes) < batch * length * d_inner * 4
 
 

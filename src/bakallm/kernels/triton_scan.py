@@ -1,17 +1,21 @@
 """Mamba-1 selective scan in Triton, with the state carried in and out (see reference.py).
 
 One program owns one row and a block of BLOCK_D channels, holds their [BLOCK_D, d_state] state in
-registers in float32, and walks the sequence one step at a time: the state is never written to
-memory except at a checkpoint every CHECKPOINT_EVERY steps (forward) and in a per-program scratch
-of one chunk's states (backward), so no [B, T, d_inner, d_state] tensor exists.
+float32, and walks the sequence TILE steps at a time. Per tile it loads the tile's inputs with one
+coalesced load each ([TILE, BLOCK_D] of x and dt, [TILE, d_state] of B and C), forms the step
+factors a = exp(dt A) and b = dt x B as [TILE, BLOCK_D, d_state] tensors in registers, and solves
+the tile's recurrence h[t] = a[t] h[t-1] + b[t] with a parallel associative scan along time; the
+state entering the tile is then added as (product of a up to t) * h_in. The state is never written
+to memory except at the start of every tile (forward, only when gradients are needed), so no
+[B, T, d_inner, d_state] tensor exists.
 
-Backward walks the checkpointed chunks from the last to the first. For each chunk it recomputes the
-chunk's states from its checkpoint into the program's scratch (CHECKPOINT_EVERY + 1 states, small
-enough to stay in the GPU's L2 cache), then runs the state gradient backwards through the chunk,
-turning it into the gradients of x, dt, A, B, C and D as it goes; what is left at the first step is
-the gradient of h0. The gradients of B and C sum over channels, so each channel block writes its
-part and the parts are summed afterwards (deterministic, unlike atomics); A and D sum over rows
-the same way.
+Backward walks the tiles from the last to the first. For each tile it reloads the tile's inputs and
+its starting state, recomputes the tile's states with the same scan, and solves the state gradient
+g[t] = C[t] dy[t] + a[t+1] g[t+1] with a reverse associative scan, the gradient arriving from the
+later tiles (or from the final state) added as (product of a after t) * g_in. Everything else (the
+gradients of x, dt, A, B, C and D) is elementwise or a sum over one axis of those tiles; what flows
+out of the first step is the gradient of h0. The gradients of B and C sum over channels, so each channel block writes its part and the
+parts are summed afterwards (deterministic, unlike atomics); A and D sum over rows the same way.
 
 Both passes are custom operators (torch.library), so torch.compile keeps them in its graph as
 opaque calls instead of breaking the graph around the scan. Inputs may be float32 or bfloat16;
@@ -31,20 +35,40 @@ import triton.language as tl
 
 # Whether the kernels were built for Triton's interpreter, which runs them on CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CHECKPOINT_EVERY = 64
-MAX_BLOCK_D = 32
+# Steps solved at once by one scan; the forward pass keeps the state at the start of each tile
+# (1/TILE of a [B, T, d_inner, d_state] tensor) for the backward pass.
+TILE = 16
+MAX_BLOCK_D = 16
+NUM_WARPS = 8
+
+
+@triton.jit
+def _linear_recurrence(a_before, b_before, a_after, b_after):
+    """Two consecutive steps h -> a h + b as one: h -> a_after (a_before h + b_before) + b_after."""
+    return a_before * a_after, a_after * b_before + b_after
+
+
+@triton.jit
+def _scan_3d(a, b, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, REVERSE: tl.constexpr):
+    """The associative scan of the steps (a, b) [TILE, BLOCK_D, BLOCK_N] along time, done on their
+    [TILE, BLOCK_D * BLOCK_N] view: the two-dimensional scan along axis 0 is Triton's common case."""
+    a_scanned, b_scanned = tl.associative_scan(
+        (tl.reshape(a, (TILE, BLOCK_D * BLOCK_N)), tl.reshape(b, (TILE, BLOCK_D * BLOCK_N))), 0, _linear_recurrence, reverse=REVERSE
+    )
+    return tl.reshape(a_scanned, (TILE, BLOCK_D, BLOCK_N)), tl.reshape(b_scanned, (TILE, BLOCK_D, BLOCK_N))
 
 
 @triton.jit
 def _scan_forward_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
     y_ptr, h_last_ptr, checkpoints_ptr,
-    length, d_inner, d_state, n_checkpoints,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr,
+    length, d_inner, d_state, n_tiles,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     states = tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, TILE)
     channel_mask = channels < d_inner
     state_mask = states < d_state
     matrix_mask = channel_mask[:, None] & state_mask[None, :]
@@ -55,42 +79,49 @@ def _scan_forward_kernel(
     h = tl.load(h0_ptr + row * d_inner * d_state + matrix, mask=matrix_mask, other=0.0).to(tl.float32)
     sequence = row * length * d_inner
     projections = row * length * d_state
-    for t in range(length):
+    for tile in range(n_tiles):
         if SAVE_CHECKPOINTS:
-            if t % CHUNK == 0:
-                checkpoint = (row * n_checkpoints + t // CHUNK) * d_inner * d_state
-                tl.store(checkpoints_ptr + checkpoint + matrix, h, mask=matrix_mask)
-        x = tl.load(x_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        B = tl.load(B_ptr + projections + t * d_state + states, mask=state_mask, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + projections + t * d_state + states, mask=state_mask, other=0.0).to(tl.float32)
-        h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
-        y = tl.sum(h * C[None, :], axis=1) + D * x
-        tl.store(y_ptr + sequence + t * d_inner + channels, y.to(y_ptr.dtype.element_ty), mask=channel_mask)
+            tl.store(checkpoints_ptr + (row * n_tiles + tile) * d_inner * d_state + matrix, h, mask=matrix_mask)
+        t = tile * TILE + steps
+        # Steps past the end load dt = 0, x = 0: a = 1, b = 0, so they carry the last state unchanged.
+        in_sequence = t < length
+        per_channel = sequence + t[:, None] * d_inner + channels[None, :]
+        per_channel_mask = in_sequence[:, None] & channel_mask[None, :]
+        per_state = projections + t[:, None] * d_state + states[None, :]
+        per_state_mask = in_sequence[:, None] & state_mask[None, :]
+        x = tl.load(x_ptr + per_channel, mask=per_channel_mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + per_channel, mask=per_channel_mask, other=0.0).to(tl.float32)
+        B = tl.load(B_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
+        decay = tl.exp(dt[:, :, None] * A[None, :, :])
+        decay_so_far, h_from_zero = _scan_3d(decay, (dt * x)[:, :, None] * B[:, None, :], TILE, BLOCK_D, BLOCK_N, False)
+        h_tile = decay_so_far * h[None, :, :] + h_from_zero
+        y = tl.sum(h_tile * C[:, None, :], axis=2) + D[None, :] * x
+        tl.store(y_ptr + per_channel, y.to(y_ptr.dtype.element_ty), mask=per_channel_mask)
+        h = tl.sum(tl.where(steps[:, None, None] == TILE - 1, h_tile, 0.0), axis=0)
     tl.store(h_last_ptr + row * d_inner * d_state + matrix, h, mask=matrix_mask)
 
 
 @triton.jit
 def _scan_backward_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, checkpoints_ptr, grad_y_ptr, grad_h_last_ptr, scratch_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, checkpoints_ptr, grad_y_ptr, grad_h_last_ptr,
     grad_x_ptr, grad_dt_ptr, grad_A_parts_ptr, grad_B_parts_ptr, grad_C_parts_ptr, grad_D_parts_ptr, grad_h0_ptr,
-    length, d_inner, d_state, n_checkpoints, batch,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    length, d_inner, d_state, n_tiles, batch,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     channel_block = tl.program_id(1)
     channels = channel_block * BLOCK_D + tl.arange(0, BLOCK_D)
     states = tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, TILE)
     channel_mask = channels < d_inner
     state_mask = states < d_state
     matrix_mask = channel_mask[:, None] & state_mask[None, :]
     matrix = channels[:, None] * d_state + states[None, :]
-    # scratch[i] is the state before step i of the chunk, scratch[i + 1] the state after it.
-    scratch = scratch_ptr + (row * tl.num_programs(1) + channel_block) * (CHUNK + 1) * BLOCK_D * BLOCK_N
-    scratch_matrix = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + states[None, :]
 
     A = tl.load(A_ptr + matrix, mask=matrix_mask, other=0.0).to(tl.float32)
     D = tl.load(D_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+    # dL/dh at the end of the tile being processed, from everything after it.
     grad_h = tl.load(grad_h_last_ptr + row * d_inner * d_state + matrix, mask=matrix_mask, other=0.0).to(tl.float32)
     grad_A = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     grad_D = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -98,44 +129,44 @@ def _scan_backward_kernel(
     projections = row * length * d_state
     # The parts of grad B and grad C written by this channel block: [channel blocks, batch, T, N].
     parts = (channel_block * batch + row) * length * d_state
-    for reversed_chunk in range(n_checkpoints):
-        chunk = n_checkpoints - 1 - reversed_chunk
-        start = chunk * CHUNK
-        steps = tl.minimum(length - start, CHUNK)
-        h = tl.load(checkpoints_ptr + (row * n_checkpoints + chunk) * d_inner * d_state + matrix, mask=matrix_mask, other=0.0)
-        tl.store(scratch + scratch_matrix, h)
-        for i in range(steps):
-            t = start + i
-            x = tl.load(x_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-            B = tl.load(B_ptr + projections + t * d_state + states, mask=state_mask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
-            tl.store(scratch + (i + 1) * BLOCK_D * BLOCK_N + scratch_matrix, h)
-        tl.debug_barrier()
-        for reversed_step in range(steps):
-            i = steps - 1 - reversed_step
-            t = start + i
-            x = tl.load(x_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-            grad_y = tl.load(grad_y_ptr + sequence + t * d_inner + channels, mask=channel_mask, other=0.0).to(tl.float32)
-            B = tl.load(B_ptr + projections + t * d_state + states, mask=state_mask, other=0.0).to(tl.float32)
-            C = tl.load(C_ptr + projections + t * d_state + states, mask=state_mask, other=0.0).to(tl.float32)
-            h_after = tl.load(scratch + (i + 1) * BLOCK_D * BLOCK_N + scratch_matrix)
-            h_before = tl.load(scratch + i * BLOCK_D * BLOCK_N + scratch_matrix)
-            grad_h += grad_y[:, None] * C[None, :]  # now dL/dh[t]
-            tl.store(grad_C_parts_ptr + parts + t * d_state + states, tl.sum(h_after * grad_y[:, None], axis=0), mask=state_mask)
-            tl.store(grad_B_parts_ptr + parts + t * d_state + states, tl.sum(grad_h * (dt * x)[:, None], axis=0), mask=state_mask)
-            grad_dt_x = tl.sum(grad_h * B[None, :], axis=1)
-            decay = tl.exp(dt[:, None] * A)
-            grad_dt_A = grad_h * decay * h_before  # dL/d(dt[t] A)
-            grad_A += grad_dt_A * dt[:, None]
-            grad_D += grad_y * x
-            grad_dt = tl.sum(grad_dt_A * A, axis=1) + grad_dt_x * x
-            grad_x = grad_dt_x * dt + grad_y * D
-            tl.store(grad_x_ptr + sequence + t * d_inner + channels, grad_x.to(grad_x_ptr.dtype.element_ty), mask=channel_mask)
-            tl.store(grad_dt_ptr + sequence + t * d_inner + channels, grad_dt.to(grad_dt_ptr.dtype.element_ty), mask=channel_mask)
-            grad_h = grad_h * decay  # now the part of dL/dh[t-1] that flows through h[t]
-        tl.debug_barrier()  # the next chunk overwrites the scratch
+    for reversed_tile in range(n_tiles):
+        tile = n_tiles - 1 - reversed_tile
+        h_start = tl.load(checkpoints_ptr + (row * n_tiles + tile) * d_inner * d_state + matrix, mask=matrix_mask, other=0.0)
+        t = tile * TILE + steps
+        in_sequence = t < length
+        per_channel_mask = in_sequence[:, None] & channel_mask[None, :]
+        per_state_mask = in_sequence[:, None] & state_mask[None, :]
+        per_channel = sequence + t[:, None] * d_inner + channels[None, :]
+        per_state = projections + t[:, None] * d_state + states[None, :]
+        x = tl.load(x_ptr + per_channel, mask=per_channel_mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + per_channel, mask=per_channel_mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + per_channel, mask=per_channel_mask, other=0.0).to(tl.float32)
+        B = tl.load(B_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
+        decay = tl.exp(dt[:, :, None] * A[None, :, :])
+        step_input = (dt * x)[:, :, None] * B[:, None, :]
+        decay_so_far, h_from_zero = _scan_3d(decay, step_input, TILE, BLOCK_D, BLOCK_N, False)
+        h_after = decay_so_far * h_start[None, :, :] + h_from_zero
+        # g[t] = C[t] dy[t] + a[t + 1] g[t + 1] inside the tile; the last step also gets grad_h.
+        has_after = (steps[:, None] < TILE - 1) & ((t[:, None] + 1) < length) & channel_mask[None, :]
+        dt_after = tl.load(dt_ptr + per_channel + d_inner, mask=has_after, other=0.0).to(tl.float32)
+        decay_after, grad_from_tile = _scan_3d(
+            tl.exp(dt_after[:, :, None] * A[None, :, :]), grad_y[:, :, None] * C[:, None, :], TILE, BLOCK_D, BLOCK_N, True
+        )
+        grad_h_tile = grad_from_tile + decay_after * grad_h[None, :, :]  # dL/dh[t]
+        tl.store(grad_C_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(h_after * grad_y[:, :, None], axis=1), mask=per_state_mask)
+        tl.store(grad_B_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(grad_h_tile * (dt * x)[:, :, None], axis=1), mask=per_state_mask)
+        grad_dt_x = tl.sum(grad_h_tile * B[:, None, :], axis=2)
+        # dL/d(dt[t] A) = g[t] a[t] h[t-1], and a[t] h[t-1] = h[t] - b[t]: no shifted states needed.
+        grad_dt_A = grad_h_tile * (h_after - step_input)
+        grad_A += tl.sum(grad_dt_A * dt[:, :, None], axis=0)
+        grad_D += tl.sum(grad_y * x, axis=0)
+        grad_dt = tl.sum(grad_dt_A * A[None, :, :], axis=2) + grad_dt_x * x
+        grad_x = grad_dt_x * dt + grad_y * D[None, :]
+        tl.store(grad_x_ptr + per_channel, grad_x.to(grad_x_ptr.dtype.element_ty), mask=per_channel_mask)
+        tl.store(grad_dt_ptr + per_channel, grad_dt.to(grad_dt_ptr.dtype.element_ty), mask=per_channel_mask)
+        # What flows into the state before the tile: dL/dh at its first step, through that step's decay.
+        grad_h = tl.sum(tl.where(steps[:, None, None] == 0, grad_h_tile * decay, 0.0), axis=0)
     tl.store(grad_h0_ptr + row * d_inner * d_state + matrix, grad_h.to(grad_h0_ptr.dtype.element_ty), mask=matrix_mask)
     tl.store(grad_A_parts_ptr + row * d_inner * d_state + matrix, grad_A, mask=matrix_mask)
     tl.store(grad_D_parts_ptr + row * d_inner + channels, grad_D, mask=channel_mask)
@@ -150,19 +181,19 @@ def _forward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, h0: torch.Tensor,
     save_checkpoints: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h_last float32, checkpoints [batch, n_chunks, d_inner, d_state] float32, empty unless saved)."""
+    """(y, h_last float32, checkpoints [batch, n_tiles, d_inner, d_state] float32, empty unless saved)."""
     batch, length, d_inner = x.shape
     d_state = A.shape[1]
-    n_checkpoints = triton.cdiv(length, CHECKPOINT_EVERY) if save_checkpoints else 0
+    n_tiles = triton.cdiv(length, TILE)
     y = torch.empty_like(x)
     h_last = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
-    checkpoints = torch.empty(batch, n_checkpoints, d_inner, d_state, device=x.device, dtype=torch.float32)
+    checkpoints = torch.empty(batch, n_tiles if save_checkpoints else 0, d_inner, d_state, device=x.device, dtype=torch.float32)
     block_d, block_n = _blocks(d_inner, d_state)
     _scan_forward_kernel[(batch, triton.cdiv(d_inner, block_d))](
         # Without checkpoints the kernel never touches their pointer; an empty tensor's may be null.
         x, dt, A, B, C, D, h0, y, h_last, checkpoints if save_checkpoints else h_last,
-        length, d_inner, d_state, n_checkpoints,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHECKPOINT_EVERY, SAVE_CHECKPOINTS=save_checkpoints,
+        length, d_inner, d_state, n_tiles,
+        BLOCK_D=block_d, BLOCK_N=block_n, TILE=TILE, SAVE_CHECKPOINTS=save_checkpoints, num_warps=NUM_WARPS,
     )
     return y, h_last, checkpoints
 
@@ -171,11 +202,11 @@ def _forward(
 def _(x, dt, A, B, C, D, h0, save_checkpoints):
     batch, length, d_inner = x.shape
     d_state = A.shape[1]
-    n_checkpoints = -(-length // CHECKPOINT_EVERY) if save_checkpoints else 0
+    n_tiles = -(-length // TILE) if save_checkpoints else 0
     return (
         torch.empty_like(x),
         x.new_empty(batch, d_inner, d_state, dtype=torch.float32),
-        x.new_empty(batch, n_checkpoints, d_inner, d_state, dtype=torch.float32),
+        x.new_empty(batch, n_tiles, d_inner, d_state, dtype=torch.float32),
     )
 
 
@@ -190,7 +221,6 @@ def _backward(
     block_d, block_n = _blocks(d_inner, d_state)
     channel_blocks = triton.cdiv(d_inner, block_d)
     float32 = {"device": x.device, "dtype": torch.float32}
-    scratch = torch.empty(batch * channel_blocks * (CHECKPOINT_EVERY + 1) * block_d * block_n, **float32)
     grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
     grad_h0 = torch.empty_like(h0)
     grad_A_parts = torch.empty(batch, d_inner, d_state, **float32)
@@ -198,10 +228,10 @@ def _backward(
     grad_C_parts = torch.empty(channel_blocks, batch, length, d_state, **float32)
     grad_D_parts = torch.empty(batch, d_inner, **float32)
     _scan_backward_kernel[(batch, channel_blocks)](
-        x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last, scratch,
+        x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last,
         grad_x, grad_dt, grad_A_parts, grad_B_parts, grad_C_parts, grad_D_parts, grad_h0,
         length, d_inner, d_state, checkpoints.shape[1], batch,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHECKPOINT_EVERY,
+        BLOCK_D=block_d, BLOCK_N=block_n, TILE=TILE, num_warps=NUM_WARPS,
     )
     return (
         grad_x,
