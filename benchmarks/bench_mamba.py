@@ -14,7 +14,11 @@ With --scan-table it also times the selective scan alone (forward + backward fro
 d_inner 1536, d_state 16): our Triton and blocked scans, and on CUDA flash-linear-attention's
 `fused_recurrent_hgrn` when `fla` imports. HGRN's recurrence h = exp(g) h + x is the Mamba scan
 once d_inner x d_state is flattened into channels (x = (dt u) outer B, g = dt outer A, then
-y = sum_n C h + D u), so that peer materialises [B, T, d_inner x d_state] tensors.
+y = sum_n C h + D u), so that peer materialises [B, T, d_inner x d_state] tensors. Each scan's
+time is also given against a memory floor: one copy that reads and writes as many bytes as the
+scan's inputs and outputs (issue 8's target for the Triton scan: within 2x of it).
+--triton-configs 32:8:8 16:32:8 ... adds the Triton scan with other tile lengths, channels per
+program and warps (the defaults are in kernels/triton_scan.py), to tune them on a GPU.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ OURS_PREFIX = "bakallm Mamba"
 OURS, MAMBAPY, TRANSFORMERS = f"{OURS_PREFIX} (blocked scan)", "mambapy MambaBlock (pscan)", "transformers MambaMixer (slow path)"
 OURS_TRITON = f"{OURS_PREFIX} (triton scan)"
 SCAN_TRITON, SCAN_BLOCKED, SCAN_FLA = "triton scan", "blocked scan", "fla fused_recurrent_hgrn (flattened)"
+SCAN_IO_FLOOR = "memory floor: copy the scan's input and output bytes once"
 
 
 def build_case(implementation: str, batch: int, length: int, device: torch.device, scan_sizes: tuple[int, int] | None = None, seed: int = 0):
@@ -134,8 +139,9 @@ def parity_check(device: torch.device, batch: int, length: int, backend: str = "
     return differences[worst]
 
 
-def build_scan_case(implementation: str, batch: int, length: int, device: torch.device, d_inner: int = EXPAND * D_MODEL):
-    """Forward + backward of the selective scan alone from a carried state, at one block's shape."""
+def build_scan_case(implementation: str, batch: int, length: int, device: torch.device, d_inner: int = EXPAND * D_MODEL, triton_config=None):
+    """Forward + backward of the selective scan alone from a carried state, at one block's shape;
+    triton_config (tile, block_d, warps) sizes the Triton kernels."""
     from bakallm.kernels.scan import selective_scan
 
     torch.manual_seed(0)
@@ -145,6 +151,18 @@ def build_scan_case(implementation: str, batch: int, length: int, device: torch.
     B, C = (torch.randn(batch, length, D_STATE, device=device, requires_grad=True) for _ in range(2))
     D = torch.randn(d_inner, device=device, requires_grad=True)
     h0 = torch.randn(batch, d_inner, D_STATE, device=device, requires_grad=True)
+    if implementation == SCAN_IO_FLOOR:
+        # Each input and output of forward + backward read or written once: inputs x, dt, A, B, C, D,
+        # h0 and the gradients of y and the final state; outputs y, the final state, and the
+        # gradients of the seven inputs. Copying half of those bytes reads and writes all of them.
+        inputs_and_outputs = 2 * (sum(t.numel() for t in (x, dt, A, B, C, D, h0)) + x.numel() + h0.numel())
+        source = torch.empty(inputs_and_outputs // 2, device=device)
+        target = torch.empty_like(source)
+
+        def step():
+            target.copy_(source)
+
+        return step
     if implementation == SCAN_FLA:
         from fla.ops.hgrn import fused_recurrent_hgrn
 
@@ -155,37 +173,62 @@ def build_scan_case(implementation: str, batch: int, length: int, device: torch.
             y = (states.view(batch, length, d_inner, D_STATE) * C.unsqueeze(2)).sum(-1) + D * x
             return y, h_last
     else:
-        backend = "triton" if implementation == SCAN_TRITON else "blocked"
+        backend = "blocked" if implementation == SCAN_BLOCKED else "triton"
 
         def scan():
             return selective_scan(x, dt, A, B, C, D, h0, backend=backend)
 
     def step():
+        if triton_config is not None:
+            from bakallm.kernels import triton_scan
+
+            triton_scan.TILE, triton_scan.MAX_BLOCK_D, triton_scan.NUM_WARPS = triton_config
         y, h_last = scan()
         (y.sum() + h_last.sum()).backward()
 
     return step
 
 
-def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeats: int) -> None:
-    implementations = [SCAN_BLOCKED]
+def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeats: int, triton_configs: list[tuple[int, int, int]]) -> None:
+    """The scan alone against the blocked scan, and against the time to move its inputs and outputs
+    once through the device's memory (issue 8's target: within 2x of that floor)."""
+    implementations, configs = [SCAN_BLOCKED, SCAN_IO_FLOOR], {}
     if device.type == "cuda" and triton_usable(device):
-        implementations.insert(0, SCAN_TRITON)
+        from bakallm.kernels import triton_scan
+
+        default = (triton_scan.TILE, triton_scan.MAX_BLOCK_D, triton_scan.NUM_WARPS)
+        for config in dict.fromkeys([default, *triton_configs]):
+            name = SCAN_TRITON if config == default else f"{SCAN_TRITON} (tile {config[0]}, {config[1]} channels, {config[2]} warps)"
+            configs[name] = config
+            implementations.insert(len(configs) - 1, name)
     if device.type == "cuda":
         try:
             __import__("fla.ops.hgrn")
             implementations.append(SCAN_FLA)
         except ImportError as error:
             print(f"flash-linear-attention does not import ({error}): {SCAN_FLA} left out.")
-    cases = {(name, batch): build_scan_case(name, batch, length, device) for batch in batch_sizes for name in implementations}
+    cases = {(name, batch): build_scan_case(name, batch, length, device, triton_config=configs.get(name)) for batch in batch_sizes for name in implementations}
     peaks = {}
     times = {key: median(values) for key, values in interleaved_times(cases, repeats, device, peaks=peaks).items()}
+    if configs:  # later calls get the default sizes again
+        triton_scan.TILE, triton_scan.MAX_BLOCK_D, triton_scan.NUM_WARPS = default
     rows = []
     for (name, batch), seconds in times.items():
-        blocked = times[SCAN_BLOCKED, batch]
-        rows.append([name, batch, length, f"{seconds * 1e3:.2f}", f"{batch * length / seconds:,.0f}", f"{blocked / seconds:.2f}x", format_bytes(peaks.get((name, batch)))])
+        blocked, floor = times[SCAN_BLOCKED, batch], times[SCAN_IO_FLOOR, batch]
+        rows.append([
+            name, batch, length, f"{seconds * 1e3:.3f}", f"{batch * length / seconds:,.0f}", f"{blocked / seconds:.2f}x", f"{seconds / floor:.2f}x",
+            format_bytes(peaks.get((name, batch))),
+        ])
     print()
-    print(markdown_table(["selective scan alone", "B", "T", "fwd+bwd ms", "tokens/s", "speed vs blocked", "peak memory"], rows))
+    print(markdown_table(["selective scan alone", "B", "T", "fwd+bwd ms", "tokens/s", "speed vs blocked", "time / I/O floor", "peak memory"], rows))
+
+
+def triton_config(text: str) -> tuple[int, int, int]:
+    try:
+        tile, block_d, warps = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TILE:CHANNELS:WARPS such as 16:16:8, got {text!r}") from None
+    return tile, block_d, warps
 
 
 def main() -> None:
@@ -201,6 +244,10 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--parity-batch", type=int, default=1)
     parser.add_argument("--scan-table", action="store_true", help="also time the selective scan alone (triton, blocked, fla)")
+    parser.add_argument(
+        "--triton-configs", type=triton_config, nargs="+", default=[], metavar="TILE:CHANNELS:WARPS",
+        help="with --scan-table on CUDA, also time the Triton scan with these tile lengths, channels per program and warps",
+    )
     parser.add_argument(
         "--scan-sizes", type=int, nargs=2, action="append", metavar=("BLOCK", "CHUNK"),
         help="also time our block with these blocked-scan block and sub-chunk sizes (repeatable)",
@@ -255,7 +302,7 @@ def main() -> None:
         f" (the transformers path: one call). Peak memory: extra bytes above the inputs and parameters."
     )
     if args.scan_table:
-        scan_table(device, args.batch_sizes, args.length, args.repeats)
+        scan_table(device, args.batch_sizes, args.length, args.repeats, args.triton_configs)
 
 
 if __name__ == "__main__":

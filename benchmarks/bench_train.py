@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: tor
 
         return evaluate
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as the trainer's
 
     def train_step():
         loss_of_batch().backward()
@@ -170,6 +171,19 @@ def profile_step(step, device: torch.device, rows: int = 25) -> None:
     print(profiler.key_averages().table(sort_by=sort, row_limit=rows))
 
 
+def host_synchronisations(step) -> list[str]:
+    """The warnings PyTorch gives for each operation of one call of `step` that makes the host wait
+    for the GPU (CUDA only): a training step should make none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(warning.message).splitlines()[0] for warning in caught if "synchroniz" in str(warning.message)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arguments(parser)
@@ -185,6 +199,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     parser.add_argument("--scan", default="auto", choices=["auto", "triton", "blocked", "reference"], help="our models' selective scan backend")
     parser.add_argument("--epoch-tokens", type=float, default=120e6, help="tokens of one epoch, for the projected epoch time (WikiText-103: ~120M)")
+    parser.add_argument("--sync-check", action="store_true", help="on CUDA, count the host synchronisations in one more training step of each model")
     parser.add_argument("--profile", metavar="MODEL", help="print a torch.profiler table of one training step of MODEL and exit")
     args = parser.parse_args()
     device = resolve_device(args)
@@ -212,6 +227,11 @@ def main() -> None:
     }
     peaks = {}
     times = {key: median(values) for key, values in interleaved_times(cases, args.steps, device, peaks=peaks).items()}
+    if args.sync_check and device.type == "cuda":
+        for (name, mode), step in cases.items():
+            if mode == "train":
+                found = host_synchronisations(step)
+                print(f"{name}: {len(found)} host synchronisations in one training step{': ' + found[0] if found else ''}")
     del cases
     with torch.device("meta"):
         flops = {name: flops_per_token(name, build_model(name, torch.device("meta")), args.ctx) for name in models}

@@ -11,11 +11,14 @@
 #    against the plain formula (float32 and bfloat16), our XL attention through SDPA against
 #    PyTorch's plain math attention. Optional kernels (mamba_ssm, flash_attn) are checked when they
 #    import; one is only reported usable when its results with a carried state match ours.
-# 2. Speed: one Mamba block (Triton, blocked, mambapy) and the scan alone (Triton, blocked, fla)
-#    and the Elephant gate against their peers, then celp18 training (8 x 2048 tokens, bf16
-#    autocast, torch.compile, the Triton scan) and evaluation: tokens/s, peak memory, MFU against
-#    the bf16 dense peak (989 TFLOP/s on H100/H200; measured on other GPUs), the projected time of
-#    one WikiText-103 epoch (~120M tokens); then one 1M-token document evaluated window by window.
+# 2. Speed: one Mamba block (Triton, blocked, mambapy) and the scan alone (Triton at its default
+#    and four other sizes, blocked, fla, and a copy of as many bytes as the scan reads and writes:
+#    the memory floor) and the Elephant gate against their peers, then celp18 training (8 x 2048
+#    tokens, bf16 autocast, torch.compile, the Triton scan) and evaluation: tokens/s, peak memory,
+#    MFU against the bf16 dense peak (989 TFLOP/s on H100/H200; measured on other GPUs), the
+#    projected time of one WikiText-103 epoch (~120M tokens), the host synchronisations in one
+#    training step; then one 1M-token document evaluated window by window, without and with the
+#    order-3 document cache.
 #
 # Without a CUDA device it runs the parity checks on the CPU and stops before the measurements.
 # Budget: under 8 minutes: the stages' time limits add up to 470 s.
@@ -36,8 +39,8 @@ if [ "$DEVICE" = cpu ]; then
 fi
 
 echo "== 1. Parity of the fast paths on $DEVICE"
-# 90 s on a GPU; a loaded CPU can need several minutes for the same checks.
-PARITY_LIMIT=$([ "$DEVICE" = cuda ] && echo 90 || echo 900)
+# Under a minute on a GPU; a loaded CPU can need several minutes for the same checks.
+PARITY_LIMIT=$([ "$DEVICE" = cuda ] && echo 60 || echo 900)
 timeout $PARITY_LIMIT $PYTHON - "$DEVICE" <<'PY' || { echo "gpu_check: parity stage failed or ran past ${PARITY_LIMIT} s." >&2; status=1; }
 import inspect
 import sys
@@ -209,15 +212,16 @@ fi
 PEAK=$($PYTHON -c "import torch; name = torch.cuda.get_device_name(); print(989 if ('H100' in name or 'H200' in name) else 0)")
 
 echo "== 2a. One Mamba block and the selective scan alone, forward + backward, against their peers"
-# Also larger blocked-scan blocks and sub-chunks: fewer, larger kernels, the trade a GPU may prefer.
-timeout 90 $PYTHON benchmarks/bench_mamba.py --device cuda --repeats 10 --skip-slow-peers --scan-table \
-    --scan-sizes 276 16 || status=1
+# Also larger blocked-scan blocks and sub-chunks: fewer, larger kernels, the trade a GPU may prefer;
+# and the Triton scan at other tile lengths, channels per program and warps, to tune its defaults.
+timeout 120 $PYTHON benchmarks/bench_mamba.py --device cuda --repeats 10 --skip-slow-peers --scan-table \
+    --scan-sizes 276 16 --triton-configs 8:16:4 32:8:8 16:32:8 16:8:4 || status=1
 echo "== 2b. Elephant gate, fused against plain"
 timeout 30 $PYTHON benchmarks/bench_elephant.py --device cuda --repeats 20 || status=1
 echo "== 2c. Training and evaluation, 8 x 2048 tokens, bf16 autocast, torch.compile, scan auto (triton)"
 timeout 200 $PYTHON benchmarks/bench_train.py --device cuda --models $MODELS --batch-size 8 --ctx 2048 \
-    --dtype bfloat16 --compile --eval --steps 5 --peak-tflops "$PEAK" --scan auto || status=1
-echo "== 2d. One 1M-token document, evaluated window by window with the carried state (celp18, bf16)"
+    --dtype bfloat16 --compile --eval --steps 5 --peak-tflops "$PEAK" --scan auto --sync-check || status=1
+echo "== 2d. One 1M-token document, evaluated window by window with the carried state (celp18, bf16), without and with the order-3 document cache"
 timeout 60 $PYTHON - <<'PY' || status=1
 import time
 
@@ -226,26 +230,30 @@ import torch
 from bakallm import BakaLM, ModelConfig
 
 device = torch.device("cuda")
-torch.manual_seed(0)
-model = BakaLM(ModelConfig.preset("celp18")).to(device).eval()
 length, call = 1_048_576, 8192
-document = torch.randint(0, model.config.vocab_size, (1, length + 1), device=device)
-state = model.init_state(1)
-loss_sum = torch.zeros((), device=device)
-torch.cuda.synchronize()
-torch.cuda.reset_peak_memory_stats()
-started = time.perf_counter()
-with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-    for start in range(0, length, call):
-        output = model(document[:, start : start + call], state=state, targets=document[:, start + 1 : start + call + 1], return_logits=False)
-        state = output.state
-        loss_sum += output.loss * output.n_targets
-torch.cuda.synchronize()
-seconds = time.perf_counter() - started
-loss = (loss_sum / length).item()
-print(f"1M-token document: {length / seconds:,.0f} tokens/s ({seconds:.1f} s), peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
-      f"mean loss {loss:.3f} (untrained: about ln(vocab) = {torch.log(torch.tensor(float(model.config.vocab_size))).item():.3f})")
-if not loss == loss:
-    raise SystemExit("1M-token document: the loss is NaN")
+for cache in ({}, {"document_cache": True, "document_cache_order": 3}):
+    torch.manual_seed(0)
+    model = BakaLM(ModelConfig.preset("celp18", **cache)).to(device).eval()
+    # Random tokens: the cache's n-gram tables grow by one entry per token, their largest size.
+    document = torch.randint(0, model.config.vocab_size, (1, length + 1), device=device)
+    state = model.init_state(1)
+    loss_sum = torch.zeros((), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for start in range(0, length, call):
+            output = model(document[:, start : start + call], state=state, targets=document[:, start + 1 : start + call + 1], return_logits=False)
+            state = output.state
+            loss_sum += output.loss * output.n_targets
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    loss = (loss_sum / length).item()
+    name = "with the order-3 document cache" if cache else "without a document cache"
+    print(f"1M-token document, {name}: {length / seconds:,.0f} tokens/s ({seconds:.1f} s), peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+          f"mean loss {loss:.3f} (untrained: about ln(vocab) = {torch.log(torch.tensor(float(model.config.vocab_size))).item():.3f})")
+    if not loss == loss:
+        raise SystemExit("1M-token document: the loss is NaN")
+    del model, state, output
 PY
 exit $status

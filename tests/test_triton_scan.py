@@ -61,6 +61,20 @@ def test_triton_scan_equals_the_reference_outputs_final_state_and_gradients(leng
         assert max(saved_sizes) < batch * length * d_inner * 4
 
 
+@pytest.mark.parametrize("tile, block_d", [(8, 8), (32, 32)])
+def test_triton_scan_gives_the_same_results_at_other_tile_and_channel_block_sizes(monkeypatch, tile, block_d):
+    # The sizes a GPU sweep (bench_mamba.py --triton-configs) may choose instead of the defaults.
+    monkeypatch.setattr(triton_scan, "TILE", tile)
+    monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", block_d)
+    reference_inputs = scan_inputs(2, 75, 40)
+    grad_y = torch.randn(2, 75, 40, dtype=torch.float64, device=DEVICE)
+    grad_h = torch.randn(2, 40, 4, dtype=torch.float64, device=DEVICE)
+    want = outputs_and_gradients(selective_scan_reference, reference_inputs, grad_y, grad_h)
+    got = outputs_and_gradients(triton_scan.selective_scan_triton, [t.detach().float().requires_grad_() for t in reference_inputs], grad_y, grad_h)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}")
+
+
 def test_triton_scan_takes_bfloat16_inputs_and_keeps_a_float32_state():
     reference_inputs = scan_inputs(1, 37, 8)
     y_want, h_want = selective_scan_reference(*reference_inputs)
