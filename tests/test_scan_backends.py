@@ -21,7 +21,37 @@ def test_auto_picks_the_blocked_scan_on_cpu():
 def test_auto_picks_triton_on_cuda_only_when_triton_imports(monkeypatch, triton_missing):
     assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "blocked"
     monkeypatch.setattr(scan, "_triton", {"module": object()})
+    monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): None})  # as if it had passed there
     assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_auto_falls_back_to_the_blocked_scan_with_a_warning_when_the_self_check_fails(monkeypatch):
+    monkeypatch.setattr(scan, "_triton", {"module": object()})
+    monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): "CompilationError: at 12:4"})
+    with pytest.warns(UserWarning, match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the blocked scan runs instead\."):
+        assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "blocked"
+
+
+def test_self_check_reports_a_kernel_that_does_not_run_or_gives_wrong_results(monkeypatch):
+    class Broken:
+        @staticmethod
+        def selective_scan_triton(*inputs):
+            raise RuntimeError("PTX compilation failed\nmore lines")
+
+    class Wrong:
+        @staticmethod
+        def selective_scan_triton(x, dt, A, B, C, D, h0):
+            y, h = scan.selective_scan_reference(x, dt, A, B, C, D, h0)
+            return y * 1.01, h
+
+    monkeypatch.setattr(scan, "_triton", {"module": Broken()})
+    assert scan._self_check(torch.device("cpu")) == "RuntimeError: PTX compilation failed"
+    monkeypatch.setattr(scan, "_triton", {"module": Wrong()})
+    assert scan._self_check(torch.device("cpu")) == "its results differ from the reference scan's by 1.0e-02 (relative)"
+    monkeypatch.setattr(scan, "_triton", {"module": scan})  # the reference itself under the Triton name
+    monkeypatch.setattr(scan, "selective_scan_triton", scan.selective_scan_reference, raising=False)
+    with torch.inference_mode():  # evaluation calls the scan there; the check still takes gradients
+        assert scan._self_check(torch.device("cpu")) is None
 
 
 def test_forced_backends_are_kept():

@@ -132,3 +132,15 @@ def test_tiny_model_training_step_with_the_triton_scan_equals_the_blocked_scan()
         results[backend] = [output.loss, *output.state.ssm, *(p.grad for p in model.parameters())]
     for got, want in zip(results["triton"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_forced_triton_passes_its_self_check_and_is_refused_when_it_would_fail(monkeypatch):
+    from bakallm.errors import UserError
+    from bakallm.kernels import scan
+
+    monkeypatch.setattr(scan, "_triton_self_checks", {})
+    assert scan.resolve_scan_backend("triton", DEVICE) == "triton"
+    assert scan._triton_self_checks == {DEVICE: None}
+    monkeypatch.setattr(scan, "_triton_self_checks", {DEVICE: "its results differ from the reference scan's by 3.0e-01 (relative)"})
+    with pytest.raises(UserError, match=r"failed its self-check against the reference scan on .*; choose --scan blocked or auto\.$"):
+        scan.resolve_scan_backend("triton", DEVICE)

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument(
         "--scan", choices=SCAN_BACKENDS,
-        help="our models only: selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)",
+        help="our models only: selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     parser.add_argument("--cache-dir", type=Path, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")

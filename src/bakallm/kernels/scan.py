@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
@@ -29,13 +30,63 @@ def _triton_scan() -> ModuleType | str:
     return _triton["module"]
 
 
+# Per device: None once the Triton scan compiled there and matched the reference, else why not.
+_triton_self_checks: dict[torch.device, str | None] = {}
+SELF_CHECK_TOLERANCE = 1e-3  # relative, on the outputs and every gradient of a small float32 case
+
+
+def _self_check(device: torch.device) -> str | None:
+    """Runs the Triton scan forward and backward on a small case on `device` (compiling its kernels
+    there) and compares it with the reference scan: None if they agree, else what went wrong."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length, d_inner, d_state = 2, 37, 16, 16
+    shapes = ((batch, length, d_inner), (batch, length, d_inner), (d_inner, d_state), (batch, length, d_state), (batch, length, d_state), (d_inner,), (batch, d_inner, d_state))
+    results = []
+    try:
+        # Evaluation reaches the first scan under inference_mode: the check's tensors must not be
+        # inference tensors, and it takes gradients.
+        with torch.inference_mode(False), torch.enable_grad():
+            values = [torch.randn(shape, generator=generator) for shape in shapes]
+            values[1] = values[1].abs() * 0.1  # dt > 0
+            values[2] = -values[2].abs()  # A < 0
+            for scan in (_triton_scan().selective_scan_triton, selective_scan_reference):
+                inputs = [value.to(device).requires_grad_() for value in values]
+                y, h = scan(*inputs)
+                results.append([y, h, *torch.autograd.grad(y.square().sum() + h.sum(), inputs)])
+    except Exception as error:  # a kernel that does not compile or run here, whatever the reason
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    for got, want in zip(*results):
+        difference = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+        if not difference <= SELF_CHECK_TOLERANCE:
+            return f"its results differ from the reference scan's by {difference:.1e} (relative)"
+    return None
+
+
+def triton_self_check_failure(device: torch.device) -> str | None:
+    """Why the Triton scan is not used on `device` although triton imports (None: it is). The
+    kernels have never run on every GPU they may meet, so the first use on a device checks them
+    once against the reference; inside a torch.compile trace the check is left to eager calls."""
+    if device not in _triton_self_checks:
+        if torch.compiler.is_compiling():
+            return None
+        _triton_self_checks[device] = _self_check(device)
+    return _triton_self_checks[device]
+
+
 def resolve_scan_backend(backend: str, device: torch.device) -> str:
     """The backend that runs a scan of tensors on `device`: "auto" becomes "triton" on CUDA when
-    triton imports and "blocked" elsewhere; a forced backend that cannot run there raises UserError."""
+    triton imports and the kernels pass their self-check there (else "blocked", with a warning when
+    the self-check failed), "blocked" elsewhere; a forced backend that cannot run there raises UserError."""
     if backend not in SCAN_BACKENDS:
         raise UserError(f"Unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)}.")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and not isinstance(_triton_scan(), str) else "blocked"
+        if device.type != "cuda" or isinstance(_triton_scan(), str):
+            return "blocked"
+        failure = triton_self_check_failure(device)
+        if failure is not None:
+            warnings.warn(f"The Triton scan failed its self-check on {device} ({failure}); the blocked scan runs instead.", stacklevel=2)
+            return "blocked"
+        return "triton"
     if backend == "triton":
         module = _triton_scan()
         if isinstance(module, str):
@@ -44,6 +95,9 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
             raise UserError(
                 f"The triton scan backend runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1, for tests), not on {device.type}; choose --scan blocked or auto."
             )
+        failure = triton_self_check_failure(device)
+        if failure is not None:
+            raise UserError(f"The triton scan backend failed its self-check against the reference scan on {device} ({failure}); choose --scan blocked or auto.")
     return backend
 
 

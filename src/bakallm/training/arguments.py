@@ -162,7 +162,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-doc-tokens", type=int, help="cut documents longer than this many tokens into independent pieces (default: never)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
-    add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports, else blocked (default auto)")
+    add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)")
     add("--fsdp", action="store_true", default=None, help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP")
     add(
         "--precision", choices=PRECISIONS,
