@@ -193,7 +193,7 @@ def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeat
     """The scan alone against the blocked scan, and against the time to move its inputs and outputs
     once through the device's memory (issue 8's target: within 2x of that floor)."""
     implementations, configs = [SCAN_BLOCKED, SCAN_IO_FLOOR], {}
-    if device.type == "cuda" and triton_usable(device):
+    if triton_usable(device):  # on CUDA; on a CPU only under TRITON_INTERPRET=1
         from bakallm.kernels import triton_scan
 
         default = (triton_scan.TILE, triton_scan.MAX_BLOCK_D, triton_scan.NUM_WARPS)
