@@ -63,9 +63,10 @@ def _self_check(device: torch.device) -> str | None:
 
 
 def triton_self_check_failure(device: torch.device) -> str | None:
-    """Why the Triton scan is not used on `device` although triton imports (None: it is). The
-    kernels have never run on every GPU they may meet, so the first use on a device checks them
-    once against the reference; inside a torch.compile trace the check is left to eager calls."""
+    """Why the Triton scan is not used on `device` although triton imports (None: it is). Kernels
+    that pass their tests under Triton's interpreter may still fail to compile, or compute wrongly,
+    with a given GPU and Triton version, so the first use on a device checks them once against the
+    reference; inside a torch.compile trace the check is left to the eager calls."""
     if device not in _triton_self_checks:
         if torch.compiler.is_compiling():
             return None
