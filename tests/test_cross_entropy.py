@@ -32,6 +32,18 @@ def test_chunked_loss_and_gradients_equal_cross_entropy_on_the_whole_logits(chun
     assert not got_grads[1][vocab:].any()
 
 
+def test_token_losses_are_each_tokens_cross_entropy_and_sum_to_the_loss():
+    hidden, weight, targets = head_inputs()
+    want = F.cross_entropy(F.linear(hidden, weight[:37]), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    loss, token_losses = linear_cross_entropy(hidden, weight, targets, 37, chunk_tokens=5, return_token_losses=True)
+    assert token_losses.shape == targets.shape and token_losses.dtype == torch.float32 and not token_losses.requires_grad
+    torch.testing.assert_close(token_losses.double(), want, rtol=1e-6, atol=1e-6)
+    assert (token_losses[targets == IGNORE_INDEX] == 0).all()
+    torch.testing.assert_close(token_losses.sum(), loss)
+    loss.backward()  # the loss keeps its gradients
+    assert hidden.grad is not None
+
+
 def test_no_tensor_of_the_whole_logits_is_kept_for_backward():
     hidden, weight, targets = head_inputs(tokens=64, padded_vocab=40, dtype=torch.float32)
     sizes = []

@@ -100,6 +100,9 @@ def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_th
     output = model(ids, targets=targets, return_logits=True)
     mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
+    # Each target's loss, as evaluation reads it, is that of the full distribution too.
+    token_losses = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
     names = [name for name, _ in model.named_parameters()]
     got = dict(zip(names, torch.autograd.grad(output.loss, list(model.parameters()), allow_unused=True)))
@@ -194,6 +197,9 @@ def test_the_training_loss_is_the_mixtures_at_every_order(order):
         output = model(ids, state=state, reset=reset, targets=targets, return_logits=True)
     mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
+    # Each target's loss, as evaluation reads it, is that of the full distribution too.
+    token_losses = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
 
 

@@ -317,9 +317,11 @@ def score_articles(
             while any(windows):
                 input_ids, targets, reset = _window_batch(corpus, windows, window)
                 targets = targets.to(device)
-                output = model(input_ids.to(device), state=state, reset=reset.to(device), return_logits=True)
+                # The targets' losses only: with the document cache, the full distribution of every
+                # position (its columns over the document's whole vocabulary) costs far more.
+                output = model(input_ids.to(device), state=state, reset=reset.to(device), targets=targets, return_logits=False)
                 state = output.state
-                nll, scored = token_nll(output.logits, targets), targets != IGNORE_INDEX
+                nll, scored = output.token_losses, targets != IGNORE_INDEX
                 busy = [row for row, row_window in enumerate(windows) if row_window is not None]
                 positions = torch.tensor([windows[row].start for row in busy])[:, None] + torch.arange(window)
                 bar.update(tally.add([windows[row].article for row in busy], nll[busy], scored[busy], positions))

@@ -32,6 +32,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         head = weight[:vocab_size]
         mixed = model_log_weight is not None
         loss = hidden.new_zeros((), dtype=torch.float32)
+        all_token_losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if with_gradients else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_gradients else None
         grad_model_log_weight = torch.zeros_like(model_log_weight, dtype=torch.float32) if with_gradients and mixed else None
@@ -49,7 +50,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 log_mixture = torch.logaddexp(model_term, other_log_prob[start : start + chunk_tokens].float())
                 model_share = (model_term - log_mixture).exp()
                 token_losses = -log_mixture
-            loss += torch.where(scored, token_losses, 0.0).sum()
+            token_losses = torch.where(scored, token_losses, 0.0)
+            all_token_losses[start : start + chunk_tokens] = token_losses
+            loss += token_losses.sum()
             if with_gradients:
                 grad_logits = logits.sub_(log_normalizer).exp_()  # softmax, in place of the logits
                 grad_logits.scatter_add_(1, safe_targets, torch.full_like(log_normalizer, -1.0))
@@ -61,10 +64,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_other_log_prob[start : start + chunk_tokens] = torch.where(scored, model_share - 1.0, 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob)
         ctx.dtypes = (weight.dtype, None if not mixed else model_log_weight.dtype, None if not mixed else other_log_prob.dtype)
-        return loss
+        ctx.mark_non_differentiable(all_token_losses)
+        return loss, all_token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_token_losses):
         grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob = ctx.saved_tensors
         weight_dtype, model_log_weight_dtype, other_log_prob_dtype = ctx.dtypes
         mixture_grads = (None, None)
@@ -84,7 +88,8 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     mixture: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
+    return_token_losses: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (float32) of the logits hidden [N, d] @ weight[:vocab_size].T against
     targets [N] (IGNORE_INDEX: not scored): F.cross_entropy(..., reduction="sum") of those logits,
     without holding them. vocab_size leaves out padding rows of the weight (default: all rows).
@@ -92,11 +97,15 @@ def linear_cross_entropy(
     mixture=(a, b), two [N] tensors, scores the mixture exp(a) softmax(logits) + exp(b) instead:
     a is the log-weight of the softmax, b the other component's weighted log-probability of each
     target (-inf where it gives the target none). hidden and weight then get the gradients of the
-    softmax's own cross-entropy, a and b those of the mixture's loss with the softmax held fixed."""
+    softmax's own cross-entropy, a and b those of the mixture's loss with the softmax held fixed.
+
+    return_token_losses=True also returns each token's loss [N] (float32, 0 where not scored,
+    without gradient): what evaluation needs, at no extra cost."""
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     model_log_weight, other_log_prob = mixture if mixture is not None else (None, None)
     inputs = (hidden, weight) if mixture is None else (hidden, weight, model_log_weight, other_log_prob)
     with_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-    return _ChunkedLinearCrossEntropy.apply(
+    loss, token_losses = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, targets, model_log_weight, other_log_prob, vocab_size, chunk_tokens, with_gradients
     )
+    return (loss, token_losses) if return_token_losses else loss

@@ -37,6 +37,7 @@ class ModelOutput:
     loss: torch.Tensor | None  # mean cross-entropy over targets != -100
     state: RecurrentState
     n_targets: torch.Tensor | None = None  # how many targets the loss averages over
+    token_losses: torch.Tensor | None = None  # [B, T] each target's loss (0 where -100), without gradient
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -184,7 +185,7 @@ class BakaLM(nn.Module):
         if reset is not None:
             state = state.reset(reset)
         window = self.config.window
-        window_logits = []
+        window_logits, window_token_losses = [], []
         loss_sum = None
         for start in range(0, length, window):
             window_ids = input_ids[:, start : start + window]
@@ -199,21 +200,23 @@ class BakaLM(nn.Module):
                 if self.document_cache is not None:
                     mixture = self.document_cache.target_mixture(hidden, before, window_ids, window_targets)
                 # In chunks of tokens: the window's float32 logits never all exist at once.
-                window_loss = linear_cross_entropy(
-                    hidden.flatten(0, 1), self.lm_head.weight, window_targets.flatten(), self.config.vocab_size, mixture=mixture
+                window_loss, token_losses = linear_cross_entropy(
+                    hidden.flatten(0, 1), self.lm_head.weight, window_targets.flatten(), self.config.vocab_size, mixture=mixture, return_token_losses=True
                 )
                 loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
+                window_token_losses.append(token_losses.view(window_targets.shape))
             if return_logits:
                 logits = self.lm_head(hidden)[..., : self.config.vocab_size]
                 if self.document_cache is not None:
                     logits = self.document_cache.window_log_probs(hidden, logits, before, window_ids)
                 window_logits.append(logits)
-        loss = n_targets = None
+        loss = n_targets = token_losses = None
         if targets is not None:
             n_targets = (targets != IGNORE_INDEX).sum()
             loss = loss_sum / n_targets.clamp(min=1)
+            token_losses = torch.cat(window_token_losses, dim=1)
         all_logits = (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1)) if return_logits else None
-        return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets)
+        return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets, token_losses=token_losses)
 
     def run_window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """One whole window (or the last, partial one): the last layer's output at its tokens
