@@ -214,3 +214,32 @@ def test_a_reset_row_forgets_its_ngrams_and_the_other_keeps_them():
     assert {key: count for key, count in kept.items() if count} == {5 * 50 + 5: 3.0, 5 * 50 + 6: 1.0, 6 * 50 + 6: 1.0}
     # Row 0 has read "6 6" since its reset: after its first 6 nothing, after the second a 6 once.
     assert out.logits[0, 1, 6].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_merging_windows_into_the_tables_counts_every_valid_key_as_a_dictionary_would():
+    from bakallm.model.document_cache import merge_ngrams
+
+    generator = torch.Generator().manual_seed(3)
+    batch = 3
+    keys, counts = torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1)
+    expected = [{} for _ in range(batch)]
+    for step in range(12):
+        # Small key ranges repeat keys inside a window and across windows; a wide one lands keys
+        # before, between and after the ones already held.
+        high = 8 if step % 3 else 10**12
+        new_keys = torch.randint(0, high, (batch, 9), generator=generator)
+        valid = torch.rand(batch, 9, generator=generator) > 0.25
+        if step == 7:  # row 1 is reset, as RecurrentState.reset zeroes it
+            keys[1], counts[1] = 0, 0.0
+            expected[1] = {}
+        keys, counts = merge_ngrams(keys, counts, new_keys, valid)
+        for row in range(batch):
+            for key, is_valid in zip(new_keys[row].tolist(), valid[row].tolist()):
+                if is_valid:
+                    expected[row][key] = expected[row].get(key, 0) + 1
+            held = counts[row] > 0
+            row_keys = keys[row][held].tolist()
+            assert row_keys == sorted(expected[row]), (step, row)
+            assert counts[row][held].tolist() == [expected[row][key] for key in row_keys]
+            assert held.tolist() == sorted(held.tolist(), reverse=True)  # the entries first, then padding
+        assert keys.shape[1] == max(1, max(len(table) for table in expected))

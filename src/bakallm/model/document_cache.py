@@ -58,19 +58,40 @@ def run_keys(tokens: torch.Tensor, length: int, vocab_size: int) -> torch.Tensor
 
 def merge_ngrams(keys: torch.Tensor, counts: torch.Tensor, new_keys: torch.Tensor, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A table of sorted keys [B, P] and counts [B, P] plus one count of each valid key of
-    new_keys [B, n]: sorted again, equal keys merged, as wide as its fullest row."""
-    all_keys = torch.cat((keys.masked_fill(counts == 0, PADDING_KEY), new_keys.masked_fill(~new_valid, PADDING_KEY)), 1)
-    all_counts = torch.cat((counts, new_valid.to(counts.dtype)), 1)
-    sorted_keys, order = all_keys.sort(1)
-    sorted_counts = all_counts.gather(1, order)
-    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-    starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    new_keys [B, n]: sorted again, equal keys merged, as wide as its fullest row.
+
+    Only the window's n keys are sorted; they are then merged into the table in one pass over it
+    (binary searches, then each old entry moves right by the number of new keys inserted before
+    it), so reading a window costs O(P + n log n), not a sort of the whole table: at 1M tokens
+    the table holds about a million entries per context length."""
+    batch, width = keys.shape
+    old_keys = keys.masked_fill(counts == 0, PADDING_KEY)  # a zeroed (reset) row is all padding
+    window_keys, _ = new_keys.masked_fill(~new_valid, PADDING_KEY).sort(1)
+    starts = torch.ones_like(window_keys, dtype=torch.bool)
+    starts[:, 1:] = window_keys[:, 1:] != window_keys[:, :-1]
     group = starts.cumsum(1) - 1
-    width = max(1, int((starts & (sorted_keys != PADDING_KEY)).sum(1).max()))
-    groups = int(group.max()) + 1
-    merged_keys = torch.full((keys.shape[0], groups), PADDING_KEY, dtype=keys.dtype, device=keys.device).scatter_(1, group, sorted_keys)
-    merged_counts = counts.new_zeros(keys.shape[0], groups).scatter_add_(1, group, sorted_counts)
-    return merged_keys[:, :width].contiguous(), merged_counts[:, :width].contiguous()
+    # The window's distinct keys [B, n] (padding after them) and how often each occurred.
+    unique_keys = torch.full_like(window_keys, PADDING_KEY).scatter_(1, group, window_keys)
+    unique_counts = counts.new_zeros(window_keys.shape).scatter_add_(1, group, (window_keys != PADDING_KEY).to(counts.dtype))
+    present = unique_counts > 0
+    position = torch.searchsorted(old_keys, unique_keys)  # width: after every old entry
+    existing = position.clamp(max=width - 1)
+    found = present & (old_keys.gather(1, existing) == unique_keys)
+    merged_counts_old = counts.scatter_add(1, existing, torch.where(found, unique_counts, 0.0))
+    inserted = present & ~found
+    # An inserted key goes before the old entry at its search position, so never after a padding
+    # entry: old entry i moves right by the number inserted at positions <= i.
+    before = torch.zeros(batch, width + 1, dtype=torch.long, device=keys.device).scatter_add_(1, position, inserted.long())
+    old_target = torch.arange(width, device=keys.device) + before[:, :width].cumsum(1)
+    new_target = position + inserted.long().cumsum(1) - 1
+    dump = width + new_keys.shape[1]  # a last column that collects the window keys not inserted
+    new_target = torch.where(inserted, new_target, dump)
+    merged_keys = torch.full((batch, dump + 1), PADDING_KEY, dtype=keys.dtype, device=keys.device)
+    merged_keys.scatter_(1, old_target, old_keys).scatter_(1, new_target, unique_keys)
+    merged_counts = counts.new_zeros(batch, dump + 1)
+    merged_counts.scatter_(1, old_target, merged_counts_old).scatter_(1, new_target, unique_counts)
+    filled = max(1, int(((counts > 0).sum(1) + inserted.sum(1)).max()))
+    return merged_keys[:, :filled].contiguous(), merged_counts[:, :filled].contiguous()
 
 
 def lookup(keys: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
