@@ -144,7 +144,8 @@ def _scan_backward_kernel(
         B = tl.load(B_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
         C = tl.load(C_ptr + per_state, mask=per_state_mask, other=0.0).to(tl.float32)
         decay = tl.exp(dt[:, :, None] * A[None, :, :])
-        step_input = (dt * x)[:, :, None] * B[:, None, :]
+        dt_x = dt * x
+        step_input = dt_x[:, :, None] * B[:, None, :]
         decay_so_far, h_from_zero = _scan_3d(decay, step_input, TILE, BLOCK_D, BLOCK_N, False)
         h_after = decay_so_far * h_start[None, :, :] + h_from_zero
         # g[t] = C[t] dy[t] + a[t + 1] g[t + 1] inside the tile; the last step also gets grad_h.
@@ -155,7 +156,7 @@ def _scan_backward_kernel(
         )
         grad_h_tile = grad_from_tile + decay_after * grad_h[None, :, :]  # dL/dh[t]
         tl.store(grad_C_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(h_after * grad_y[:, :, None], axis=1), mask=per_state_mask)
-        tl.store(grad_B_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(grad_h_tile * (dt * x)[:, :, None], axis=1), mask=per_state_mask)
+        tl.store(grad_B_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(grad_h_tile * dt_x[:, :, None], axis=1), mask=per_state_mask)
         grad_dt_x = tl.sum(grad_h_tile * B[:, None, :], axis=2)
         # dL/d(dt[t] A) = g[t] a[t] h[t-1], and a[t] h[t-1] = h[t] - b[t]: no shifted states needed.
         grad_dt_A = grad_h_tile * (h_after - step_input)
