@@ -137,8 +137,9 @@ def test_version_1_database_is_upgraded_in_place(tmp_path):
     assert (old.arch_hash, old.version, old.extra, old.study) == (None, None, {}, None)
     assert (new_id, new.arch_hash, new.extra) == (2, "beef", {"k": 1})
     assert (old.position_losses, new.position_losses) == (None, buckets)
+    assert (old.task, old.recall, new.task) == ("lm", None, "lm")  # rows from before version 5 measured language modelling
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     check.close()
 
 
@@ -155,7 +156,7 @@ def test_failed_upgrade_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     assert column_names(path) == before and "arch_hash" not in before
     with ResultsDB(path) as db:
         assert [row.model_name for row in db.rows()] == ["gpt2"]
-    assert column_names(path)[-5:] == ["arch_hash", "version", "extra", "study", "position_losses"]
+    assert column_names(path)[-7:] == ["arch_hash", "version", "extra", "study", "position_losses", "task", "recall"]
 
 
 def test_newer_schema_and_foreign_databases_are_refused(tmp_path):

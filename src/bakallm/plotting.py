@@ -1,4 +1,4 @@
-"""`bakallm plot`: training curves of run directories, and benchmark loss against context length."""
+"""`bakallm plot`: training curves of run directories, benchmark loss against context length, and recall against distance."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     positions.add_argument("--benchmark", help="only rows of this benchmark")
     positions.add_argument("--split", help="only rows of this split")
     positions.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    recall = modes.add_parser(
+        "recall", help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context"
+    )
+    recall.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    recall.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    recall.add_argument("--benchmark", help="only rows whose filler is this corpus")
+    recall.add_argument("--split", help="only rows of this split")
+    recall.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         written = plot_training(study_run_dirs(args.db, args.study), args.output, args.smooth)
     elif args.plot_mode == "context":
         written = plot_context(args.db, args.output, args.models, args.benchmark, args.split)
-    else:
+    elif args.plot_mode == "positions":
         written = plot_positions(args.db, args.output, args.models, args.benchmark, args.split)
+    else:
+        written = plot_recall(args.db, args.output, args.models, args.benchmark, args.split)
     print(f"wrote {written}")
     return 0
 
@@ -180,12 +190,51 @@ def plot_positions(
     return _finish_loss_plot(figure, axes, f"{benchmarks[0]}: loss by position in the article", out_path)
 
 
+def plot_recall(
+    db_path: str | Path | None,
+    out_path: str | Path,
+    models: Sequence[str] | None = None,
+    benchmark: str | None = None,
+    split: str | None = None,
+) -> Path:
+    """PNG of exact-answer accuracy against the distance from fact to query (log2 axis, in tokens), one
+    line per model_name and n_ctx, with each model's window and attention reach marked: a line that
+    stays up beyond the reach is the recurrent state remembering. The newest row of each line counts."""
+    out_path = _png_path(out_path)
+    rows, benchmarks = _benchmark_rows(db_path, models, benchmark, split, task="recall")
+    newest: dict[tuple[str, int, bool], ResultRow] = {}
+    for row in rows:  # rows come in id order, so later rows replace earlier ones
+        newest[(row.model_name, row.n_ctx, bool(row.extra.get("keep_document_cache")))] = row
+    figure, axes = _new_figure()
+    for (model_name, n_ctx, kept_cache), row in newest.items():
+        points = sorted((score["distance_tokens"], score["accuracy"]) for score in row.recall or [])
+        label = f"{model_name}, n_ctx {count_label(n_ctx)}" + (", cache kept" if kept_cache else "")
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    marks = sorted({("window", row.extra["window"]) for row in newest.values() if row.extra.get("window")}
+                   | {("attention reach", row.extra["attention_reach"]) for row in newest.values() if row.extra.get("attention_reach")})
+    for index, (kind, tokens) in enumerate(marks):
+        axes.axvline(tokens, color="grey", linestyle=":" if kind == "window" else "--", linewidth=1)
+        axes.annotate(f"{kind} {tokens:,}", (tokens, 1.0 - 0.06 * (index % 4)), rotation=90, fontsize="small", color="grey", ha="right", va="top")
+    chance = next((row.recall[0]["chance"] for row in newest.values() if row.recall), None)
+    if chance is not None:
+        axes.axhline(chance, color="black", linewidth=0.8, linestyle="-.", label=f"chance ({chance:.3%})")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("distance from the end of the fact to the query (tokens)")
+    axes.set_ylabel("exact answers")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title(f"{benchmarks[0]}: recall of a fact against its distance")
+    axes.grid(alpha=0.3)
+    _add_legend(figure, axes)
+    _save_png(figure, out_path)
+    return out_path
+
+
 def _benchmark_rows(
-    db_path: str | Path | None, models: Sequence[str] | None, benchmark: str | None, split: str | None
+    db_path: str | Path | None, models: Sequence[str] | None, benchmark: str | None, split: str | None, task: str = "lm"
 ) -> tuple[list[ResultRow], list[str]]:
-    """The rows of the chosen models on one benchmark and split, and that benchmark's name; refuses a mix."""
+    """The rows of the chosen models on one benchmark and split for one task, and that benchmark's name; refuses a mix."""
     with ResultsDB(db_path, must_exist=True) as db:
-        rows = db.rows(benchmark=benchmark, split=split)
+        rows = db.rows(benchmark=benchmark, split=split, task=task)
         db_shown = db.path
     if models:
         known = {row.model_name for row in rows}

@@ -14,7 +14,6 @@ same fingerprint, so a run can resume on a moved corpus.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -88,7 +87,8 @@ class TokenizedCorpus:
             raise ValueError("doc_ids and texts must have one entry per token list")
         offsets = np.zeros(n_documents + 1, dtype=np.int64)
         np.cumsum([len(token_list) for token_list in token_lists], out=offsets[1:])
-        tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(offsets[-1]))
+        # One copy per document, not one Python step per token: corpora of arrays hold millions of them.
+        tokens = np.concatenate([np.asarray(token_list, dtype=np.int64).reshape(-1) for token_list in token_lists] or [np.zeros(0, dtype=np.int64)])
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
         tokens = tokens.astype(token_dtype(vocab_size))

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ from bakallm.kernels import SCAN_BACKENDS
 if TYPE_CHECKING:
     import torch
 
+    from bakallm.data.recall import RecallSample
     from bakallm.data.token_cache import TokenizedCorpus
     from bakallm.evaluation.evaluate import EvalResult
     from bakallm.results.db import ResultRow
@@ -28,6 +29,11 @@ BAKALLM_DEFAULT_N_CTX = 1_048_576
 HF_DEFAULT_N_CTX = 2048
 BAKALLM_DEFAULT_BATCH_SIZE = 8
 HF_DEFAULT_BATCH_SIZE = 1
+TASKS = ("lm", "recall")
+DEFAULT_DISTANCES = "0.5,1,2,4,16,64,256"
+DEFAULT_SAMPLES = 100
+# Flags of the recall task, refused with --task lm.
+RECALL_FLAGS = ("distances", "samples", "seed", "depth", "facts", "window", "keep_document_cache")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--position-buckets",
-        default=",".join(map(str, DEFAULT_POSITION_BUCKETS)),
         help="where the position buckets of the context-use figures start, comma-separated from 0 "
         f"(default {','.join(map(str, DEFAULT_POSITION_BUCKETS))}: 0-512, 512-2K, 2K-8K, 8K+)",
     )
@@ -76,6 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     parser.add_argument("--cache-dir", type=Path, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    recall = parser.add_argument_group(
+        "recall (--task recall)",
+        "plant a fact ('The code of Mary Alden is 4 8 1 2 7.') in the --data text, ask about it a given distance later "
+        "('Q: What is Mary Alden's code? A:') and score the answer (docs/recall.md)",
+    )
+    parser.add_argument("--task", choices=TASKS, default="lm", help="lm: the loss of every token (default); recall: answers about facts read earlier")
+    recall.add_argument("--distances", help=f"distances between fact and query, in windows, comma-separated (default {DEFAULT_DISTANCES})")
+    recall.add_argument("--samples", type=int, help=f"samples per distance (default {DEFAULT_SAMPLES})")
+    recall.add_argument("--seed", type=int, help="seed of the filler places, names and codes (default 0)")
+    recall.add_argument("--depth", type=float, help="filler before the fact, in windows (default: drawn from [0, 1) for each sample)")
+    recall.add_argument("--facts", type=int, help="facts planted one after another; the query asks about one of them (default 1)")
+    recall.add_argument(
+        "--window", type=int,
+        help="tokens in one window, the unit of --distances and --depth (default: our model's window; for --hf its n_ctx)",
+    )
+    recall.add_argument(
+        "--keep-document-cache", action="store_true",
+        help="our models with the document cache: resets (--n-ctx, --reset-every) clear the network's state but keep the "
+        "document cache, to show that the cache alone cannot answer",
+    )
 
 
 @dataclass
@@ -94,8 +119,12 @@ class ModelUnderTest:
     default_tokenizer_note: str | None  # printed when the default tokenizer is used, if it needs saying
     default_n_ctx: int
     default_batch_size: int
+    window: int | None  # our model's window; None for a transformer, which reads n_ctx tokens at a time
+    attention_reach: int | None  # tokens attention can see back from a position, at most (our models); None: n_ctx
     # (corpus, n_ctx, stride, batch_size, progress, position bucket starts)
     score: Callable[[TokenizedCorpus, int, int | None, int, bool, tuple[int, ...]], EvalResult]
+    # (samples, n_ctx, batch_size, keep_document_cache) -> each sample's (answer log-probabilities, answer)
+    answer_log_probs: Callable[[Sequence[RecallSample], int, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,33 +152,124 @@ def run(args: argparse.Namespace) -> int:
         if args.hf is not None:
             raise UserError("--reset-every applies only to our models; for a Hugging Face model run bench again with another --n-ctx.")
         require_positive("--reset-every", args.reset_every)
-    position_buckets = parse_position_buckets(args.position_buckets)
+    _check_task_flags(args)
+    position_buckets = parse_position_buckets(args.position_buckets or ",".join(map(str, DEFAULT_POSITION_BUCKETS)))
     device = resolve_device(args.device)
     # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
         subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_run(args.model, device, args.progress, args.scan or "auto")
         n_ctx = args.n_ctx if args.n_ctx is not None else subject.default_n_ctx
+        contexts = [n_ctx] + ([args.reset_every] if args.reset_every is not None else [])
+        for flag, context in zip(("--n-ctx", "--reset-every"), contexts):
+            if subject.window is not None and context < subject.window:
+                raise UserError(f"{flag} {context} is smaller than the model's window of {subject.window} tokens; pass at least {subject.window}.")
         stride = None
-        if subject.kind == "hf":
+        if subject.kind == "hf" and args.task == "lm":
             stride = args.stride if args.stride is not None else default_stride(n_ctx)
         batch_size = args.batch_size if args.batch_size is not None else subject.default_batch_size
         tokenizer = load_tokenizer(_tokenizer_spec(args.tokenizer, subject))
         require_vocabulary_fits(tokenizer.vocab_size, subject.vocab_size, tokenizer.name)
         corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
-        contexts = [n_ctx] + ([args.reset_every] if args.reset_every is not None else [])
+        if args.task == "recall":
+            measurements = _recall_measurements(args, subject, corpus, tokenizer, contexts, batch_size)
+        else:
+            measurements = (
+                (context, _lm_figures(subject.score(corpus, context, stride, batch_size, args.progress, position_buckets))) for context in contexts
+            )
         stored = []
-        for context in contexts:
-            result = subject.score(corpus, context, stride, batch_size, args.progress, position_buckets)
-            row = _result_row(subject, result, args, context, stride, batch_size, tokenizer.name, device)
+        for context, (figures, extra, describe) in measurements:
+            row = _result_row(subject, args, context, stride, batch_size, tokenizer.name, device, figures, extra)
             row.created_at = utc_now_iso()
             row.id = db.add(row)
             stored.append(row)
-            print(_summary(row, result, db.path))
-    if len(stored) > 1:
+            print(describe(row, db.path))
+    if len(stored) > 1 and args.task == "lm":
         print(format_context_use(context_uses(stored)), end="")
     if args.json:
         print(json.dumps({key: json_value(value) for key, value in asdict(stored[0]).items()}, sort_keys=True))
     return 0
+
+
+def _check_task_flags(args: argparse.Namespace) -> None:
+    if args.task == "lm":
+        given = [name for name in RECALL_FLAGS if getattr(args, name) not in (None, False)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies only to --task recall; add --task recall or drop the flag.")
+        return
+    if args.stride is not None:
+        raise UserError("--stride applies only to --task lm; for recall a Hugging Face model reads the n_ctx tokens that end at the answer.")
+    if args.position_buckets is not None:
+        raise UserError("--position-buckets applies only to --task lm; recall is scored by distance (--distances).")
+    for flag, value in (("--samples", args.samples), ("--facts", args.facts), ("--window", args.window)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}.")
+    if args.depth is not None and not args.depth >= 0:
+        raise UserError(f"--depth must be at least 0 windows, got {args.depth}.")
+    if args.keep_document_cache and args.hf is not None:
+        raise UserError("--keep-document-cache applies only to our models; a Hugging Face model has no document cache.")
+
+
+Describe = Callable[["ResultRow", Path], str]
+
+
+def _lm_figures(result: EvalResult) -> tuple[dict, dict, Describe]:
+    """The row fields of a language-modelling result, its extra facts, and its printed summary."""
+    figures = {
+        "tokens": result.tokens, "loss": result.loss, "ppl": result.ppl, "bpb": result.bpb, "word_ppl": result.word_ppl,
+        "legacy_loss": result.legacy_loss, "nan_count": result.nan_count, "tokens_per_s": result.tokens_per_s,
+        "peak_memory_bytes": result.peak_memory_bytes, "position_losses": [bucket.to_dict() for bucket in result.position_losses],
+    }
+    return figures, {"n_articles": result.n_articles}, lambda row, db_path: _summary(row, result, db_path)
+
+
+def _recall_measurements(
+    args: argparse.Namespace, subject: ModelUnderTest, corpus: TokenizedCorpus, tokenizer, contexts: list[int], batch_size: int
+) -> Iterator[tuple[int, tuple[dict, dict, Describe]]]:
+    """Per context: the figures of every distance. All samples are drawn first, so that a distance
+    the filler cannot hold is refused before anything is scored."""
+    import math
+    import time
+
+    from tqdm.auto import tqdm
+
+    from bakallm.data.recall import EXACT_MATCH_CHANCE, FactWriter, filler_stream, parse_distances, recall_samples
+    from bakallm.evaluation.recall import RecallTally
+    from bakallm.results.table import format_recall_scores
+
+    window = args.window or subject.window or contexts[0]
+    distances = parse_distances(args.distances or DEFAULT_DISTANCES)
+    n_samples = args.samples or DEFAULT_SAMPLES
+    seed = args.seed or 0
+    writer = FactWriter(tokenizer)
+    filler = filler_stream(corpus)
+    depth = None if args.depth is None else round(args.depth * window)
+    sample_sets = [
+        (distance, recall_samples(filler, writer, round(distance * window), n_samples, seed, depth, max_depth_tokens=window, n_facts=args.facts or 1))
+        for distance in distances
+    ]
+    first_token_chance = writer.first_token_chance()
+    extra = {
+        "window": window, "attention_reach": subject.attention_reach or contexts[0], "seed": seed, "samples": n_samples,
+        "facts": args.facts or 1, "depth_windows": args.depth, "keep_document_cache": args.keep_document_cache,
+    }
+    for context in contexts:
+        started = time.perf_counter()
+        scores, read_tokens = [], 0
+        with tqdm(total=n_samples * len(distances), unit="sample", desc=f"recall n_ctx {context}", disable=None if args.progress else True) as bar:
+            for distance, samples in sample_sets:
+                tally = RecallTally()
+                for log_probs, answer in subject.answer_log_probs(samples, context, batch_size, args.keep_document_cache):
+                    tally.add(log_probs, answer)
+                    bar.update()
+                scores.append(tally.score(distance, samples[0].distance_tokens, EXACT_MATCH_CHANCE, first_token_chance))
+                read_tokens += sum(len(sample.tokens) - 1 for sample in samples)
+        answer_tokens = sum(score.answer_tokens for score in scores)
+        loss = sum(score.answer_loss * score.answer_tokens for score in scores) / answer_tokens
+        figures = {
+            "tokens": answer_tokens, "loss": loss, "ppl": math.exp(loss), "tokens_per_s": read_tokens / (time.perf_counter() - started),
+            "task": "recall", "recall": [score.to_dict() for score in scores],
+        }
+        yield context, (figures, extra, lambda row, db_path: format_recall_scores(row) + f"saved as row {row.id} of {db_path}")
 
 
 def parse_position_buckets(text: str) -> tuple[int, ...]:
@@ -189,6 +309,7 @@ def _load_run(path: str, device: torch.device, progress: bool, scan: str) -> Mod
 def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
     from bakallm.acceleration import use_scan_backend
     from bakallm.evaluation.evaluate import evaluate_bakalm
+    from bakallm.evaluation.recall import bakalm_answer_log_probs
     from bakallm.model.io import model_files
     from bakallm.model.network import BakaLM
 
@@ -198,6 +319,11 @@ def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
 
     def score(corpus: TokenizedCorpus, n_ctx: int, stride: int | None, batch_size: int, progress: bool, buckets: tuple[int, ...]) -> EvalResult:
         return evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=batch_size, device=device, progress=progress, position_buckets=buckets)
+
+    def answer_log_probs(samples: Sequence[RecallSample], n_ctx: int, batch_size: int, keep_document_cache: bool):
+        if keep_document_cache and not model.config.document_cache:
+            raise UserError(f"--keep-document-cache applies to models with the document cache, and {files.name} has none; drop the flag.")
+        return bakalm_answer_log_probs(model, samples, batch_size, device, n_ctx, keep_document_cache)
 
     return ModelUnderTest(
         kind="bakallm",
@@ -212,7 +338,10 @@ def _load_bakalm(path: str, device: torch.device, scan: str) -> ModelUnderTest:
         default_tokenizer_note=None,
         default_n_ctx=BAKALLM_DEFAULT_N_CTX,
         default_batch_size=BAKALLM_DEFAULT_BATCH_SIZE,
+        window=model.config.window,
+        attention_reach=2 * model.config.window if model.config.xl_cache else model.config.window,
         score=score,
+        answer_log_probs=answer_log_probs,
     )
 
 
@@ -229,6 +358,7 @@ def _load_hf(spec: str, device: torch.device, progress: bool) -> ModelUnderTest:
         hf_weight_files,
         load_hf_model,
     )
+    from bakallm.evaluation.recall import hf_answer_log_probs
 
     if not progress:
         transformers_logging.disable_progress_bar()
@@ -264,7 +394,10 @@ def _load_hf(spec: str, device: torch.device, progress: bool) -> ModelUnderTest:
         default_tokenizer_note=tokenizer_note,
         default_n_ctx=min(HF_DEFAULT_N_CTX, max_positions),
         default_batch_size=HF_DEFAULT_BATCH_SIZE,
+        window=None,
+        attention_reach=None,
         score=score,
+        answer_log_probs=lambda samples, n_ctx, batch_size, keep_document_cache: hf_answer_log_probs(model, samples, n_ctx, batch_size, device),
     )
 
 
@@ -280,14 +413,16 @@ def _sha256_files(paths: list[Path]) -> str:
 
 def _result_row(
     subject: ModelUnderTest,
-    result: EvalResult,
     args: argparse.Namespace,
     n_ctx: int,
     stride: int | None,
     batch_size: int,
     tokenizer: str,
     device: torch.device,
+    figures: dict,
+    extra: dict,
 ) -> ResultRow:
+    """The row of one measurement: what was measured on which model (`figures`: the measured fields)."""
     from bakallm import __version__
     from bakallm.results.db import ResultRow
 
@@ -297,26 +432,17 @@ def _result_row(
         benchmark=args.data,
         split=args.split,
         n_ctx=n_ctx,
-        tokens=result.tokens,
-        loss=result.loss,
-        ppl=result.ppl,
-        bpb=result.bpb,
         checkpoint_path=subject.checkpoint_path,
         checkpoint_hash=subject.checkpoint_hash,
         params_total=subject.params_total,
         params_embedding=subject.params_embedding,
         stride=stride,
         tokenizer=tokenizer,
-        word_ppl=result.word_ppl,
-        legacy_loss=result.legacy_loss,
-        nan_count=result.nan_count,
-        tokens_per_s=result.tokens_per_s,
-        peak_memory_bytes=result.peak_memory_bytes,
         note=args.note,
         arch_hash=subject.arch_hash,
         version=__version__,
-        extra={"n_articles": result.n_articles, "batch_size": batch_size, "device": str(device)},
-        position_losses=[bucket.to_dict() for bucket in result.position_losses],
+        extra={**extra, "batch_size": batch_size, "device": str(device)},
+        **figures,
     )
 
 

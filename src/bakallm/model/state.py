@@ -7,9 +7,13 @@ reads the learned initial memory, masks the attention cache, and starts Mamba fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+# The fields of the document cache (ModelConfig.document_cache): exact counts of what the document
+# held, as opposed to the network's own state.
+DOCUMENT_CACHE_FIELDS = ("token_counts", "ngram_keys", "ngram_counts", "recent_tokens")
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,10 @@ class RecurrentState:
             recent_tokens=None if self.recent_tokens is None else function(self.recent_tokens),
         )
 
-    def reset(self, rows: torch.Tensor) -> "RecurrentState":
-        """A state where the rows flagged in the bool tensor `rows` [B] are fresh (zeroed, no past)."""
+    def reset(self, rows: torch.Tensor, keep_document_cache: bool = False) -> "RecurrentState":
+        """A state where the rows flagged in the bool tensor `rows` [B] are fresh (zeroed, no past);
+        with `keep_document_cache`, only the network's state is cleared and the document cache's
+        counts stay (to show what the network itself carries)."""
         if rows.dtype != torch.bool or rows.shape != (self.batch_size,):
             raise ValueError(f"reset must be a bool tensor of shape [{self.batch_size}], got {tuple(rows.shape)} {rows.dtype}.")
         keep = ~rows.to(self.has_past.device)
@@ -62,7 +68,8 @@ class RecurrentState:
             # where, not multiplication: a stale NaN must not survive the reset.
             return torch.where(keep.view(-1, *([1] * (tensor.dim() - 1))), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
-        return self._map(clear)
+        cleared = self._map(clear)
+        return replace(cleared, **{name: getattr(self, name) for name in DOCUMENT_CACHE_FIELDS}) if keep_document_cache else cleared
 
     def detach(self) -> "RecurrentState":
         """The same values cut from the autograd graph (truncated backpropagation through time)."""

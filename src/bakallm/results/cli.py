@@ -8,14 +8,18 @@ from pathlib import Path
 
 from bakallm.errors import UserError
 from bakallm.results.context_use import context_uses, format_context_gains, format_context_use
-from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, ResultRow, ResultsDB, default_db_path
-from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, study_table
+from bakallm.results.db import ALL_COLUMNS, DB_PATH_ENV, TASKS, ResultRow, ResultsDB, default_db_path
+from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, recall_table, study_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
     parser.add_argument("--benchmark", help="only rows of this benchmark, e.g. wikitext-103")
     parser.add_argument("--split", help="only rows of this split, e.g. test")
+    parser.add_argument(
+        "--task", choices=TASKS,
+        help="only rows of this task: lm (language modelling) or recall (`bench --task recall`); default: both as Markdown, lm as CSV or JSON",
+    )
     parser.add_argument("--study", help="the table of this `bakallm ablate` study: one line per variant, with deltas to the first")
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
     columns = parser.add_mutually_exclusive_group()
@@ -42,24 +46,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         columns = DEFAULT_COLUMNS
     path = args.db if args.db is not None else default_db_path()
+    # CSV and JSON are read by programs: one table, the language-modelling one unless --task says otherwise.
+    shown_tasks = [args.task] if args.task is not None else (list(TASKS) if args.format == "markdown" else ["lm"])
     if args.study is not None:
         with ResultsDB(path, must_exist=True) as db:
-            rows = db.rows(benchmark=args.benchmark, split=args.split, study=args.study)
+            rows = [row for row in db.rows(benchmark=args.benchmark, split=args.split, study=args.study) if row.task in shown_tasks]
         if not rows:
             raise UserError(f"no results of study {args.study!r} in {path}; run `bakallm ablate` on its study file first.")
+        lm_rows, recall_rows = _by_task(rows)
         if args.context_use:
-            table = format_context_gains(context_uses(sorted(rows, key=lambda row: row.extra.get("variant_index", 0))))  # the study file's order
+            table = format_context_gains(context_uses(sorted(lm_rows, key=lambda row: row.extra.get("variant_index", 0))))  # the study file's order
             print(table or f"no variant of study {args.study!r} has two contexts with position losses to compare.\n", end="")
             return 0
-        print(study_table(rows, fmt=args.format), end="")
+        print(_tables(study_table(lm_rows, fmt=args.format) if lm_rows else None, recall_rows, args.format), end="")
         return 0
     with ResultsDB(path, must_exist=True) as db:
-        rows = db.rows(benchmark=args.benchmark, split=args.split)
+        rows = [row for row in db.rows(benchmark=args.benchmark, split=args.split) if row.task in shown_tasks]
         if not rows:
             print(f"no results in {db.path}{_filter_description(args)}.")
             return 0
+        lm_rows, recall_rows = _by_task(rows)
         if args.context_use:
-            uses = context_uses(rows)
+            uses = context_uses(lm_rows)
             if not uses:
                 print(f"no results with position losses in {db.path}{_filter_description(args)}: record some with `bakallm bench --reset-every 512`.")
                 return 0
@@ -70,11 +78,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             previous = db.last_listed_id()
             bold_ids = {row.id for row in rows if row.id > previous}
-        print(format_table(rows, columns, fmt=args.format, bold_ids=bold_ids), end="")
+        print(_tables(format_table(lm_rows, columns, fmt=args.format, bold_ids=bold_ids) if lm_rows else None, recall_rows, args.format), end="")
         # Only the Markdown table is read by a person; a script exporting CSV or JSON must not use up the marker.
         if args.format == "markdown":
             db.mark_listed(max(row.id for row in rows))
     return 0
+
+
+def _by_task(rows: list[ResultRow]) -> tuple[list[ResultRow], list[ResultRow]]:
+    return [row for row in rows if row.task == "lm"], [row for row in rows if row.task == "recall"]
+
+
+def _tables(lm_table: str | None, recall_rows: list[ResultRow], fmt: str) -> str:
+    """The language-modelling table, then the recall table (in Markdown under a heading of its own)."""
+    tables = [lm_table] if lm_table is not None else []
+    if recall_rows:
+        heading = "Recall: exact answers (first token) by distance between fact and query, in windows\n\n" if fmt == "markdown" else ""
+        tables.append(heading + recall_table(recall_rows, fmt=fmt))
+    return "\n".join(tables)
 
 
 def _filter_description(args: argparse.Namespace) -> str:

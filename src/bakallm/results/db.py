@@ -18,6 +18,8 @@ from bakallm.errors import UserError
 
 DB_PATH_ENV = "BAKALLM_RESULTS_DB"
 MODEL_KINDS = ("bakallm", "hf")
+# lm: the loss of every token of the articles; recall: answers to queries about facts read earlier (`bench --task recall`).
+TASKS = ("lm", "recall")
 
 # Each entry upgrades the schema by one version; `PRAGMA user_version` counts the entries applied.
 # Never edit an entry that has been released: append a new one, so existing databases can follow.
@@ -67,6 +69,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Version 4: the loss by position in the article (JSON list of buckets), for the context-use figures.
     ("ALTER TABLE results ADD COLUMN position_losses TEXT",),
+    # Version 5: what was measured (language modelling, or recall of planted facts with its figures by distance).
+    (
+        "ALTER TABLE results ADD COLUMN task TEXT NOT NULL DEFAULT 'lm'",
+        "ALTER TABLE results ADD COLUMN recall TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -104,12 +111,18 @@ class ResultRow:
     study: str | None = None  # the `bakallm ablate` study that recorded the row
     # One {"start", "stop", "tokens", "loss"} per position bucket (stop None: open-ended); None on older rows.
     position_losses: list[dict[str, Any]] | None = None
+    task: str = "lm"
+    # For task recall: one RecallScore dict per distance (bakallm.evaluation.recall); loss, ppl and
+    # tokens are then those of the answer tokens.
+    recall: list[dict[str, Any]] | None = None
     id: int | None = None  # assigned by the database
     created_at: str | None = None  # UTC ISO time, assigned by the database
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:
             raise ValueError(f"ResultRow.model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}.")
+        if self.task not in TASKS:
+            raise ValueError(f"ResultRow.task must be one of {TASKS}, got {self.task!r}.")
         # Benchmarks hand over numpy and torch scalars, which SQLite cannot store: keep plain Python numbers.
         for name, convert in _NUMBER_CONVERTERS.items():
             value = getattr(self, name)
@@ -134,6 +147,8 @@ _NUMBER_CONVERTERS = _number_converters()
 ALL_COLUMNS: tuple[str, ...] = ("id", "created_at") + tuple(
     f.name for f in fields(ResultRow) if f.name not in ("id", "created_at")
 )
+# Fields stored as JSON text.
+JSON_LIST_COLUMNS = ("position_losses", "recall")
 # SQLite stores NaN as NULL; these measurements are always written, so NULL can only mean NaN.
 _NAN_WHEN_NULL = ("loss", "ppl")
 
@@ -184,19 +199,22 @@ class ResultsDB:
         del values["id"]
         values["created_at"] = row.created_at or utc_now_iso()
         values["extra"] = json.dumps(row.extra, sort_keys=True)
-        if row.position_losses is not None:
-            values["position_losses"] = json.dumps(row.position_losses, sort_keys=True)
+        for name in JSON_LIST_COLUMNS:
+            if values[name] is not None:
+                values[name] = json.dumps(values[name], sort_keys=True)
         names = ", ".join(values)
         placeholders = ", ".join(f":{name}" for name in values)
         cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
         return int(cursor.lastrowid)
 
     def rows(
-        self, benchmark: str | None = None, split: str | None = None, since_id: int | None = None, study: str | None = None
+        self, benchmark: str | None = None, split: str | None = None, since_id: int | None = None, study: str | None = None,
+        task: str | None = None,
     ) -> list[ResultRow]:
-        """Rows in insertion order, optionally only those of a benchmark, a split, a study, or with an id above `since_id`."""
+        """Rows in insertion order, optionally only those of a benchmark, a split, a study, a task, or with an id above `since_id`."""
         conditions, parameters = [], []
-        for condition, value in (("benchmark = ?", benchmark), ("split = ?", split), ("id > ?", since_id), ("study = ?", study)):
+        filters = (("benchmark = ?", benchmark), ("split = ?", split), ("id > ?", since_id), ("study = ?", study), ("task = ?", task))
+        for condition, value in filters:
             if value is not None:
                 conditions.append(condition)
                 parameters.append(value)
@@ -253,8 +271,9 @@ def _upgrade(connection: sqlite3.Connection, path: Path) -> None:
 def _row_from_record(record: sqlite3.Row) -> ResultRow:
     values = {name: record[name] for name in record.keys()}
     values["extra"] = json.loads(values["extra"])
-    if values["position_losses"] is not None:
-        values["position_losses"] = json.loads(values["position_losses"])
+    for name in JSON_LIST_COLUMNS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
     for name in _NAN_WHEN_NULL:
         if values[name] is None:
             values[name] = math.nan

@@ -147,13 +147,7 @@ def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
     if fmt == "json":
         return json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2) + "\n"
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        columns = list(records[0]) if records else ["variant"]
-        writer.writerow(columns)
-        for record in records:
-            writer.writerow([_csv_cell(record[column]) for column in columns])
-        return buffer.getvalue()
+        return _records_csv(records, ["variant"])
     header = ["variant", "params", "train tokens", "train min", *[f"loss {figure} (delta)" for figure in figures]]
     lines = [_markdown_line(header), "|---|" + "---:|" * (len(header) - 1)]
     for record in records:
@@ -166,5 +160,67 @@ def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _records_csv(records: Sequence[dict[str, Any]], empty_columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = list(records[0]) if records else empty_columns
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow([_csv_cell(record[column]) for column in columns])
+    return buffer.getvalue()
+
+
 def _count(value: int | None) -> str:
     return "" if value is None else f"{value:,}"
+
+
+def format_recall_scores(row: ResultRow) -> str:
+    """One recall measurement, a line per distance, as `bakallm bench --task recall` prints it."""
+    window = row.extra.get("window")
+    lines = [
+        f"{row.model_name}: recall of a fact read N windows{f' of {window} tokens' if window else ''} before its query "
+        f"({row.benchmark} filler, n_ctx {row.n_ctx}{', document cache kept across resets' if row.extra.get('keep_document_cache') else ''})",
+        _markdown_line(["distance (windows)", "tokens", "exact answers", "first token", "answer loss", "samples"]),
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for score in row.recall or []:
+        lines.append(_markdown_line([
+            f"{score['distance_windows']:g}", f"{score['distance_tokens']:,}", f"{score['accuracy']:.1%}", f"{score['first_token_accuracy']:.1%}",
+            f"{score['answer_loss']:.3f}", str(score["samples"]),
+        ]))
+    if row.recall:
+        lines.append(f"chance: exact {row.recall[0]['chance']:.3%}, first token {row.recall[0]['first_token_chance']:.1%}")
+    return "\n".join(lines) + "\n"
+
+
+def recall_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
+    """Recall rows, one line each in the order recorded: exact-match accuracy (and the first token's)
+    at every distance any of them measured, in windows."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown table format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    rows = list(rows)
+    distances = sorted({score["distance_windows"] for row in rows for score in row.recall or []})
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {"id": row.id, "model_name": row.model_name, "benchmark": row.benchmark, "n_ctx": row.n_ctx,
+                                  "window": row.extra.get("window"), "note": row.note}
+        by_distance = {score["distance_windows"]: score for score in row.recall or []}
+        for distance in distances:
+            score = by_distance.get(distance)
+            record[f"exact@{distance:g}"] = score["accuracy"] if score else None
+            record[f"first@{distance:g}"] = score["first_token_accuracy"] if score else None
+        records.append(record)
+    if fmt == "json":
+        return json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2) + "\n"
+    if fmt == "csv":
+        return _records_csv(records, ["id"])
+    header = ["id", "model", "filler", "n_ctx", "window", *[f"{distance:g} w" for distance in distances], "note"]
+    lines = [_markdown_line(header), "|" + "---|" * 5 + "---:|" * len(distances) + "---|"]
+    for record in records:
+        cells = [str(record["id"]), record["model_name"], record["benchmark"], str(record["n_ctx"]), str(record["window"] or "")]
+        for distance in distances:
+            exact, first = record[f"exact@{distance:g}"], record[f"first@{distance:g}"]
+            cells.append("" if exact is None else f"{exact:.0%} ({first:.0%})")
+        cells.append(record["note"])
+        lines.append(_markdown_line([cell.replace("|", "\\|") for cell in cells]))
+    return "\n".join(lines) + "\n"

@@ -59,6 +59,8 @@ class TrainConfig:
     batching: str = "dynamic"
     shuffle: bool = False
     max_doc_tokens: int | None = None  # cut longer documents into independent pieces
+    recall_every: int | None = None  # plant a recall fact about every N tokens of each document (data/recall.py)
+    recall_max_distance: int = 1024  # tokens between a fact and its query, drawn uniformly from 0 to this
     carry_state: bool = True
     compile: bool = False
     scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
@@ -86,10 +88,12 @@ class TrainConfig:
         for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "epochs", "decay_steps", "max_doc_tokens", "threads"):
+        for name in ("max_steps", "epochs", "decay_steps", "max_doc_tokens", "threads", "recall_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if self.recall_max_distance < 0:
+            raise UserError(f"--recall-max-distance must be at least 0, got {self.recall_max_distance}.")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}.")
         if self.schedule not in SCHEDULES:
@@ -160,6 +164,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch; windows: a random window per row and step, state reset every step (default dynamic)")
     add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
     add("--max-doc-tokens", type=int, help="cut documents longer than this many tokens into independent pieces (default: never)")
+    add("--recall-every", type=int, metavar="N",
+        help="plant a fact ('The code of Mary Alden is 4 8 1 2 7.') about every N tokens of each document, and its query and answer "
+        "some distance later, to teach the model to recall through its state (default: none; docs/recall.md)")
+    add("--recall-max-distance", type=int, metavar="TOKENS", help="with --recall-every: the longest distance between a fact and its query (default 1024)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)")

@@ -18,6 +18,7 @@ from bakallm import __version__
 from bakallm.acceleration import autocast_dtype, compile_layers, use_scan_backend, use_threads
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
+from bakallm.data.recall import FactWriter, mix_recall
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
@@ -171,6 +172,9 @@ class Trainer:
             self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
             if config.eval_data:
                 self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+        corpus_fingerprint = self.corpus.fingerprint  # of the source, before any recall facts are planted
+        if config.recall_every is not None:
+            self.corpus = mix_recall(self.corpus, FactWriter(self.tokenizer), config.recall_every, config.recall_max_distance, config.seed)
         self.batcher = DocumentBatcher(
             self.corpus, self.global_rows, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
             max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size),
@@ -212,7 +216,7 @@ class Trainer:
             self.config.decay_steps = config.decay_steps or self.planned_steps
             self.schedule = planned_schedule(config, self.config.decay_steps)
             if self.distributed.is_main:
-                facts = {"version": __version__, "corpus_fingerprint": self.corpus.fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
+                facts = {"version": __version__, "corpus_fingerprint": corpus_fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
                 model_values = self.model.config_dict() if self.model_config is None else self.model_config.to_dict()
                 ckpt.write_run_config(self.run_dir, model_values, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
         self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
