@@ -189,3 +189,37 @@ def test_a_study_logged_to_a_file_has_no_transformers_progress_bars(study_file, 
     transformers_logging.enable_progress_bar()  # as in a fresh process; another test may have turned them off
     assert main(["ablate", str(study_file), "--db", str(tmp_path / "results.sqlite3"), "--variants", "neox"]) == 0
     assert "Writing model shards" not in capfd.readouterr().err  # stderr is a pipe here, as in `bakallm ablate ... 2> log`
+
+
+def test_a_study_with_a_recall_test_trains_on_the_recall_mix_and_records_recall_rows(study_file, tmp_path, capsys):
+    spec = yaml.safe_load(study_file.read_text())
+    filler = tmp_path / "filler"
+    write_texts(filler, 2, 9)
+    spec["training"].update(recall_every=100, recall_max_distance=128)
+    spec["eval"]["recall"] = {"data": str(filler), "distances": [0.5, 2], "samples": 3, "window": 64, "contexts": ["whole", 64]}
+    path = tmp_path / "recall.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    db = tmp_path / "results.sqlite3"
+    assert run_study(load_study(path), db, log=lambda message: None) == ["seed", "neox"]
+    with ResultsDB(db) as results:
+        recall_rows = results.rows(study="mini", task="recall")
+    assert [(row.extra["variant"], row.extra["context"], row.n_ctx) for row in recall_rows] == [
+        ("seed", "whole", 1 << 40), ("seed", 64, 64), ("neox", "whole", 128), ("neox", 64, 64)
+    ]
+    for row in recall_rows:
+        assert [(score["distance_tokens"], score["samples"]) for score in row.recall] == [(32, 3), (128, 3)]
+        assert row.tokens == 2 * 3 * 10  # two distances, three samples, ten answer bytes each
+    assert main(["results", "--db", str(db), "--study", "mini"]) == 0
+    listing = capsys.readouterr().out
+    assert "Recall: exact answers" in listing and "mini/neox" in listing
+
+
+def test_a_bad_recall_section_is_refused(study_file, tmp_path):
+    spec = yaml.safe_load(study_file.read_text())
+    for recall, message in (({"distances": [1]}, "must be a mapping with data"), ({"data": "x", "distances": [0]}, "above zero"),
+                            ({"data": "x", "samples": 0}, "--samples must be at least 1")):
+        spec["eval"]["recall"] = recall
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(UserError, match=message):
+            load_study(path)

@@ -52,6 +52,16 @@ class EvalCorpus:
 
 
 @dataclass(frozen=True)
+class RecallEval:
+    """The study's recall test (`bench --task recall`): filler sources and what to ask."""
+
+    sources: list[str]
+    settings: Any  # a bakallm.evaluation.recall.RecallSettings
+    window: int | None  # tokens per window, the unit of the distances; None: each model of ours its own
+    contexts: list[int | str]
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     output: Path
@@ -65,6 +75,7 @@ class Study:
     contexts: list[int | str]  # WHOLE_DOCUMENT, or reset every N tokens
     eval_batch_size: int
     variants: list[Variant]
+    recall: RecallEval | None = None
 
     def run_dir(self, variant: Variant) -> Path:
         return self.output / variant.name
@@ -98,7 +109,9 @@ def load_study(path: str | Path) -> Study:
     ]
     if not corpora:
         raise UserError(f"Study file {path} needs eval.corpora: at least one held-out corpus with a name and data.")
+    recall = _recall_eval(evaluation["recall"], path) if "recall" in evaluation else None
     return Study(
+        recall=recall,
         name=name,
         output=Path(values.get("output", f"runs/ablations/{name}")),
         tokenizer=require("tokenizer", str),
@@ -112,6 +125,23 @@ def load_study(path: str | Path) -> Study:
         eval_batch_size=int(evaluation.get("batch_size", 1)),
         variants=variants,
     )
+
+
+def _recall_eval(entry: Any, path: str | Path) -> RecallEval:
+    from bakallm.evaluation.recall import RecallSettings
+
+    known = {"data", "distances", "samples", "seed", "facts", "depth_windows", "window", "contexts"}
+    if not isinstance(entry, dict) or "data" not in entry or set(entry) - known:
+        raise UserError(f"eval.recall of {path} must be a mapping with data and any of {', '.join(sorted(known - {'data'}))}; see docs/recall.md.")
+    contexts = entry.get("contexts", [WHOLE_DOCUMENT])
+    if not all(context == WHOLE_DOCUMENT or (isinstance(context, int) and context > 0) for context in contexts):
+        raise UserError(f"eval.recall.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}.")
+    distances = entry.get("distances")
+    if distances is not None and not (isinstance(distances, list) and distances and all(isinstance(d, (int, float)) and d > 0 for d in distances)):
+        raise UserError(f"eval.recall.distances of {path} must be a list of distances above zero, in windows, got {distances!r}.")
+    values = {name: entry[name] for name in ("samples", "seed", "facts", "depth_windows") if name in entry}
+    settings = RecallSettings(**values, **({"distances": tuple(float(d) for d in distances)} if distances else {}))
+    return RecallEval(_sources(entry["data"]), settings, entry.get("window"), list(contexts))
 
 
 def _variant(entry: Any, path: str | Path) -> Variant:
@@ -174,6 +204,7 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
         corpus.name: write_corpus(corpus.sources, study.output / "data", f"eval-{corpus.name}", corpus.max_characters)
         for corpus in study.eval_corpora
     }
+    recall_filler = write_corpus(study.recall.sources, study.output / "data", "recall-filler") if study.recall else None
     ran = []
     with ResultsDB(db_path if db_path is not None else default_db_path()) as db:
         for variant in study.variants:
@@ -191,9 +222,15 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
                                        "run the same command again to resume it.")
             log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
             rows = evaluate_variant(study, variant, eval_data, trained, progress)
+            if recall_filler is not None:
+                rows += recall_variant(study, variant, recall_filler, trained, progress)
             for row in rows:
                 db.add(row)
-                log(f"{variant.name}: {row.benchmark} context {row.extra['context']}: loss {row.loss:.4f}")
+                if row.task == "recall":
+                    accuracies = ", ".join(f"{score['accuracy']:.0%} at {score['distance_windows']:g}" for score in row.recall)
+                    log(f"{variant.name}: recall context {row.extra['context']}: exact answers {accuracies} windows")
+                else:
+                    log(f"{variant.name}: {row.benchmark} context {row.extra['context']}: loss {row.loss:.4f}")
             write_text_atomic(run_dir / DONE_FILE, json.dumps({**trained, "rows": len(rows)}, indent=2))
             ran.append(variant.name)
     return ran
@@ -272,21 +309,14 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
     from bakallm.data.token_cache import tokenize_corpus
     from bakallm.data.tokenizers import load_tokenizer
     from bakallm.evaluation.evaluate import evaluate_bakalm
-    from bakallm.evaluation.hf_baseline import evaluate_hf, load_hf_model
-    from bakallm.model.network import BakaLM
+    from bakallm.evaluation.hf_baseline import evaluate_hf
     from bakallm.results.db import ResultRow
-    from bakallm.training import checkpoint as ckpt
-    from bakallm.training.hf_model import HF_FOLDER
 
     device = torch.device("cpu")
     run_dir = Path(trained["run_dir"])
-    checkpoint = ckpt.latest_checkpoint(run_dir)
+    model, checkpoint = _trained_model(trained, device)
     tokenizer = load_tokenizer(study.tokenizer)
     train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
-    if trained["hf"]:
-        model = load_hf_model(str(checkpoint / HF_FOLDER), device)
-    else:
-        model = BakaLM.from_pretrained(run_dir, device)
     rows = []
     for corpus_name, data in eval_data.items():
         corpus = tokenize_corpus(load_corpus(str(data)), tokenizer)
@@ -312,6 +342,66 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
                            "train_seconds": trained["train_seconds"], "run_dir": str(run_dir)},
                 )
             )
+    return rows
+
+
+def _trained_model(trained: dict[str, Any], device) -> tuple[Any, Path]:
+    """The variant's model from its last checkpoint, and that checkpoint."""
+    from bakallm.evaluation.hf_baseline import load_hf_model
+    from bakallm.model.network import BakaLM
+    from bakallm.training import checkpoint as ckpt
+    from bakallm.training.hf_model import HF_FOLDER
+
+    checkpoint = ckpt.latest_checkpoint(Path(trained["run_dir"]))
+    if trained["hf"]:
+        return load_hf_model(str(checkpoint / HF_FOLDER), device), checkpoint
+    return BakaLM.from_pretrained(trained["run_dir"], device), checkpoint
+
+
+def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[str, Any], progress: bool) -> list:
+    """One recall row per context of eval.recall: our models read the whole sample with their state
+    (reset every N tokens for a context N); a transformer reads the train_ctx tokens before the answer."""
+    import torch
+
+    from bakallm.data.corpora import load_corpus
+    from bakallm.data.token_cache import tokenize_corpus
+    from bakallm.data.tokenizers import load_tokenizer
+    from bakallm.evaluation.recall import RecallTest, bakalm_answer_log_probs, hf_answer_log_probs, recall_figures
+    from bakallm.results.db import ResultRow
+
+    device = torch.device("cpu")
+    model, checkpoint = _trained_model(trained, device)
+    tokenizer = load_tokenizer(study.tokenizer)
+    train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
+    recall = study.recall
+    if trained["hf"]:
+        window, reach = recall.window or train_ctx, train_ctx
+
+        def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
+            return hf_answer_log_probs(model, samples, n_ctx, batch_size, device)
+    else:
+        window, reach = recall.window or model.config.window, model.config.window * (2 if model.config.xl_cache else 1)
+
+        def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
+            return bakalm_answer_log_probs(model, samples, batch_size, device, n_ctx, keep_document_cache)
+
+    test = RecallTest.draw(recall.settings, tokenize_corpus(load_corpus(str(filler)), tokenizer), tokenizer, window)
+    rows = []
+    for context in recall.contexts:
+        if trained["hf"]:
+            n_ctx = train_ctx if context == WHOLE_DOCUMENT else min(context, train_ctx)
+        else:
+            n_ctx = WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context
+        figures = recall_figures(test.score(answer_log_probs, n_ctx, study.eval_batch_size, progress))
+        rows.append(
+            ResultRow(
+                model_kind="hf" if trained["hf"] else "bakallm", model_name=f"{study.name}/{variant.name}", benchmark="recall-filler", split="test",
+                n_ctx=n_ctx, checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
+                tokenizer=tokenizer.name, study=study.name, **figures,
+                extra={**recall.settings.extra(window), "attention_reach": reach, "variant": variant.name, "variant_index": study.variants.index(variant),
+                       "context": context, "train_tokens": trained["tokens"], "train_seconds": trained["train_seconds"], "run_dir": trained["run_dir"]},
+            )
+        )
     return rows
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bakallm.data.recall import RecallSample
     from bakallm.data.token_cache import TokenizedCorpus
     from bakallm.evaluation.evaluate import EvalResult
+    from bakallm.evaluation.recall import AnswerLogProbs
     from bakallm.results.db import ResultRow
 
 DEFAULT_DATA = "wikitext-103"
@@ -30,8 +31,6 @@ HF_DEFAULT_N_CTX = 2048
 BAKALLM_DEFAULT_BATCH_SIZE = 8
 HF_DEFAULT_BATCH_SIZE = 1
 TASKS = ("lm", "recall")
-DEFAULT_DISTANCES = "0.5,1,2,4,16,64,256"
-DEFAULT_SAMPLES = 100
 # Flags of the recall task, refused with --task lm.
 RECALL_FLAGS = ("distances", "samples", "seed", "depth", "facts", "window", "keep_document_cache")
 
@@ -87,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "('Q: What is Mary Alden's code? A:') and score the answer (docs/recall.md)",
     )
     parser.add_argument("--task", choices=TASKS, default="lm", help="lm: the loss of every token (default); recall: answers about facts read earlier")
-    recall.add_argument("--distances", help=f"distances between fact and query, in windows, comma-separated (default {DEFAULT_DISTANCES})")
-    recall.add_argument("--samples", type=int, help=f"samples per distance (default {DEFAULT_SAMPLES})")
+    recall.add_argument("--distances", help="distances between fact and query, in windows, comma-separated (default 0.5,1,2,4,16,64,256)")
+    recall.add_argument("--samples", type=int, help="samples per distance (default 100)")
     recall.add_argument("--seed", type=int, help="seed of the filler places, names and codes (default 0)")
     recall.add_argument("--depth", type=float, help="filler before the fact, in windows (default: drawn from [0, 1) for each sample)")
     recall.add_argument("--facts", type=int, help="facts planted one after another; the query asks about one of them (default 1)")
@@ -123,8 +122,7 @@ class ModelUnderTest:
     attention_reach: int | None  # tokens attention can see back from a position, at most (our models); None: n_ctx
     # (corpus, n_ctx, stride, batch_size, progress, position bucket starts)
     score: Callable[[TokenizedCorpus, int, int | None, int, bool, tuple[int, ...]], EvalResult]
-    # (samples, n_ctx, batch_size, keep_document_cache) -> each sample's (answer log-probabilities, answer)
-    answer_log_probs: Callable[[Sequence[RecallSample], int, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    answer_log_probs: AnswerLogProbs  # how it reads recall samples
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,11 +198,8 @@ def _check_task_flags(args: argparse.Namespace) -> None:
         raise UserError("--stride applies only to --task lm; for recall a Hugging Face model reads the n_ctx tokens that end at the answer.")
     if args.position_buckets is not None:
         raise UserError("--position-buckets applies only to --task lm; recall is scored by distance (--distances).")
-    for flag, value in (("--samples", args.samples), ("--facts", args.facts), ("--window", args.window)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}.")
-    if args.depth is not None and not args.depth >= 0:
-        raise UserError(f"--depth must be at least 0 windows, got {args.depth}.")
+    if args.window is not None and args.window < 1:
+        raise UserError(f"--window must be at least 1, got {args.window}.")
     if args.keep_document_cache and args.hf is not None:
         raise UserError("--keep-document-cache applies only to our models; a Hugging Face model has no document cache.")
 
@@ -225,50 +220,24 @@ def _lm_figures(result: EvalResult) -> tuple[dict, dict, Describe]:
 def _recall_measurements(
     args: argparse.Namespace, subject: ModelUnderTest, corpus: TokenizedCorpus, tokenizer, contexts: list[int], batch_size: int
 ) -> Iterator[tuple[int, tuple[dict, dict, Describe]]]:
-    """Per context: the figures of every distance. All samples are drawn first, so that a distance
-    the filler cannot hold is refused before anything is scored."""
-    import math
+    """Per context: the figures of every distance (all samples drawn before anything is scored)."""
     import time
 
-    from tqdm.auto import tqdm
-
-    from bakallm.data.recall import EXACT_MATCH_CHANCE, FactWriter, filler_stream, parse_distances, recall_samples
-    from bakallm.evaluation.recall import RecallTally
+    from bakallm.data.recall import parse_distances
+    from bakallm.evaluation.recall import DEFAULT_DISTANCES, RecallSettings, RecallTest, recall_figures
     from bakallm.results.table import format_recall_scores
 
-    window = args.window or subject.window or contexts[0]
-    distances = parse_distances(args.distances or DEFAULT_DISTANCES)
-    n_samples = args.samples or DEFAULT_SAMPLES
-    seed = args.seed or 0
-    writer = FactWriter(tokenizer)
-    filler = filler_stream(corpus)
-    depth = None if args.depth is None else round(args.depth * window)
-    sample_sets = [
-        (distance, recall_samples(filler, writer, round(distance * window), n_samples, seed, depth, max_depth_tokens=window, n_facts=args.facts or 1))
-        for distance in distances
-    ]
-    first_token_chance = writer.first_token_chance()
-    extra = {
-        "window": window, "attention_reach": subject.attention_reach or contexts[0], "seed": seed, "samples": n_samples,
-        "facts": args.facts or 1, "depth_windows": args.depth, "keep_document_cache": args.keep_document_cache,
-    }
+    settings = RecallSettings(
+        distances=parse_distances(args.distances) if args.distances is not None else DEFAULT_DISTANCES,
+        **{name: value for name, value in (("samples", args.samples), ("seed", args.seed), ("facts", args.facts)) if value is not None},
+        depth_windows=args.depth, keep_document_cache=args.keep_document_cache,
+    )
+    test = RecallTest.draw(settings, corpus, tokenizer, window=args.window or subject.window or contexts[0])
+    extra = {**settings.extra(test.window), "attention_reach": subject.attention_reach or contexts[0]}
     for context in contexts:
         started = time.perf_counter()
-        scores, read_tokens = [], 0
-        with tqdm(total=n_samples * len(distances), unit="sample", desc=f"recall n_ctx {context}", disable=None if args.progress else True) as bar:
-            for distance, samples in sample_sets:
-                tally = RecallTally()
-                for log_probs, answer in subject.answer_log_probs(samples, context, batch_size, args.keep_document_cache):
-                    tally.add(log_probs, answer)
-                    bar.update()
-                scores.append(tally.score(distance, samples[0].distance_tokens, EXACT_MATCH_CHANCE, first_token_chance))
-                read_tokens += sum(len(sample.tokens) - 1 for sample in samples)
-        answer_tokens = sum(score.answer_tokens for score in scores)
-        loss = sum(score.answer_loss * score.answer_tokens for score in scores) / answer_tokens
-        figures = {
-            "tokens": answer_tokens, "loss": loss, "ppl": math.exp(loss), "tokens_per_s": read_tokens / (time.perf_counter() - started),
-            "task": "recall", "recall": [score.to_dict() for score in scores],
-        }
+        figures = recall_figures(test.score(subject.answer_log_probs, context, batch_size, args.progress))
+        figures["tokens_per_s"] = test.read_tokens / (time.perf_counter() - started)
         yield context, (figures, extra, lambda row, db_path: format_recall_scores(row) + f"saved as row {row.id} of {db_path}")
 
 

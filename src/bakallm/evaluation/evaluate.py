@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, PositionLoss, check_position_buckets
 from bakallm.model.network import IGNORE_INDEX, BakaLM
+from bakallm.model.state import RecurrentState
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -221,6 +222,11 @@ class ArticleWindow:
     reset: bool  # the state starts fresh here: the article or one of its n_ctx segments begins
 
 
+# Called after each model call of an evaluation with the windows of that call, the state after them
+# and the token losses [B, window] (0 where nothing is scored).
+WindowHook = Callable[[list["ArticleWindow | None"], RecurrentState, torch.Tensor], None]
+
+
 def bakalm_windows(article: int, n_tokens: int, n_ctx: int, window: int) -> Iterator[ArticleWindow]:
     """The windows of an article: its inputs cut into segments of n_ctx, each cut into windows of `window`.
 
@@ -272,6 +278,7 @@ def evaluate_bakalm(
     autocast: torch.dtype | None = None,
     progress: bool = False,
     position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
+    on_window: WindowHook | None = None,
 ) -> EvalResult:
     """Scores every article of `corpus` with `model` (already on `device`), reading each from its start.
 
@@ -282,7 +289,7 @@ def evaluate_bakalm(
     """
     memory = PeakMemory(torch.device(device))
     started = time.perf_counter()
-    tally = score_articles(model, corpus, n_ctx, batch_size, device, autocast, progress, position_buckets)
+    tally = score_articles(model, corpus, n_ctx, batch_size, device, autocast, progress, position_buckets, on_window)
     return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
 
 
@@ -295,8 +302,12 @@ def score_articles(
     autocast: torch.dtype | None = None,
     progress: bool = False,
     position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
+    on_window: WindowHook | None = None,
 ) -> ArticleLossTally:
-    """The token losses of every article, as `evaluate_bakalm` reads them, summed per article."""
+    """The token losses of every article, as `evaluate_bakalm` reads them, summed per article.
+
+    `on_window`, when given, sees each call's windows (None for an idle row), the state after them and their token losses.
+    """
     window = model.config.window
     if n_ctx < window:
         raise UserError(f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}.")
@@ -325,6 +336,8 @@ def score_articles(
                 busy = [row for row, row_window in enumerate(windows) if row_window is not None]
                 positions = torch.tensor([windows[row].start for row in busy])[:, None] + torch.arange(window)
                 bar.update(tally.add([windows[row].article for row in busy], nll[busy], scored[busy], positions))
+                if on_window is not None:
+                    on_window(windows, state, nll)
                 windows = feeder.next_windows()
     finally:
         model.train(was_training)

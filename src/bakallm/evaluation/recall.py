@@ -12,15 +12,20 @@ window does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from bakallm.data.recall import RecallSample
+from bakallm.data.recall import EXACT_MATCH_CHANCE, FactWriter, RecallSample, filler_stream, recall_samples
+from bakallm.data.token_cache import TokenizedCorpus
+from bakallm.data.tokenizers import Tokenizer
+from bakallm.errors import UserError
 from bakallm.model.network import BakaLM
 
+DEFAULT_DISTANCES = (0.5, 1.0, 2.0, 4.0, 16.0, 64.0, 256.0)
 # Windows per call where no answer is predicted: long enough to amortise a call, short enough that
 # one call's activations stay small.
 WINDOWS_PER_CALL = 16
@@ -169,3 +174,78 @@ def _hf_batches(
             n_answer = len(sample.answer)
             answer_logits = logits[row, len(window) - n_answer : len(window)].float()
             yield F.log_softmax(answer_logits, dim=-1).cpu(), torch.from_numpy(sample.answer)
+
+
+# (samples, n_ctx, batch_size, keep_document_cache) -> each sample's (answer log-probabilities, answer)
+AnswerLogProbs = Callable[[Sequence[RecallSample], int, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class RecallSettings:
+    """What a recall measurement asks: the same for `bakallm bench --task recall` and `bakallm ablate`."""
+
+    distances: tuple[float, ...] = DEFAULT_DISTANCES  # in windows
+    samples: int = 100  # per distance
+    seed: int = 0
+    depth_windows: float | None = None  # filler before the fact; None: drawn from [0, 1) window per sample
+    facts: int = 1  # facts planted one after another; the query asks about one of them
+    keep_document_cache: bool = False  # resets clear the network's state but keep the document cache
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "facts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.depth_windows is not None and not self.depth_windows >= 0:
+            raise UserError(f"--depth must be at least 0 windows, got {self.depth_windows}.")
+
+    def extra(self, window: int) -> dict:
+        """What a result row records of these settings, with the window that is their unit."""
+        return {"window": window, "seed": self.seed, "samples": self.samples, "facts": self.facts, "depth_windows": self.depth_windows,
+                "keep_document_cache": self.keep_document_cache}
+
+
+@dataclass(frozen=True)
+class RecallTest:
+    """The samples of every distance, drawn once and scored at every context."""
+
+    settings: RecallSettings
+    window: int
+    sample_sets: tuple[tuple[float, list[RecallSample]], ...]
+    first_token_chance: float
+
+    @classmethod
+    def draw(cls, settings: RecallSettings, filler: TokenizedCorpus, tokenizer: Tokenizer, window: int) -> RecallTest:
+        """Draws every sample now, so that a distance the filler cannot hold is refused before anything is scored."""
+        writer = FactWriter(tokenizer)
+        stream = filler_stream(filler)
+        depth = None if settings.depth_windows is None else round(settings.depth_windows * window)
+        sample_sets = tuple(
+            (distance, recall_samples(stream, writer, round(distance * window), settings.samples, settings.seed, depth, window, settings.facts))
+            for distance in settings.distances
+        )
+        return cls(settings, window, sample_sets, writer.first_token_chance())
+
+    def score(self, answer_log_probs: AnswerLogProbs, n_ctx: int, batch_size: int, progress: bool = False) -> list[RecallScore]:
+        """The figures of every distance for a model that reads with `answer_log_probs`."""
+        total = sum(len(samples) for _, samples in self.sample_sets)
+        scores = []
+        with tqdm(total=total, unit="sample", desc=f"recall, n_ctx {n_ctx}", disable=None if progress else True) as bar:
+            for distance, samples in self.sample_sets:
+                tally = RecallTally()
+                for log_probs, answer in answer_log_probs(samples, n_ctx, batch_size, self.settings.keep_document_cache):
+                    tally.add(log_probs, answer)
+                    bar.update()
+                scores.append(tally.score(distance, samples[0].distance_tokens, EXACT_MATCH_CHANCE, self.first_token_chance))
+        return scores
+
+    @property
+    def read_tokens(self) -> int:
+        """Tokens a model reads to score every sample once."""
+        return sum(len(sample.tokens) - 1 for _, samples in self.sample_sets for sample in samples)
+
+
+def recall_figures(scores: Sequence[RecallScore]) -> dict:
+    """The result-row fields of a recall measurement: loss, perplexity and tokens are the answers'."""
+    answer_tokens = sum(score.answer_tokens for score in scores)
+    loss = sum(score.answer_loss * score.answer_tokens for score in scores) / answer_tokens
+    return {"task": "recall", "tokens": answer_tokens, "loss": loss, "ppl": math.exp(loss), "recall": [score.to_dict() for score in scores]}

@@ -71,6 +71,19 @@ class RecurrentState:
         cleared = self._map(clear)
         return replace(cleared, **{name: getattr(self, name) for name in DOCUMENT_CACHE_FIELDS}) if keep_document_cache else cleared
 
+    def part_sizes(self) -> dict[str, torch.Tensor]:
+        """The root-mean-square value of each part of the network's state, per row [B] (float32):
+        memory, keys, values, conv and ssm, each over all its layers. What a long document must keep
+        bounded (the document cache's counts grow with the document by design and are left out)."""
+        sizes = {}
+        for name in ("memory", "keys", "values", "conv", "ssm"):
+            parts = getattr(self, name)
+            parts = parts if isinstance(parts, tuple) else (parts,)
+            if parts:
+                squares = sum(part.float().square().flatten(1).sum(1) for part in parts)
+                sizes[name] = (squares / sum(part[0].numel() for part in parts)).sqrt()
+        return sizes
+
     def detach(self) -> "RecurrentState":
         """The same values cut from the autograd graph (truncated backpropagation through time)."""
         return self._map(torch.Tensor.detach)
