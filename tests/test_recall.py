@@ -81,6 +81,7 @@ def test_samples_are_deterministic_from_the_seed_and_hold_fact_filler_query_and_
         fact = FACT.match(text, sample.fact_start)
         query = QUERY.fullmatch(text, fact.end() + 200)
         assert fact is not None and query is not None and sample.fact_start < 40
+        assert text_of(sample.tokens[sample.code_start : sample.code_start + len(sample.answer)]) == " " + fact.group(2)
         assert query.groups() == fact.groups() and text_of(sample.answer) == " " + fact.group(2)
         assert text[: sample.fact_start] + text[fact.end() : fact.end() + 200] in filler  # one contiguous piece of filler
 
@@ -174,9 +175,9 @@ def test_each_answer_token_is_scored_once_as_a_plain_forward_scores_it(byte_writ
 def with_code(sample: RecallSample, code: str) -> RecallSample:
     """The same sample with another code in its fact (the query and answer stay): nothing else changes."""
     tokens = sample.tokens.copy()
-    start = bytes(tokens.astype(np.uint8)).index(b" is ", sample.fact_start) + len(" is ")
+    start = sample.code_start + 1  # after the code's leading space
     tokens[start : start + len(code)] = np.frombuffer(code.encode(), dtype=np.uint8)
-    return RecallSample(tokens, sample.answer_start, sample.distance_tokens, sample.fact_start)
+    return RecallSample(tokens, sample.answer_start, sample.distance_tokens, sample.fact_start, sample.code_start)
 
 
 def test_a_model_reset_every_window_knows_nothing_of_a_fact_beyond_the_attention_reach(byte_writer, byte_filler):
@@ -215,9 +216,9 @@ def test_keeping_the_document_cache_across_resets_keeps_only_its_counts(byte_wri
 def test_mix_plants_facts_and_queries_at_the_rate_and_distances_asked_and_keeps_the_text(byte_writer):
     texts = [filler_text(n_words, seed) for seed, n_words in enumerate([800, 50, 2500])]
     corpus = TokenizedCorpus.from_token_lists([list(text.encode()) for text in texts], 256)
-    mixed = mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=7)
-    assert mixed.fingerprint == mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=7).fingerprint
-    assert mixed.fingerprint != mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=8).fingerprint
+    mixed = mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=7).corpus
+    assert mixed.fingerprint == mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=7).corpus.fingerprint
+    assert mixed.fingerprint != mix_recall(corpus, byte_writer, every=300, max_distance=400, seed=8).corpus.fingerprint
     n_facts = n_queries = 0
     for index, text in enumerate(texts):
         planted = text_of(mixed.document(index))
@@ -339,3 +340,78 @@ def test_plot_recall_writes_a_png(tmp_path, filler_file, capsys):
     out = tmp_path / "recall.png"
     assert main(["plot", "recall", "--db", str(db_path), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_overlap_one_fact_at_most_waits_for_its_query(byte_writer):
+    text = filler_text(4000, seed=5)
+    corpus = TokenizedCorpus.from_token_lists([list(text.encode())], 256)
+    planted = text_of(mix_recall(corpus, byte_writer, every=100, max_distance=300, seed=1, overlap=False).corpus.document(0))
+    events = sorted([(match.start(), "fact") for match in FACT.finditer(planted)] + [(match.start(), "query") for match in QUERY.finditer(planted)])
+    kinds = [kind for _, kind in events]
+    assert kinds.count("fact") > 20
+    # fact, its query, the next fact, ...: never two facts without a query between them (the last may lack its query)
+    assert all(kinds[index] == ("fact" if index % 2 == 0 else "query") for index in range(len(kinds)))
+    assert QUERY.sub("", FACT.sub("", planted)) == text
+
+
+def test_the_mix_marks_answers_and_codes_and_scores_answers_always_and_codes_never(byte_writer):
+    text = filler_text(3000, seed=2)
+    mix = mix_recall(TokenizedCorpus.from_token_lists([list(text.encode())], 256), byte_writer, every=150, max_distance=200, seed=3)
+    planted = text_of(mix.corpus.tokens)
+    answers = np.zeros(len(planted), dtype=bool)
+    codes = np.zeros(len(planted), dtype=bool)
+    for match in QUERY.finditer(planted):
+        answers[match.start(2) - 1 : match.end(2)] = True  # the answer's leading space is its first byte
+    for match in FACT.finditer(planted):
+        codes[match.start(2) - 1 : match.end(2)] = True
+    assert answers.any() and codes.any()
+    assert np.array_equal(mix.answers, answers) and np.array_equal(mix.codes, codes)
+    assert np.array_equal(mix.scored(1.0, seed=0), ~codes)
+    sparse = mix.scored(0.1, seed=0)
+    assert sparse[answers].all() and not sparse[codes].any() and np.array_equal(sparse, mix.scored(0.1, seed=0))
+    ordinary = ~answers & ~codes
+    assert abs(sparse[ordinary].mean() - 0.1) < 0.02
+
+
+def test_the_batcher_scores_only_the_tokens_asked_and_counts_them():
+    from bakallm.data.batching import IGNORE_INDEX, DocumentBatcher
+
+    corpus = TokenizedCorpus.from_token_lists([list(range(1, 41)), list(range(50, 70))], 256)  # every token value once
+    position_of = {int(token): position for position, token in enumerate(corpus.tokens)}
+    scored = np.arange(corpus.n_tokens) % 3 == 0
+    batcher = DocumentBatcher(corpus, batch_size=2, train_ctx=8, scored=scored, rows=range(0, 1))
+    plain = DocumentBatcher(corpus, batch_size=2, train_ctx=8)
+    for _ in range(5):
+        batch, full = batcher.next_batch(), plain.next_batch()
+        assert torch.equal(batch.input_ids, full.input_ids[:1])
+        expected = [[target if target == IGNORE_INDEX or scored[position_of[target]] else IGNORE_INDEX for target in row] for row in full.targets.tolist()]
+        assert batch.targets.tolist() == expected[:1]
+        assert batch.n_targets == sum(target != IGNORE_INDEX for target in expected[0])
+        assert batch.total_targets == sum(target != IGNORE_INDEX for row in expected for target in row)
+
+
+@pytest.mark.parametrize("document_cache", [False, True])
+def test_a_loss_over_few_targets_equals_the_full_cross_entropy(document_cache):
+    """On a CPU the output layer runs only at scored positions: the loss and each token's loss equal
+    those of the full distribution, and (without the cache's mixture) every gradient too."""
+    torch.manual_seed(0)
+    model = small_model(document_cache=document_cache).train()
+    ids = torch.randint(0, 256, (2, 3 * WINDOW + 5))
+    targets = torch.randint(0, 256, ids.shape)
+    targets[torch.rand(ids.shape) < 0.8] = -100
+    targets[1, WINDOW : 2 * WINDOW] = -100  # a window of one row without any target
+    output = model(ids, targets=targets)
+    scored = targets != -100
+    nll = -output.logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(output.token_losses, torch.where(scored, nll, 0.0).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.loss, nll[scored].mean(), rtol=1e-5, atol=1e-5)
+    assert float(model(ids, targets=torch.full_like(targets, -100)).loss.detach()) == 0.0
+    if document_cache:
+        return
+    output.loss.backward()
+    sparse = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+    model.zero_grad()
+    F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(sparse[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)

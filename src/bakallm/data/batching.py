@@ -53,6 +53,7 @@ class Batch:
     reset: torch.Tensor  # bool [B]; the row starts a new document or is idle padding
     n_targets: int  # targets in the rows returned here
     total_targets: int  # targets in every row of the batch, including the rows other ranks materialise
+    total_inputs: int  # positions holding a token in every row: the targets, unless some tokens are not scored
     epoch: int  # the oldest epoch not yet complete when this batch started
     epoch_fraction: float  # share of that epoch's targets delivered up to and including this batch
     epochs_ended: int  # epochs completed by this batch (0, usually 1 at an epoch's last batch)
@@ -94,8 +95,10 @@ class DocumentBatcher:
         max_epochs: int | None = None,
         max_doc_tokens: int | None = None,
         rows: range | None = None,
+        scored: np.ndarray | None = None,
     ) -> None:
-        """`rows`: the rows of the batch to return (default all); the others are tracked but not read."""
+        """`rows`: the rows of the batch to return (default all); the others are tracked but not read.
+        `scored`: one bool per token of the corpus, False where that token is not a target (default: all are)."""
         if mode not in MODES:
             raise UserError(f"Unknown batching mode {mode!r}; use one of {', '.join(MODES)}.")
         if batch_size < 1 or train_ctx < 1:
@@ -121,6 +124,9 @@ class DocumentBatcher:
         self.max_epochs = max_epochs
         self.max_doc_tokens = max_doc_tokens
         self.rows = rows
+        if scored is not None and scored.shape != (corpus.n_tokens,):
+            raise ValueError(f"scored must hold one flag per token of the corpus ({corpus.n_tokens}), got shape {scored.shape}")
+        self.scored = scored
         self._unit_starts = starts[trainable]
         self._unit_ends = ends[trainable]
         self._unit_targets = self._unit_ends - self._unit_starts - 1
@@ -153,21 +159,26 @@ class DocumentBatcher:
             return None
         input_ids = np.full((len(self.rows), self.train_ctx), self.pad_id, dtype=np.int64)
         targets = np.full((len(self.rows), self.train_ctx), IGNORE_INDEX, dtype=np.int64)
-        n_targets = 0
         for own_row, (start, count) in enumerate(step.windows[self.rows.start : self.rows.stop]):
             input_ids[own_row, :count] = self.corpus.tokens[start : start + count]
             targets[own_row, :count] = self.corpus.tokens[start + 1 : start + count + 1]
-            n_targets += count
+            if self.scored is not None:
+                targets[own_row, :count][~self.scored[start + 1 : start + count + 1]] = IGNORE_INDEX
         return Batch(
             input_ids=torch.from_numpy(input_ids),
             targets=torch.from_numpy(targets),
             reset=torch.from_numpy(np.array(step.reset[self.rows.start : self.rows.stop])),
-            n_targets=n_targets,
-            total_targets=sum(count for _, count in step.windows),
+            n_targets=int((targets != IGNORE_INDEX).sum()),
+            total_targets=sum(self._scored_count(start, count) for start, count in step.windows),
+            total_inputs=sum(count for _, count in step.windows),
             epoch=step.epoch,
             epoch_fraction=step.epoch_fraction,
             epochs_ended=step.epochs_ended,
         )
+
+    def _scored_count(self, start: int, count: int) -> int:
+        """Targets among the `count` tokens after `start`."""
+        return count if self.scored is None else int(np.count_nonzero(self.scored[start + 1 : start + count + 1]))
 
     @property
     def targets_per_epoch(self) -> int:

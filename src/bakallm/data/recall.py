@@ -34,7 +34,9 @@ LAST_NAMES = (
     "Pruitt", "Radcliffe", "Stroud",
 )
 CODE_LENGTH = 5  # digits in a fact's code: exact-match chance is 10 ** -CODE_LENGTH
-FACT_TEMPLATE = "\nThe code of {name} is {code}.\n"
+# A fact is FACT_BEFORE + the answer's tokens + FACT_AFTER: its code is tokenized as the answer is.
+FACT_BEFORE = "\nThe code of {name} is"
+FACT_AFTER = ".\n"
 QUERY_TEMPLATE = "\nQ: What is {name}'s code? A:"
 ANSWER_TEMPLATE = " {code}"
 
@@ -44,6 +46,7 @@ class Fact:
     name: str
     code: str  # CODE_LENGTH digits separated by spaces, e.g. "4 8 1 2 7"
     statement: np.ndarray  # token ids of the fact
+    code_start: int  # where the code's tokens begin in the statement
     query: np.ndarray  # token ids of the question, up to the answer
     answer: np.ndarray  # token ids of the answer
 
@@ -56,6 +59,7 @@ class RecallSample:
     answer_start: int
     distance_tokens: int  # filler tokens between the end of the last planted fact and the query
     fact_start: int  # where the queried fact's tokens begin
+    code_start: int  # where its code's tokens begin (as many as the answer's)
 
     @property
     def answer(self) -> np.ndarray:
@@ -78,9 +82,14 @@ class FactWriter:
         code_texts = [" ".join(map(str, digits)) for digits in codes]
         texts = []
         for name, code in zip(names, code_texts):
-            texts += [FACT_TEMPLATE.format(name=name, code=code), QUERY_TEMPLATE.format(name=name), ANSWER_TEMPLATE.format(code=code)]
+            texts += [FACT_BEFORE.format(name=name), ANSWER_TEMPLATE.format(code=code), QUERY_TEMPLATE.format(name=name)]
         encoded = [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer.encode_batch(texts)] if texts else []
-        return [Fact(name, code, *encoded[3 * index : 3 * index + 3]) for index, (name, code) in enumerate(zip(names, code_texts))]
+        after = np.asarray(self.tokenizer.encode(FACT_AFTER), dtype=np.int64)
+        facts = []
+        for index, (name, code) in enumerate(zip(names, code_texts)):
+            before, answer, query = encoded[3 * index : 3 * index + 3]
+            facts.append(Fact(name, code, np.concatenate((before, answer, after)), len(before), query, answer))
+        return facts
 
     def first_token_chance(self) -> float:
         """The chance of guessing an answer's first token: one over the first tokens the digits can start with."""
@@ -147,17 +156,34 @@ def recall_samples(
         pieces = [filler[start : start + depth], *(fact.statement for fact in facts),
                   filler[start + depth : start + depth + distance_tokens], queried.query, queried.answer]
         tokens = np.concatenate(pieces)
-        samples.append(RecallSample(tokens, len(tokens) - len(queried.answer), distance_tokens, fact_start))
+        samples.append(RecallSample(tokens, len(tokens) - len(queried.answer), distance_tokens, fact_start, fact_start + queried.code_start))
     return samples
 
 
-def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_distance: int, seed: int) -> TokenizedCorpus:
+@dataclass(frozen=True)
+class RecallMix:
+    """A corpus with facts and queries planted, and which of its tokens are answers and codes."""
+
+    corpus: TokenizedCorpus
+    answers: np.ndarray  # bool per token of corpus.tokens: part of a query's answer
+    codes: np.ndarray  # bool per token: part of a planted fact's code (random digits, nothing to learn)
+
+    def scored(self, lm_share: float, seed: int) -> np.ndarray:
+        """Which tokens are training targets: every answer token, each other token with probability
+        `lm_share` (drawn from `seed`), and never a fact's code, whose random digits only teach noise."""
+        ordinary = np.random.default_rng([seed, 1]).random(len(self.answers)) < lm_share if lm_share < 1 else np.ones(len(self.answers), dtype=bool)
+        return self.answers | (ordinary & ~self.codes)
+
+
+def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_distance: int, seed: int, overlap: bool = True) -> RecallMix:
     """The corpus with facts planted about once every `every` tokens of each document, each followed,
     after a distance drawn uniformly from [0, max_distance] tokens, by its query and answer (left
-    out when the document ends first). Deterministic from `seed` and each document's index."""
+    out when the document ends first). Without `overlap`, a fact that would come before the previous
+    fact's query is dropped, so that one fact at most waits for its query. Deterministic from `seed`
+    and each document's index."""
     if every < 1 or max_distance < 0:
         raise UserError(f"--recall-every must be at least 1 and --recall-max-distance at least 0, got {every} and {max_distance}.")
-    documents = []
+    documents, answer_masks, code_masks = [], [], []
     for index in range(len(corpus)):
         tokens = np.asarray(corpus.document(index), dtype=np.int64)
         rng = np.random.default_rng([seed, index])
@@ -165,18 +191,36 @@ def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_dist
         facts = writer.facts(rng, n_facts)
         positions = np.sort(rng.integers(0, len(tokens) + 1, size=n_facts))
         distances = rng.integers(0, max_distance + 1, size=n_facts)
-        # (where in the document, after the facts placed there first, the tokens to insert)
-        insertions = [(int(position), 0, fact.statement) for position, fact in zip(positions, facts)]
-        insertions += [
-            (int(position + distance), 1, np.concatenate((fact.query, fact.answer)))
-            for position, distance, fact in zip(positions, distances, facts)
-            if position + distance <= len(tokens)
-        ]
+        if not overlap:
+            kept, free_from = [], 0
+            for fact_index, (position, distance) in enumerate(zip(positions, distances)):
+                if position >= free_from:
+                    kept.append(fact_index)
+                    free_from = position + distance + 1
+            facts, positions, distances = [facts[i] for i in kept], positions[kept], distances[kept]
+        # (where in the document, facts before queries planted at the same place, tokens, answer mask, code mask)
+        insertions = []
+        for position, distance, fact in zip(positions, distances, facts):
+            code = np.zeros(len(fact.statement), dtype=bool)
+            code[fact.code_start : fact.code_start + len(fact.answer)] = True
+            insertions.append((int(position), 0, fact.statement, np.zeros(len(fact.statement), dtype=bool), code))
+            if position + distance <= len(tokens):
+                asked = np.concatenate((fact.query, fact.answer))
+                answer = np.arange(len(asked)) >= len(fact.query)
+                insertions.append((int(position + distance), 1, asked, answer, np.zeros(len(asked), dtype=bool)))
         insertions.sort(key=lambda insertion: insertion[:2])
-        pieces, previous = [], 0
-        for position, _, inserted in insertions:
+        pieces, answers, codes, previous = [], [], [], 0
+        for position, _, inserted, answer, code in insertions:
+            ordinary = np.zeros(position - previous, dtype=bool)
             pieces += [tokens[previous:position], inserted]
+            answers += [ordinary, answer]
+            codes += [ordinary, code]
             previous = position
         pieces.append(tokens[previous:])
+        answers.append(np.zeros(len(tokens) - previous, dtype=bool))
+        codes.append(np.zeros(len(tokens) - previous, dtype=bool))
         documents.append(np.concatenate(pieces))
-    return TokenizedCorpus.from_token_lists(documents, corpus.vocab_size, doc_ids=corpus.doc_ids)
+        answer_masks.append(np.concatenate(answers))
+        code_masks.append(np.concatenate(codes))
+    mixed = TokenizedCorpus.from_token_lists(documents, corpus.vocab_size, doc_ids=corpus.doc_ids)
+    return RecallMix(mixed, np.concatenate(answer_masks), np.concatenate(code_masks))

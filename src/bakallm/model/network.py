@@ -199,10 +199,7 @@ class BakaLM(nn.Module):
                 mixture = None
                 if self.document_cache is not None:
                     mixture = self.document_cache.target_mixture(hidden, before, window_ids, window_targets)
-                # In chunks of tokens: the window's float32 logits never all exist at once.
-                window_loss, token_losses = linear_cross_entropy(
-                    hidden.flatten(0, 1), self.lm_head.weight, window_targets.flatten(), self.config.vocab_size, mixture=mixture, return_token_losses=True
-                )
+                window_loss, token_losses = self._window_cross_entropy(hidden.flatten(0, 1), window_targets.flatten(), mixture)
                 loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
                 window_token_losses.append(token_losses.view(window_targets.shape))
             if return_logits:
@@ -217,6 +214,28 @@ class BakaLM(nn.Module):
             token_losses = torch.cat(window_token_losses, dim=1)
         all_logits = (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1)) if return_logits else None
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets, token_losses=token_losses)
+
+    def _window_cross_entropy(
+        self, hidden: torch.Tensor, targets: torch.Tensor, mixture: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss of a window's targets [N] from its final hidden states [N, d], and each
+        target's loss [N], in chunks of tokens: the window's float32 logits never all exist at once."""
+        scored, n_positions = None, len(targets)
+        if hidden.device.type == "cpu":
+            # Where most positions are not targets (a sparse recall recipe, padding), the output layer
+            # runs only on the scored ones; finding them needs the host, which on a CPU costs nothing.
+            scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            if len(scored) == n_positions:
+                scored = None
+            else:
+                hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)
+                mixture = None if mixture is None else tuple(part.index_select(0, scored) for part in mixture)
+        loss, token_losses = linear_cross_entropy(
+            hidden, self.lm_head.weight, targets, self.config.vocab_size, mixture=mixture, return_token_losses=True
+        )
+        if scored is not None:
+            token_losses = token_losses.new_zeros(n_positions).index_copy(0, scored, token_losses)
+        return loss, token_losses
 
     def run_window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """One whole window (or the last, partial one): the last layer's output at its tokens

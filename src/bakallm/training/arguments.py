@@ -61,6 +61,8 @@ class TrainConfig:
     max_doc_tokens: int | None = None  # cut longer documents into independent pieces
     recall_every: int | None = None  # plant a recall fact about every N tokens of each document (data/recall.py)
     recall_max_distance: int = 1024  # tokens between a fact and its query, drawn uniformly from 0 to this
+    recall_overlap: bool = True  # False: plant a fact only after the previous fact's query
+    recall_lm_share: float = 1.0  # with recall facts: the share of ordinary tokens that are targets (answers always are)
     carry_state: bool = True
     compile: bool = False
     scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
@@ -92,6 +94,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if not 0 < self.recall_lm_share <= 1:
+            raise UserError(f"--recall-lm-share must lie in (0, 1], got {self.recall_lm_share}.")
         if self.recall_max_distance < 0:
             raise UserError(f"--recall-max-distance must be at least 0, got {self.recall_max_distance}.")
         if self.lr <= 0:
@@ -168,6 +172,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="plant a fact ('The code of Mary Alden is 4 8 1 2 7.') about every N tokens of each document, and its query and answer "
         "some distance later, to teach the model to recall through its state (default: none; docs/recall.md)")
     add("--recall-max-distance", type=int, metavar="TOKENS", help="with --recall-every: the longest distance between a fact and its query (default 1024)")
+    add("--no-recall-overlap", dest="recall_overlap", action="store_false", default=None,
+        help="with --recall-every: plant a fact only after the previous fact's query, so that one fact at most waits (default: facts overlap)")
+    add("--recall-lm-share", type=float, metavar="P",
+        help="with --recall-every: score each ordinary token with probability P (answers always; a fact's random code never), "
+        "so that answers weigh more and the output layer runs on fewer positions (default 1)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)")

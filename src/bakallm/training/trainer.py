@@ -173,11 +173,13 @@ class Trainer:
             if config.eval_data:
                 self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
         corpus_fingerprint = self.corpus.fingerprint  # of the source, before any recall facts are planted
+        scored = None
         if config.recall_every is not None:
-            self.corpus = mix_recall(self.corpus, FactWriter(self.tokenizer), config.recall_every, config.recall_max_distance, config.seed)
+            mix = mix_recall(self.corpus, FactWriter(self.tokenizer), config.recall_every, config.recall_max_distance, config.seed, config.recall_overlap)
+            self.corpus, scored = mix.corpus, mix.scored(config.recall_lm_share, config.seed)
         self.batcher = DocumentBatcher(
             self.corpus, self.global_rows, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
-            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size),
+            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size), scored=scored,
         )
 
         torch.manual_seed(config.seed)
@@ -200,8 +202,8 @@ class Trainer:
         )
         self.step = 0
         self.epochs_done = 0
-        self.tokens_seen = 0
-        self.positions_seen = 0  # batch positions processed, targets or padding
+        self.tokens_seen = 0  # tokens read (each predicts a target, unless the recall recipe leaves it unscored)
+        self.positions_seen = 0  # batch positions processed, tokens or padding
         self.epoch_progress = {"steps": 0, "positions": 0, "targets": 0}  # of the epoch in progress
         self.elapsed = 0.0
         self.state: RecurrentState | None = None
@@ -399,6 +401,7 @@ class Trainer:
         if not batches:
             return []
         n_targets = sum(batch.total_targets for batch in batches)  # over all ranks' rows: every rank knows the global batch
+        n_inputs = sum(batch.total_inputs for batch in batches)  # tokens read, scored or not
         n_positions = sum(batch.targets.numel() for batch in batches) * self.distributed.world_size
         # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that average into the
         # sum of token losses / all ranks' targets, so rows with more padding weigh no more than others.
@@ -418,16 +421,16 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += n_targets
+        self.tokens_seen += n_inputs
         self.positions_seen += n_positions
-        for name, value in (("steps", 1), ("positions", n_positions), ("targets", n_targets)):
+        for name, value in (("steps", 1), ("positions", n_positions), ("targets", n_inputs)):
             self.epoch_progress[name] += value
         seconds = time.perf_counter() - started
         self.elapsed += seconds
         self._pending.append(
             {"step": self.step, "epoch": batches[-1].epoch, "tokens": self.tokens_seen, "loss": loss_sum / max(n_targets, 1),
-             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_targets / seconds, "time": self.elapsed,
-             "padding": 1 - n_targets / n_positions}
+             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_inputs / seconds, "time": self.elapsed,
+             "padding": 1 - n_inputs / n_positions}
         )
         return batches
 
