@@ -73,3 +73,23 @@ def test_push_to_hub_offline_is_one_clear_error(tmp_path, capsys, monkeypatch):
     error = capsys.readouterr().err
     assert "Could not upload" in error and "someone/bakallm-tiny" in error and "Traceback" not in error
     assert (tmp_path / "export" / "model.safetensors").is_file()  # the folder is written before the upload
+
+
+def test_export_refuses_a_run_directory_and_a_folder_with_files_unless_forced(tmp_path, capsys):
+    make_run(tmp_path / "run", "bytes", 256)
+    config_before = (tmp_path / "run" / "config.json").read_bytes()
+    for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-00000001"):
+        assert main(["export", str(tmp_path / "run"), str(target), "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "run directory or one of its checkpoints" in err[0]
+    assert (tmp_path / "run" / "config.json").read_bytes() == config_before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main(["export", str(tmp_path / "run"), str(busy)]) == 2
+    assert "already holds files" in capsys.readouterr().err and sorted(path.name for path in busy.iterdir()) == ["notes.txt"]
+    assert main(["export", str(tmp_path / "run"), str(busy), "--force"]) == 0
+    assert (busy / "notes.txt").read_text() == "keep me" and (busy / "model.safetensors").is_file()
+    plain_file_mode = (busy / "notes.txt").stat().st_mode & 0o777
+    for name in ("model.safetensors", "config.json", "modeling_bakallm.py"):
+        assert (busy / name).stat().st_mode & 0o777 == plain_file_mode, name  # the permissions any other writer's files get

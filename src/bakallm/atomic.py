@@ -16,12 +16,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    # mkstemp makes owner-only files; give the result the permissions a plain open() would.
+    # mkstemp makes owner-only files; give the result the permissions a plain open() would, after
+    # the writer is done: some (safetensors) replace the file with one of their own permissions.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~umask)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

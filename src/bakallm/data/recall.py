@@ -177,7 +177,7 @@ class RecallMix:
 
 def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_distance: int, seed: int, overlap: bool = True) -> RecallMix:
     """The corpus with facts planted about once every `every` tokens of each document, each followed,
-    after a distance drawn uniformly from [0, max_distance] tokens, by its query and answer (left
+    after a distance drawn log-uniformly from [0, max_distance] tokens, by its query and answer (left
     out when the document ends first). Without `overlap`, a fact that would come before the previous
     fact's query is dropped, so that one fact at most waits for its query. Deterministic from `seed`
     and each document's index."""
@@ -190,7 +190,9 @@ def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_dist
         n_facts = int(rng.poisson(len(tokens) / every))
         facts = writer.facts(rng, n_facts)
         positions = np.sort(rng.integers(0, len(tokens) + 1, size=n_facts))
-        distances = rng.integers(0, max_distance + 1, size=n_facts)
+        # Log-uniform: as many distances of 1-2 tokens as of 512-1024, so that most examples are short
+        # and cheap (a model learns to recall near before far) while every scale up to the maximum is seen.
+        distances = np.floor(np.exp(rng.uniform(0, np.log(max_distance + 2), size=n_facts))).astype(np.int64) - 1
         if not overlap:
             kept, free_from = [], 0
             for fact_index, (position, distance) in enumerate(zip(positions, distances)):

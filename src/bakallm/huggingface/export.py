@@ -28,14 +28,15 @@ TESTED_TRANSFORMERS = ">=4.40,<6"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="RUN", help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder")
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (created; files in it are replaced)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write: new, empty, or (with --force) one whose files of the same names are replaced")
+    parser.add_argument("--force", action="store_true", help="write into a folder that already holds files (never into a run directory)")
     parser.add_argument("--tokenizer", help="tokenizer.json file or folder, Hub name, or 'bytes' (default: the run's own)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hugging Face Hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = export(args.model, args.out_dir, args.tokenizer)
+    folder = export(args.model, args.out_dir, args.tokenizer, force=args.force)
     print(f"bakallm export: wrote {folder}")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, private=args.private)
@@ -43,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = None) -> Path:
-    """Writes the Hugging Face folder of the model at `model_path`; returns the folder."""
+def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
+    """Writes the Hugging Face folder of the model at `model_path`; returns the folder.
+
+    A run directory or one of its checkpoints is refused as `out_dir` (its config.json would be
+    replaced and the run could no longer be resumed), and so is a folder holding files, unless `force`.
+    """
     from safetensors.torch import save_file
 
     from bakallm.data.tokenizers import BYTES_TOKENIZER, HuggingFaceTokenizer, load_tokenizer
@@ -59,6 +64,7 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
         model_files,
     )
 
+    _check_out_dir(Path(out_dir), force)
     files = model_files(model_path)
     model = load_model(model_path)
     spec = tokenizer or files.tokenizer
@@ -66,8 +72,6 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
         raise UserError(f"{model_path} names no tokenizer; pass the one the model was trained with as --tokenizer.")
     loaded_tokenizer = load_tokenizer(spec)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; pass a folder path.")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # A tied weight is stored once (the Hugging Face loader ties it again through the wrapper).
@@ -111,6 +115,20 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
     with atomic_path(out_dir / MODELING_FILE) as temporary:
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), temporary)
     return out_dir
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    from bakallm.model.io import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; pass a folder path.")
+    in_a_run = (out_dir / LATEST_FILE).exists() or (out_dir / CHECKPOINTS_DIR).is_dir() or (
+        (out_dir / MODEL_FILE).is_file() and out_dir.parent.name == CHECKPOINTS_DIR
+    )
+    if in_a_run:
+        raise UserError(f"{out_dir} is a run directory or one of its checkpoints, which the export would damage; pass a new folder as OUT_DIR.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} already holds files; pass an empty or new folder, or --force to replace the files of the same names.")
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:

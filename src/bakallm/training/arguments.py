@@ -60,7 +60,7 @@ class TrainConfig:
     shuffle: bool = False
     max_doc_tokens: int | None = None  # cut longer documents into independent pieces
     recall_every: int | None = None  # plant a recall fact about every N tokens of each document (data/recall.py)
-    recall_max_distance: int = 1024  # tokens between a fact and its query, drawn uniformly from 0 to this
+    recall_max_distance: int = 1024  # tokens between a fact and its query, drawn log-uniformly from 0 to this
     recall_overlap: bool = True  # False: plant a fact only after the previous fact's query
     recall_lm_share: float = 1.0  # with recall facts: the share of ordinary tokens that are targets (answers always are)
     carry_state: bool = True
