@@ -1,6 +1,7 @@
 """Where does a fact live in the state, and how far does the gradient reach? Diagnostics of recall.
 
     python benchmarks/recall_diagnostics.py trace RUN --data FILLER [--windows 64] [--samples 8]
+    python benchmarks/recall_diagnostics.py paths RUN --data FILLER [--distances 0.5,1,2,4,8] [--samples 50]
     python benchmarks/recall_diagnostics.py reach RUN --data FILLER [--distances 0.5,1,2,4,8]
     python benchmarks/recall_diagnostics.py mamba RUN --data FILLER
 
@@ -8,6 +9,9 @@ trace: two copies of each recall sample that differ only in the fact's code are 
   after every window, the root-mean-square difference of each part of the state (RMT memory, XL keys
   and values, Mamba conv and SSM), relative to that part's own size, says how much of the fact that
   part still holds N windows after it was read, whatever the model later does with it.
+paths: recall of the trained model with each path of the state switched off while it reads (the
+  memory not carried, the Mamba state not carried, no XL cache), weights unchanged: which path
+  carries the fact, and how far.
 reach: the gradient of the answer's loss with respect to the fact's token embeddings, relative to
   that with respect to the query's, as the distance grows: how far back training can teach the
   model to store (within one backpropagation span).
@@ -58,38 +62,83 @@ def differing_pair(sample: RecallSample, writer: FactWriter, rng) -> torch.Tenso
     return torch.from_numpy(np.stack([sample.tokens, other]))
 
 
-def trace(args) -> None:
-    model, writer, filler = load(args)
+def fact_traces(model: BakaLM, samples: list[RecallSample], writer: FactWriter, windows: int, seed: int = 0) -> np.ndarray:
+    """[windows + 1, parts]: the mean over samples of each state part's RMS difference between the
+    sample and a copy with another code, relative to the part's size, 0 .. `windows` windows after
+    the window in which the code ends. Each sample needs `windows` windows of filler after its fact."""
     window = model.config.window
-    distance = args.windows * window
-    samples = recall_samples(filler, writer, distance, args.samples, seed=args.seed, depth_tokens=0)
-    rng = np.random.default_rng(args.seed)
-    totals = np.zeros((args.windows + 1, len(PARTS)))
+    rng = np.random.default_rng(seed)
+    totals = np.zeros((windows + 1, len(PARTS)))
     with torch.inference_mode():
         for sample in samples:
             pair = differing_pair(sample, writer, rng)
-            start, stop = code_span(sample)
+            fact_window = code_span(sample)[1] // window
             state = model.init_state(2)
-            fact_window = stop // window
-            for index, position in enumerate(range(0, fact_window * window + distance, window)):
-                state = model(pair[:, position : position + window], state=state, return_logits=False).state
+            for index in range(fact_window + windows + 1):
+                state = model(pair[:, index * window : (index + 1) * window], state=state, return_logits=False).state
                 after = index - fact_window
-                if after >= 0 and after <= args.windows:
-                    for part, name in enumerate(PARTS):
-                        tensors = getattr(state, name)
-                        tensors = tensors if isinstance(tensors, tuple) else (tensors,)
-                        if not tensors:
-                            continue
-                        difference = sum(float((t[0] - t[1]).float().square().sum()) for t in tensors)
-                        size = sum(float(t.float().square().sum()) / 2 for t in tensors)
-                        totals[after, part] += math.sqrt(difference / max(size, 1e-30))
-    totals /= len(samples)
+                if after < 0:
+                    continue
+                for part, name in enumerate(PARTS):
+                    tensors = getattr(state, name)
+                    tensors = tensors if isinstance(tensors, tuple) else (tensors,)
+                    difference = sum(float((t[0] - t[1]).float().square().sum()) for t in tensors)
+                    size = sum(float(t.float().square().sum()) / 2 for t in tensors)
+                    totals[after, part] += math.sqrt(difference / size) if size > 0 else 0.0
+    return totals / len(samples)
+
+
+def trace(args) -> None:
+    model, writer, filler = load(args)
+    window = model.config.window
+    samples = recall_samples(filler, writer, (args.windows + 1) * window, args.samples, seed=args.seed, depth_tokens=0)
+    totals = fact_traces(model, samples, writer, args.windows, args.seed)
     print(f"{args.run}: how much of a fact each part of the state holds N windows after it (RMS difference between two readings "
           f"that differ only in the code, relative to the part's size; {len(samples)} samples, window {window})")
     print("| windows after | " + " | ".join(PARTS) + " |")
     print("|---:|" + "---:|" * len(PARTS))
     for after in sorted({0, 1, 2, 3, 4, 8, 16, 32, 64, args.windows} & set(range(args.windows + 1))):
         print(f"| {after} | " + " | ".join(f"{value:.2e}" for value in totals[after]) + " |")
+
+
+# Each path of the state switched off at reading time, with the weights unchanged.
+PATH_SWITCHES = {
+    "whole state": {},
+    "no memory carry": {"carry_memory": False},
+    "no Mamba carry": {"carry_mamba_state": False},
+    "no XL cache": {"xl_cache": False},
+    "Mamba only": {"carry_memory": False, "xl_cache": False},
+    "memory only": {"carry_mamba_state": False, "xl_cache": False},
+}
+
+
+def with_switches(model: BakaLM, changes: dict) -> BakaLM:
+    """The same weights in a model whose config has `changes` (switches that add or drop no weight)."""
+    variant = BakaLM(model.config.replace(**changes)).eval()
+    variant.load_state_dict(model.state_dict())
+    return variant
+
+
+def paths(args) -> None:
+    from bakallm.evaluation.recall import RecallSettings, RecallTest, bakalm_answer_log_probs
+
+    model = BakaLM.from_pretrained(args.run).eval()
+    tokenizer = load_tokenizer(args.tokenizer or model_files(args.run).tokenizer)
+    distances = tuple(float(part) for part in args.distances.split(","))
+    test = RecallTest.draw(RecallSettings(distances=distances, samples=args.samples, seed=args.seed),
+                           tokenize_corpus(load_corpus(args.data), tokenizer), tokenizer, model.config.window)
+    print(f"{args.run}: exact answers (first token) with one path of the state switched off while reading, same weights; "
+          f"{args.samples} samples per distance, window {model.config.window}")
+    print("| state | " + " | ".join(f"{distance:g} w" for distance in distances) + " |")
+    print("|---|" + "---:|" * len(distances))
+    for name, changes in PATH_SWITCHES.items():
+        variant = with_switches(model, changes)
+
+        def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache, variant=variant):
+            return bakalm_answer_log_probs(variant, samples, batch_size, torch.device("cpu"), n_ctx, keep_document_cache)
+
+        scores = test.score(answer_log_probs, n_ctx=1 << 40, batch_size=8)
+        print(f"| {name} | " + " | ".join(f"{score.accuracy:.0%} ({score.first_token_accuracy:.0%})" for score in scores) + " |", flush=True)
 
 
 def reach(args) -> None:
@@ -177,7 +226,7 @@ def _tokens_of_body(window: torch.Tensor, config) -> torch.Tensor:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
-    for name, function in (("trace", trace), ("reach", reach), ("mamba", mamba)):
+    for name, function in (("trace", trace), ("paths", paths), ("reach", reach), ("mamba", mamba)):
         sub = modes.add_parser(name)
         sub.add_argument("run")
         sub.add_argument("--data", required=True, help="filler corpus")
@@ -188,7 +237,7 @@ def main() -> int:
         sub.set_defaults(function=function)
         if name == "trace":
             sub.add_argument("--windows", type=int, default=64, help="windows of filler after the fact")
-        if name == "reach":
+        if name in ("reach", "paths"):
             sub.add_argument("--distances", default="0.5,1,2,4,8", help="in windows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

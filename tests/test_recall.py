@@ -415,3 +415,23 @@ def test_a_loss_over_few_targets_equals_the_full_cross_entropy(document_cache):
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             torch.testing.assert_close(sparse[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_carrying_the_memory_a_window_ignores_the_memory_it_was_handed():
+    from dataclasses import replace
+
+    model = small_model(carry_memory=False, carry_mamba_state=False, xl_cache=False)
+    first = torch.randint(0, 256, (1, WINDOW))
+    second = torch.randint(0, 256, (1, WINDOW))
+    state = model(first).state
+    scrambled = replace(state, memory=torch.randn_like(state.memory))
+    with torch.no_grad():
+        torch.testing.assert_close(model(second, state=state).logits, model(second, state=scrambled).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(second, state=state).logits, model(second).logits, rtol=0, atol=0)  # as a fresh window
+    carried = small_model(carry_mamba_state=False, xl_cache=False)
+    carried.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        state = carried(first).state
+        assert not torch.allclose(carried(second, state=state).logits, carried(second, state=replace(state, memory=torch.randn_like(state.memory))).logits)
+    with pytest.raises(ValueError, match="carry_memory false needs memory_layout learned_slots"):
+        small_model(carry_memory=False, memory_layout="copy_memory")

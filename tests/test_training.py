@@ -128,6 +128,23 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
         Trainer(wrong)
 
 
+def test_init_from_works_for_transformers_runs_and_refuses_the_other_kind(corpus_dir, tmp_path, capsys):
+    hf_config = tmp_path / "neox.json"
+    hf_config.write_text(json.dumps({
+        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": 256, "vocab_size": 256, "rotary_pct": 0.25,
+    }))
+    hf_args = ["train", "--hf-config", str(hf_config), "--data", str(corpus_dir), "--tokenizer", "bytes", "--batch-size", "2",
+               "--train-ctx", "64", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    assert main([*hf_args, "--max-steps", "2", "--run-dir", str(tmp_path / "hf-source")]) == 0
+    staged = Trainer(TrainConfig(hf_config=str(hf_config), data=str(corpus_dir), tokenizer="bytes", batch_size=2, train_ctx=64, max_steps=1,
+                                 run_dir=str(tmp_path / "hf-staged"), init_from=str(tmp_path / "hf-source"), cache_dir=str(tmp_path / "cache")))
+    for name, tensor in final_weights(tmp_path / "hf-source").items():
+        assert torch.equal(staged.model.state_dict()[name], tensor), name
+    assert main(train_args(corpus_dir, tmp_path / "ours", "--max-steps", "1", "--init-from", str(tmp_path / "hf-source"))) == 2
+    assert "it trained a transformers model and this run trains our model" in capsys.readouterr().err
+
+
 def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     return dict(
         preset="tiny", model_config=str(_tiny_model_file(run_dir.parent)), data=str(corpus_dir), tokenizer="bytes", batch_size=3,

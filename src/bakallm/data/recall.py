@@ -188,7 +188,6 @@ def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_dist
         tokens = np.asarray(corpus.document(index), dtype=np.int64)
         rng = np.random.default_rng([seed, index])
         n_facts = int(rng.poisson(len(tokens) / every))
-        facts = writer.facts(rng, n_facts)
         positions = np.sort(rng.integers(0, len(tokens) + 1, size=n_facts))
         # Log-uniform: as many distances of 1-2 tokens as of 512-1024, so that most examples are short
         # and cheap (a model learns to recall near before far) while every scale up to the maximum is seen.
@@ -199,7 +198,8 @@ def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_dist
                 if position >= free_from:
                     kept.append(fact_index)
                     free_from = position + distance + 1
-            facts, positions, distances = [facts[i] for i in kept], positions[kept], distances[kept]
+            positions, distances = positions[kept], distances[kept]
+        facts = writer.facts(rng, len(positions))
         # (where in the document, facts before queries planted at the same place, tokens, answer mask, code mask)
         insertions = []
         for position, distance, fact in zip(positions, distances, facts):

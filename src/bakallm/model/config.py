@@ -50,6 +50,9 @@ class ModelConfig:
     # minimum starts more of it slow enough to carry.
     mamba_dt_min: float = 1e-3
     carry_mamba_state: bool = True
+    # Carry the RMT memory from window to window; off, every window reads the learned initial memory
+    # (with carry_mamba_state and xl_cache, it measures what each path of the state carries).
+    carry_memory: bool = True
     # Mix the output with the counts of the document's tokens so far, through a learned gate
     # (model/document_cache.py; docs/quality.md, Finding 9).
     document_cache: bool = False
@@ -161,6 +164,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mamba_dt_min must lie between 0 and 0.1 (the largest initial step size), got {self.mamba_dt_min!r}.")
         if not self.elephant_a > 0 or not self.elephant_d > 0:
             raise ValueError(f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}.")
+        if not self.carry_memory and self.memory_layout != "learned_slots":
+            raise ValueError("ModelConfig.carry_memory false needs memory_layout learned_slots, whose fresh windows read the initial memory.")
         if self.document_cache_order > 1 and not self.document_cache:
             raise ValueError("ModelConfig.document_cache_order above 1 needs document_cache: true; turn the cache on or set the order to 1.")
         if self.vocab_size**self.document_cache_order >= 2**63 - 1:

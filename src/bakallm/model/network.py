@@ -276,9 +276,12 @@ class BakaLM(nn.Module):
     # ----- the pieces of a window, shared with incremental decoding (bakallm.generation) -----
     def read_memory(self, state: RecurrentState, dtype: torch.dtype) -> torch.Tensor:
         """The first n_memory positions of a `learned_slots` window [B, M, d]: the carried memory,
-        or the learned initial memory for rows without a past."""
+        or the learned initial memory for rows without a past (and for every row when the memory is not carried)."""
         batch = state.batch_size
-        return torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), self.initial_memory.to(dtype))
+        initial = self.initial_memory.to(dtype)
+        if not self.config.carry_memory:
+            return initial.expand(batch, -1, -1)
+        return torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), initial)
 
     def embed_window_tokens(self, input_ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeds tokens `first`, `first`+1, ... of a window and puts pause k before token

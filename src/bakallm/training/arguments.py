@@ -108,8 +108,8 @@ class TrainConfig:
             raise UserError(f"--scan must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan!r}.")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise UserError(f"--weight-decay-scope must be one of {', '.join(WEIGHT_DECAY_SCOPES)}, got {self.weight_decay_scope!r}.")
-        if self.hf_config and (self.compile or self.init_from):
-            raise UserError("--compile and --init-from apply to our models only; drop them when training with --hf-config.")
+        if self.hf_config and self.compile:
+            raise UserError("--compile applies to our models only; drop it when training with --hf-config.")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.resume and self.init_from:

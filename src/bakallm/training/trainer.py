@@ -36,6 +36,8 @@ from bakallm.training.schedule import Schedule
 
 # Parameters that are not matrices of a linear map or an embedding get no weight decay.
 NO_DECAY_NAMES = ("pause", "initial_memory", "write_slots", "A_log")
+# Fields of a transformers config that decide the shapes of its weights.
+_HF_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
 # Facts about a run saved beside its training arguments in config.json (not arguments themselves).
 RUN_FACTS = ("version", "corpus_fingerprint", "tokenizer_fingerprint")
 
@@ -282,7 +284,18 @@ class Trainer:
 
     def _load_initial_weights(self, source: str) -> None:
         source_run, checkpoint = ckpt.resolve_checkpoint(source)
-        source_config = ModelConfig.from_dict(ckpt.read_run_config(source_run)["model"])
+        saved = ckpt.read_run_config(source_run)
+        source_is_hf = bool(saved.get("training", {}).get("hf_config"))
+        if source_is_hf != (self.model_config is None):
+            kinds = ("a transformers model", "our model") if source_is_hf else ("our model", "a transformers model")
+            raise UserError(f"Cannot start from {source}: it trained {kinds[0]} and this run trains {kinds[1]}; start from a run of the same kind.")
+        if source_is_hf:
+            changed = sorted(key for key, value in saved["model"].items() if self.model.config_dict().get(key) != value and key in _HF_SHAPE_FIELDS)
+            if changed:
+                raise UserError(f"Cannot start from {source}: its transformers config differs in {', '.join(changed)}; use the same --hf-config and --model-config.")
+            ckpt.load_weights(self.model, checkpoint)
+            return
+        source_config = ModelConfig.from_dict(saved["model"])
         changed = source_config.differences(self.model_config)
         if changed:
             raise UserError(
