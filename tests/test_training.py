@@ -598,3 +598,28 @@ def test_padding_warning_names_the_long_document_and_a_split_that_removes_it():
     assert padding_warning(batcher([401] + [9] * 20, mode="windows"), 50) is None
     endless = DocumentBatcher(TokenizedCorpus.from_token_lists([[1] * 401, [1] * 9], vocab_size=2), 4, 8)
     assert padding_warning(endless, 50) is None  # rows roll into the next epoch: no drain until --max-steps
+
+
+def test_a_transformers_model_gives_the_same_loss_and_gradients_without_its_logits(tmp_path):
+    from bakallm.training.hf_model import build_hf_model
+
+    config = tmp_path / "neox.json"
+    config.write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "intermediate_size": 64, "max_position_embeddings": 256, "vocab_size": 300, "rotary_pct": 0.25}))
+    torch.manual_seed(0)
+    model = build_hf_model(str(config), {}, vocab_size=260)
+    assert model._plain_head() is not None
+    ids = torch.randint(0, 260, (2, 40))
+    targets = torch.randint(0, 260, (2, 40))
+    targets[torch.rand(targets.shape) < 0.7] = -100
+    losses, gradients = [], []
+    for return_logits in (False, True):  # the chunked head at scored positions, then the library's logits
+        model.zero_grad()
+        loss = model(ids, targets=targets, return_logits=return_logits).loss
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append({name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -40,6 +40,19 @@ class ModelOutput:
     token_losses: torch.Tensor | None = None  # [B, T] each target's loss (0 where -100), without gradient
 
 
+def scored_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [N, d] and targets [N] at the scored positions only, and those positions (None: all
+    are kept). On a CPU only: where most positions are not targets (a sparse recall recipe, padding)
+    the output layer then runs on far fewer rows, and finding them needs the host, which on a CPU
+    costs nothing; an accelerator keeps every row rather than wait for the host."""
+    if hidden.device.type != "cpu":
+        return hidden, targets, None
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(scored) == len(targets):
+        return hidden, targets, None
+    return hidden.index_select(0, scored), targets.index_select(0, scored), scored
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.d_model, eps=config.norm_eps)
@@ -220,16 +233,10 @@ class BakaLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed loss of a window's targets [N] from its final hidden states [N, d], and each
         target's loss [N], in chunks of tokens: the window's float32 logits never all exist at once."""
-        scored, n_positions = None, len(targets)
-        if hidden.device.type == "cpu":
-            # Where most positions are not targets (a sparse recall recipe, padding), the output layer
-            # runs only on the scored ones; finding them needs the host, which on a CPU costs nothing.
-            scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-            if len(scored) == n_positions:
-                scored = None
-            else:
-                hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)
-                mixture = None if mixture is None else tuple(part.index_select(0, scored) for part in mixture)
+        n_positions = len(targets)
+        hidden, targets, scored = scored_positions(hidden, targets)
+        if scored is not None and mixture is not None:
+            mixture = tuple(part.index_select(0, scored) for part in mixture)
         loss, token_losses = linear_cross_entropy(
             hidden, self.lm_head.weight, targets, self.config.vocab_size, mixture=mixture, return_token_losses=True
         )

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakallm.errors import UserError
-from bakallm.model.network import IGNORE_INDEX, ModelOutput
+from bakallm.kernels.cross_entropy import linear_cross_entropy
+from bakallm.model.network import IGNORE_INDEX, ModelOutput, scored_positions
 
 HF_FOLDER = "hf"  # each checkpoint's model as a transformers folder, readable by `bakallm bench --hf`
 
@@ -41,6 +42,14 @@ class HFCausalLM(nn.Module):
         targets: torch.Tensor | None = None,
         return_logits: bool = True,
     ) -> ModelOutput:
+        head = self._plain_head()
+        if targets is not None and not return_logits and head is not None:
+            # The loss without the logits: the output layer in chunks of tokens, at scored positions only (ours does the same).
+            hidden = self.hf.base_model(input_ids=input_ids).last_hidden_state
+            n_targets = (targets != IGNORE_INDEX).sum()
+            kept_hidden, kept_targets, _ = scored_positions(hidden.flatten(0, 1), targets.flatten())
+            loss = linear_cross_entropy(kept_hidden, head.weight, kept_targets, self.vocab_size)
+            return ModelOutput(logits=None, loss=loss / n_targets.clamp(min=1), state=None, n_targets=n_targets)
         logits = self.hf(input_ids=input_ids).logits[..., : self.vocab_size]
         loss = n_targets = None
         if targets is not None:
@@ -48,6 +57,14 @@ class HFCausalLM(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             loss = loss / n_targets.clamp(min=1)
         return ModelOutput(logits=logits if return_logits else None, loss=loss, state=None, n_targets=n_targets)
+
+    def _plain_head(self) -> nn.Linear | None:
+        """The output layer when the logits are exactly it applied to the base model's output (a
+        bias-free linear map, no logit scaling or soft-capping), else None."""
+        head = self.hf.get_output_embeddings()
+        config = self.hf.config
+        scaled = any(getattr(config, name, None) not in (None, 1.0) for name in ("logit_scale", "final_logit_softcapping", "logits_scaling"))
+        return head if isinstance(head, nn.Linear) and head.bias is None and not scaled else None
 
     def config_dict(self) -> dict[str, Any]:
         return self.hf.config.to_dict()
