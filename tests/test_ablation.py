@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 import yaml
 
-from bakallm.ablation import DONE_FILE, StudyInterrupted, load_study, run_study
+from bakallm.ablation import DONE_FILE, StudyInterrupted, load_study, run_study, variant_train_config, write_corpus
 from bakallm.cli import main
 from bakallm.errors import UserError
 from bakallm.results.db import ResultsDB
@@ -223,3 +224,50 @@ def test_a_bad_recall_section_is_refused(study_file, tmp_path):
         path.write_text(yaml.safe_dump(spec))
         with pytest.raises(UserError, match=message):
             load_study(path)
+
+
+def test_a_later_stage_starts_from_an_earlier_variant_of_the_study(study_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from bakallm.training import checkpoint as ckpt
+    from bakallm.training.trainer import Trainer
+
+    spec = yaml.safe_load(study_file.read_text())
+    spec["variants"] = [{"name": "first", "preset": "tiny"}, {"name": "second", "preset": "tiny", "training": {"init_from": "first"}}]
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    study = load_study(path)
+    train_data = write_corpus(study.train_sources, study.output / "data", "train")
+    with pytest.raises(UserError, match="starts from variant first, which is not done"):
+        variant_train_config(study, study.variants[1], train_data)
+    assert run_study(study, tmp_path / "results.sqlite3", log=lambda message: None, only=["first"]) == ["first"]
+    config = variant_train_config(study, study.variants[1], train_data)
+    assert config.init_from == str(study.run_dir(study.variants[0]))
+    trainer = Trainer(config)
+    for name, tensor in load_file(ckpt.latest_checkpoint(study.run_dir(study.variants[0])) / ckpt.MODEL_FILE).items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"variants": [{"name": "../../escape", "preset": "tiny"}]}, "must be a plain file name"),
+        ({"variants": [{"name": "data", "preset": "tiny"}]}, "which the study uses itself"),
+        ({"variants": [{"name": ".hidden", "preset": "tiny"}]}, "must be a plain file name"),
+        ({"eval": {"corpora": [{"name": "../x", "data": "y"}]}}, "held-out corpus name '../x'"),
+        ({"eval": {"corpora": [{"name": "a", "data": "y"}, {"name": "a", "data": "z"}]}}, "each have their own name"),
+        ({"evaluation": {}}, "unknown entries \\['evaluation'\\]"),
+    ],
+)
+def test_names_in_a_study_file_are_checked(study_file, tmp_path, change, message):
+    spec = {**yaml.safe_load(study_file.read_text()), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=message):
+        load_study(path)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_missing_study_file_is_called_a_study_file(tmp_path, capsys):
+    assert main(["ablate", str(tmp_path / "missing.yaml")]) == 2
+    assert "Study file" in capsys.readouterr().err

@@ -199,3 +199,12 @@ def test_generate_command_errors_are_one_sentence(run_dir, tmp_path, capsys):
     assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "0"]) == 2
     error = capsys.readouterr().err
     assert "top_p must be in (0, 1]" in error and "Traceback" not in error
+    for arguments, message in ((["--threads", "0"], "--threads must be at least 1"), (["--stop", ""], "--stop was given an empty text")):
+        assert main(["generate", str(run_dir), "--prompt", "x", *arguments]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["generate", str(run_dir), "--prompt-file", str(binary)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "Traceback" not in error and len(error.splitlines()) == 1

@@ -113,6 +113,12 @@ def test_resume_with_a_different_setting_names_the_field(corpus_dir, tmp_path, c
     assert "--batch-size" in error and len(error.splitlines()) == 1
     assert main(train_args(corpus_dir, run_dir, "--max-steps", "2")) == 2
     assert "--resume" in capsys.readouterr().err
+    # A value that came from a recipe is named as the recipe's, not as a flag the user never typed.
+    recipe = tmp_path / "other.yaml"
+    recipe.write_text("lr: 0.01\n")
+    assert main(["train", "--resume", str(run_dir), "--recipe", str(recipe)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"the recipe {recipe}'s lr is 0.01 but the run used 0.003" in error and "--lr" not in error and len(error.splitlines()) == 1
 
 
 def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, capsys):
@@ -322,7 +328,8 @@ def test_recipe_values_apply_and_flags_override_them(tmp_path):
     args = build_parser("train").parse_args(["train", "--recipe", str(recipe), "--lr", "0.0005"])
     config, explicit = train_config_from_args(args)
     assert (config.preset, config.batch_size, config.lr, config.shuffle) == ("celp18", 8, 0.0005, True)
-    assert {"preset", "lr", "recipe"} <= explicit
+    assert {"preset", "lr", "recipe"} <= explicit.keys()
+    assert (explicit["lr"], explicit["recipe"]) == ("--lr", "--recipe") and explicit["preset"] == f"the recipe {recipe}'s preset"
 
 
 def test_bad_recipe_and_model_config_fail_with_one_sentence(tmp_path, capsys):

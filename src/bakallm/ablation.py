@@ -25,6 +25,7 @@ from bakallm.errors import UserError
 from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 DONE_FILE = "ablation-result.json"
+STUDY_KEYS = frozenset({"study", "output", "tokenizer", "data", "train_tokens", "seed", "model", "training", "eval", "variants"})
 SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
 WHOLE_DOCUMENT = "whole"
 # Our models carry their state through the whole document at this context: no reset in practice.
@@ -87,7 +88,7 @@ class Study:
 def load_study(path: str | Path) -> Study:
     from bakallm.training.arguments import read_recipe
 
-    values = read_recipe(str(path))
+    values = read_recipe(str(path), kind="Study file", contents="study settings (see docs/ablations.md)")
 
     def require(name: str, kind: type) -> Any:
         if not isinstance(values.get(name), kind):
@@ -95,6 +96,9 @@ def load_study(path: str | Path) -> Study:
         return values[name]
 
     name = require("study", str)
+    unknown = sorted(set(values) - STUDY_KEYS)
+    if unknown:
+        raise UserError(f"Study file {path} has unknown entries {unknown}; use {', '.join(sorted(STUDY_KEYS))} (see docs/ablations.md).")
     variants = [_variant(entry, path) for entry in require("variants", list)]
     names = [variant.name for variant in variants]
     if len(set(names)) != len(names) or not names:
@@ -104,9 +108,11 @@ def load_study(path: str | Path) -> Study:
     if not all(context == WHOLE_DOCUMENT or (isinstance(context, int) and context > 0) for context in contexts):
         raise UserError(f"eval.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}.")
     corpora = [
-        EvalCorpus(name=str(entry["name"]), sources=_sources(entry["data"]), max_characters=entry.get("max_characters"))
-        for entry in evaluation.get("corpora", [])
+        EvalCorpus(name=_plain_name(entry.get("name"), "held-out corpus", path), sources=_sources(entry.get("data")), max_characters=entry.get("max_characters"))
+        for entry in _mappings(evaluation.get("corpora", []), "eval.corpora", path)
     ]
+    if len({corpus.name for corpus in corpora}) != len(corpora):
+        raise UserError(f"The held-out corpora of {path} must each have their own name (got {[corpus.name for corpus in corpora]}).")
     if not corpora:
         raise UserError(f"Study file {path} needs eval.corpora: at least one held-out corpus with a name and data.")
     recall = _recall_eval(evaluation["recall"], path) if "recall" in evaluation else None
@@ -144,9 +150,27 @@ def _recall_eval(entry: Any, path: str | Path) -> RecallEval:
     return RecallEval(_sources(entry["data"]), settings, entry.get("window"), list(contexts))
 
 
+def _mappings(entries: Any, what: str, path: str | Path) -> list[dict[str, Any]]:
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise UserError(f"{what} of {path} must be a list of mappings, got {entries!r}.")
+    return entries
+
+
+def _plain_name(name: Any, what: str, path: str | Path) -> str:
+    """A name that becomes a file or folder name inside the study's output: one plain component."""
+    reserved = {"data", "model-configs"}
+    if not isinstance(name, str) or not name or name.startswith(".") or any(character in name for character in "/\\\0") or name in reserved:
+        raise UserError(
+            f"The {what} name {name!r} in {path} must be a plain file name (no '/' or '\\', not starting with '.') "
+            f"other than {' and '.join(sorted(reserved))}, which the study uses itself."
+        )
+    return name
+
+
 def _variant(entry: Any, path: str | Path) -> Variant:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+    if not isinstance(entry, dict):
         raise UserError(f"Every variant of {path} must be a mapping with a name, got {entry!r}.")
+    _plain_name(entry.get("name"), "variant", path)
     if (entry.get("preset") is None) == (entry.get("hf_config") is None):
         raise UserError(f"Variant {entry['name']} of {path} must give exactly one of preset and hf_config.")
     unknown = sorted(set(entry) - {"name", "preset", "hf_config", "model", "training"})
@@ -277,6 +301,12 @@ def variant_train_config(study: Study, variant: Variant, train_data: Path):
         values["hf_config"] = variant.hf_config
     else:
         values["preset"] = variant.preset
+    earlier = {other.name: other for other in study.variants}.get(values.get("init_from"))
+    if earlier is not None:
+        # A later stage of a staged recipe starts from an earlier variant's weights, wherever the study's output is.
+        if not (study.run_dir(earlier) / DONE_FILE).is_file():
+            raise UserError(f"Variant {variant.name} starts from variant {earlier.name}, which is not done; run {earlier.name} first.")
+        values["init_from"] = str(study.run_dir(earlier))
     return train_config_from_values(values)
 
 

@@ -290,12 +290,16 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}.")
+    if any(text == "" for text in args.stop):
+        raise UserError("--stop was given an empty text, which would stop before the first token; give the text to stop at, e.g. --stop $'\\n\\n'.")
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as error:
         raise UserError(f"{str(error).rstrip('.')} (see --temperature, --top-k and --top-p).") from None
     if args.threads is not None:
-        torch.set_num_threads(max(args.threads, 1))
+        torch.set_num_threads(args.threads)
     if args.prompt_file is not None:
         try:
             text = Path(args.prompt_file).read_text(encoding="utf-8")

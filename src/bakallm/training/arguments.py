@@ -204,10 +204,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--wandb-project", help="also log to this Weights & Biases project")
 
 
-def read_recipe(path: str) -> dict[str, Any]:
+def read_recipe(path: str, kind: str = "Recipe file", contents: str = "training arguments") -> dict[str, Any]:
+    """The mapping in a YAML or JSON file; errors name it as `kind` (a study file is read the same way)."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"Recipe file {file} does not exist; pass a YAML or JSON file of training arguments.")
+        raise UserError(f"{kind} {file} does not exist; pass a YAML or JSON file of {contents}.")
     text = file.read_text(encoding="utf-8")
     try:
         if file.suffix in (".yaml", ".yml"):
@@ -217,9 +218,9 @@ def read_recipe(path: str) -> dict[str, Any]:
         else:
             values = json.loads(text)
     except Exception as error:  # yaml and json raise different types; both mean a malformed file
-        raise UserError(f"Recipe file {file} cannot be parsed ({str(error).splitlines()[0]}); fix its syntax.") from None
+        raise UserError(f"{kind} {file} cannot be parsed ({str(error).splitlines()[0]}); fix its syntax.") from None
     if not isinstance(values, dict):
-        raise UserError(f"Recipe file {file} must map argument names to values.")
+        raise UserError(f"{kind} {file} must map names to values.")
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
@@ -231,11 +232,13 @@ def train_config_from_values(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
-    """The merged config, and the names of the arguments given explicitly (recipe or flags)."""
+def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, str]]:
+    """The merged config, and where each argument given explicitly came from: its flag, or the recipe."""
     given = {field.name: getattr(args, field.name) for field in fields(TrainConfig) if getattr(args, field.name, None) is not None}
     values = read_recipe(given["recipe"]) if "recipe" in given else {}
+    origins = {name: f"the recipe {given['recipe']}'s {name}" for name in values}
     values.update(given)
+    origins.update({name: "--" + name.replace("_", "-") for name in given})
     config = train_config_from_values(values)
     config.validate()
-    return config, set(values)
+    return config, origins

@@ -8,6 +8,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,11 @@ def _restore_rng(saved: dict[str, Any], rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, explicit: set[str] | None = None, distributed: Distributed | None = None):
-        """`distributed`: the ranks of a torchrun launch (bakallm.training.distributed.launch); default one process."""
-        explicit = explicit or set()
+    def __init__(self, config: TrainConfig, explicit: Collection[str] | None = None, distributed: Distributed | None = None):
+        """`explicit`: the arguments given by the user (a mapping to where each came from, for error
+        messages, or just their names); `distributed`: the ranks of a torchrun launch
+        (bakallm.training.distributed.launch); default one process."""
+        explicit = explicit if isinstance(explicit, Mapping) else {name: "--" + name.replace("_", "-") for name in explicit or ()}
         config = config.with_resolved_paths()
         saved_facts: dict[str, Any] = {}
         if config.resume:
@@ -234,7 +237,7 @@ class Trainer:
 
     # ----- setup -----
     @staticmethod
-    def _resume_config(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    def _resume_config(config: TrainConfig, explicit: Mapping[str, str]) -> tuple[TrainConfig, dict[str, Any]]:
         """The saved run's arguments with the allowed changes, and the facts saved about its sources."""
         run_dir = Path(config.resume)
         if ckpt.latest_checkpoint(run_dir) is None:
@@ -242,13 +245,13 @@ class Trainer:
         saved = ckpt.read_run_config(run_dir)["training"]
         facts = {name: saved.pop(name) for name in RUN_FACTS if name in saved}
         current = config.to_dict()
-        for name in sorted(explicit - RESUMABLE_CHANGES - RELOCATABLE):
+        for name in sorted(explicit.keys() - RESUMABLE_CHANGES - RELOCATABLE):
             if current[name] != saved.get(name):
-                flag = "--" + name.replace("_", "-")
                 raise UserError(
-                    f"Cannot resume {run_dir}: {flag} is {current[name]!r} but the run used {saved.get(name)!r}; drop the flag or start a new run."
+                    f"Cannot resume {run_dir}: {explicit[name]} is {current[name]!r} but the run used {saved.get(name)!r}; "
+                    "drop it (a resumed run keeps its own arguments) or start a new run."
                 )
-        changes = explicit & (RESUMABLE_CHANGES | RELOCATABLE)
+        changes = explicit.keys() & (RESUMABLE_CHANGES | RELOCATABLE)
         merged = {**saved, **{name: current[name] for name in changes}, "resume": str(run_dir), "run_dir": str(run_dir)}
         data = Path(str(merged["data"])).expanduser()
         if data.is_absolute() and not data.exists():
