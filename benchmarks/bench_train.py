@@ -2,7 +2,8 @@
 
     python benchmarks/bench_train.py [--models tiny celp18 pythia-70m] [--batch-size 1] [--ctx 2048]
                                      [--steps 2] [--device cpu|cuda] [--dtype float32|bfloat16]
-                                     [--compile] [--eval] [--peak-tflops X] [--profile MODEL]
+                                     [--compile] [--eval] [--activation-checkpointing]
+                                     [--peak-tflops X] [--profile MODEL]
 
 A training step is: forward with targets (our model with return_logits=False), backward, gradient
 clipping to norm 1, AdamW step. Every model trains on the same random token ids; step times are
@@ -51,6 +52,7 @@ from common import (
 )
 
 PYTHIA = "pythia-70m"
+CHECKPOINTED = "train-checkpointed"
 DEFAULT_PYTHIA_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "configs" / "pythia-70m-deduped" / "config.json"
 
 
@@ -77,9 +79,17 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: torch.dtype, mode: str, compile_model: bool, scan: str = "auto"):
-    """A callable running one training step (mode "train") or one evaluation forward ("eval")."""
+    """A callable running one training step (mode "train"; "train-checkpointed" with activation
+    checkpointing per block) or one evaluation forward ("eval")."""
     torch.manual_seed(0)
     model = build_model(name, device, scan)
+    if mode == CHECKPOINTED:
+        if name == PYTHIA:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            from bakallm.acceleration import checkpoint_layers
+
+            checkpoint_layers(model)
     forward = model
     if compile_model and name == PYTHIA:
         forward = torch.compile(model)
@@ -194,6 +204,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (ours: each layer, the scan staying eager)")
     parser.add_argument("--eval", action="store_true", help="also time evaluation forwards (no gradients)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="also time training steps with activation checkpointing per block")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU; 0 measures a large matmul")
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 4096 on CPU, 8192 on CUDA)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
@@ -221,7 +232,7 @@ def main() -> None:
         peak, peak_source = peak_flops(device, dtype, size), f"measured, {size}^3 matmul in {args.dtype}"
     print(f"Peak matmul: {peak / 1e12:.3f} TFLOP/s ({peak_source})")
 
-    modes = ["train", "eval"] if args.eval else ["train"]
+    modes = ["train"] + ([CHECKPOINTED] if args.activation_checkpointing else []) + (["eval"] if args.eval else [])
     cases = {
         (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile, args.scan) for name in models for mode in modes
     }
@@ -271,6 +282,11 @@ def main() -> None:
         if mode == "train":
             hours = args.epoch_tokens * seconds / tokens / 3600
             print(f"{name}: one epoch of {args.epoch_tokens / 1e6:.0f}M tokens would take {hours:.2f} h ({hours * 60:.1f} min) at this speed.")
+    for name in models:
+        if (name, CHECKPOINTED) in times:
+            memory = peaks.get((name, CHECKPOINTED)), peaks.get((name, "train"))
+            memory_ratio = f"peak memory {memory[0] / memory[1]:.2f}x, " if None not in memory else ""
+            print(f"{name} with activation checkpointing: {memory_ratio}step time {times[name, CHECKPOINTED] / times[name, 'train']:.2f}x of without.")
     if ("celp18", "train") in mfu and (PYTHIA, "train") in mfu:
         ratio = mfu["celp18", "train"] / mfu[PYTHIA, "train"]
         print(f"celp18 / GPT-NeoX training MFU: {ratio:.2f}")

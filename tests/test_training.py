@@ -121,6 +121,14 @@ def test_resume_with_a_different_setting_names_the_field(corpus_dir, tmp_path, c
     assert f"the recipe {recipe}'s lr is 0.01 but the run used 0.003" in error and "--lr" not in error and len(error.splitlines()) == 1
 
 
+def test_activation_checkpointing_trains_to_the_same_weights(corpus_dir, tmp_path):
+    assert main(train_args(corpus_dir, tmp_path / "plain", "--max-steps", "2")) == 0
+    assert main(train_args(corpus_dir, tmp_path / "checkpointed", "--max-steps", "2", "--activation-checkpointing")) == 0
+    checkpointed = final_weights(tmp_path / "checkpointed")
+    for name, tensor in final_weights(tmp_path / "plain").items():
+        torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, capsys):
     source = tmp_path / "source"
     assert main(train_args(corpus_dir, source, "--max-steps", "2")) == 0
@@ -132,6 +140,16 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
     wrong = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "wrong"), "init_from": str(source), "model_config": None})
     with pytest.raises(Exception, match="model field d_model differs"):
         Trainer(wrong)
+    # A field that changes no parameter may differ (stage 2 of a leave-one-out study), and is announced.
+    capsys.readouterr()
+    values = _config_values(corpus_dir, tmp_path / "switched")
+    model_file = Path(values["model_config"])
+    model_file.with_name("no-carry.json").write_text(json.dumps({**json.loads(model_file.read_text()), "carry_mamba_state": False}))
+    switched = Trainer(TrainConfig(**{**values, "model_config": str(model_file.with_name("no-carry.json")), "init_from": str(source), "max_steps": 1}))
+    assert not switched.model.config.carry_mamba_state
+    for name, tensor in final_weights(source).items():
+        assert torch.equal(switched.model.state_dict()[name], tensor), name
+    assert "model fields changed: carry_mamba_state True -> False" in capsys.readouterr().err
 
 
 def test_init_from_works_for_transformers_runs_and_refuses_the_other_kind(corpus_dir, tmp_path, capsys):

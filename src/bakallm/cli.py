@@ -15,6 +15,7 @@ from bakallm import __version__
 from bakallm.errors import UserError
 
 COMMANDS = {
+    "first-run": ("bakallm.first_run", "train and score two small models in about ten minutes on the books shipped with bakallm"),
     "train": ("bakallm.training.cli", "train a model (resumable run directory)"),
     "bench": ("bakallm.evaluation.cli", "benchmark a model on whole articles and record the result"),
     "ablate": ("bakallm.ablation", "train and evaluate the variants of an ablation study (resumable)"),

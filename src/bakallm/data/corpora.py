@@ -1,8 +1,9 @@
 """Corpora: re-iterable streams of documents from WikiText on the Hugging Face Hub or from local files.
 
 A spec is either an existing local path (a WikiText `.raw`/`.tokens` file, a `.txt` file, a folder
-of `.txt` files, a `.jsonl` file or a `.parquet` file) or one of the hub names in `HUB_WIKITEXT`.
-An existing path always wins over a hub name of the same spelling.
+of `.txt` files, a `.jsonl` file or a `.parquet` file), one of the books shipped with the package
+(data/embedded.py) or one of the hub names in `HUB_WIKITEXT`. An existing path always wins over a
+name of the same spelling.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bakallm.data import embedded
 from bakallm.errors import UserError
 
 # Corpus name -> (hub repository, dataset configuration).
@@ -69,11 +71,14 @@ def load_corpus(spec: str, split: str = "train") -> Corpus:
     path = Path(spec).expanduser()
     if path.exists():
         corpus = _local_corpus(path)
+    elif embedded.corpus_folder(spec) is not None:
+        corpus = _local_corpus(embedded.corpus_folder(spec), name=spec)
     elif spec in HUB_WIKITEXT:
         corpus = _hub_wikitext_corpus(spec, split)
     else:
         raise UserError(
-            f"No file or folder at {spec}; pass an existing path or one of the hub corpora {', '.join(HUB_WIKITEXT)}."
+            f"No file or folder at {spec}; pass an existing path, {embedded.TRAIN_CORPUS} or {embedded.HELD_OUT_CORPUS} "
+            f"(the books shipped with bakallm), or one of the hub corpora {', '.join(HUB_WIKITEXT)}."
         )
     # Read the first document now, so that an empty source fails here rather than deep inside training.
     if next(iter(corpus), None) is None:
@@ -176,11 +181,11 @@ def _hub_wikitext_corpus(spec: str, split: str) -> Corpus:
 # ----- local sources -----
 
 
-def _local_corpus(path: Path) -> Corpus:
+def _local_corpus(path: Path, name: str | None = None) -> Corpus:
     path = path.resolve()
     if path.is_dir():
         files = sorted(child for child in path.iterdir() if child.suffix == ".txt" and child.is_file())
-        return Corpus(path.name, _stat_fingerprint("txt-folder", files), lambda: _read_text_files(files))
+        return Corpus(name or path.name, _stat_fingerprint("txt-folder", files), lambda: _read_text_files(files))
     suffix = path.suffix.lower()
     readers: dict[str, Callable[[Path], Iterator[Document]]] = {
         **{wikitext_suffix: _read_wikitext_file for wikitext_suffix in WIKITEXT_SUFFIXES},

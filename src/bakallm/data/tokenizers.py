@@ -1,7 +1,8 @@
 """Tokenizers: a Hugging Face `tokenizer.json` (local or from the Hub) or a built-in byte-level tokenizer.
 
 `load_tokenizer(spec)` reads, in this order: the literal `bytes`; an existing `tokenizer.json` file
-or a folder holding one; otherwise a Hub model name such as `EleutherAI/pythia-70m-deduped`.
+or a folder holding one; the tokenizer shipped with the package (`bakallm-books-8k`, data/embedded.py);
+otherwise a Hub model name such as `EleutherAI/pythia-70m-deduped`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import tokenizers
 
+from bakallm.data import embedded
 from bakallm.data.corpora import hub_revision
 from bakallm.errors import UserError
 
@@ -102,9 +104,11 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> Tokenizer:
             raise UserError(f"Folder {spec} holds no {TOKENIZER_FILE}; pass a folder or file that has one.")
     if path.is_file():
         return _load_tokenizer_file(path.resolve(), name=str(path.resolve()))
+    if embedded.tokenizer_file(spec) is not None:
+        return _load_tokenizer_file(embedded.tokenizer_file(spec), name=spec)
     if _looks_like_hub_name(spec):
         return _load_hub_tokenizer(spec)
-    raise UserError(f"No tokenizer file at {spec}; pass a tokenizer.json path, a Hub model name, or `bytes`.")
+    raise UserError(f"No tokenizer file at {spec}; pass a tokenizer.json path, a Hub model name, {embedded.TOKENIZER} or `bytes`.")
 
 
 def _looks_like_hub_name(spec: str) -> bool:

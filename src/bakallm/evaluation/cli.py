@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bakallm.data import embedded
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, check_position_buckets
 from bakallm.kernels import SCAN_BACKENDS
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from bakallm.evaluation.recall import AnswerLogProbs
     from bakallm.results.db import ResultRow
 
-DEFAULT_DATA = "wikitext-103"
+DEFAULT_DATA = embedded.HELD_OUT_CORPUS  # held out from the books `bakallm train` reads by default
 DEFAULT_SPLIT = "validation"
 BAKALLM_DEFAULT_N_CTX = 1_048_576
 HF_DEFAULT_N_CTX = 2048
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("model", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder")
     source.add_argument("--hf", metavar="NAME_OR_PATH", help="a Hugging Face causal LM instead: a local folder or a Hub name")
-    parser.add_argument("--data", default=DEFAULT_DATA, help=f"corpus: wikitext-103, wikitext-2, or a local .raw/.txt folder/.jsonl/.parquet path (default {DEFAULT_DATA})")
+    parser.add_argument("--data", default=DEFAULT_DATA, help=f"corpus: a local .raw/.txt folder/.jsonl/.parquet path, wikitext-103, wikitext-2, or {embedded.TRAIN_CORPUS}[-held-out] (default {DEFAULT_DATA}, shipped with bakallm)")
     parser.add_argument("--split", default=DEFAULT_SPLIT, help=f"train, validation or test; only a label for local files (default {DEFAULT_SPLIT})")
     parser.add_argument(
         "--tokenizer",

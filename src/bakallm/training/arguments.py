@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from bakallm.data import embedded
 from bakallm.data.batching import MODES as BATCHING_MODES
 from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
@@ -20,7 +21,7 @@ WEIGHT_DECAY_SCOPES = ("matrices", "all")
 # batch_size may change only with the number of ranks, so that ranks x batch_size stays (the trainer checks it).
 RESUMABLE_CHANGES = frozenset(
     {"batch_size", "fsdp", "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device",
-     "compile", "scan", "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
+     "compile", "activation_checkpointing", "scan", "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
 )
 # Arguments that may name the same source at another path when a run is resumed: the trainer checks
 # that the content is the same (the corpus and tokenizer fingerprints, the model config's fields).
@@ -36,9 +37,9 @@ class TrainConfig:
     preset: str = "tiny"
     model_config: str | None = None  # JSON file of ModelConfig fields (of HF config fields with hf_config), applied over the preset
     hf_config: str | None = None  # train a transformers causal LM built from this config.json instead of a BakaLM
-    data: str = "wikitext-103"
+    data: str = embedded.TRAIN_CORPUS  # the books shipped with the package: a first run needs no download
     split: str = "train"
-    tokenizer: str = "EleutherAI/pythia-70m-deduped"
+    tokenizer: str = embedded.TOKENIZER
     batch_size: int = 8
     train_ctx: int = 2048
     max_steps: int | None = None
@@ -65,6 +66,7 @@ class TrainConfig:
     recall_lm_share: float = 1.0  # with recall facts: the share of ordinary tokens that are targets (answers always are)
     carry_state: bool = True
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
     scan: str = "auto"  # selective scan backend, one of SCAN_BACKENDS
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     precision: str = "auto"
@@ -144,9 +146,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--preset", help="model preset: tiny, celp18, celp18-seed (default tiny)")
     add("--model-config", help="JSON file of model config fields, applied over the preset (HF config fields with --hf-config)")
     add("--hf-config", help="train a transformers causal LM built from this config.json (or its folder) instead of our model")
-    add("--data", help="training corpus: wikitext-103, wikitext-2, or a local .raw/.txt folder/.jsonl/.parquet path")
+    add("--data", help=f"training corpus: a local .raw/.txt folder/.jsonl/.parquet path, wikitext-103, wikitext-2, or {embedded.TRAIN_CORPUS} (default: the books shipped with bakallm)")
     add("--split", help="corpus split for hub corpora (default train)")
-    add("--tokenizer", help="tokenizer.json file or folder, hub name, or 'bytes' (default EleutherAI/pythia-70m-deduped)")
+    add("--tokenizer", help=f"tokenizer.json file or folder, hub name, 'bytes', or {embedded.TOKENIZER} (default: {embedded.TOKENIZER}, shipped with bakallm)")
     add("--batch-size", type=int, help="rows per step and rank, each streaming one document (default 8)")
     add("--train-ctx", type=int, help="tokens per row and step; gradients flow through them (default 2048)")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -179,6 +181,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "so that answers weigh more and the output layer runs on fewer positions (default 1)")
     add("--no-carry-state", dest="carry_state", action="store_false", default=None, help="start every step from a fresh state (reference behaviour)")
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
+    add("--activation-checkpointing", action="store_true", default=None,
+        help="keep only each block's inputs for the backward pass and recompute the rest there: less memory for about a third more time")
     add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)")
     add("--fsdp", action="store_true", default=None, help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP")
     add(

@@ -34,6 +34,10 @@ class HFCausalLM(nn.Module):
         self.hf = hf_model
         self.vocab_size = vocab_size  # the tokenizer's: logits past it (embedding padding) are dropped
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing per layer, transformers' own (bakallm.acceleration.checkpoint_layers)."""
+        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def forward(
         self,
         input_ids: torch.Tensor,

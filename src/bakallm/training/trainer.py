@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, compile_layers, use_scan_backend, use_threads
+from bakallm.acceleration import autocast_dtype, checkpoint_layers, compile_layers, use_scan_backend, use_threads
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
 from bakallm.data.recall import FactWriter, mix_recall
@@ -173,7 +173,9 @@ class Trainer:
         self.eval_corpus = None
         with self.distributed.local_main_first():
             show_progress = config.progress and self.distributed.is_main
-            self.corpus: TokenizedCorpus = tokenize_corpus(load_corpus(config.data, config.split), self.tokenizer, cache_dir, progress=show_progress)
+            source = load_corpus(config.data, config.split)
+            self.corpus_name = source.name
+            self.corpus: TokenizedCorpus = tokenize_corpus(source, self.tokenizer, cache_dir, progress=show_progress)
             self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
             if config.eval_data:
                 self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
@@ -199,6 +201,8 @@ class Trainer:
             use_scan_backend(self.model, config.scan)
         if config.precision == "pure-bfloat16":
             self.model.to(torch.bfloat16)  # AdamW then keeps its moments in bfloat16 too
+        if config.activation_checkpointing:
+            checkpoint_layers(self.model)
         self.carry_state = config.carry_state and getattr(self.model, "carries_state", True)
         self.forward_model = self.distributed.wrap(compile_layers(self.model) if config.compile else self.model, self.device, config.fsdp)
         self.optimizer = torch.optim.AdamW(
@@ -300,11 +304,17 @@ class Trainer:
             return
         source_config = ModelConfig.from_dict(saved["model"])
         changed = source_config.differences(self.model_config)
-        if changed:
-            raise UserError(
-                f"Cannot start from {source}: model field {changed[0]} differs ({getattr(source_config, changed[0])} there, {getattr(self.model_config, changed[0])} here); use the same preset and tokenizer."
-            )
-        ckpt.load_weights(self.model, checkpoint)
+        # Fields that change no parameter (carrying a part of the state, say) may differ: a staged
+        # run can switch a path off. Any other difference leaves weights that do not fit.
+        try:
+            ckpt.load_weights(self.model, checkpoint)
+        except (UserError, RuntimeError):
+            field = changed[0] if changed else None
+            because = f": model field {field} differs ({getattr(source_config, field)} there, {getattr(self.model_config, field)} here)" if field else ""
+            raise UserError(f"Cannot start from {source}{because}; its weights do not fit this model, so use the same preset and tokenizer.") from None
+        if changed and self.distributed.is_main:
+            settings = ", ".join(f"{name} {getattr(source_config, name)} -> {getattr(self.model_config, name)}" for name in changed)
+            print(f"bakallm train: starting from {source} with model fields changed: {settings}", file=sys.stderr)
 
     def _planned_steps(self) -> int:
         """Steps the run will take: --max-steps, or the steps the batcher really needs for --epochs
@@ -497,6 +507,7 @@ class Trainer:
         report = ProgressReport(self.planned_steps, self.step, show_bar=config.progress and sys.stdout.isatty(), enabled=self.distributed.is_main)
         last_eval: dict[str, float] | None = None
         interrupt = GracefulInterrupt("finishing this step, then saving a checkpoint")
+        report.message(self.startup_summary())
         try:
             with interrupt:
                 while not self._finished() and not interrupt.requested:
@@ -530,6 +541,35 @@ class Trainer:
         if last_eval:
             summary["eval_loss"] = last_eval["loss"]
         return summary
+
+    def startup_summary(self) -> str:
+        """What this run is about to do, in a few lines: the model, where it runs, the data, how much
+        of it the planned steps cover, the learning rate and where the run is saved."""
+        config = self.config
+        counts = self.model.num_parameters()
+        kind = f"preset {config.preset}" if self.model_config is not None else f"transformers model of {config.hf_config}"
+        precision = {"pure-bfloat16": "pure bfloat16"}.get(config.precision) or ("bfloat16 autocast" if self.autocast_dtype is not None else "float32")
+        threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if self.device.type == "cpu" else ""
+        ranks = f" x {self.distributed.world_size} ranks" if self.distributed.world_size > 1 else ""
+        tokens_per_step = self.global_rows * config.train_ctx * config.grad_accum
+        steps_left = self.planned_steps - self.step
+        share = self.planned_steps * tokens_per_step / max(self.corpus.n_tokens, 1)
+        accumulation = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
+        decay = self.config.decay_steps or self.planned_steps
+        final_lr = config.lr * (1.0 if config.schedule == "constant" else config.min_lr_ratio)
+        start = f"resuming from step {self.step}: {steps_left:,} steps to go" if self.step else "starting a new run"
+        return "\n".join([
+            f"bakallm train: {start}",
+            f"  model       {kind}: {counts['total'] / 1e6:.2f}M parameters, {counts['embedding'] / 1e6:.2f}M of them in embeddings "
+            f"and {(counts['total'] - counts['embedding']) / 1e6:.2f}M in the rest",
+            f"  device      {self.device.type}{ranks}, {precision}{threads}",
+            f"  corpus      {self.corpus_name}: {len(self.corpus):,} documents, {self.corpus.n_tokens:,} tokens of {self.tokenizer.name} "
+            f"({self.tokenizer.vocab_size:,} token types)",
+            f"  plan        {self.planned_steps:,} steps of {self.global_rows} rows x {config.train_ctx:,} tokens{accumulation} = {tokens_per_step:,} tokens each: "
+            f"{share:.2f} passes over the corpus",
+            f"  lr          {config.schedule} from {config.lr:g} to {final_lr:g} over {decay:,} steps, after {config.warmup_steps} warm-up steps",
+            f"  saved in    {self.run_dir} (every {config.save_every:,} steps and at the end, the last {config.keep_last} kept)",
+        ])
 
     def _report(self, report: ProgressReport, batch: Batch) -> None:
         logged = self._flush_metrics()
