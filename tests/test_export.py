@@ -49,18 +49,20 @@ def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp
     assert hf_tokens == generate(model, [ids[0, :5].tolist()], 20, Sampling(temperature=0))[0]
 
 
-def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path, shared_data):
+def test_exported_tokenizer_loads_without_running_the_folders_code(tmp_path):
     transformers = pytest.importorskip("transformers")
-    tokenizer_file = shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        pytest.skip(f"{tokenizer_file} is absent")
-    make_run(tmp_path / "run", str(tokenizer_file), 50277)
-    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    from bakallm.data import embedded
     from bakallm.data.tokenizers import load_tokenizer
 
-    text = "The European lobster, Homarus gammarus, lives in the Atlantic."
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
-    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == load_tokenizer(str(tokenizer_file)).encode(text)
+    make_run(tmp_path / "run", embedded.TOKENIZER, embedded.TOKENIZER_VOCAB_SIZE)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    text = "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite matter to us."
+    expected = load_tokenizer(embedded.TOKENIZER).encode(text)
+    # The calls docs/generation.md gives: none asks whether to run modeling_bakallm.py.
+    alone = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "export")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "export", trust_remote_code=False)
+    for tokenizer in (alone, auto):
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected
 
 
 def test_push_to_hub_offline_is_one_clear_error(tmp_path, capsys, monkeypatch):

@@ -1,7 +1,10 @@
 """The lm-evaluation-harness adapter scores WikiText articles exactly as `bakallm bench` does."""
 
 import json
+import logging
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,7 +51,7 @@ def neox_run(shared_data, tmp_path):
     return run_dir
 
 
-def test_harness_word_perplexity_and_bits_per_byte_equal_bench(neox_run, wikitext_articles, tmp_path, capsys):
+def test_harness_word_perplexity_and_bits_per_byte_equal_bench(neox_run, wikitext_articles, tmp_path, capsys, caplog):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install bakallm[eval])")
     from lm_eval.tasks import TaskManager
 
@@ -61,8 +64,22 @@ def test_harness_word_perplexity_and_bits_per_byte_equal_bench(neox_run, wikitex
     bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     tasks = TaskManager(include_path=str(TASKS_DIR), metadata={"path": str(wikitext_articles)})
-    results = lm_eval.simple_evaluate(model="bakallm", model_args={"path": str(neox_run)}, tasks=["bakallm_wikitext"], task_manager=tasks)
+    with caplog.at_level(logging.WARNING):
+        results = lm_eval.simple_evaluate(model="bakallm", model_args={"path": str(neox_run)}, tasks=["bakallm_wikitext"], task_manager=tasks)
+    # Our task declares everything the harness asks of it: a run prints no warning about it.
+    assert not [record.getMessage() for record in caplog.records if "bakallm_wikitext" in record.getMessage()]
     figures = results["results"]["bakallm_wikitext"]
     assert results["n-samples"]["bakallm_wikitext"]["effective"] == N_ARTICLES
     assert figures["word_perplexity,none"] == pytest.approx(bench["word_ppl"], rel=1e-4)
     assert figures["bits_per_byte,none"] == pytest.approx(bench["bpb"], rel=1e-4)
+
+
+def test_harness_answers_a_wrong_model_path_in_one_sentence(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install bakallm[eval])")
+    command = [sys.executable, "-m", "bakallm.harness", "--model", "bakallm", "--model_args", f"path={tmp_path / 'missing'}", "--tasks", "bakallm_wikitext"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 2
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.strip().splitlines()[-1] == (
+        f"bakallm.harness: error: {tmp_path / 'missing'} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders."
+    )
