@@ -134,13 +134,23 @@ def test_half_written_folder_of_a_killed_run_is_never_read(tmp_path):
     assert entry in entries(cache_dir)
 
 
-def test_damaged_entry_is_reported(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "same-size garbage", "metadata gone"])
+def test_a_damaged_entry_is_never_used_but_rebuilt(tmp_path, capsys, damage):
     corpus = write_books(tmp_path / "books", ["one", "two"])
-    tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path / "cache")
+    first = tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path / "cache")
+    expected = np.array(first.tokens)
     (entry,) = entries(tmp_path / "cache")
-    (tmp_path / "cache" / entry / "tokens.bin").write_bytes(b"on")
-    with pytest.raises(UserError, match=f"Token cache entry .*{entry} is damaged; delete that folder"):
-        tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path / "cache")
+    folder = tmp_path / "cache" / entry
+    if damage == "truncated":
+        (folder / "tokens.bin").write_bytes(b"on")
+    elif damage == "same-size garbage":
+        (folder / "tokens.bin").write_bytes((folder / "tokens.bin").read_bytes()[::-1])
+    else:
+        (folder / "meta.json").unlink()
+    rebuilt = tokenize_corpus(corpus, ByteTokenizer(), cache_dir=tmp_path / "cache")
+    assert np.array_equal(np.array(rebuilt.tokens), expected)
+    assert f"token cache entry {folder} is damaged" in capsys.readouterr().err
+    assert entries(tmp_path / "cache") == [entry]
 
 
 def test_corpus_without_any_token_is_refused(tmp_path):

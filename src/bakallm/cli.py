@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from bakallm import __version__
 from bakallm.errors import UserError
@@ -42,6 +44,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # Past a file-size limit (ulimit -f) the write fails with EFBIG, which we report in one
+        # sentence, instead of the signal killing the process mid-save.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     command = next((word for word in argv if not word.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bakallm.atomic import reporting_no_room
 from bakallm.data.corpora import Corpus, Document
 from bakallm.data.tokenizers import Tokenizer
 from bakallm.errors import UserError
@@ -128,9 +130,19 @@ def tokenize_corpus(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(f"{CACHE_FORMAT}\0{corpus.fingerprint()}\0{tokenizer.fingerprint()}".encode()).hexdigest()
     entry = cache_dir / f"{_slug(corpus.name)}--{_slug(tokenizer.name)}--{key[:20]}"
-    if not entry.is_dir():
+    if entry.is_dir():
+        try:
+            return _open_entry(entry, key)
+        except DamagedEntry as damage:
+            # Never used: rebuilt from the corpus, which costs only the time to tokenize it again.
+            print(f"bakallm: warning: token cache entry {entry} is damaged ({damage}); tokenizing the corpus again.", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+    with reporting_no_room(f"write the token cache {entry}", "free some space (or pass --cache-dir on another disk) and run the same command again"):
         _build_entry(corpus, tokenizer, key, entry, progress)
-    return _open_entry(entry, key)
+    try:
+        return _open_entry(entry, key)
+    except DamagedEntry as damage:
+        raise UserError(f"Token cache entry {entry} was damaged as soon as it was written ({damage}); check the disk of --cache-dir.") from None
 
 
 def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, progress: bool) -> None:
@@ -146,7 +158,7 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
             for batch in _document_batches(corpus):
                 encoded = tokenizer.encode_batch([document.text for document in batch])
                 for document, ids in zip(batch, encoded, strict=True):
-                    np.asarray(ids, dtype=dtype).tofile(tokens_file)
+                    tokens_file.write(np.asarray(ids, dtype=dtype).tobytes())  # a failed write raises OSError with its errno
                     offsets.append(offsets[-1] + len(ids))
                     doc_ids.append(document.id)
                     n_bytes.append(count_bytes(document.text))
@@ -184,16 +196,25 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
         shutil.rmtree(partial, ignore_errors=True)
 
 
+class DamagedEntry(Exception):
+    """A token cache entry whose files do not match its metadata: truncated, overwritten or missing."""
+
+
 def _open_entry(entry: Path, key: str) -> TokenizedCorpus:
     try:
         meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
         dtype = np.dtype(meta["dtype"])
         tokens_path = entry / TOKENS_FILE
-        if meta["key"] != key or tokens_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
-            raise ValueError("entry does not match its metadata")
+        if meta["key"] != key:
+            raise ValueError("its key is another corpus's")
+        if tokens_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
+            raise ValueError(f"{TOKENS_FILE} holds {tokens_path.stat().st_size:,} bytes instead of {meta['n_tokens'] * dtype.itemsize:,}")
         tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
         offsets = np.load(entry / OFFSETS_FILE)
-        fingerprint = meta.get("content_fingerprint") or content_fingerprint(meta["vocab_size"], meta["doc_ids"], offsets, tokens)
+        # A checksum of every token (about a second per 100M tokens): same-size damage is caught too.
+        fingerprint = content_fingerprint(meta["vocab_size"], meta["doc_ids"], offsets, tokens)
+        if fingerprint != meta.get("content_fingerprint", fingerprint):
+            raise ValueError("its tokens do not match their checksum")
         return TokenizedCorpus(
             tokens=tokens,
             offsets=offsets,
@@ -204,7 +225,7 @@ def _open_entry(entry: Path, key: str) -> TokenizedCorpus:
             fingerprint=fingerprint,
         )
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"Token cache entry {entry} is damaged; delete that folder and run again.") from error
+        raise DamagedEntry(str(error)) from None
 
 
 def _document_batches(corpus: Corpus) -> Iterator[list[Document]]:

@@ -50,19 +50,8 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
     A run directory or one of its checkpoints is refused as `out_dir` (its config.json would be
     replaced and the run could no longer be resumed), and so is a folder holding files, unless `force`.
     """
-    from safetensors.torch import save_file
-
-    from bakallm.data.tokenizers import BYTES_TOKENIZER, HuggingFaceTokenizer, load_tokenizer
-    from bakallm.model.io import (
-        CONFIG_FILE,
-        HF_CONFIG_KEY,
-        HF_MODEL_TYPE,
-        HF_TOKENIZER_KEY,
-        HF_WEIGHT_PREFIX,
-        MODEL_FILE,
-        load_model,
-        model_files,
-    )
+    from bakallm.data.tokenizers import load_tokenizer
+    from bakallm.model.io import load_model, model_files
 
     _check_out_dir(Path(out_dir), force)
     files = model_files(model_path)
@@ -72,7 +61,22 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
         raise UserError(f"{model_path} names no tokenizer; pass the one the model was trained with as --tokenizer.")
     loaded_tokenizer = load_tokenizer(spec)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_folder(model, loaded_tokenizer, out_dir)
+    except BaseException:
+        if created:  # nothing is left behind, so that the same command works again (a full disk, say)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_folder(model, loaded_tokenizer, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    from bakallm.data.tokenizers import BYTES_TOKENIZER, HuggingFaceTokenizer
+    from bakallm.model.io import CONFIG_FILE, HF_CONFIG_KEY, HF_MODEL_TYPE, HF_TOKENIZER_KEY, HF_WEIGHT_PREFIX, MODEL_FILE
 
     # A tied weight is stored once (the Hugging Face loader ties it again through the wrapper).
     tensors, seen = {}, set()
@@ -114,7 +118,6 @@ def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = 
     write_text_atomic(out_dir / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True))
     with atomic_path(out_dir / MODELING_FILE) as temporary:
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), temporary)
-    return out_dir
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:

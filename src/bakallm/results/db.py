@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bakallm import __version__
+from bakallm.atomic import no_room_reason, reporting_no_room
 from bakallm.errors import UserError
 
 DB_PATH_ENV = "BAKALLM_RESULTS_DB"
@@ -187,6 +188,8 @@ class ResultsDB:
         except BaseException as error:
             if connection is not None:
                 connection.close()
+            if isinstance(error, sqlite3.DatabaseError) and no_room_reason(error) is not None:
+                raise UserError(f"Could not write {self.path}: {no_room_reason(error)}; free some space and run the same command again.") from None
             if isinstance(error, sqlite3.DatabaseError):
                 raise UserError(f"{self.path} is not a readable results database ({error}): pass --db with the right file.") from error
             raise
@@ -204,7 +207,8 @@ class ResultsDB:
                 values[name] = json.dumps(values[name], sort_keys=True)
         names = ", ".join(values)
         placeholders = ", ".join(f":{name}" for name in values)
-        cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
+        with reporting_no_room(f"add a row to {self.path}", "the rows stored before are unchanged; free some space and run the same command again"):
+            cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
         return int(cursor.lastrowid)
 
     def rows(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bakallm.atomic import write_text_atomic
+from bakallm.atomic import reporting_no_room, write_text_atomic
 from bakallm.model import io as model_io
 
 # The run directory's layout and the loading of weights and config are the model's (bakallm.model.io).
@@ -87,21 +87,34 @@ def save_checkpoint(
     checkpoints.mkdir(parents=True, exist_ok=True)
     _remove_leftover_temporaries(checkpoints)
     temporary = checkpoints / f".tmp-{name}-{os.getpid()}"
-    temporary.mkdir()
-    save_file({key: value.detach().contiguous().cpu() for key, value in weights.items()}, temporary / MODEL_FILE)
-    torch.save(optimizer_state, temporary / OPTIMIZER_FILE)
-    if recurrent_state is not None:
-        save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
-    torch.save(rng_state, temporary / RNG_FILE)
-    (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-    _fsync_folder(temporary)
     final = checkpoints / name
+    previous = latest_checkpoint(run_dir)
+    kept = f"the last complete checkpoint, {previous.name}, is unchanged" if previous is not None else "no checkpoint was saved before"
+    try:
+        with reporting_no_room(f"save checkpoint {final}", f"{kept}; free some space and continue with `bakallm train --resume {run_dir}`"):
+            temporary.mkdir()
+            save_file({key: value.detach().contiguous().cpu() for key, value in weights.items()}, temporary / MODEL_FILE)
+            _torch_save(optimizer_state, temporary / OPTIMIZER_FILE)
+            if recurrent_state is not None:
+                save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
+            _torch_save(rng_state, temporary / RNG_FILE)
+            (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+            _fsync_folder(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
     write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     _prune(checkpoints, keep_last, protect=name)
     return final
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    # Through a Python file, so that a failed write keeps its OSError (and errno) behind torch's error.
+    with open(path, "wb") as handle:
+        torch.save(value, handle)
 
 
 def _fsync_folder(folder: Path) -> None:
