@@ -22,6 +22,7 @@ from typing import Any
 
 from bakallm.atomic import atomic_path, write_text_atomic
 from bakallm.errors import UserError
+from bakallm.locks import Busy, RunLock
 from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 DONE_FILE = "ablation-result.json"
@@ -230,34 +231,58 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
     }
     recall_filler = write_corpus(study.recall.sources, study.output / "data", "recall-filler") if study.recall else None
     ran = []
+    chosen = [variant for variant in study.variants if only is None or variant.name in only]
     with ResultsDB(db_path if db_path is not None else default_db_path()) as db:
-        for variant in study.variants:
-            if only is not None and variant.name not in only:
+        # A variant another process is running is left for later, then waited for: processes that
+        # share a study (the same or overlapping --variants) run each variant once.
+        deferred = []
+        for variant in chosen:
+            try:
+                lock = RunLock(study.run_dir(variant))
+            except Busy:
+                log(f"{variant.name}: another process is running it; coming back to it later")
+                deferred.append(variant)
                 continue
-            run_dir = study.run_dir(variant)
-            check_settings(study, variant)
-            if (run_dir / DONE_FILE).is_file():
-                log(f"{variant.name}: done before, skipped ({run_dir})")
-                continue
-            log(f"{variant.name}: training in {run_dir}")
-            trained = train_variant(study, variant, train_data, progress)
-            if trained["interrupted"]:
-                raise StudyInterrupted(f"study {study.name} interrupted while training {variant.name} (checkpoint saved at its last step); "
-                                       "run the same command again to resume it.")
-            log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
-            rows = evaluate_variant(study, variant, eval_data, trained, progress)
-            if recall_filler is not None:
-                rows += recall_variant(study, variant, recall_filler, trained, progress)
-            for row in rows:
-                db.add(row)
-                if row.task == "recall":
-                    accuracies = ", ".join(f"{score['accuracy']:.0%} at {score['distance_windows']:g}" for score in row.recall)
-                    log(f"{variant.name}: recall context {row.extra['context']}: exact answers {accuracies} windows")
-                else:
-                    log(f"{variant.name}: {row.benchmark} context {row.extra['context']}: loss {row.loss:.4f}")
-            write_text_atomic(run_dir / DONE_FILE, json.dumps({**trained, "rows": len(rows)}, indent=2))
-            ran.append(variant.name)
+            with lock:
+                if run_variant(study, variant, train_data, eval_data, recall_filler, db, progress, log):
+                    ran.append(variant.name)
+        for variant in deferred:
+            with RunLock(study.run_dir(variant), wait=True):
+                if run_variant(study, variant, train_data, eval_data, recall_filler, db, progress, log):
+                    ran.append(variant.name)
     return ran
+
+
+def run_variant(study: Study, variant: Variant, train_data: Path, eval_data: dict[str, Path], recall_filler: Path | None, db, progress: bool,
+                log) -> bool:
+    """Trains and evaluates one variant, holding its run directory's lock; False when it was done before."""
+    run_dir = study.run_dir(variant)
+    check_settings(study, variant)
+    if (run_dir / DONE_FILE).is_file():
+        log(f"{variant.name}: done, skipped ({run_dir})")
+        return False
+    earlier = {other.name: other for other in study.variants}.get({**study.training, **variant.training}.get("init_from"))
+    if earlier is not None and not (study.run_dir(earlier) / DONE_FILE).is_file():
+        log(f"{variant.name}: waiting for {earlier.name}, which it starts from")
+        RunLock(study.run_dir(earlier), wait=True).release()  # returns once no other process runs it
+    log(f"{variant.name}: training in {run_dir}")
+    trained = train_variant(study, variant, train_data, progress)
+    if trained["interrupted"]:
+        raise StudyInterrupted(f"study {study.name} interrupted while training {variant.name} (checkpoint saved at its last step); "
+                               "run the same command again to resume it.")
+    log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
+    rows = evaluate_variant(study, variant, eval_data, trained, progress)
+    if recall_filler is not None:
+        rows += recall_variant(study, variant, recall_filler, trained, progress)
+    for row in rows:
+        db.add(row)
+        if row.task == "recall":
+            accuracies = ", ".join(f"{score['accuracy']:.0%} at {score['distance_windows']:g}" for score in row.recall)
+            log(f"{variant.name}: recall context {row.extra['context']}: exact answers {accuracies} windows")
+        else:
+            log(f"{variant.name}: {row.benchmark} context {row.extra['context']}: loss {row.loss:.4f}")
+    write_text_atomic(run_dir / DONE_FILE, json.dumps({**trained, "rows": len(rows)}, indent=2))
+    return True
 
 
 def variant_settings(study: Study, variant: Variant) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
 from bakallm.kernels.scan import resolve_scan_backend
+from bakallm.locks import RunLock
 from bakallm.model.config import ModelConfig
 from bakallm.model.network import BakaLM
 from bakallm.model.state import RecurrentState
@@ -149,6 +150,8 @@ class Trainer:
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+        # Held until train() ends: a second process on this run directory is refused (rank 0 holds it for all ranks).
+        self._lock = RunLock(self.run_dir) if self.distributed.is_main else None
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
 
@@ -534,6 +537,8 @@ class Trainer:
             report.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if self._lock is not None:
+                self._lock.release()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
                    "loss": self._smoothed_loss, "padding": 1 - self.tokens_seen / max(self.positions_seen, 1)}
         if interrupt.requested:
