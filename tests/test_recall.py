@@ -18,7 +18,6 @@ from bakallm.data.recall import (
     EXACT_MATCH_CHANCE,
     FactWriter,
     RecallSample,
-    filler_stream,
     mix_recall,
     parse_distances,
     recall_samples,

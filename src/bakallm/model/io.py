@@ -66,6 +66,12 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`.")
     checkpoint = latest_checkpoint(path)
+    if checkpoint is None and (path / LATEST_FILE).is_file():
+        named = (path / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
+        others = sorted(folder.name for folder in (path / CHECKPOINTS_DIR).glob("*") if (folder / MODEL_FILE).is_file()) if (path / CHECKPOINTS_DIR).is_dir() else []
+        if not others:
+            raise UserError(f"Run directory {path} holds no complete checkpoint (its {LATEST_FILE} names {named!r}, which is missing); train it again or pass another run.")
+        raise UserError(f"{path / LATEST_FILE} names checkpoint {named!r}, which is missing; pass one of its checkpoint folders ({', '.join(others)}).")
     if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
         raise UserError(f"Run directory {path} holds no complete checkpoint yet; train it longer or pass another run.")
     return path, checkpoint

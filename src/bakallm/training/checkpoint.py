@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bakallm.atomic import reporting_no_room, write_text_atomic
+from bakallm.errors import UserError
 from bakallm.model import io as model_io
 
 # The run directory's layout and the loading of weights and config are the model's (bakallm.model.io).
@@ -144,6 +145,55 @@ def write_run_config(run_dir: Path, model: dict[str, Any], training: dict[str, A
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Loads the weights of checkpoint folder `checkpoint` into `model`."""
     model_io.load_weights(model, checkpoint / MODEL_FILE)
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder (the first file that is missing or cannot be read
+    whole, and why), or None when every file reads."""
+    readers = {
+        MODEL_FILE: load_file,
+        OPTIMIZER_FILE: lambda path: torch.load(path, map_location="cpu", weights_only=True),
+        TRAINER_STATE_FILE: lambda path: json.loads(path.read_text(encoding="utf-8")),
+        RNG_FILE: lambda path: torch.load(path, map_location="cpu", weights_only=True),
+    }
+    if (checkpoint / RECURRENT_STATE_FILE).exists():
+        readers[RECURRENT_STATE_FILE] = load_file
+    for name, read in readers.items():
+        try:
+            read(checkpoint / name)
+        except Exception as error:  # each reader has its own error types; any of them means this file is unusable
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return f"{name}: {reason if len(reason) <= 120 else reason[:117] + '...'}"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path, warn) -> Path | None:
+    """The checkpoint to resume from: the one LATEST names, or, when that one is missing or damaged,
+    the newest complete one before it (`warn` is told which, and why). None when there is none."""
+    named = latest_checkpoint(run_dir)
+    candidates = [] if named is None else [named]
+    folders = [folder for folder in (run_dir / CHECKPOINTS_DIR).glob("*") if folder.is_dir() and not folder.name.startswith(".")] if (run_dir / CHECKPOINTS_DIR).is_dir() else []
+    candidates += sorted((folder for folder in folders if folder != named), key=_saved_step, reverse=True)
+    problems = []
+    if named is None and (run_dir / LATEST_FILE).is_file():
+        problems.append(f"{LATEST_FILE} names {(run_dir / LATEST_FILE).read_text(encoding='utf-8', errors='replace').strip()!r}, which is missing")
+    for candidate in candidates:
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            if problems:
+                warn(f"{'; '.join(problems)}: resuming from {candidate.name}, the newest complete checkpoint")
+            return candidate
+        problems.append(f"{candidate.name} is damaged ({damage})")
+    if problems:
+        raise UserError(f"{run_dir} holds no complete checkpoint: {'; '.join(problems)}; start a new run with --run-dir.")
+    return None
+
+
+def _saved_step(checkpoint: Path) -> int:
+    try:
+        return int(read_trainer_state(checkpoint)["step"])
+    except Exception:  # unreadable: tried last
+        return -1
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

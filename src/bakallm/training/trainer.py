@@ -169,7 +169,9 @@ class Trainer:
                 raise UserError(
                     f"Cannot resume {self.run_dir}: model field {changed[0]} differs ({getattr(saved_model, changed[0])} saved, {getattr(self.model_config, changed[0])} now); drop the flags that change it."
                 )
-        checkpoint = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
+        checkpoint = ckpt.resumable_checkpoint(self.run_dir, self._warn) if config.resume else None
+        if config.resume and checkpoint is None:
+            raise UserError(f"{self.run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
         if checkpoint is not None:
             self._check_resumed_rows(checkpoint)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -243,11 +245,15 @@ class Trainer:
         self._smoothed_loss: float | None = None
 
     # ----- setup -----
+    def _warn(self, message: str) -> None:
+        if self.distributed.is_main:
+            print(f"bakallm train: warning: {message}", file=sys.stderr)
+
     @staticmethod
     def _resume_config(config: TrainConfig, explicit: Mapping[str, str]) -> tuple[TrainConfig, dict[str, Any]]:
         """The saved run's arguments with the allowed changes, and the facts saved about its sources."""
         run_dir = Path(config.resume)
-        if ckpt.latest_checkpoint(run_dir) is None:
+        if not (run_dir / ckpt.CHECKPOINTS_DIR).is_dir():
             raise UserError(f"{run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
         saved = ckpt.read_run_config(run_dir)["training"]
         facts = {name: saved.pop(name) for name in RUN_FACTS if name in saved}
