@@ -176,21 +176,51 @@ def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     )
 
 
-@pytest.mark.parametrize("bad_value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch, bad_value, shown):
-    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "bad"), "max_steps": 10}))
+def _poison(trainer, monkeypatch, bad_value, steps):
+    """Multiplies the loss by `bad_value` in the given steps (counted from 1), so that the loss and
+    every gradient of those steps are not finite, as an overflow makes them."""
     original = trainer.model.forward
 
     def poisoned(*args, **kwargs):
         output = original(*args, **kwargs)
-        if trainer.step >= 3:
-            output.loss = output.loss + bad_value
+        if trainer.step + 1 in steps:
+            output.loss = output.loss * bad_value
         return output
 
     monkeypatch.setattr(trainer, "forward_model", poisoned)
-    with pytest.raises(Exception, match=f"training loss became {shown} at step 4.*step-00000002"):
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_steps_in_a_row_stop_the_run_with_untouched_weights(corpus_dir, tmp_path, monkeypatch, capsys, bad_value, precision):
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "bad"), "max_steps": 10, "precision": precision}))
+    _poison(trainer, monkeypatch, bad_value, steps=range(4, 11))
+    with pytest.raises(Exception, match="not finite .* in 3 steps in a row \\(4-6\\), which were skipped; the last checkpoint, step-00000004, is kept"):
         trainer.train()
-    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step-00000002"
+    # Skipped steps never reached the weights: those saved at step 4, and the model now, are step 3's.
+    saved = final_weights(trainer.run_dir)
+    assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+    for name, tensor in trainer.model.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], tensor), name
+    assert capsys.readouterr().err.count("step skipped, state reset") == 2
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(corpus_dir, tmp_path, monkeypatch, capsys, precision):
+    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "once"), "max_steps": 6, "precision": precision}))
+    _poison(trainer, monkeypatch, float("nan"), steps={3})
+    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    original_step = trainer.optimizer.step
+    updates = []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (updates.append(trainer.step + 1), original_step(*a, **k))[1])
+    summary = trainer.train()
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert updates == [1, 2, 4, 5, 6]  # no update at step 3
+    assert all(torch.isfinite(tensor).all() for tensor in trainer.model.state_dict().values())
+    assert any(not torch.equal(before[name], tensor) for name, tensor in trainer.model.state_dict().items())
+    assert "step 3: the gradients are not finite (norm nan); step skipped, state reset (1 skipped in all)" in capsys.readouterr().err
+    assert json.loads((ckpt.latest_checkpoint(trainer.run_dir) / ckpt.TRAINER_STATE_FILE).read_text())["skipped_steps"] == 1
 
 
 def test_resume_restores_every_random_generator(corpus_dir, tmp_path):

@@ -21,7 +21,7 @@ WEIGHT_DECAY_SCOPES = ("matrices", "all")
 # batch_size may change only with the number of ranks, so that ranks x batch_size stays (the trainer checks it).
 RESUMABLE_CHANGES = frozenset(
     {"batch_size", "fsdp", "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_data", "eval_split", "log_every", "device",
-     "compile", "activation_checkpointing", "scan", "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
+     "compile", "activation_checkpointing", "max_skipped_steps", "scan", "progress", "tensorboard", "wandb_project", "resume", "run_dir", "cache_dir", "recipe", "threads", "new_decay"}
 )
 # Arguments that may name the same source at another path when a run is resumed: the trainer checks
 # that the content is the same (the corpus and tokenizer fingerprints, the model config's fields).
@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     weight_decay_scope: str = "matrices"  # matrices: linear maps and embeddings; all: every parameter
     grad_clip: float = 0.5
+    max_skipped_steps: int = 3  # a step with non-finite gradients is skipped; this many in a row stop the run
     grad_accum: int = 1
     seed: int = 0
     batching: str = "dynamic"
@@ -89,7 +90,7 @@ class TrainConfig:
     recipe: str | None = None
 
     def validate(self) -> None:
-        for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every"):
+        for name in ("batch_size", "train_ctx", "grad_accum", "save_every", "keep_last", "log_every", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_steps", "epochs", "decay_steps", "max_doc_tokens", "threads", "recall_every"):
@@ -165,6 +166,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     add("--weight-decay-scope", choices=WEIGHT_DECAY_SCOPES, help="matrices: decay linear maps and embeddings only (default); all: every parameter")
     add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off (default 0.5)")
+    add("--max-skipped-steps", type=int,
+        help="a step whose gradients are not finite is skipped (no update, state reset); stop after this many in a row (default 3)")
     add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     add("--seed", type=int, help="seed for weights and shuffling (default 0)")
     add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch; windows: a random window per row and step, state reset every step (default dynamic)")

@@ -215,6 +215,8 @@ class Trainer:
             betas=(config.beta1, config.beta2), fused=self.device.type == "cuda",
         )
         self.step = 0
+        self.skipped_steps = 0  # steps whose gradients were not finite: no update (see _skip_step)
+        self.skipped_in_a_row = 0
         self.epochs_done = 0
         self.tokens_seen = 0  # tokens read (each predicts a target, unless the recall recipe leaves it unscored)
         self.positions_seen = 0  # batch positions processed, tokens or padding
@@ -347,6 +349,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "epochs_done": self.epochs_done,
             "tokens_seen": self.tokens_seen,
             "positions_seen": self.positions_seen,
@@ -394,6 +397,7 @@ class Trainer:
         self.distributed.load_optimizer_state(self.model, self.optimizer, loaded.optimizer_state)
         trainer_state = loaded.trainer_state
         self.step = trainer_state["step"]
+        self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.epochs_done = trainer_state["epochs_done"]
         self.tokens_seen = trainer_state["tokens_seen"]
         self.positions_seen = trainer_state.get("positions_seen", 0)
@@ -453,7 +457,13 @@ class Trainer:
         lr = self.schedule.learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        # One host synchronisation per step, so that non-finite gradients never reach the weights. The
+        # norm is the all-reduced one: every rank takes the same decision.
+        if bool(torch.isfinite(grad_norm)):
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self._skip_step(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += n_inputs
@@ -469,6 +479,24 @@ class Trainer:
         )
         return batches
 
+    def _skip_step(self, grad_norm: torch.Tensor) -> None:
+        """The policy for a step whose loss or gradients are not finite (docs/training.md): no update,
+        the carried state started afresh (it may hold the overflow), counted; after
+        --max-skipped-steps such steps in a row the run stops, its weights never touched by them."""
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        self.state = None
+        first = self.step + 2 - self.skipped_in_a_row
+        if self.skipped_in_a_row >= self.config.max_skipped_steps:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint, {latest.name}, is kept" if latest else "no checkpoint had been saved yet"
+            raise UserError(
+                f"The gradients were not finite (norm {float(grad_norm)}) in {self.skipped_in_a_row} steps in a row ({first}-{self.step + 1}), "
+                f"which were skipped; {kept}. Lower --lr, try --precision float32 or check the data, then resume."
+            )
+        self._warn(f"step {self.step + 1}: the gradients are not finite (norm {float(grad_norm)}); step skipped, state reset "
+                   f"({self.skipped_steps} skipped in all)")
+
     def _flush_metrics(self) -> list[dict[str, Any]]:
         """Writes pending step metrics and returns them; the one host synchronisation, so done only every log_every steps."""
         if not self._pending:
@@ -478,16 +506,11 @@ class Trainer:
         norms = torch.stack([torch.as_tensor(entry["grad_norm"]) for entry in self._pending]).float().cpu().tolist()
         logged = []
         for entry, loss, norm in zip(self._pending, losses, norms):
-            if not math.isfinite(loss):
-                latest = ckpt.latest_checkpoint(self.run_dir)
-                kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been saved yet"
-                raise UserError(
-                    f"The training loss became {loss} at step {entry['step']}; {kept}. Lower --lr or check the data, then resume."
-                )
             logged.append({**entry, "loss": loss, "grad_norm": norm})
             if self.metrics is not None:
                 self.metrics.log_step(**logged[-1])
-            self._smoothed_loss = loss if self._smoothed_loss is None else 0.95 * self._smoothed_loss + 0.05 * loss
+            if math.isfinite(loss):  # a skipped step's loss says nothing about the weights
+                self._smoothed_loss = loss if self._smoothed_loss is None else 0.95 * self._smoothed_loss + 0.05 * loss
         self._pending = []
         return logged
 
@@ -545,7 +568,7 @@ class Trainer:
                 self.metrics.close()
             if self._lock is not None:
                 self._lock.release()
-        summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
+        summary = {"run_dir": str(self.run_dir), "steps": self.step, "skipped_steps": self.skipped_steps, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
                    "loss": self._smoothed_loss, "padding": 1 - self.tokens_seen / max(self.positions_seen, 1)}
         if interrupt.requested:
             summary["interrupted"] = True
