@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_arguments, machine_description, markdown_table, resolve_device, synchronize
-
 from bakallm import BakaLM, ModelConfig
 from bakallm.generation import IncrementalReader
+from common import add_device_arguments, machine_description, markdown_table, resolve_device, synchronize
 
 VOCAB = 50277
 

@@ -4,13 +4,6 @@ import shutil
 
 import pytest
 import torch
-from test_evaluation import (
-    HF_CONFIG,
-    WINDOW,
-    save_random_gpt_neox,
-    small_config,
-    text_of_length,
-)
 
 from bakallm import BakaLM
 from bakallm.cli import main
@@ -20,7 +13,14 @@ from bakallm.data.tokenizers import load_tokenizer
 from bakallm.evaluation.evaluate import evaluate_bakalm
 from bakallm.kernels import scan
 from bakallm.results.db import ResultsDB
-from bakallm.training.checkpoint import MODEL_FILE, save_checkpoint, savable_weights, write_run_config
+from bakallm.training.checkpoint import MODEL_FILE, savable_weights, save_checkpoint, write_run_config
+from test_evaluation import (
+    HF_CONFIG,
+    WINDOW,
+    save_random_gpt_neox,
+    small_config,
+    text_of_length,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

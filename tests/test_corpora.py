@@ -8,7 +8,6 @@ from bakallm.data import corpora
 from bakallm.data.corpora import Document, load_corpus
 from bakallm.errors import UserError
 
-
 WIKITEXT_VALID = "wikitext-103-raw/wiki.valid.raw"
 
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bench_cli import bench, make_run, stored_rows
-from test_evaluation import WINDOW, small_model
 
 from bakallm.cli import main
 from bakallm.data.recall import (
@@ -28,6 +26,8 @@ from bakallm.errors import UserError
 from bakallm.evaluation.recall import RecallTally, bakalm_answer_log_probs
 from bakallm.training.arguments import TrainConfig
 from bakallm.training.trainer import Trainer
+from test_bench_cli import bench, make_run, stored_rows
+from test_evaluation import WINDOW, small_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

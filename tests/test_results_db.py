@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from bakallm import __version__
-from bakallm.results import db as db_module
 from bakallm.errors import UserError
+from bakallm.results import db as db_module
 from bakallm.results.db import DB_PATH_ENV, SCHEMA_VERSION, ResultRow, ResultsDB, default_db_path
 
 

@@ -3,9 +3,9 @@ bakallm's own corpus reader so that the harness scores exactly the texts `bakall
 
 from __future__ import annotations
 
-import datasets
-
 import logging
+
+import datasets
 
 from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import count_bytes, count_words
