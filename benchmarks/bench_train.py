@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU; 0 measures a large matmul")
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 4096 on CPU, 8192 on CUDA)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    parser.add_argument("--scan", default="auto", choices=["auto", "triton", "blocked", "reference"], help="our models' selective scan backend")
+    parser.add_argument("--scan", default="auto", choices=["auto", "triton", "parallel", "blocked", "reference"], help="our models' selective scan backend")
     parser.add_argument("--epoch-tokens", type=float, default=120e6, help="tokens of one epoch, for the projected epoch time (WikiText-103: ~120M)")
     parser.add_argument("--sync-check", action="store_true", help="on CUDA, count the host synchronisations in one more training step of each model")
     parser.add_argument("--profile", metavar="MODEL", help="print a torch.profiler table of one training step of MODEL and exit")

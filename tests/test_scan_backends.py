@@ -19,17 +19,17 @@ def test_auto_picks_the_blocked_scan_on_cpu():
 
 
 def test_auto_picks_triton_on_cuda_only_when_triton_imports(monkeypatch, triton_missing):
-    assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "blocked"
+    assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "parallel"
     monkeypatch.setattr(scan, "_triton", {"module": object()})
     monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): None})  # as if it had passed there
     assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "triton"
 
 
-def test_auto_falls_back_to_the_blocked_scan_with_a_warning_when_the_self_check_fails(monkeypatch):
+def test_auto_falls_back_to_the_log_depth_scan_with_a_warning_when_the_self_check_fails(monkeypatch):
     monkeypatch.setattr(scan, "_triton", {"module": object()})
     monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): "CompilationError: at 12:4"})
-    with pytest.warns(UserWarning, match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the blocked scan runs instead\."):
-        assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "blocked"
+    with pytest.warns(UserWarning, match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the log-depth \(parallel\) scan runs instead\."):
+        assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "parallel"
 
 
 def test_self_check_reports_a_kernel_that_does_not_run_or_gives_wrong_results(monkeypatch):
@@ -55,7 +55,7 @@ def test_self_check_reports_a_kernel_that_does_not_run_or_gives_wrong_results(mo
 
 
 def test_forced_backends_are_kept():
-    for backend in ("blocked", "reference"):
+    for backend in ("blocked", "parallel", "reference"):
         assert scan.resolve_scan_backend(backend, torch.device("cpu")) == backend
 
 
@@ -70,7 +70,7 @@ def test_forced_triton_off_cuda_is_refused():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, blocked, reference"):
+    with pytest.raises(UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, parallel, blocked, reference"):
         scan.resolve_scan_backend("fast", torch.device("cpu"))
 
 

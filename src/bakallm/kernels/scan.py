@@ -11,6 +11,7 @@ from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.blocked import selective_scan as blocked_selective_scan
+from bakallm.kernels.parallel import selective_scan as parallel_selective_scan
 from bakallm.kernels.reference import selective_scan_reference
 
 # The Triton module once imported, or why it did not import; filled on first use, so that CPU-only
@@ -76,17 +77,21 @@ def triton_self_check_failure(device: torch.device) -> str | None:
 
 def resolve_scan_backend(backend: str, device: torch.device) -> str:
     """The backend that runs a scan of tensors on `device`: "auto" becomes "triton" on CUDA when
-    triton imports and the kernels pass their self-check there (else "blocked", with a warning when
+    triton imports and the kernels pass their self-check there (else "parallel", with a warning when
     the self-check failed), "blocked" elsewhere; a forced backend that cannot run there raises UserError."""
     if backend not in SCAN_BACKENDS:
         raise UserError(f"Unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)}.")
     if backend == "auto":
-        if device.type != "cuda" or isinstance(_triton_scan(), str):
+        # On a GPU the blocked scan's thousands of small operations per window are as many kernel
+        # launches: without a working Triton scan, the log-depth scan (a few hundred) runs instead.
+        if device.type != "cuda":
             return "blocked"
+        if isinstance(_triton_scan(), str):
+            return "parallel"
         failure = triton_self_check_failure(device)
         if failure is not None:
-            warnings.warn(f"The Triton scan failed its self-check on {device} ({failure}); the blocked scan runs instead.", stacklevel=2)
-            return "blocked"
+            warnings.warn(f"The Triton scan failed its self-check on {device} ({failure}); the log-depth (parallel) scan runs instead.", stacklevel=2)
+            return "parallel"
         return "triton"
     if backend == "triton":
         module = _triton_scan()
@@ -121,5 +126,7 @@ def selective_scan(
         return _triton_scan().selective_scan_triton(x, dt, A, B, C, D, h0)
     if backend == "reference":
         return selective_scan_reference(x, dt, A, B, C, D, h0)
+    if backend == "parallel":
+        return parallel_selective_scan(x, dt, A, B, C, D, h0)
     return blocked_selective_scan(x, dt, A, B, C, D, h0, block=block, chunk=chunk)
 

@@ -1,0 +1,114 @@
+"""Mamba-1 selective scan in log depth: a handful of large operations per block, for GPUs without a
+working Triton (the reference is in reference.py).
+
+The recurrence h[t] = a[t] * h[t-1] + u[t], with a[t] = exp(dt[t] * A) and u[t] = dt[t] * B[t] *
+x[t], is associative: a block of L steps is scanned in log2(L) rounds, each combining every step
+with the one 2^k before it (Hillis-Steele). Every round is two element-wise operations on the whole
+block [rows, L, d_inner, d_state], so a block costs about 4 log2(L) operations instead of the
+blocked scan's loops over positions: on a GPU, where each operation is a kernel launch, a window
+of 512 tokens takes a few hundred launches instead of thousands. The products of decays only
+shrink (a <= 1), so no round overflows. The work is L log2(L) instead of L per step, which a GPU
+absorbs and a CPU does not: the blocked scan stays the CPU's.
+
+Backward recomputes each block's states from its saved entering state and runs the adjoint
+recurrence g[t] = C[t] dy[t] + a[t+1] g[t+1] the same way, backwards in time, so memory is a few
+block-sized tensors whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Positions per block: a whole window of the reference layout (552 positions) in one block, so a
+# window costs one scan of about 10 rounds; memory is a few [rows, block, d_inner, d_state] tensors.
+DEFAULT_BLOCK = 1024
+
+
+def _scan(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """States h[t] = decay[t] * h[t-1] + inputs[t] along dim 1 from h[-1] = 0, in log2(L) rounds.
+    Overwrites `decay` (with running products) and returns `inputs` overwritten by the states."""
+    length, offset = inputs.shape[1], 1
+    while offset < length:
+        # Right-hand sides are read before they are written: clone the overlapping part first.
+        later_decay = decay[:, offset:]
+        inputs[:, offset:].addcmul_(later_decay, inputs[:, :-offset].clone())
+        if 2 * offset < length:  # the last round's products are never read
+            later_decay.mul_(decay[:, :-offset].clone())
+        offset *= 2
+    return inputs
+
+
+class _ParallelSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0, block: int):
+        length = x.shape[1]
+        y = torch.empty_like(x)
+        starts = []
+        state = h0
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            starts.append(state)
+            states = _block_states(x[:, start:end], dt[:, start:end], A, B[:, start:end], state)
+            y[:, start:end] = torch.einsum("bldn,bln->bld", states, C[:, start:end])
+            state = states[:, -1]
+        y.addcmul_(x, D)
+        ctx.block = block
+        ctx.save_for_backward(x, dt, A, B, C, D, torch.stack(starts))
+        return y, state
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_last):
+        x, dt, A, B, C, D, starts = ctx.saved_tensors
+        block, length = ctx.block, x.shape[1]
+        grad_y = grad_y.contiguous()
+        grad_x, grad_dt, grad_B, grad_C = torch.empty_like(x), torch.empty_like(dt), torch.empty_like(B), torch.empty_like(C)
+        grad_A = torch.zeros_like(A)
+        carry = grad_h_last  # a[t+1] g[t+1] reaching the last step of the block being processed
+        for index, start in reversed(list(enumerate(range(0, length, block)))):
+            end = min(start + block, length)
+            x_part, dt_part, B_part, C_part, dy = x[:, start:end], dt[:, start:end], B[:, start:end], C[:, start:end], grad_y[:, start:end]
+            entering = starts[index]
+            states = _block_states(x_part, dt_part, A, B_part, entering)
+            decay = torch.exp(dt_part.unsqueeze(-1) * A)
+            # Adjoint: g[t] = C[t] dy[t] + a[t+1] g[t+1], scanned backwards (flipped in time).
+            sources = dy.unsqueeze(-1) * C_part.unsqueeze(2)
+            sources[:, -1] += carry
+            shifted = torch.cat([decay[:, 1:], torch.zeros_like(decay[:, :1])], dim=1)
+            grads = _scan(shifted.flip(1), sources.flip(1)).flip(1)
+            previous = torch.cat([entering.unsqueeze(1), states[:, :-1]], dim=1)
+            grad_C[:, start:end] = torch.einsum("bldn,bld->bln", states, dy)
+            grad_u = grads  # dL/du[t] = g[t]
+            grad_B[:, start:end] = torch.einsum("bldn,bld->bln", grad_u, dt_part * x_part)
+            grad_dt_x = torch.einsum("bldn,bln->bld", grad_u, B_part)
+            grad_decay_log = grads * previous * decay  # dL/d(dt[t] A), through a[t] = exp(dt[t] A)
+            grad_A += torch.einsum("bldn,bld->dn", grad_decay_log, dt_part)
+            grad_dt[:, start:end] = torch.einsum("bldn,dn->bld", grad_decay_log, A) + grad_dt_x * x_part
+            grad_x[:, start:end] = grad_dt_x * dt_part
+            carry = decay[:, 0] * grads[:, 0]
+        grad_x.addcmul_(grad_y, D)
+        grad_D = (grad_y * x).sum(dim=(0, 1))
+        return grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, carry, None
+
+
+def _block_states(x, dt, A, B, entering):
+    """The states [rows, L, d_inner, d_state] after each step of a block, from `entering`."""
+    decay = torch.exp(dt.unsqueeze(-1) * A)
+    inputs = (dt * x).unsqueeze(-1) * B.unsqueeze(2)
+    inputs[:, 0].addcmul_(decay[:, 0], entering)
+    return _scan(decay, inputs)
+
+
+def selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    h0: torch.Tensor,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-depth scan with the reference's signature; computes in float32, or float64 for float64 inputs."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    return _ParallelSelectiveScan.apply(*tensors, block)
