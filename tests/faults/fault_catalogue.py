@@ -158,6 +158,24 @@ FAULTS: tuple[Fault, ...] = (
         (EVALUATION + "test_hf_windows_score_every_token_exactly_once",),
     ),
     Fault(
+        "resume-uses-a-damaged-checkpoint",
+        "resume takes the checkpoint LATEST names without reading its files first",
+        (Patch("bakallm.training.checkpoint:checkpoint_damage", result=lambda value, arguments: None),),
+        ("tests/test_damaged_files.py::test_resume_continues_from_the_newest_complete_checkpoint_with_a_warning[garbage optimizer]",),
+    ),
+    Fault(
+        "skipped-step-updates-the-weights",
+        "a step with non-finite gradients is counted as skipped but its update is applied anyway",
+        (Patch("bakallm.training.trainer:Trainer._skip_step", result=lambda value, arguments: arguments["self"].optimizer.step()),),
+        (TRAINING + "test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on[float32]",),
+    ),
+    Fault(
+        "full-disk-not-recognised",
+        "a write that fails for want of space is not recognised as such and surfaces as a raw OSError",
+        (Patch("bakallm.atomic:no_room_reason", result=lambda value, arguments: None),),
+        ("tests/test_disk_full.py::test_an_atomic_write_that_does_not_fit_keeps_the_old_file",),
+    ),
+    Fault(
         "bench-ours-scores-a-token-twice",
         "each n_ctx segment of an article after the first starts one token early, scoring one token twice",
         (Patch("bakallm.evaluation.evaluate:bakalm_windows", result=overlap_segments_by_one_token),),
