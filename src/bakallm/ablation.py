@@ -23,6 +23,7 @@ from typing import Any
 from bakallm.atomic import atomic_path, write_text_atomic
 from bakallm.errors import UserError
 from bakallm.locks import Busy, RunLock
+from bakallm.results.db import add_db_argument
 from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 DONE_FILE = "ablation-result.json"
@@ -465,7 +466,7 @@ def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)")
-    parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
+    add_db_argument(parser)
     parser.add_argument("--output", type=Path, help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)")
     parser.add_argument("--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -27,6 +27,7 @@ from typing import Any
 from bakallm.atomic import write_text_atomic
 from bakallm.data import embedded
 from bakallm.errors import UserError
+from bakallm.results.db import add_db_argument
 
 STUDY = "first-run"
 DEFAULT_MINUTES = 4.0
@@ -103,7 +104,7 @@ def _base_config(run_dir: Path, args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"training minutes for each of the two models (default {DEFAULT_MINUTES:g})")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/first-run"), help="folder of the two runs (default runs/first-run)")
-    parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
+    add_db_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs and of the sample (default 0)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -11,7 +11,7 @@ from bakallm.atomic import atomic_path
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import count_label
 from bakallm.results.context_use import context_uses
-from bakallm.results.db import DB_PATH_ENV, ResultRow, ResultsDB
+from bakallm.results.db import ResultRow, ResultsDB, add_db_argument
 from bakallm.training.metrics import METRICS_FILE_NAME, MetricsLog, metrics_path
 
 EVAL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -24,20 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     runs.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)")
     context = modes.add_parser("context", help="benchmark loss against context length, one line per model")
-    context.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    add_db_argument(context)
     context.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
     context.add_argument("--benchmark", help="only rows of this benchmark")
     context.add_argument("--split", help="only rows of this split")
     context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     study = modes.add_parser("study", help="training loss of every variant of a `bakallm ablate` study")
     study.add_argument("study", metavar="STUDY", help="the study name, as in its study file")
-    study.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    add_db_argument(study)
     study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     study.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)")
     positions = modes.add_parser(
         "positions", help="benchmark loss by position in the article, one line per model and context length (whole vs reset)"
     )
-    positions.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    add_db_argument(positions)
     positions.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
     positions.add_argument("--benchmark", help="only rows of this benchmark")
     positions.add_argument("--split", help="only rows of this split")
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recall = modes.add_parser(
         "recall", help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context"
     )
-    recall.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    add_db_argument(recall)
     recall.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
     recall.add_argument("--benchmark", help="only rows whose filler is this corpus")
     recall.add_argument("--split", help="only rows of this split")

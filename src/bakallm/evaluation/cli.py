@@ -15,6 +15,7 @@ from bakallm.data import embedded
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, check_position_buckets
 from bakallm.kernels import SCAN_BACKENDS
+from bakallm.results.db import add_db_argument
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"articles (ours) or windows (--hf) per forward pass (default {BAKALLM_DEFAULT_BATCH_SIZE} ours, {HF_DEFAULT_BATCH_SIZE} --hf)",
     )
     parser.add_argument("--note", default="", help="free text stored with the result, e.g. 'after 2 epochs'")
-    parser.add_argument("--db", type=Path, help="results database (default: $BAKALLM_RESULTS_DB, else ./results/results.sqlite3)")
+    add_db_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the stored row as one JSON object on the last line")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument(
