@@ -71,6 +71,19 @@ def test_a_second_train_on_a_run_directory_in_use_is_refused(tmp_path, lock_hold
     assert not (run_dir / "config.json").exists()  # nothing written
 
 
+def test_a_train_that_fails_to_start_leaves_its_run_directory_free(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "bad.txt").write_bytes(b"\xff\xfe not text")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--tokenizer", "bytes", "--run-dir", str(run_dir), "--no-progress", "--threads", "1"]) == 2
+    capsys.readouterr()
+    # Another process can take the lock at once: this one released it although it lives on.
+    taken = subprocess.run([sys.executable, "-c", "import sys; from bakallm.locks import RunLock; RunLock(sys.argv[1])", str(run_dir)],
+                           capture_output=True, text=True)
+    assert taken.returncode == 0, taken.stderr
+
+
 WRITE_ROWS = textwrap.dedent("""
     import sys
     from bakallm.results.db import ResultRow, ResultsDB

@@ -152,6 +152,15 @@ class Trainer:
         self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
         # Held until train() ends: a second process on this run directory is refused (rank 0 holds it for all ranks).
         self._lock = RunLock(self.run_dir) if self.distributed.is_main else None
+        try:
+            self._set_up(config, saved_facts)
+        except BaseException:
+            if self._lock is not None:  # a trainer that never came to be holds nothing
+                self._lock.release()
+            raise
+
+    def _set_up(self, config: TrainConfig, saved_facts: dict[str, Any]) -> None:
+        """The rest of __init__, run while the run directory's lock is held."""
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
 
@@ -480,9 +489,9 @@ class Trainer:
         return batches
 
     def _skip_step(self, grad_norm: torch.Tensor) -> None:
-        """The policy for a step whose loss or gradients are not finite (docs/training.md): no update,
-        the carried state started afresh (it may hold the overflow), counted; after
-        --max-skipped-steps such steps in a row the run stops, its weights never touched by them."""
+        """The policy for a step whose gradients are not finite (docs/training.md): no update, the
+        carried state started afresh (it may hold the overflow), counted; after --max-skipped-steps
+        such steps in a row the run stops, its weights never touched by them."""
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
         self.state = None
