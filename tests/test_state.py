@@ -44,3 +44,19 @@ def test_flat_dict_round_trip(cache):
     restored = RecurrentState.from_dict(flat)
     ids = torch.randint(0, 100, (3, 8))
     torch.testing.assert_close(model(ids, state=restored).logits, model(ids, state=state).logits)
+
+
+def test_every_field_is_mapped_saved_and_restored_generically():
+    """A field added to RecurrentState is reset, selected, saved and restored without other edits."""
+    from dataclasses import fields
+
+    _, state = make_state(**CACHES["n-gram cache"])
+    state = state.detach()
+    restored = RecurrentState.from_dict(state.to_dict())
+    picked = state.select([1])
+    for entry in fields(RecurrentState):
+        original, back, one = getattr(state, entry.name), getattr(restored, entry.name), getattr(picked, entry.name)
+        originals, backs, ones = (value if isinstance(value, tuple) else (value,) for value in (original, back, one))
+        assert originals and len(originals) == len(backs) == len(ones), entry.name
+        for tensor, again, row in zip(originals, backs, ones):
+            assert torch.equal(tensor, again) and torch.equal(row, tensor[1:2]), entry.name

@@ -7,22 +7,26 @@ reads the learned initial memory, masks the attention cache, and starts Mamba fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 # The fields of the document cache (ModelConfig.document_cache): exact counts of what the document
 # held, as opposed to the network's own state.
 DOCUMENT_CACHE_FIELDS = ("token_counts", "ngram_keys", "ngram_counts", "recent_tokens")
+# A field holding a tuple of tensors (one per layer, or per n-gram order) is marked so; every other
+# field is one tensor or None. Mapping, resetting, saving and loading read the fields from here,
+# so a new field is declared once.
+PER_LAYER = {"per_layer": True}
 
 
 @dataclass(frozen=True)
 class RecurrentState:
     memory: torch.Tensor  # [B, n_memory, d_model]: last layer's output at the write slots
-    keys: tuple[torch.Tensor, ...]  # per layer [B, n_heads, L_past, head_dim], unrotated
-    values: tuple[torch.Tensor, ...]  # per layer, like keys
-    conv: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_conv - 1]
-    ssm: tuple[torch.Tensor, ...]  # per layer [B, d_inner, d_state]
+    keys: tuple[torch.Tensor, ...] = field(metadata=PER_LAYER)  # per layer [B, n_heads, L_past, head_dim], unrotated
+    values: tuple[torch.Tensor, ...] = field(metadata=PER_LAYER)  # per layer, like keys
+    conv: tuple[torch.Tensor, ...] = field(metadata=PER_LAYER)  # per layer [B, d_inner, d_conv - 1]
+    ssm: tuple[torch.Tensor, ...] = field(metadata=PER_LAYER)  # per layer [B, d_inner, d_state]
     has_past: torch.Tensor  # [B] bool
     # [B, vocab_size] float32: how often each token occurred so far in the row's document; None
     # for a model without the document cache (ModelConfig.document_cache).
@@ -31,8 +35,8 @@ class RecurrentState:
     # document's runs of c tokens with the token that followed, as n-gram keys sorted along each
     # row [B, P_c] int64 and their counts [B, P_c] float32 (entries of count 0 are padding, so a
     # zeroed row is an empty one); and the last k - 1 tokens read [B, k - 1], right-aligned.
-    ngram_keys: tuple[torch.Tensor, ...] = ()
-    ngram_counts: tuple[torch.Tensor, ...] = ()
+    ngram_keys: tuple[torch.Tensor, ...] = field(default=(), metadata=PER_LAYER)
+    ngram_counts: tuple[torch.Tensor, ...] = field(default=(), metadata=PER_LAYER)
     recent_tokens: torch.Tensor | None = None
 
     @property
@@ -41,18 +45,14 @@ class RecurrentState:
 
     def _map(self, function) -> "RecurrentState":
         """Applies `function` to every tensor (all are batch-first)."""
-        return RecurrentState(
-            memory=function(self.memory),
-            keys=tuple(function(t) for t in self.keys),
-            values=tuple(function(t) for t in self.values),
-            conv=tuple(function(t) for t in self.conv),
-            ssm=tuple(function(t) for t in self.ssm),
-            has_past=function(self.has_past),
-            token_counts=None if self.token_counts is None else function(self.token_counts),
-            ngram_keys=tuple(function(t) for t in self.ngram_keys),
-            ngram_counts=tuple(function(t) for t in self.ngram_counts),
-            recent_tokens=None if self.recent_tokens is None else function(self.recent_tokens),
-        )
+        mapped = {}
+        for entry in fields(self):
+            value = getattr(self, entry.name)
+            if entry.metadata.get("per_layer"):
+                mapped[entry.name] = tuple(function(tensor) for tensor in value)
+            else:
+                mapped[entry.name] = None if value is None else function(value)
+        return RecurrentState(**mapped)
 
     def reset(self, rows: torch.Tensor, keep_document_cache: bool = False) -> "RecurrentState":
         """A state where the rows flagged in the bool tensor `rows` [B] are fresh (zeroed, no past);
@@ -97,34 +97,25 @@ class RecurrentState:
         return self._map(lambda tensor: tensor.to(device))
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor mapping, e.g. for safetensors checkpoints."""
-        flat = {"memory": self.memory, "has_past": self.has_past}
-        if self.token_counts is not None:
-            flat["token_counts"] = self.token_counts
-        if self.recent_tokens is not None:
-            flat["recent_tokens"] = self.recent_tokens
-        for name in ("keys", "values", "conv", "ssm", "ngram_keys", "ngram_counts"):
-            for layer, tensor in enumerate(getattr(self, name)):
-                flat[f"{name}.{layer}"] = tensor
+        """Flat name -> tensor mapping, e.g. for safetensors checkpoints ("keys.0", "keys.1", ... for per-layer fields)."""
+        flat = {}
+        for entry in fields(self):
+            value = getattr(self, entry.name)
+            if entry.metadata.get("per_layer"):
+                flat.update({f"{entry.name}.{layer}": tensor for layer, tensor in enumerate(value)})
+            elif value is not None:
+                flat[entry.name] = value
         return flat
 
     @classmethod
     def from_dict(cls, flat: dict[str, torch.Tensor]) -> "RecurrentState":
         if "memory" not in flat or "has_past" not in flat:
             raise ValueError("A recurrent state dict needs 'memory' and 'has_past' entries; it may come from another program.")
-
-        def layers(name: str) -> tuple[torch.Tensor, ...]:
-            return tuple(flat[f"{name}.{i}"] for i in range(sum(1 for key in flat if key.startswith(f"{name}."))))
-
-        return cls(
-            memory=flat["memory"],
-            keys=layers("keys"),
-            values=layers("values"),
-            conv=layers("conv"),
-            ssm=layers("ssm"),
-            has_past=flat["has_past"].bool(),
-            token_counts=flat.get("token_counts"),
-            ngram_keys=layers("ngram_keys"),
-            ngram_counts=layers("ngram_counts"),
-            recent_tokens=flat.get("recent_tokens"),
-        )
+        values = {}
+        for entry in fields(cls):
+            if entry.metadata.get("per_layer"):
+                count = sum(1 for key in flat if key.startswith(f"{entry.name}."))
+                values[entry.name] = tuple(flat[f"{entry.name}.{index}"] for index in range(count))
+            else:
+                values[entry.name] = flat.get(entry.name)
+        return cls(**{**values, "has_past": flat["has_past"].bool()})
