@@ -60,6 +60,7 @@ def main() -> int:
     args = parser.parse_args()
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bakallm-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     reference, soaked = workdir / "uninterrupted", workdir / "soaked"
     started = time.perf_counter()
     subprocess.run(train_command(reference, args, resume=False), check=True, env=environment, stdout=subprocess.DEVNULL)
