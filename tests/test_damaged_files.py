@@ -108,3 +108,9 @@ def test_a_results_database_that_is_not_sqlite_is_named(tmp_path, capsys):
     assert main(["results", "--db", str(db)]) == 2
     assert _error(capsys).startswith(f"bakallm results: error: {db} is not a readable results database")
     assert db.read_bytes() == b"this is not a database" * 100  # left as it was
+
+
+def test_resume_with_a_damaged_config_names_it(run, capsys):
+    (run / "config.json").write_text("{ damaged")
+    assert main(["train", "--resume", str(run), "--max-steps", "6", "--no-progress"]) == 2
+    assert _error(capsys).startswith(f"bakallm train: error: Cannot read {run / 'config.json'} (")
