@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(embedded.TOKENIZER)
     base = _base_config(run_root, args)
     contenders = [
-        Contender("bakallm-tiny", "bakallm tiny (state carried)", {}),
+        Contender("bakallm-tiny", "bakallm tiny", {}),
         Contender("plain-transformer", f"plain transformer, {base.train_ctx}-token windows", plain_transformer_fields(base.preset, tokenizer.vocab_size, base.train_ctx)),
     ]
     print(f"bakallm first-run: training two models for {args.minutes:g} minutes each on the books shipped with bakallm, "
