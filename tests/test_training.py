@@ -679,3 +679,27 @@ def test_a_transformers_model_gives_the_same_loss_and_gradients_without_its_logi
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
         torch.testing.assert_close(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_help_shows_each_fields_own_default():
+    """Help texts take their defaults from TrainConfig: a default changed there cannot leave a stale help."""
+    import argparse
+    import re
+    from dataclasses import fields
+
+    from bakallm.training.arguments import add_train_arguments, default_text
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    by_name = {action.dest: action.help or "" for action in parser._actions}
+    checked = 0
+    for field in fields(TrainConfig):
+        shown = default_text(field.name)
+        help_text = by_name.get(field.name, "")
+        stated = re.findall(r"\(default ([^\s:;()]+)\)", help_text)  # plain values, not defaults told in words
+        if shown is not None and "(default" not in help_text.replace(shown, ""):  # else told in words, e.g. "(default)"
+            assert shown in help_text, field.name
+            checked += 1
+        for value in stated if shown is not None else ():  # a plain default written by hand must be the field's
+            assert f"(default {value})" == shown, (field.name, value)
+    assert checked >= 20

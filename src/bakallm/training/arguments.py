@@ -133,6 +133,9 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
+TRAIN_FIELDS = frozenset(field.name for field in fields(TrainConfig))
+
+
 def resolve_path_argument(value: str | None, always_local: bool = False) -> str | None:
     if value is None:
         return None
@@ -140,43 +143,60 @@ def resolve_path_argument(value: str | None, always_local: bool = False) -> str 
     return str(path.resolve()) if always_local or path.exists() else value
 
 
+def default_text(name: str) -> str | None:
+    """How a flag's help shows the default of TrainConfig field `name`: "(default 8)", or None for a
+    field without a plain default (None, a switch, or one the help explains in words)."""
+    value = next(field.default for field in fields(TrainConfig) if field.name == name)
+    if value is None or isinstance(value, bool):
+        return None
+    return f"(default {value:g})" if isinstance(value, float) else f"(default {value})"
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for every TrainConfig field; defaults are None so a recipe's values are kept unless a flag is given."""
-    add = parser.add_argument
+    """Flags for every TrainConfig field; defaults are None so a recipe's values are kept unless a flag is given.
+    A help text that does not state its default in words gets the field's own default appended."""
+
+    def add(flag: str, **options: Any) -> None:
+        name = options.get("dest") or flag.lstrip("-").replace("-", "_")
+        shown = default_text(name) if name in TRAIN_FIELDS else None
+        if shown is not None and "(default" not in options.get("help", ""):
+            options["help"] = f"{options['help']} {shown}"
+        parser.add_argument(flag, **options)
+
     add("--recipe", help="YAML or JSON file of training arguments; flags given here override it")
-    add("--preset", help="model preset: tiny, celp18, celp18-seed (default tiny)")
+    add("--preset", help="model preset: tiny, celp18, celp18-seed")
     add("--model-config", help="JSON file of model config fields, applied over the preset (HF config fields with --hf-config)")
     add("--hf-config", help="train a transformers causal LM built from this config.json (or its folder) instead of our model")
     add("--data", help=f"training corpus: a local .raw/.txt folder/.jsonl/.parquet path, wikitext-103, wikitext-2, or {embedded.TRAIN_CORPUS} (default: the books shipped with bakallm)")
-    add("--split", help="corpus split for hub corpora (default train)")
+    add("--split", help="corpus split for hub corpora")
     add("--tokenizer", help=f"tokenizer.json file or folder, hub name, 'bytes', or {embedded.TOKENIZER} (default: {embedded.TOKENIZER}, shipped with bakallm)")
-    add("--batch-size", type=int, help="rows per step and rank, each streaming one document (default 8)")
-    add("--train-ctx", type=int, help="tokens per row and step; gradients flow through them (default 2048)")
+    add("--batch-size", type=int, help="rows per step and rank, each streaming one document")
+    add("--train-ctx", type=int, help="tokens per row and step; gradients flow through them")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
     add("--epochs", type=int, help="stop after this many passes over the corpus (default 1 without --max-steps)")
-    add("--lr", type=float, help="peak learning rate (default 6e-4)")
-    add("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr for cosine/linear (default 0.1)")
-    add("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    add("--lr", type=float, help="peak learning rate")
+    add("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr for cosine/linear")
+    add("--warmup-steps", type=int, help="linear warm-up steps")
     add("--decay-steps", type=int, help="steps over which the schedule decays, fixed when the run starts (default: --max-steps, or the steps --epochs takes)")
     add("--new-decay", action="store_true", default=None,
         help="with --resume and a longer run: warm up again from the current learning rate and decay to the new end (default: hold the final learning rate)")
-    add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (default cosine)")
+    add("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
     add("--beta1", type=float, help="AdamW beta1 (default 0.9)")
     add("--beta2", type=float, help="AdamW beta2 (default 0.95)")
-    add("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    add("--weight-decay", type=float, help="AdamW weight decay")
     add("--weight-decay-scope", choices=WEIGHT_DECAY_SCOPES, help="matrices: decay linear maps and embeddings only (default); all: every parameter")
-    add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off (default 0.5)")
+    add("--grad-clip", type=float, help="clip the gradient norm to this value; 0 turns it off")
     add("--max-skipped-steps", type=int,
         help="a step whose gradients are not finite is skipped (no update, state reset); stop after this many in a row (default 3)")
-    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    add("--seed", type=int, help="seed for weights and shuffling (default 0)")
-    add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch; windows: a random window per row and step, state reset every step (default dynamic)")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step")
+    add("--seed", type=int, help="seed for weights and shuffling")
+    add("--batching", choices=BATCHING_MODES, help="dynamic: refill each row when its document ends; static: wait for the whole batch; windows: a random window per row and step, state reset every step")
     add("--shuffle", action="store_true", default=None, help="shuffle documents each epoch (from --seed)")
     add("--max-doc-tokens", type=int, help="cut documents longer than this many tokens into independent pieces (default: never)")
     add("--recall-every", type=int, metavar="N",
         help="plant a fact ('The code of Mary Alden is 4 8 1 2 7.') about every N tokens of each document, and its query and answer "
         "some distance later, to teach the model to recall through its state (default: none; docs/recall.md)")
-    add("--recall-max-distance", type=int, metavar="TOKENS", help="with --recall-every: the longest distance between a fact and its query (default 1024)")
+    add("--recall-max-distance", type=int, metavar="TOKENS", help="with --recall-every: the longest distance between a fact and its query")
     add("--no-recall-overlap", dest="recall_overlap", action="store_false", default=None,
         help="with --recall-every: plant a fact only after the previous fact's query, so that one fact at most waits (default: facts overlap)")
     add("--recall-lm-share", type=float, metavar="P",
@@ -186,24 +206,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", default=None, help="torch.compile each layer with static shapes")
     add("--activation-checkpointing", action="store_true", default=None,
         help="keep only each block's inputs for the backward pass and recompute the rest there: less memory for about a third more time")
-    add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else blocked (default auto)")
+    add("--scan", choices=SCAN_BACKENDS, help="selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else the log-depth parallel scan on CUDA and the blocked scan elsewhere")
     add("--fsdp", action="store_true", default=None, help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP")
     add(
         "--precision", choices=PRECISIONS,
         help="auto: float32 on CPU, bfloat16 autocast on CUDA; pure-bfloat16: weights and optimizer state in bfloat16 (meant for CUDA)",
     )
-    add("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    add("--device", help="cpu, cuda, cuda:N or auto")
     add("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
     add("--run-dir", help="where checkpoints, config and metrics go (default runs/DATE-TIME)")
     add("--resume", help="continue the run in this directory exactly where it stopped")
     add("--init-from", help="start a new run from the weights of this run directory or checkpoint")
-    add("--save-every", type=int, help="save a checkpoint every N steps (default 500)")
+    add("--save-every", type=int, help="save a checkpoint every N steps")
     add("--keep-last", type=int, help="step checkpoints to keep (default 3); epoch snapshots are always kept")
-    add("--log-every", type=int, help="write metrics, and a text line when there is no progress bar, every N steps (default 1)")
+    add("--log-every", type=int, help="write metrics, and a text line when there is no progress bar, every N steps")
     add("--eval-data", help="corpus to evaluate on during training")
-    add("--eval-split", help="split of --eval-data (default validation)")
+    add("--eval-split", help="split of --eval-data")
     add("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end when --eval-data is given)")
-    add("--eval-n-ctx", type=int, help="evaluation context: reset the state every N tokens (default 1048576)")
+    add("--eval-n-ctx", type=int, help="evaluation context: reset the state every N tokens")
     add("--cache-dir", help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="text lines instead of a progress bar (the default when stdout is not a terminal)")
