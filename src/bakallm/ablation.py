@@ -359,7 +359,6 @@ def train_variant(study: Study, variant: Variant, train_data: Path, progress: bo
 
 def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path], trained: dict[str, Any], progress: bool) -> list:
     """One result row per held-out corpus and context, scored on the variant's last checkpoint."""
-    import torch
 
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
@@ -368,7 +367,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
     from bakallm.evaluation.hf_baseline import evaluate_hf
     from bakallm.results.db import ResultRow
 
-    device = torch.device("cpu")
+    device, autocast = _evaluation_device(study, variant)
     run_dir = Path(trained["run_dir"])
     model, checkpoint = _trained_model(trained, device)
     tokenizer = load_tokenizer(study.tokenizer)
@@ -385,7 +384,7 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
                 result = evaluate_hf(model, corpus, n_ctx=n_ctx, stride=stride, batch_size=study.eval_batch_size, device=device, progress=progress)
             else:
                 n_ctx, stride = (WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context), None
-                result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=study.eval_batch_size, device=device, progress=progress)
+                result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=study.eval_batch_size, device=device, autocast=autocast, progress=progress)
             rows.append(
                 ResultRow(
                     model_kind="hf" if trained["hf"] else "bakallm", model_name=f"{study.name}/{variant.name}", benchmark=corpus_name,
@@ -399,6 +398,16 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
                 )
             )
     return rows
+
+
+def _evaluation_device(study: Study, variant: Variant):
+    """Where a variant is scored, and under which autocast dtype: where and how it trained (its
+    device and precision settings), so a GPU study is not scored on the CPU."""
+    from bakallm.acceleration import autocast_dtype, resolve_device
+
+    values = {**study.training, **variant.training}
+    device = resolve_device(values.get("device", "auto"))
+    return device, autocast_dtype(values.get("precision", "auto"), device)
 
 
 def _trained_model(trained: dict[str, Any], device) -> tuple[Any, Path]:
@@ -417,7 +426,6 @@ def _trained_model(trained: dict[str, Any], device) -> tuple[Any, Path]:
 def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[str, Any], progress: bool) -> list:
     """One recall row per context of eval.recall: our models read the whole sample with their state
     (reset every N tokens for a context N); a transformer reads the train_ctx tokens before the answer."""
-    import torch
 
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
@@ -425,7 +433,7 @@ def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[s
     from bakallm.evaluation.recall import RecallTest, bakalm_answer_log_probs, hf_answer_log_probs, recall_figures
     from bakallm.results.db import ResultRow
 
-    device = torch.device("cpu")
+    device, _ = _evaluation_device(study, variant)
     model, checkpoint = _trained_model(trained, device)
     tokenizer = load_tokenizer(study.tokenizer)
     train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
