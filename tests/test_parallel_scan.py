@@ -5,25 +5,14 @@ import pytest
 import torch
 
 from bakallm.kernels.parallel import selective_scan
-from bakallm.kernels.reference import selective_scan_reference
 from bakallm.model.mamba import Mamba
-from test_mamba import scan_inputs
-
-
-def reference_and_fast(inputs, dtype, **scan_options):
-    """Outputs and gradients of the reference and the parallel scan for the same random output gradients."""
-    y_ref, h_ref = selective_scan_reference(*inputs)
-    grad_y, grad_h = torch.randn_like(y_ref), torch.randn_like(h_ref)
-    ref_grads = torch.autograd.grad((y_ref * grad_y).sum() + (h_ref * grad_h).sum(), inputs)
-    y, h = selective_scan(*(t.to(dtype) for t in inputs), **scan_options)
-    grads = torch.autograd.grad((y * grad_y.to(dtype)).sum() + (h * grad_h.to(dtype)).sum(), inputs)
-    return (y_ref, h_ref, *ref_grads), (y, h, *grads)
+from test_mamba import reference_and_fast, scan_inputs
 
 
 # Blocks that divide the length or not, a block of one step, one block for the whole sequence.
 @pytest.mark.parametrize("block", [1, 7, 16, 45, 64, 1024])
 def test_parallel_scan_equals_sequential_reference_outputs_and_gradients(block):
-    want, got = reference_and_fast(scan_inputs(), torch.float64, block=block)
+    want, got = reference_and_fast(scan_inputs(), torch.float64, scan=selective_scan, block=block)
     for name, g, w in zip(("y", "h", "x", "dt", "A", "B", "C", "D", "h0"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda message, name=name: f"{name}: {message}")
 
@@ -32,7 +21,7 @@ def test_parallel_scan_in_float32_with_large_steps_stays_finite_and_close():
     inputs = scan_inputs(length=300)
     with torch.no_grad():
         inputs[1].mul_(20)  # dt up to 10: decays of exp(-40) per step, that underflow to zero
-    want, got = reference_and_fast(inputs, torch.float32)
+    want, got = reference_and_fast(inputs, torch.float32, scan=selective_scan)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)

@@ -158,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
     for contender in contenders:
         trainer, train_seconds = trained[contender.name]
         model = trainer.model.eval()
+        counts = model.num_parameters()
         window = model.config.window
         contexts = [("read whole", WHOLE_N_CTX)] if contender.name == "plain-transformer" else [
             (f"state reset every {window} tokens", window), ("read whole", WHOLE_N_CTX)]
         for reading, n_ctx in contexts:
             result = evaluate_bakalm(model, held_out, n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress)
             readings.append((f"{contender.label}, {reading}", result.loss, result.position_losses))
-            counts = model.num_parameters()
             rows.append(ResultRow(
                 model_kind="bakallm", model_name=f"{STUDY}/{contender.name}", benchmark=embedded.HELD_OUT_CORPUS, split="test",
                 n_ctx=n_ctx, tokens=result.tokens, loss=result.loss, ppl=result.ppl,
