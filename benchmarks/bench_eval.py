@@ -53,7 +53,8 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
     from bakallm import BakaLM, ModelConfig
     from bakallm.acceleration import resolve_device
     from bakallm.data.token_cache import TokenizedCorpus
-    from bakallm.evaluation.evaluate import evaluate_bakalm
+    from bakallm.evaluation.evaluate import evaluate_bakallm
+    from bakallm.evaluation.settings import EvalSettings
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
     corpus = TokenizedCorpus.from_token_lists([document], config.vocab_size)
     cpu_started = time.process_time()
     # n_ctx = the document's length: the state is carried through the whole document, never reset.
-    result = evaluate_bakalm(model, corpus, n_ctx=max(length, config.window), batch_size=args.batch_size, device=device)
+    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=max(length, config.window), batch_size=args.batch_size, device=device))
     cpu_seconds = time.process_time() - cpu_started
     return Measurement(
         tokens=result.tokens,

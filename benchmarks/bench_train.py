@@ -139,14 +139,14 @@ def flops_per_token(name: str, model: nn.Module, ctx: int) -> dict[str, float]:
         pairs = ctx * (ctx + 1) / 2
     else:
         n_layers, d_model = config.n_layers, config.d_model
-        positions, pairs = bakalm_layout(config, ctx)
+        positions, pairs = bakallm_layout(config, ctx)
         positions_per_token = positions / ctx
     attended = pairs / ctx
     total = 6 * n_layers_params * positions_per_token + 6 * n_out + 12 * n_layers * d_model * attended
     return {"total": total, "n_layers_params": n_layers_params, "n_out": n_out, "positions_per_token": positions_per_token, "attended": attended}
 
 
-def bakalm_layout(config, ctx: int) -> tuple[int, float]:
+def bakallm_layout(config, ctx: int) -> tuple[int, float]:
     """Positions the layers process for `ctx` tokens from a fresh state, and (query, key) pairs
     attended: within each window causally, plus all keys of the previous window when there is one."""
     positions = pairs = 0

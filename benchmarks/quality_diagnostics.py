@@ -227,8 +227,8 @@ NGRAM_KAPPAS = (1.0, 2.0, 4.0)
 @torch.inference_mode()
 def mix(args: argparse.Namespace) -> None:
     from bakallm.evaluation.hf_baseline import load_hf_model
+    from bakallm.kinds.hf import HF_FOLDER
     from bakallm.training.checkpoint import read_run_config, resolve_checkpoint
-    from bakallm.training.hf_model import HF_FOLDER
 
     run_dir, checkpoint = resolve_checkpoint(args.run)
     hf = bool(read_run_config(run_dir).get("training", {}).get("hf_config"))

@@ -120,7 +120,7 @@ def with_switches(model: BakaLM, changes: dict) -> BakaLM:
 
 
 def paths(args) -> None:
-    from bakallm.evaluation.recall import RecallSettings, RecallTest, bakalm_answer_log_probs
+    from bakallm.evaluation.recall import RecallSettings, RecallTest, bakallm_answer_log_probs
 
     model = BakaLM.from_pretrained(args.run).eval()
     tokenizer = load_tokenizer(args.tokenizer or model_files(args.run).tokenizer)
@@ -135,7 +135,7 @@ def paths(args) -> None:
         variant = with_switches(model, changes)
 
         def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache, variant=variant):
-            return bakalm_answer_log_probs(variant, samples, batch_size, torch.device("cpu"), n_ctx, keep_document_cache)
+            return bakallm_answer_log_probs(variant, samples, batch_size, torch.device("cpu"), n_ctx, keep_document_cache)
 
         scores = test.score(answer_log_probs, n_ctx=1 << 40, batch_size=8)
         print(f"| {name} | " + " | ".join(f"{score.accuracy:.0%} ({score.first_token_accuracy:.0%})" for score in scores) + " |", flush=True)

@@ -41,7 +41,8 @@ def read_document(args: argparse.Namespace, tokenizer):
 
 def read(model, document, n_ctx: int, every: int | None, device):
     """Per-window mean losses {window start: (loss sum, tokens)}, and the state's part sizes every `every` tokens."""
-    from bakallm.evaluation.evaluate import evaluate_bakalm
+    from bakallm.evaluation.evaluate import evaluate_bakallm
+    from bakallm.evaluation.settings import EvalSettings
 
     window_losses: dict[int, tuple[float, int]] = {}
     sizes: list[dict[str, float]] = []
@@ -56,7 +57,7 @@ def read(model, document, n_ctx: int, every: int | None, device):
             sizes.append({"position": window.stop, **{name: float(value[0]) for name, value in state.part_sizes().items()}})
 
     started = time.perf_counter()
-    evaluate_bakalm(model, document, n_ctx=n_ctx, batch_size=1, device=device, on_window=on_window)
+    evaluate_bakallm(model, document, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device), on_window=on_window)
     return window_losses, sizes, time.perf_counter() - started
 
 

@@ -10,7 +10,8 @@ from bakallm.cli import main
 from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
-from bakallm.evaluation.evaluate import evaluate_bakalm
+from bakallm.evaluation.evaluate import evaluate_bakallm
+from bakallm.evaluation.settings import EvalSettings
 from bakallm.kernels import scan
 from bakallm.results.db import ResultsDB
 from bakallm.training.checkpoint import MODEL_FILE, savable_weights, save_checkpoint, write_run_config
@@ -78,7 +79,7 @@ def test_bench_of_a_run_prints_json_and_stores_the_row(tmp_path, run_dir, text_f
 
     model = BakaLM.from_pretrained(run_dir)
     corpus = tokenize_corpus(load_corpus(str(text_folder)), load_tokenizer("bytes"), cache_dir=tmp_path / "cache")
-    expected = evaluate_bakalm(model, corpus, n_ctx=1_048_576, batch_size=1, device="cpu")
+    expected = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=1_048_576, batch_size=1, device="cpu"))
     assert printed["loss"] == pytest.approx(expected.loss, abs=1e-5)
     assert printed["bpb"] == pytest.approx(expected.bpb, abs=1e-5)
     assert printed["tokens"] == expected.tokens == 44 + 69 + 11
@@ -215,7 +216,7 @@ def test_reset_every_stores_both_rows_and_prints_the_loss_by_position(tmp_path, 
     model = BakaLM.from_pretrained(run_dir)
     corpus = tokenize_corpus(load_corpus(str(text_folder)), load_tokenizer("bytes"), cache_dir=tmp_path / "cache")
     for row in (whole, reset):
-        expected = evaluate_bakalm(model, corpus, n_ctx=row.n_ctx, batch_size=1, device="cpu", position_buckets=(0, WINDOW, 32))
+        expected = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=row.n_ctx, batch_size=1, device="cpu", position_buckets=(0, WINDOW, 32)))
         assert [bucket["tokens"] for bucket in row.position_losses] == [b.tokens for b in expected.position_losses] == [16 + 16 + 11, 16 + 16, 12 + 37]  # articles of 44, 69 and 11 inputs
         assert [bucket["loss"] for bucket in row.position_losses] == pytest.approx([b.loss for b in expected.position_losses], abs=1e-5)
     gain = 100 * (reset.loss - whole.loss) / reset.loss

@@ -172,6 +172,29 @@ def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
 
 
+def test_a_transformers_model_trains_under_fsdp_like_one_process(workspace):
+    """`--hf-config --fsdp` under torchrun: the model kind names the blocks to shard (its decoder layers)."""
+    config = workspace / "neox.json"
+    config.write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "intermediate_size": 64, "max_position_embeddings": 64, "vocab_size": 256, "rotary_pct": 0.25}))
+
+    def args(run_dir: Path, batch_size: int, *extra: str) -> list[str]:
+        ours = train_args(workspace, run_dir, batch_size, "--max-steps", str(STEPS), *extra)
+        at = ours.index("--preset")
+        return ours[:at] + ["--hf-config", str(config)] + ours[at + 4 :]  # in place of --preset tiny --model-config FILE
+
+    reference, sharded = workspace / "hf-one-process", workspace / "hf-two-ranks-fsdp"
+    assert main(args(reference, 4)) == 0
+    run_ranks(2, args(sharded, 2, "--fsdp"), sharded)
+    assert_trains_like(reference, sharded)
+    # The checkpoint's transformers folder is written from the gathered weights, not the shards.
+    from bakallm.kinds import kind_named
+
+    loaded = [kind_named("hf").load(run_dir, torch.device("cpu")).state_dict() for run_dir in (reference, sharded)]
+    assert loaded[0].keys() == loaded[1].keys()
+    assert max((loaded[1][name] - tensor).abs().max().item() for name, tensor in loaded[0].items()) <= TOLERANCE
+
+
 def test_two_ranks_resume_exactly(workspace, single_process_run, two_rank_half_run):
     run_dir = workspace / "two-ranks-resumed"
     shutil.copytree(two_rank_half_run, run_dir)
@@ -233,7 +256,7 @@ def _accumulate_two_micro_batches(folder: Path, rank: int) -> int:
         torch.manual_seed(0)
         model = BakaLM(ModelConfig.preset("tiny", **json.loads((folder / "model.json").read_text()), vocab_size=64))
         unwrapped = copy.deepcopy(model)
-        wrapped = distributed.wrap(model, torch.device("cpu"), fsdp=False)
+        wrapped = distributed.wrap(model, torch.device("cpu"), fsdp=False, units=list(model.layers))
         generator = torch.Generator().manual_seed(rank)  # each rank its own rows
         for synchronised in (False, True):
             ids = torch.randint(0, 64, (2, 16), generator=generator)
@@ -268,7 +291,7 @@ def test_fsdp_on_a_torch_without_fully_shard_names_the_version_needed(monkeypatc
 
     monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")
     with pytest.raises(UserError, match=r"PyTorch 2\.6 or newer.*drop --fsdp"):
-        Distributed(world_size=2, launched=True).wrap(torch.nn.Linear(2, 2), torch.device("cpu"), fsdp=True)
+        Distributed(world_size=2, launched=True).wrap(torch.nn.Linear(2, 2), torch.device("cpu"), fsdp=True, units=[])
 
 
 @pytest.mark.slow

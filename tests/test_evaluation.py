@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from bakallm import BakaLM, ModelConfig
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import ArticleLossTally, evaluate_bakalm
+from bakallm.evaluation.evaluate import ArticleLossTally, evaluate_bakallm
 from bakallm.evaluation.hf_baseline import evaluate_hf, hf_windows
+from bakallm.evaluation.settings import EvalSettings
 
 WINDOW = 16
 WHOLE_ARTICLE = 1 << 20
@@ -46,7 +47,7 @@ def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
-def direct_bakalm_nll(model: BakaLM, tokens: np.ndarray, segment: int) -> torch.Tensor:
+def direct_bakallm_nll(model: BakaLM, tokens: np.ndarray, segment: int) -> torch.Tensor:
     """Token NLLs of one article, each segment of `segment` inputs run alone from a fresh state in one call."""
     ids = torch.as_tensor(tokens.astype(np.int64))
     inputs, targets = ids[:-1], ids[1:]
@@ -61,9 +62,9 @@ def direct_bakalm_nll(model: BakaLM, tokens: np.ndarray, segment: int) -> torch.
 def test_figures_equal_those_computed_from_each_articles_logits():
     model = small_model()
     corpus = byte_corpus([53, 37])
-    result = evaluate_bakalm(model, corpus, n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu")
+    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu"))
 
-    per_article = [direct_bakalm_nll(model, corpus.document(i), WHOLE_ARTICLE) for i in range(2)]
+    per_article = [direct_bakallm_nll(model, corpus.document(i), WHOLE_ARTICLE) for i in range(2)]
     total = float(sum(nll.sum() for nll in per_article))
     tokens = 52 + 36
     assert result.tokens == tokens and result.n_articles == 2 and result.nan_count == 0
@@ -78,7 +79,7 @@ def test_figures_equal_those_computed_from_each_articles_logits():
 
 def test_progress_bars_stay_out_of_a_log_file(capsys):
     # Under pytest standard error is not a terminal, as when a run's output goes to a log file.
-    evaluate_bakalm(small_model(), byte_corpus([53, 37]), n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", progress=True)
+    evaluate_bakallm(small_model(), byte_corpus([53, 37]), EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", progress=True))
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "scoring" not in captured.err
 
@@ -87,7 +88,7 @@ def test_batch_size_does_not_change_the_result():
     model = small_model()
     corpus = byte_corpus([70, 5, 45, 100, 1, 33, 2, 17])
     # 16 rows: more than there are articles.
-    results = [evaluate_bakalm(model, corpus, n_ctx=WHOLE_ARTICLE, batch_size=size, device="cpu") for size in (1, 3, 16)]
+    results = [evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=size, device="cpu")) for size in (1, 3, 16)]
     assert [r.tokens for r in results] == [69 + 4 + 44 + 99 + 32 + 1 + 16] * 3
     assert [r.n_articles for r in results] == [7] * 3  # the one-token article has nothing to score
     for other in results[1:]:
@@ -99,11 +100,11 @@ def test_batch_size_does_not_change_the_result():
 def test_state_is_reset_every_n_ctx_tokens(n_ctx):
     model = small_model()
     corpus = byte_corpus([90, 61])
-    result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=2, device="cpu")
-    expected = torch.cat([direct_bakalm_nll(model, corpus.document(i), n_ctx) for i in range(2)])
+    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=n_ctx, batch_size=2, device="cpu"))
+    expected = torch.cat([direct_bakallm_nll(model, corpus.document(i), n_ctx) for i in range(2)])
     assert result.loss == pytest.approx(float(expected.mean()), abs=1e-5)
 
-    whole = evaluate_bakalm(model, corpus, n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu")
+    whole = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu"))
     assert abs(whole.loss - result.loss) > 1e-4
 
 
@@ -112,9 +113,9 @@ def test_position_losses_equal_the_token_losses_bucketed_by_hand(n_ctx):
     model = small_model()
     corpus = byte_corpus([90, 61])
     buckets = (0, WINDOW, 40)
-    result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=2, device="cpu", position_buckets=buckets)
+    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=n_ctx, batch_size=2, device="cpu", position_buckets=buckets))
 
-    per_article = [direct_bakalm_nll(model, corpus.document(i), n_ctx).numpy() for i in range(2)]
+    per_article = [direct_bakallm_nll(model, corpus.document(i), n_ctx).numpy() for i in range(2)]
     # Article 0 has 89 inputs (positions 0..88), article 1 has 60: buckets [0, 16), [16, 40), [40, ...).
     expected_tokens = [16 + 16, 24 + 24, 49 + 20]
     pieces = [[nll[:16], nll[16:40], nll[40:]] for nll in per_article]
@@ -129,8 +130,8 @@ def test_position_losses_equal_the_token_losses_bucketed_by_hand(n_ctx):
 def test_the_first_window_scores_alike_whole_and_reset_and_later_positions_differ():
     model = small_model()
     corpus = byte_corpus([90, 61])
-    whole = evaluate_bakalm(model, corpus, n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
-    reset = evaluate_bakalm(model, corpus, n_ctx=WINDOW, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
+    whole = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", position_buckets=(0, WINDOW)))
+    reset = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WINDOW, batch_size=2, device="cpu", position_buckets=(0, WINDOW)))
     assert whole.position_losses[0].loss == pytest.approx(reset.position_losses[0].loss, abs=1e-6)
     assert abs(whole.position_losses[1].loss - reset.position_losses[1].loss) > 1e-4
 
@@ -143,18 +144,18 @@ def test_position_buckets_must_start_at_zero_and_rise(starts):
 
 def test_n_ctx_smaller_than_the_window_is_refused():
     with pytest.raises(UserError, match="smaller than the model's window of 16 tokens"):
-        evaluate_bakalm(small_model(), byte_corpus([40]), n_ctx=WINDOW - 1, batch_size=1, device="cpu")
+        evaluate_bakallm(small_model(), byte_corpus([40]), EvalSettings(n_ctx=WINDOW - 1, batch_size=1, device="cpu"))
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     with pytest.raises(UserError, match="vocabulary holds only 200"):
-        evaluate_bakalm(small_model(vocab_size=200), byte_corpus([40]), n_ctx=WINDOW, batch_size=1, device="cpu")
+        evaluate_bakallm(small_model(vocab_size=200), byte_corpus([40]), EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"))
 
 
 def test_a_corpus_without_two_token_articles_is_refused():
     corpus = TokenizedCorpus.from_token_lists([[1], [2]], 256)
     with pytest.raises(UserError, match="nothing to score"):
-        evaluate_bakalm(small_model(), corpus, n_ctx=WINDOW, batch_size=1, device="cpu")
+        evaluate_bakallm(small_model(), corpus, EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"))
 
 
 def test_long_articles_stream_one_window_per_call():
@@ -168,7 +169,7 @@ def test_long_articles_stream_one_window_per_call():
         return original_forward(input_ids, **kwargs)
 
     model.forward = recording_forward
-    evaluate_bakalm(model, byte_corpus([300]), n_ctx=WHOLE_ARTICLE, batch_size=1, device="cpu")
+    evaluate_bakallm(model, byte_corpus([300]), EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=1, device="cpu"))
     assert lengths == [WINDOW] * -(-299 // WINDOW)  # the last window is padded, so every call has one shape
 
 
@@ -193,7 +194,7 @@ def test_tally_leaves_nan_out_and_reports_it():
 
 
 def test_corpus_without_texts_has_no_byte_or_word_figures():
-    result = evaluate_bakalm(small_model(), TokenizedCorpus.from_token_lists([[1, 2, 3]], 256), n_ctx=WINDOW, batch_size=1, device="cpu")
+    result = evaluate_bakallm(small_model(), TokenizedCorpus.from_token_lists([[1, 2, 3]], 256), EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"))
     assert result.bpb is None and result.word_ppl is None and result.tokens == 2
 
 
@@ -234,7 +235,7 @@ def test_hf_loss_equals_one_full_forward_when_n_ctx_covers_the_article(hf_model_
     from transformers import AutoModelForCausalLM
 
     corpus = byte_corpus([60, 23, 41])
-    result = evaluate_hf(hf_model_dir, corpus, n_ctx=64, batch_size=2)
+    result = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=64, batch_size=2))
 
     model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -248,7 +249,7 @@ def test_hf_loss_equals_one_full_forward_when_n_ctx_covers_the_article(hf_model_
     assert result.legacy_loss == pytest.approx(float(np.mean([n.double().mean() for n in nll])), abs=1e-5)
     # Inputs at positions 0-15 of each article, then 16 and beyond (HF windows count positions from the article's start too).
     by_hand = [torch.cat([n[:16] for n in nll]).double().mean(), torch.cat([n[16:] for n in nll]).double().mean()]
-    bucketed = evaluate_hf(hf_model_dir, corpus, n_ctx=64, batch_size=2, position_buckets=(0, 16)).position_losses
+    bucketed = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=64, batch_size=2, position_buckets=(0, 16))).position_losses
     assert [b.tokens for b in bucketed] == [48, 59 + 22 + 40 - 48]
     assert [b.loss for b in bucketed] == pytest.approx([float(value) for value in by_hand], abs=1e-5)
 
@@ -256,8 +257,8 @@ def test_hf_loss_equals_one_full_forward_when_n_ctx_covers_the_article(hf_model_
 @pytest.mark.parametrize("stride", [4, 8, 16])
 def test_hf_strides_score_every_token_and_batching_agrees(hf_model_dir, stride):
     corpus = byte_corpus([60, 23, 41, 2])
-    one = evaluate_hf(hf_model_dir, corpus, n_ctx=16, stride=stride, batch_size=1)
-    batched = evaluate_hf(hf_model_dir, corpus, n_ctx=16, stride=stride, batch_size=3)
+    one = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=16, stride=stride, batch_size=1))
+    batched = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=16, stride=stride, batch_size=3))
     assert one.tokens == batched.tokens == 59 + 22 + 40 + 1
     assert batched.loss == pytest.approx(one.loss, abs=1e-5)
 
@@ -265,9 +266,9 @@ def test_hf_strides_score_every_token_and_batching_agrees(hf_model_dir, stride):
 def test_hf_refuses_a_stride_beyond_n_ctx_and_a_context_beyond_the_model(hf_model_dir):
     corpus = byte_corpus([30])
     with pytest.raises(UserError, match="stride must lie between 1 and n_ctx"):
-        evaluate_hf(hf_model_dir, corpus, n_ctx=16, stride=17)
+        evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=16, stride=17))
     with pytest.raises(UserError, match="exceeds the 128 positions"):
-        evaluate_hf(hf_model_dir, corpus, n_ctx=256)
+        evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=256))
 
 
 @pytest.mark.parametrize("stride", [3, 8])
@@ -299,6 +300,6 @@ def test_hf_window_losses_equal_a_plain_model_call_per_window(hf_model_dir, stri
     assert window_lengths[1] == ([8, 8, 6] if stride == 3 else [8, 4])
     expected = torch.cat(nll).double()
     assert len(expected) == 29 + 12 + 8
-    result = evaluate_hf(hf_model_dir, corpus, n_ctx=n_ctx, stride=stride, batch_size=2)
+    result = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=n_ctx, stride=stride, batch_size=2))
     assert result.tokens == len(expected)
     assert result.loss == pytest.approx(float(expected.mean()), abs=1e-5)

@@ -35,7 +35,7 @@ def test_the_shipped_books_and_tokenizer_load_by_name_with_no_data_folder():
 
 
 def test_train_and_bench_default_to_the_shipped_books():
-    from bakallm.evaluation.cli import DEFAULT_DATA
+    from bakallm.commands.bench import DEFAULT_DATA
 
     config = TrainConfig()
     assert (config.data, config.tokenizer) == (embedded.TRAIN_CORPUS, embedded.TOKENIZER)

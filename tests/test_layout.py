@@ -1,4 +1,4 @@
-"""The package's layering: imports run downward only (kernels < model < everything else)."""
+"""The package's layering: imports run downward only, and no module imports itself through others."""
 
 from __future__ import annotations
 
@@ -7,15 +7,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bakallm"
 
-# What each layer may import of bakallm; function-level imports count too.
-ALLOWED = {
-    "kernels": ("bakallm.kernels", "bakallm.errors"),
-    "model": ("bakallm.model", "bakallm.kernels", "bakallm.errors", "bakallm.lazy"),
-}
+# The parts of bakallm from the bottom up. A module may import from its own part and from lower
+# layers only, never from a part beside or above it; function-level imports count too.
+LAYERS = (
+    ("errors", "lazy"),
+    ("atomic", "locks"),
+    ("kernels", "data"),
+    ("model",),
+    ("acceleration", "generation", "huggingface"),  # applied to a model, or running one
+    ("evaluation",),
+    ("results", "harness"),
+    ("kinds",),  # what differs between kinds of model, over how each is scored and recorded
+    ("training",),
+    ("ablation", "plotting"),
+    ("commands", "first_run"),  # the command line's commands, over everything
+    ("cli",),  # `bakallm`: imports a command's module by name when it runs
+    ("__main__",),
+)
+RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
+
+
+def part_of(module: str) -> str:
+    """'bakallm.model.network' -> 'model'; 'bakallm' (the package's own __init__) -> 'lazy', the only part it imports."""
+    return module.split(".")[1] if "." in module else "lazy"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def bakallm_imports(path: Path) -> list[tuple[int, str]]:
@@ -31,17 +52,50 @@ def bakallm_imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_a_layer_imports_nothing_above_it(layer):
-    modules = sorted((PACKAGE / layer).glob("*.py"))
-    assert modules, f"src/bakallm/{layer}/ holds no modules"
+def import_graph() -> dict[str, set[str]]:
+    """Every bakallm module and the bakallm modules it imports (a package import counts as its __init__)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for _, target in bakallm_imports(path):
+            while target not in modules and "." in target:  # `from bakallm.x import name` names a module or a name in one
+                target = target.rsplit(".", 1)[0]
+            if target != name:
+                imported.add(target)
+        graph[name] = imported
+    return graph
+
+
+def test_every_part_of_the_package_has_a_layer():
+    parts = {part_of(name) for name in import_graph()}
+    assert parts - set(RANK) == set()
+
+
+def test_imports_run_downward_only():
     upward = [
-        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
-        for path in modules
-        for line, name in bakallm_imports(path)
-        if not any(name == allowed or name.startswith(allowed + ".") for allowed in ALLOWED[layer])
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        for target in targets
+        if part_of(target) != part_of(module) and RANK[part_of(target)] >= RANK[part_of(module)]
     ]
     assert upward == []
+
+
+def test_no_module_imports_itself_through_others():
+    graph = import_graph()
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            module, path = stack.pop()
+            for target in graph[module]:
+                if target == start:
+                    cycles.append(" -> ".join((*path, start)))
+                elif target not in seen:
+                    seen.add(target)
+                    stack.append((target, (*path, target)))
+    assert cycles == []
 
 
 def test_the_layout_check_sees_function_level_and_package_imports(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bakallm import BakaLM, ModelConfig
-from bakallm.training.arguments import TrainConfig, read_recipe, train_config_from_values
-from bakallm.training.trainer import build_model_config, untrained_memory_warning
+from bakallm.kinds.ours import build_model_config, untrained_memory_warning
+from bakallm.training.arguments import read_recipe, train_config_from_values
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,15 +33,14 @@ def test_write_slots_get_no_gradient_from_one_window_steps_and_some_from_two():
 
 
 def test_the_trainer_warns_exactly_when_the_memory_cannot_learn():
-    assert "memory write slots get no gradient" in untrained_memory_warning(TrainConfig(train_ctx=16), CONFIG)
-    assert "use --train-ctx 32 or more" in untrained_memory_warning(TrainConfig(train_ctx=31), CONFIG)
-    assert untrained_memory_warning(TrainConfig(train_ctx=32), CONFIG) is None
-    assert untrained_memory_warning(TrainConfig(train_ctx=16, carry_state=False), CONFIG) is not None  # nothing even reads it
-    assert untrained_memory_warning(TrainConfig(train_ctx=16), CONFIG.replace(n_memory=0)) is None
+    assert "memory write slots get no gradient" in untrained_memory_warning(16, CONFIG)
+    assert "use --train-ctx 32 or more" in untrained_memory_warning(31, CONFIG)
+    assert untrained_memory_warning(32, CONFIG) is None
+    assert untrained_memory_warning(16, CONFIG.replace(n_memory=0)) is None
 
 
 @pytest.mark.parametrize("recipe", sorted(path.name for path in (REPO_ROOT / "recipes").glob("*.yaml")))
 def test_no_shipped_recipe_leaves_the_memory_untrained(recipe, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # recipes name their model config files relative to the repository
     config = train_config_from_values(read_recipe(f"recipes/{recipe}"))
-    assert untrained_memory_warning(config, build_model_config(config, vocab_size=50277)) is None
+    assert untrained_memory_warning(config.train_ctx, build_model_config(config.to_dict(), vocab_size=50277)) is None

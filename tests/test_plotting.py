@@ -4,6 +4,7 @@ import struct
 import pytest
 
 from bakallm import plotting
+from bakallm.commands import plot as plot_command
 from bakallm.errors import UserError
 from bakallm.plotting import debiased_ema, plot_context, plot_training
 from bakallm.results.db import ResultRow, ResultsDB
@@ -37,8 +38,8 @@ def write_run(run_dir, scale: float) -> None:
 
 def run_plot(*argv: str) -> int:
     parser = argparse.ArgumentParser()
-    plotting.add_arguments(parser)
-    return plotting.run(parser.parse_args(list(argv)))
+    plot_command.add_arguments(parser)
+    return plot_command.run(parser.parse_args(list(argv)))
 
 
 def test_plot_runs_writes_a_png(tmp_path, capsys):

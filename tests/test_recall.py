@@ -23,7 +23,7 @@ from bakallm.data.recall import (
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
-from bakallm.evaluation.recall import RecallTally, bakalm_answer_log_probs
+from bakallm.evaluation.recall import RecallTally, bakallm_answer_log_probs
 from bakallm.training.arguments import TrainConfig
 from bakallm.training.trainer import Trainer
 from test_bench_cli import bench, make_run, stored_rows
@@ -159,7 +159,7 @@ def test_each_answer_token_is_scored_once_as_a_plain_forward_scores_it(byte_writ
     n_ctx: the answer log-probabilities equal those of one forward call per segment from a fresh state."""
     model = small_model()
     samples = samples_of_lengths(byte_writer, byte_filler, [5, 23, 70], depth=3)
-    got = list(bakalm_answer_log_probs(model, samples, batch_size=4, device=torch.device("cpu"), n_ctx=n_ctx))
+    got = list(bakallm_answer_log_probs(model, samples, batch_size=4, device=torch.device("cpu"), n_ctx=n_ctx))
     assert len(got) == len(samples)
     segment = n_ctx or 1 << 20
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_a_model_reset_every_window_knows_nothing_of_a_fact_beyond_the_attention
     assert not np.array_equal(sample.tokens, changed.tokens)
 
     def answer_log_probs(samples, n_ctx):
-        return [log_probs for log_probs, _ in bakalm_answer_log_probs(model, samples, 2, torch.device("cpu"), n_ctx=n_ctx)]
+        return [log_probs for log_probs, _ in bakallm_answer_log_probs(model, samples, 2, torch.device("cpu"), n_ctx=n_ctx)]
 
     reset = answer_log_probs([sample, changed], WINDOW)
     assert torch.equal(reset[0], reset[1])

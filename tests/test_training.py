@@ -657,7 +657,7 @@ def test_padding_warning_names_the_long_document_and_a_split_that_removes_it():
 
 
 def test_a_transformers_model_gives_the_same_loss_and_gradients_without_its_logits(tmp_path):
-    from bakallm.training.hf_model import build_hf_model
+    from bakallm.kinds.hf import build_hf_model
 
     config = tmp_path / "neox.json"
     config.write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -687,10 +687,11 @@ def test_train_help_shows_each_fields_own_default():
     import re
     from dataclasses import fields
 
-    from bakallm.training.arguments import add_train_arguments, default_text
+    from bakallm.commands.train import add_arguments
+    from bakallm.training.arguments import default_text
 
     parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
+    add_arguments(parser)
     by_name = {action.dest: action.help or "" for action in parser._actions}
     checked = 0
     for field in fields(TrainConfig):
@@ -703,3 +704,26 @@ def test_train_help_shows_each_fields_own_default():
         for value in stated if shown is not None else ():  # a plain default written by hand must be the field's
             assert f"(default {value})" == shown, (field.name, value)
     assert checked >= 20
+
+
+def test_the_train_parser_has_one_flag_per_field_and_no_other():
+    """The parser is derived from TrainConfig: every field has its flag, parsed to the field's type, and nothing else."""
+    import argparse
+    from dataclasses import fields
+
+    from bakallm.commands.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    dests = {action.dest for action in parser._actions} - {"help"}
+    assert dests == {field.name for field in fields(TrainConfig)}
+    args = parser.parse_args(["--batch-size", "3", "--lr", "0.5", "--no-carry-state", "--compile", "--data", "x.txt"])
+    assert (args.batch_size, args.lr, args.carry_state, args.compile, args.data, args.epochs) == (3, 0.5, False, True, "x.txt", None)
+
+
+def test_the_resume_rules_and_path_kinds_are_field_metadata():
+    from bakallm.training.arguments import ALWAYS_LOCAL, PATH_ARGUMENTS, RELOCATABLE_ARGUMENTS, RESUMABLE_CHANGES
+
+    assert {"batch_size", "max_steps", "device", "threads", "scan"} <= RESUMABLE_CHANGES and "lr" not in RESUMABLE_CHANGES
+    assert RELOCATABLE_ARGUMENTS == {"data", "tokenizer", "model_config"}
+    assert set(ALWAYS_LOCAL) == {"run_dir", "resume", "cache_dir"} and set(ALWAYS_LOCAL) < set(PATH_ARGUMENTS)

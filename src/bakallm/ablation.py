@@ -11,27 +11,22 @@ checkpoint. Results go to the results database tagged with the study name: see
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bakallm.atomic import atomic_path, write_text_atomic
 from bakallm.errors import UserError
+from bakallm.kinds import WHOLE_DOCUMENT_N_CTX
 from bakallm.locks import Busy, RunLock
-from bakallm.results.db import add_db_argument
-from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
+from bakallm.training.arguments import TrainConfig, train_config_from_values
 
 DONE_FILE = "ablation-result.json"
 STUDY_KEYS = frozenset({"study", "output", "tokenizer", "data", "train_tokens", "seed", "model", "training", "eval", "variants"})
 SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
 WHOLE_DOCUMENT = "whole"
-# Our models carry their state through the whole document at this context: no reset in practice.
-WHOLE_DOCUMENT_N_CTX = 1 << 40
 
 
 class StudyInterrupted(Exception):
@@ -311,11 +306,10 @@ def check_settings(study: Study, variant: Variant) -> None:
 
 
 def variant_train_config(study: Study, variant: Variant, train_data: Path):
-    from bakallm.training.arguments import train_config_from_values
-
     run_dir = study.run_dir(variant)
     values = {**study.training, **variant.training}
-    steps = math.ceil(study.train_tokens / (values.get("batch_size", 8) * values.get("train_ctx", 2048) * values.get("grad_accum", 1)))
+    tokens_per_step = values.get("batch_size", TrainConfig.batch_size) * values.get("train_ctx", TrainConfig.train_ctx) * values.get("grad_accum", TrainConfig.grad_accum)
+    steps = math.ceil(study.train_tokens / tokens_per_step)
     model_values = variant.model if variant.hf_config else {**study.model, **variant.model}
     model_file = study.output / "model-configs" / f"{variant.name}.json"
     write_text_atomic(model_file, json.dumps(model_values, indent=2, sort_keys=True))
@@ -352,147 +346,79 @@ def train_variant(study: Study, variant: Variant, train_data: Path, progress: bo
         "tokens": int(summary["tokens"]),
         "train_seconds": float(trainer.elapsed),
         "params": trainer.model.num_parameters(),
-        "hf": bool(variant.hf_config),
         "interrupted": bool(summary.get("interrupted")),
     }
 
 
+class TrainedVariant:
+    """A variant's model from its last checkpoint, where and how it is scored, and what its rows record."""
+
+    def __init__(self, study: Study, variant: Variant, trained: dict[str, Any]):
+        from bakallm.acceleration import autocast_dtype, resolve_device
+        from bakallm.data.tokenizers import load_tokenizer
+        from bakallm.kinds import kind_of_run, model_record
+        from bakallm.training import checkpoint as ckpt
+
+        values = {**study.training, **variant.training}
+        # Scored where and how it trained (its device and precision settings), so a GPU study is not scored on the CPU.
+        self.device = resolve_device(values.get("device", "auto"))
+        self.autocast = autocast_dtype(values.get("precision", "auto"), self.device)
+        self.train_ctx = values.get("train_ctx", TrainConfig.train_ctx)
+        self.kind = kind_of_run({"hf_config": variant.hf_config})
+        self.checkpoint = ckpt.latest_checkpoint(Path(trained["run_dir"]))
+        self.model = self.kind.load(self.checkpoint, self.device)
+        self.record = model_record(self.kind, self.model, f"{study.name}/{variant.name}", self.checkpoint)
+        self.tokenizer = load_tokenizer(study.tokenizer)
+        self.extra = {"variant": variant.name, "variant_index": study.variants.index(variant), "train_tokens": trained["tokens"],
+                      "train_seconds": trained["train_seconds"], "run_dir": trained["run_dir"]}
+
+    def reading(self, context: int | str) -> tuple[int, int | None]:
+        """(n_ctx, stride) for a study context: "whole", or N tokens at most."""
+        return self.kind.reading(WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context, reach=self.train_ctx)
+
+
 def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path], trained: dict[str, Any], progress: bool) -> list:
     """One result row per held-out corpus and context, scored on the variant's last checkpoint."""
-
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
-    from bakallm.data.tokenizers import load_tokenizer
-    from bakallm.evaluation.evaluate import evaluate_bakalm
-    from bakallm.evaluation.hf_baseline import evaluate_hf
-    from bakallm.results.db import ResultRow
+    from bakallm.evaluation.settings import EvalSettings
+    from bakallm.results.rows import lm_figures, result_row
 
-    device, autocast = _evaluation_device(study, variant)
-    run_dir = Path(trained["run_dir"])
-    model, checkpoint = _trained_model(trained, device)
-    tokenizer = load_tokenizer(study.tokenizer)
-    train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
+    scored = TrainedVariant(study, variant, trained)
     rows = []
     for corpus_name, data in eval_data.items():
-        corpus = tokenize_corpus(load_corpus(str(data)), tokenizer)
+        corpus = tokenize_corpus(load_corpus(str(data)), scored.tokenizer)
         for context in study.contexts:
-            if trained["hf"]:
-                # A transformer reads at most train_ctx tokens: "whole" is a window of train_ctx sliding
-                # by half of it; "reset every N" is windows of N that do not overlap, as our reset is.
-                n_ctx = train_ctx if context == WHOLE_DOCUMENT else min(context, train_ctx)
-                stride = n_ctx // 2 if context == WHOLE_DOCUMENT else n_ctx
-                result = evaluate_hf(model, corpus, n_ctx=n_ctx, stride=stride, batch_size=study.eval_batch_size, device=device, progress=progress)
-            else:
-                n_ctx, stride = (WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context), None
-                result = evaluate_bakalm(model, corpus, n_ctx=n_ctx, batch_size=study.eval_batch_size, device=device, autocast=autocast, progress=progress)
-            rows.append(
-                ResultRow(
-                    model_kind="hf" if trained["hf"] else "bakallm", model_name=f"{study.name}/{variant.name}", benchmark=corpus_name,
-                    split="test", n_ctx=n_ctx, stride=stride, tokens=result.tokens, loss=result.loss, ppl=result.ppl, bpb=result.bpb,
-                    checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
-                    tokenizer=tokenizer.name, word_ppl=result.word_ppl, legacy_loss=result.legacy_loss, nan_count=result.nan_count,
-                    tokens_per_s=result.tokens_per_s, study=study.name,
-                    position_losses=[bucket.to_dict() for bucket in result.position_losses],
-                    extra={"variant": variant.name, "variant_index": study.variants.index(variant), "context": context, "train_tokens": trained["tokens"],
-                           "train_seconds": trained["train_seconds"], "run_dir": str(run_dir)},
-                )
-            )
+            n_ctx, stride = scored.reading(context)
+            settings = EvalSettings(n_ctx=n_ctx, stride=stride, batch_size=study.eval_batch_size, device=scored.device, autocast=scored.autocast,
+                                    progress=progress)
+            result = scored.kind.evaluate(scored.model, corpus, settings)
+            rows.append(result_row(scored.record, corpus_name, "test", n_ctx, stride, scored.tokenizer.name, lm_figures(result),
+                                   {**scored.extra, "context": context}, study=study.name))
     return rows
-
-
-def _evaluation_device(study: Study, variant: Variant):
-    """Where a variant is scored, and under which autocast dtype: where and how it trained (its
-    device and precision settings), so a GPU study is not scored on the CPU."""
-    from bakallm.acceleration import autocast_dtype, resolve_device
-
-    values = {**study.training, **variant.training}
-    device = resolve_device(values.get("device", "auto"))
-    return device, autocast_dtype(values.get("precision", "auto"), device)
-
-
-def _trained_model(trained: dict[str, Any], device) -> tuple[Any, Path]:
-    """The variant's model from its last checkpoint, and that checkpoint."""
-    from bakallm.evaluation.hf_baseline import load_hf_model
-    from bakallm.model.network import BakaLM
-    from bakallm.training import checkpoint as ckpt
-    from bakallm.training.hf_model import HF_FOLDER
-
-    checkpoint = ckpt.latest_checkpoint(Path(trained["run_dir"]))
-    if trained["hf"]:
-        return load_hf_model(str(checkpoint / HF_FOLDER), device), checkpoint
-    return BakaLM.from_pretrained(trained["run_dir"], device), checkpoint
 
 
 def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[str, Any], progress: bool) -> list:
     """One recall row per context of eval.recall: our models read the whole sample with their state
     (reset every N tokens for a context N); a transformer reads the train_ctx tokens before the answer."""
-
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
-    from bakallm.data.tokenizers import load_tokenizer
-    from bakallm.evaluation.recall import RecallTest, bakalm_answer_log_probs, hf_answer_log_probs, recall_figures
-    from bakallm.results.db import ResultRow
+    from bakallm.evaluation.recall import RecallTest, recall_figures
+    from bakallm.results.rows import result_row
 
-    device, _ = _evaluation_device(study, variant)
-    model, checkpoint = _trained_model(trained, device)
-    tokenizer = load_tokenizer(study.tokenizer)
-    train_ctx = {**study.training, **variant.training}.get("train_ctx", 2048)
-    recall = study.recall
-    if trained["hf"]:
-        window, reach = recall.window or train_ctx, train_ctx
+    scored = TrainedVariant(study, variant, trained)
+    kind, model, recall = scored.kind, scored.model, study.recall
+    window = recall.window or kind.window(model) or scored.train_ctx
+    reach = kind.attention_reach(model) or scored.train_ctx
 
-        def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
-            return hf_answer_log_probs(model, samples, n_ctx, batch_size, device)
-    else:
-        window, reach = recall.window or model.config.window, model.config.window * (2 if model.config.xl_cache else 1)
+    def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
+        return kind.answer_log_probs(model, samples, n_ctx, batch_size, scored.device, keep_document_cache)
 
-        def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
-            return bakalm_answer_log_probs(model, samples, batch_size, device, n_ctx, keep_document_cache)
-
-    test = RecallTest.draw(recall.settings, tokenize_corpus(load_corpus(str(filler)), tokenizer), tokenizer, window)
+    test = RecallTest.draw(recall.settings, tokenize_corpus(load_corpus(str(filler)), scored.tokenizer), scored.tokenizer, window)
     rows = []
     for context in recall.contexts:
-        if trained["hf"]:
-            n_ctx = train_ctx if context == WHOLE_DOCUMENT else min(context, train_ctx)
-        else:
-            n_ctx = WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context
+        n_ctx, _ = scored.reading(context)
         figures = recall_figures(test.score(answer_log_probs, n_ctx, study.eval_batch_size, progress))
-        rows.append(
-            ResultRow(
-                model_kind="hf" if trained["hf"] else "bakallm", model_name=f"{study.name}/{variant.name}", benchmark="recall-filler", split="test",
-                n_ctx=n_ctx, checkpoint_path=str(checkpoint), params_total=trained["params"]["total"], params_embedding=trained["params"]["embedding"],
-                tokenizer=tokenizer.name, study=study.name, **figures,
-                extra={**recall.settings.extra(window), "attention_reach": reach, "variant": variant.name, "variant_index": study.variants.index(variant),
-                       "context": context, "train_tokens": trained["tokens"], "train_seconds": trained["train_seconds"], "run_dir": trained["run_dir"]},
-            )
-        )
+        extra = {**recall.settings.extra(window), "attention_reach": reach, **scored.extra, "context": context}
+        rows.append(result_row(scored.record, "recall-filler", "test", n_ctx, None, scored.tokenizer.name, figures, extra, study=study.name))
     return rows
-
-
-# ----- command line -----
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)")
-    add_db_argument(parser)
-    parser.add_argument("--output", type=Path, help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)")
-    parser.add_argument("--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    study = load_study(args.spec)
-    if args.output is not None:
-        study = replace(study, output=args.output)
-    started = time.perf_counter()
-    only = [name.strip() for name in args.variants.split(",") if name.strip()] if args.variants else None
-    try:
-        ran = run_study(study, args.db, progress=args.progress, only=only)
-    except StudyInterrupted as interrupted:
-        print(f"bakallm ablate: {interrupted}", file=sys.stderr)
-        return INTERRUPTED_EXIT_STATUS
-    print(f"study {study.name}: {len(ran)} variant(s) run now, "
-          f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`")
-    return 0

@@ -1,4 +1,4 @@
-"""`bakallm` command line: one sub-command per task, each defined in the module that does the work.
+"""`bakallm` command line: one sub-command per task, each a module of bakallm.commands.
 
 Sub-command modules expose `add_arguments(parser)` and `run(args) -> int`. Only the module of the
 command being run is imported, so `bakallm --help` stays fast and one command's optional
@@ -18,13 +18,13 @@ from bakallm.errors import UserError
 
 COMMANDS = {
     "first-run": ("bakallm.first_run", "train and score two small models in about ten minutes on the books shipped with bakallm"),
-    "train": ("bakallm.training.cli", "train a model (resumable run directory)"),
-    "bench": ("bakallm.evaluation.cli", "benchmark a model on whole articles and record the result"),
-    "ablate": ("bakallm.ablation", "train and evaluate the variants of an ablation study (resumable)"),
-    "generate": ("bakallm.generation", "continue a text with a trained model (streams the new text to stdout)"),
-    "export": ("bakallm.huggingface.export", "write a model as a Hugging Face folder (AutoModelForCausalLM, trust_remote_code)"),
-    "results": ("bakallm.results.cli", "print the results table"),
-    "plot": ("bakallm.plotting", "plot training curves or benchmark loss against context length"),
+    "train": ("bakallm.commands.train", "train a model (resumable run directory)"),
+    "bench": ("bakallm.commands.bench", "benchmark a model on whole articles and record the result"),
+    "ablate": ("bakallm.commands.ablate", "train and evaluate the variants of an ablation study (resumable)"),
+    "generate": ("bakallm.commands.generate", "continue a text with a trained model (streams the new text to stdout)"),
+    "export": ("bakallm.commands.export", "write a model as a Hugging Face folder (AutoModelForCausalLM, trust_remote_code)"),
+    "results": ("bakallm.commands.results", "print the results table"),
+    "plot": ("bakallm.commands.plot", "plot training curves or benchmark loss against context length"),
 }
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bakallm.atomic import write_text_atomic
+from bakallm.commands import options
 from bakallm.data import embedded
 from bakallm.errors import UserError
-from bakallm.results.db import add_db_argument
 
 STUDY = "first-run"
 DEFAULT_MINUTES = 4.0
@@ -104,17 +104,18 @@ def _base_config(run_dir: Path, args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"training minutes for each of the two models (default {DEFAULT_MINUTES:g})")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/first-run"), help="folder of the two runs (default runs/first-run)")
-    add_db_argument(parser)
+    options.add_db(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs and of the sample (default 0)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    options.add_threads(parser)
+    options.add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
     from bakallm.data.tokenizers import load_tokenizer
-    from bakallm.evaluation.evaluate import evaluate_bakalm
+    from bakallm.evaluation.evaluate import evaluate_bakallm
+    from bakallm.evaluation.settings import EvalSettings
     from bakallm.generation import Sampling, generate_text
     from bakallm.results.db import ResultRow, ResultsDB
     from bakallm.training import checkpoint as ckpt
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         contexts = [("read whole", WHOLE_N_CTX)] if contender.name == "plain-transformer" else [
             (f"state reset every {window} tokens", window), ("read whole", WHOLE_N_CTX)]
         for reading, n_ctx in contexts:
-            result = evaluate_bakalm(model, held_out, n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress)
+            result = evaluate_bakallm(model, held_out, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress))
             readings.append((f"{contender.label}, {reading}", result.loss, result.position_losses))
             rows.append(ResultRow(
                 model_kind="bakallm", model_name=f"{STUDY}/{contender.name}", benchmark=embedded.HELD_OUT_CORPUS, split="test",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,60 +10,10 @@ from bakallm.atomic import atomic_path
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import count_label
 from bakallm.results.context_use import context_uses
-from bakallm.results.db import ResultRow, ResultsDB, add_db_argument
+from bakallm.results.db import ResultRow, ResultsDB
 from bakallm.training.metrics import METRICS_FILE_NAME, MetricsLog, metrics_path
 
 EVAL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    modes = parser.add_subparsers(dest="plot_mode", metavar="MODE", required=True)
-    runs = modes.add_parser("runs", help="training loss and evaluations against tokens seen, one line per run directory")
-    runs.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by `bakallm train`")
-    runs.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    runs.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)")
-    context = modes.add_parser("context", help="benchmark loss against context length, one line per model")
-    add_db_argument(context)
-    context.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
-    context.add_argument("--benchmark", help="only rows of this benchmark")
-    context.add_argument("--split", help="only rows of this split")
-    context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    study = modes.add_parser("study", help="training loss of every variant of a `bakallm ablate` study")
-    study.add_argument("study", metavar="STUDY", help="the study name, as in its study file")
-    add_db_argument(study)
-    study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    study.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)")
-    positions = modes.add_parser(
-        "positions", help="benchmark loss by position in the article, one line per model and context length (whole vs reset)"
-    )
-    add_db_argument(positions)
-    positions.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
-    positions.add_argument("--benchmark", help="only rows of this benchmark")
-    positions.add_argument("--split", help="only rows of this split")
-    positions.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    recall = modes.add_parser(
-        "recall", help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context"
-    )
-    add_db_argument(recall)
-    recall.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
-    recall.add_argument("--benchmark", help="only rows whose filler is this corpus")
-    recall.add_argument("--split", help="only rows of this split")
-    recall.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.plot_mode == "runs":
-        written = plot_training(args.run_dirs, args.output, args.smooth)
-    elif args.plot_mode == "study":
-        written = plot_training(study_run_dirs(args.db, args.study), args.output, args.smooth)
-    elif args.plot_mode == "context":
-        written = plot_context(args.db, args.output, args.models, args.benchmark, args.split)
-    elif args.plot_mode == "positions":
-        written = plot_positions(args.db, args.output, args.models, args.benchmark, args.split)
-    else:
-        written = plot_recall(args.db, args.output, args.models, args.benchmark, args.split)
-    print(f"wrote {written}")
-    return 0
 
 
 def debiased_ema(values: Sequence[float], smoothing: float) -> list[float]:

@@ -178,7 +178,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "bench-ours-scores-a-token-twice",
         "each n_ctx segment of an article after the first starts one token early, scoring one token twice",
-        (Patch("bakallm.evaluation.evaluate:bakalm_windows", result=overlap_segments_by_one_token),),
+        (Patch("bakallm.evaluation.evaluate:bakallm_windows", result=overlap_segments_by_one_token),),
         (EVALUATION + "test_state_is_reset_every_n_ctx_tokens",),
     ),
 )

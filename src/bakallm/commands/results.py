@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from datetime import datetime, timezone
 
+from bakallm.commands import options
 from bakallm.errors import UserError
 from bakallm.results.context_use import context_uses, format_context_gains, format_context_use
-from bakallm.results.db import ALL_COLUMNS, TASKS, ResultRow, ResultsDB, add_db_argument, default_db_path
+from bakallm.results.db import ALL_COLUMNS, TASKS, ResultRow, ResultsDB, default_db_path
 from bakallm.results.table import DEFAULT_COLUMNS, FORMATS, format_table, parse_columns, recall_table, study_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_db_argument(parser)
+    options.add_db(parser)
     parser.add_argument("--benchmark", help="only rows of this benchmark, e.g. wikitext-103")
     parser.add_argument("--split", help="only rows of this split, e.g. test")
     parser.add_argument(

@@ -8,7 +8,8 @@ from bakallm.lazy import lazy_exports
 _LAZY_EXPORTS = {
     "EvalResult": "bakallm.evaluation.evaluate",
     "ArticleLossTally": "bakallm.evaluation.evaluate",
-    "evaluate_bakalm": "bakallm.evaluation.evaluate",
+    "evaluate_bakallm": "bakallm.evaluation.evaluate",
+    "EvalSettings": "bakallm.evaluation.settings",
     "evaluate_hf": "bakallm.evaluation.hf_baseline",
     "load_hf_model": "bakallm.evaluation.hf_baseline",
 }

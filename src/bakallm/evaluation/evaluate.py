@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 from bakallm.evaluation.positions import DEFAULT_POSITION_BUCKETS, PositionLoss, check_position_buckets
+from bakallm.evaluation.settings import EvalSettings
 from bakallm.model.network import IGNORE_INDEX, BakaLM
 from bakallm.model.state import RecurrentState
 
@@ -227,7 +228,7 @@ class ArticleWindow:
 WindowHook = Callable[[list["ArticleWindow | None"], RecurrentState, torch.Tensor], None]
 
 
-def bakalm_windows(article: int, n_tokens: int, n_ctx: int, window: int) -> Iterator[ArticleWindow]:
+def bakallm_windows(article: int, n_tokens: int, n_ctx: int, window: int) -> Iterator[ArticleWindow]:
     """The windows of an article: its inputs cut into segments of n_ctx, each cut into windows of `window`.
 
     A segment whose length is not a multiple of the window ends with a shorter window, so the state
@@ -266,62 +267,42 @@ class _RowFeeder:
             article = next(self._articles, None)
             if article is None:
                 return None
-            self._row_windows[row] = bakalm_windows(article, article_length(self._corpus, article), self._n_ctx, self._window)
+            self._row_windows[row] = bakallm_windows(article, article_length(self._corpus, article), self._n_ctx, self._window)
 
 
-def evaluate_bakalm(
-    model: BakaLM,
-    corpus: TokenizedCorpus,
-    n_ctx: int,
-    batch_size: int,
-    device: torch.device | str,
-    autocast: torch.dtype | None = None,
-    progress: bool = False,
-    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
-    on_window: WindowHook | None = None,
-) -> EvalResult:
-    """Scores every article of `corpus` with `model` (already on `device`), reading each from its start.
+def evaluate_bakallm(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None) -> EvalResult:
+    """Scores every article of `corpus` with `model` (already on `settings.device`), reading each from its start.
 
     The state is carried through an article and reset every n_ctx tokens (never, when n_ctx is at
     least the article's length). Several articles run side by side as batch rows, each row taking
     the next article when its own ends; a row with no article left runs padding. Each model call
     processes one window per row, so memory does not grow with the length of an article.
     """
-    memory = PeakMemory(torch.device(device))
+    memory = PeakMemory(torch.device(settings.device))
     started = time.perf_counter()
-    tally = score_articles(model, corpus, n_ctx, batch_size, device, autocast, progress, position_buckets, on_window)
+    tally = score_articles(model, corpus, settings, on_window)
     return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
 
 
-def score_articles(
-    model: BakaLM,
-    corpus: TokenizedCorpus,
-    n_ctx: int,
-    batch_size: int,
-    device: torch.device | str,
-    autocast: torch.dtype | None = None,
-    progress: bool = False,
-    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
-    on_window: WindowHook | None = None,
-) -> ArticleLossTally:
-    """The token losses of every article, as `evaluate_bakalm` reads them, summed per article.
+def score_articles(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None) -> ArticleLossTally:
+    """The token losses of every article, as `evaluate_bakallm` reads them, summed per article.
 
     `on_window`, when given, sees each call's windows (None for an idle row), the state after them and their token losses.
     """
-    window = model.config.window
+    window, n_ctx, autocast = model.config.window, settings.n_ctx, settings.autocast
     if n_ctx < window:
         raise UserError(f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}.")
-    require_positive("The batch size", batch_size)
+    require_positive("The batch size", settings.batch_size)
     require_vocabulary_fits(corpus.vocab_size, model.config.vocab_size)
-    device = torch.device(device)
-    feeder = _RowFeeder(corpus, n_ctx, window, batch_size)
-    tally = ArticleLossTally(len(corpus), position_buckets)
+    device = torch.device(settings.device)
+    feeder = _RowFeeder(corpus, n_ctx, window, settings.batch_size)
+    tally = ArticleLossTally(len(corpus), settings.position_buckets)
     precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), precision, tqdm(
-            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if progress else True, dynamic_ncols=True
+            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if settings.progress else True, dynamic_ncols=True
         ) as bar:
             state = model.init_state(feeder.n_rows, device)
             windows = feeder.next_windows()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,7 +25,6 @@ from bakallm.data.corpora import hub_revision
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import (
-    DEFAULT_POSITION_BUCKETS,
     ArticleLossTally,
     EvalResult,
     PeakMemory,
@@ -37,6 +36,7 @@ from bakallm.evaluation.evaluate import (
     scored_token_count,
     token_nll,
 )
+from bakallm.evaluation.settings import EvalSettings
 from bakallm.model.network import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -135,42 +135,34 @@ def hf_vocab_size(model: PreTrainedModel) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def evaluate_hf(
-    model: str | Path | PreTrainedModel,
-    corpus: TokenizedCorpus,
-    n_ctx: int,
-    stride: int | None = None,
-    batch_size: int = 1,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    position_buckets: Sequence[int] = DEFAULT_POSITION_BUCKETS,
-) -> EvalResult:
-    """Scores every article of `corpus` with a Hugging Face causal LM: a name or path, or a model already on `device`.
+def evaluate_hf(model: str | Path | PreTrainedModel, corpus: TokenizedCorpus, settings: EvalSettings) -> EvalResult:
+    """Scores every article of `corpus` with a Hugging Face causal LM: a name or path, or a model already on `settings.device`.
 
     Windows of n_ctx tokens advance by `stride` (default n_ctx / 2); windows of several articles
     share a forward pass, right-padded, which leaves the scores unchanged because a causal model's
     real tokens never look at the padding after them.
     """
+    n_ctx, batch_size = settings.n_ctx, settings.batch_size
     require_positive("n_ctx", n_ctx)
-    stride = default_stride(n_ctx) if stride is None else stride
+    stride = default_stride(n_ctx) if settings.stride is None else settings.stride
     if not 1 <= stride <= n_ctx:
         raise UserError(f"The stride must lie between 1 and n_ctx ({n_ctx}), got {stride}.")
     require_positive("The batch size", batch_size)
-    device = torch.device(device)
+    device = torch.device(settings.device)
     if isinstance(model, (str, Path)):
         model = load_hf_model(model, device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and n_ctx > max_positions:
         raise UserError(f"n_ctx {n_ctx} exceeds the {max_positions} positions the model was built for; pass an n_ctx of at most {max_positions}.")
     require_vocabulary_fits(corpus.vocab_size, hf_vocab_size(model))
-    tally = ArticleLossTally(len(corpus), position_buckets)
+    tally = ArticleLossTally(len(corpus), settings.position_buckets)
     windows = (
         window for article in scorable_articles(corpus).tolist() for window in hf_windows(article, article_length(corpus, article), n_ctx, stride)
     )
     memory = PeakMemory(device)
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(
-        total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if progress else True, dynamic_ncols=True
+        total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if settings.progress else True, dynamic_ncols=True
     ) as bar:
         while batch := list(islice(windows, batch_size)):
             input_ids, attention_mask, targets = _window_batch(corpus, batch)

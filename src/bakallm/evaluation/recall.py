@@ -88,7 +88,7 @@ def _batches(samples: Sequence[RecallSample], batch_size: int) -> Iterator[Seque
         yield samples[start : start + batch_size]
 
 
-def bakalm_answer_log_probs(
+def bakallm_answer_log_probs(
     model: BakaLM,
     samples: Sequence[RecallSample],
     batch_size: int,
@@ -108,12 +108,12 @@ def bakalm_answer_log_probs(
     model.eval()
     try:
         with torch.inference_mode():
-            yield from _bakalm_batches(model, samples, batch_size, device, window, n_ctx, keep_document_cache)
+            yield from _bakallm_batches(model, samples, batch_size, device, window, n_ctx, keep_document_cache)
     finally:
         model.train(was_training)
 
 
-def _bakalm_batches(
+def _bakallm_batches(
     model: BakaLM, samples: Sequence[RecallSample], batch_size: int, device: torch.device, window: int, n_ctx: int | None, keep_document_cache: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for batch in _batches(samples, batch_size):
@@ -147,7 +147,7 @@ def _bakalm_batches(
 def hf_answer_log_probs(
     model: torch.nn.Module, samples: Sequence[RecallSample], n_ctx: int, batch_size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Like `bakalm_answer_log_probs` for a transformers causal LM, which reads the n_ctx inputs that
+    """Like `bakallm_answer_log_probs` for a transformers causal LM, which reads the n_ctx inputs that
     end at the answer's last input: the window of a sliding-window evaluation that ends there."""
     was_training = model.training
     model.eval()

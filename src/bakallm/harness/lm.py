@@ -25,12 +25,13 @@ from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
 from bakallm.evaluation.evaluate import score_articles
+from bakallm.evaluation.settings import OUR_N_CTX, EvalSettings
 from bakallm.generation import Sampling, generate_text
 from bakallm.model.io import load_model, model_files
 
 eval_logger = logging.getLogger("lm-eval")
 
-DEFAULT_N_CTX = 1_048_576
+DEFAULT_N_CTX = OUR_N_CTX
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -67,7 +68,7 @@ class BakaLMHarness(LM):
         if not any(len(tokens) >= 2 for tokens in token_lists):
             return [0.0] * len(texts)
         corpus = TokenizedCorpus.from_token_lists(token_lists, vocab_size=self.tokenizer.vocab_size, texts=texts)
-        tally = score_articles(self.model, corpus, self.n_ctx, self.batch_size, self._device, progress=not disable_tqdm)
+        tally = score_articles(self.model, corpus, EvalSettings(n_ctx=self.n_ctx, batch_size=self.batch_size, device=self._device, progress=not disable_tqdm))
         return [-float(total) for total in tally.nll_sum]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -1,8 +1,9 @@
-"""A Hugging Face causal LM behind our model's call, so that one trainer trains both.
+"""A transformers causal LM as a model kind, behind our model's call, so that one trainer trains both.
 
 `bakallm train --hf-config PATH` builds a fresh `transformers` model from a config.json and wraps
 it here: same data, batcher, optimizer and schedule as our runs, with no recurrent state, so every
-training step starts from nothing (as `--no-carry-state` does for our model).
+training step starts from nothing (as `--no-carry-state` does for our model). `bakallm bench --hf`
+scores any causal LM of the Hub or a local folder through the same kind.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bakallm.data.recall import RecallSample
+from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
+from bakallm.evaluation.evaluate import EvalResult
+from bakallm.evaluation.hf_baseline import (
+    default_stride,
+    evaluate_hf,
+    hf_architecture_hash,
+    hf_model_folder,
+    hf_parameter_counts,
+    hf_vocab_size,
+    hf_weight_files,
+    load_hf_model,
+)
+from bakallm.evaluation.recall import hf_answer_log_probs
+from bakallm.evaluation.settings import TRANSFORMER_BATCH_SIZE, TRANSFORMER_N_CTX, EvalSettings
 from bakallm.kernels.cross_entropy import linear_cross_entropy
+from bakallm.kinds import ModelKind, read_model_overrides
+from bakallm.model.io import CHECKPOINTS_DIR, MODEL_FILE, load_weights, resolve_checkpoint
 from bakallm.model.network import IGNORE_INDEX, ModelOutput, scored_positions
 
 HF_FOLDER = "hf"  # each checkpoint's model as a transformers folder, readable by `bakallm bench --hf`
+# Fields of a transformers config that decide the shapes of its weights.
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
 
 
 class HFCausalLM(nn.Module):
     """Wraps a transformers causal LM: `model(input_ids, targets=...)` returns our `ModelOutput`."""
-
-    carries_state = False
 
     def __init__(self, hf_model: nn.Module, vocab_size: int):
         super().__init__()
@@ -74,16 +93,19 @@ class HFCausalLM(nn.Module):
         return self.hf.config.to_dict()
 
     def num_parameters(self) -> dict[str, int]:
-        from bakallm.evaluation.hf_baseline import hf_parameter_counts
-
         counts = hf_parameter_counts(self.hf)
         return {**counts, "non_embedding": counts["total"] - counts["embedding"]}
 
-    def save_pretrained_atomic(self, folder: Path) -> None:
-        """Writes the transformers folder completely under a temporary name, then renames it into place."""
+    def save_pretrained_atomic(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes the transformers folder completely under a temporary name, then renames it into place.
+
+        `weights`: this module's whole state dict, when its own parameters are shards (FSDP2) that
+        transformers cannot save."""
         temporary = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
         shutil.rmtree(temporary, ignore_errors=True)
-        self.hf.save_pretrained(temporary)
+        prefix = "hf."
+        state_dict = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)} if weights is not None else None
+        self.hf.save_pretrained(temporary, state_dict=state_dict)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(temporary, folder)
@@ -110,3 +132,85 @@ def build_hf_model(config_path: str, overrides: dict[str, Any], vocab_size: int)
         raise UserError(f"The HF config's vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; raise it with --model-config.")
     return HFCausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), vocab_size)
 
+
+
+class TransformersKind(ModelKind):
+    name = "hf"
+    noun = "a transformers model"
+    carries_state = False
+    default_eval_batch_size = TRANSFORMER_BATCH_SIZE
+
+    def describe(self, training: Mapping[str, Any]) -> str:
+        return f"transformers model of {training['hf_config']}"
+
+    def build(self, training: Mapping[str, Any], vocab_size: int, quiet: bool) -> HFCausalLM:
+        if quiet:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its bars on saving and loading checkpoints, which fill log files
+        return build_hf_model(training["hf_config"], read_model_overrides(training.get("model_config")), vocab_size)
+
+    def config_values(self, model: HFCausalLM) -> dict[str, Any]:
+        return model.config_dict()
+
+    def load_start_weights(self, model: HFCausalLM, saved_model: Mapping[str, Any], checkpoint: Path, source: str) -> list[str]:
+        changed = sorted(key for key, value in saved_model.items() if model.config_dict().get(key) != value and key in SHAPE_FIELDS)
+        if changed:
+            raise UserError(f"Cannot start from {source}: its transformers config differs in {', '.join(changed)}; use the same --hf-config and --model-config.")
+        load_weights(model, checkpoint / MODEL_FILE)
+        return []
+
+    def save_extras(self, model: HFCausalLM, checkpoint: Path, weights: dict[str, torch.Tensor]) -> None:
+        model.save_pretrained_atomic(checkpoint / HF_FOLDER, weights)
+
+    def shard_units(self, model: HFCausalLM) -> list[nn.Module]:
+        # The blocks transformers itself never splits across devices: its decoder layers.
+        unit_names = set(getattr(model.hf, "_no_split_modules", None) or ())
+        return [module for module in model.hf.modules() if type(module).__name__ in unit_names]
+
+    def load(self, path: Path | str, device: torch.device) -> HFCausalLM:
+        """A run of `bakallm train --hf-config` (its checkpoint's transformers folder), a transformers folder or a Hub name."""
+        folder = Path(path).expanduser()
+        if (folder / HF_FOLDER).is_dir() or (folder / CHECKPOINTS_DIR).is_dir():  # one of its checkpoints, or the run
+            _, checkpoint = resolve_checkpoint(folder)
+            path = checkpoint / HF_FOLDER
+        model = load_hf_model(path, device)
+        return HFCausalLM(model, hf_vocab_size(model))
+
+    def default_n_ctx(self, model: HFCausalLM) -> int:
+        return min(TRANSFORMER_N_CTX, getattr(model.hf.config, "max_position_embeddings", None) or TRANSFORMER_N_CTX)
+
+    def reading(self, context: int, reach: int) -> tuple[int, int | None]:
+        # Beyond its reach a transformer slides windows of the reach by half of it (each token sees at
+        # least half the reach); within it, windows of `context` follow each other as our resets do.
+        n_ctx = min(context, reach)
+        return n_ctx, default_stride(n_ctx) if context > reach else n_ctx
+
+    def stride(self, settings: EvalSettings) -> int | None:
+        return default_stride(settings.n_ctx) if settings.stride is None else settings.stride
+
+    def evaluate(self, model: HFCausalLM, corpus: TokenizedCorpus, settings: EvalSettings) -> EvalResult:
+        return evaluate_hf(model.hf, corpus, settings)
+
+    def answer_log_probs(
+        self, model: HFCausalLM, samples: Sequence[RecallSample], n_ctx: int, batch_size: int, device: torch.device, keep_document_cache: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if keep_document_cache:
+            raise UserError("--keep-document-cache applies only to our models; a transformers model has no document cache.")
+        return hf_answer_log_probs(model.hf, samples, n_ctx, batch_size, device)
+
+    def window(self, model: HFCausalLM) -> None:
+        return None
+
+    def attention_reach(self, model: HFCausalLM) -> None:
+        return None
+
+    def vocab_size(self, model: HFCausalLM) -> int:
+        return hf_vocab_size(model.hf)
+
+    def architecture_hash(self, model: HFCausalLM) -> str:
+        return hf_architecture_hash(model.hf)
+
+    def weight_files(self, model: HFCausalLM, path: Path) -> list[Path]:
+        folder = hf_model_folder(model.hf)
+        return hf_weight_files(folder) if folder is not None else []

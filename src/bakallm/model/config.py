@@ -222,6 +222,10 @@ class ModelConfig:
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
+# Field values over ModelConfig's defaults. "celp18" is the name the reference system's author gave
+# his setup (8 layers, d_model 768, 12 heads, d_ff 3072, 16 memory tokens, 8 pauses, windows of 512):
+# ModelConfig's defaults are that shape with our choices; "celp18-seed" is his system exactly;
+# "tiny" is a small model for CPUs and tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "celp18": {},
     # The reference system (the "seed"), field by field: see docs/architecture.md.

@@ -154,11 +154,6 @@ JSON_LIST_COLUMNS = ("position_losses", "recall")
 _NAN_WHEN_NULL = ("loss", "ppl")
 
 
-def add_db_argument(parser) -> None:
-    """The --db flag of every command that reads or writes results (an argparse parser or group)."""
-    parser.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
-
-
 def default_db_path() -> Path:
     """`$BAKALLM_RESULTS_DB`, or `results/results.sqlite3` under the current directory."""
     configured = os.environ.get(DB_PATH_ENV)

@@ -65,8 +65,9 @@ class Distributed:
         return device
 
     # ----- the model -----
-    def wrap(self, model: nn.Module, device: torch.device, fsdp: bool) -> nn.Module:
-        """The module to call for training: `model` under DDP, or `model` itself sharded in place by FSDP2.
+    def wrap(self, model: nn.Module, device: torch.device, fsdp: bool, units: list[nn.Module]) -> nn.Module:
+        """The module to call for training: `model` under DDP, or `model` itself sharded in place by
+        FSDP2, each of `units` (its blocks) first.
 
         Build the optimizer after this call: FSDP2 replaces the parameters with sharded ones.
         """
@@ -79,8 +80,8 @@ class Distributed:
             # The model's outputs (the carried state) are views of its activations; it never changes them
             # in place, which is what FSDP2's warning about returned views guards against.
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            for block in model.layers:
-                fully_shard(block)
+            for unit in units:
+                fully_shard(unit)
             fully_shard(model)
             return model
         # The carried state is passed to forward, never registered; the only buffers, the rotary tables, are

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sys
@@ -16,20 +15,20 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, checkpoint_layers, compile_layers, use_scan_backend, use_threads
+from bakallm.acceleration import autocast_dtype, checkpoint_layers, compile_layers, use_threads
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
 from bakallm.data.recall import FactWriter, mix_recall
 from bakallm.data.token_cache import TokenizedCorpus, tokenize_corpus
 from bakallm.data.tokenizers import load_tokenizer
 from bakallm.errors import UserError
+from bakallm.evaluation.settings import EvalSettings
 from bakallm.kernels.scan import resolve_scan_backend
+from bakallm.kinds import kind_of_run
 from bakallm.locks import RunLock
-from bakallm.model.config import ModelConfig
-from bakallm.model.network import BakaLM
 from bakallm.model.state import RecurrentState
 from bakallm.training import checkpoint as ckpt
-from bakallm.training.arguments import RELOCATABLE, RESUMABLE_CHANGES, TrainConfig, train_config_from_values
+from bakallm.training.arguments import RELOCATABLE_ARGUMENTS, RESUMABLE_CHANGES, TrainConfig, train_config_from_values
 from bakallm.training.distributed import Distributed
 from bakallm.training.interrupt import GracefulInterrupt
 from bakallm.training.metrics import MetricsLog
@@ -38,33 +37,12 @@ from bakallm.training.schedule import Schedule
 
 # Parameters that are not matrices of a linear map or an embedding get no weight decay.
 NO_DECAY_NAMES = ("pause", "initial_memory", "write_slots", "A_log")
-# Fields of a transformers config that decide the shapes of its weights.
-_HF_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
 # Facts about a run saved beside its training arguments in config.json (not arguments themselves).
 RUN_FACTS = ("version", "corpus_fingerprint", "tokenizer_fingerprint")
 
 
 def planned_schedule(config: TrainConfig, decay_steps: int) -> Schedule:
     return Schedule.planned(config.schedule, config.lr, config.min_lr_ratio, config.warmup_steps, decay_steps)
-
-
-def build_model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The preset, with the fields of the --model-config file over it, sized for the tokenizer."""
-    overrides: dict[str, Any] = {}
-    if config.model_config:
-        path = Path(config.model_config)
-        if not path.is_file():
-            raise UserError(f"Model config file {path} does not exist; pass a JSON file of ModelConfig fields.")
-        try:
-            overrides = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"Model config file {path} is not valid JSON ({error.msg} at line {error.lineno}); fix it.") from None
-    if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
-        raise UserError(f"The model's vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}; raise it or use another tokenizer.")
-    try:
-        return ModelConfig.preset(config.preset, **{**overrides, "vocab_size": max(vocab_size, overrides.get("vocab_size", 0))})
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 def padding_warning(batcher: DocumentBatcher, batches: int) -> str | None:
@@ -86,22 +64,6 @@ def padding_warning(batcher: DocumentBatcher, batches: int) -> str | None:
         f"(about {1 - filled / batches:.0%} padding): the longest document ({longest:,} tokens) keeps one of the {rows} rows "
         f"busy for {math.ceil(longest / ctx)} batches while the others run out of documents; cut documents with "
         f"--max-doc-tokens {piece} or use fewer --batch-size rows."
-    )
-
-
-def untrained_memory_warning(config: TrainConfig, model_config: ModelConfig) -> str | None:
-    """Why the memory slots cannot learn under these settings, or None when they can.
-
-    The write slots sit at the end of a window, so only the next window's loss can train what they
-    write; with steps of one window that next window lies beyond the truncated backpropagation, and
-    the write slots get exactly zero gradient (docs/quality.md measures it).
-    """
-    if model_config.n_memory == 0 or config.train_ctx >= 2 * model_config.window:
-        return None
-    return (
-        f"--train-ctx {config.train_ctx} spans less than two windows of {model_config.window} tokens, so the "
-        f"{model_config.n_memory} memory write slots get no gradient and never learn what to write; "
-        f"use --train-ctx {2 * model_config.window} or more (fewer --batch-size rows keep the tokens per step)."
     )
 
 
@@ -166,18 +128,15 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         self._require_same_source("tokenizer", saved_facts.get("tokenizer_fingerprint"), self.tokenizer.fingerprint())
-        # An --hf-config run has no ModelConfig: its model and run config come from transformers.
-        self.model_config = None if config.hf_config else build_model_config(config, self.tokenizer.vocab_size)
-        self.warning = untrained_memory_warning(config, self.model_config) if self.model_config is not None else None
-        if self.warning is not None and self.distributed.is_main:
-            print(f"bakallm train: warning: {self.warning}", file=sys.stderr)
-        if config.resume and self.model_config is not None:
-            saved_model = ModelConfig.from_dict(ckpt.read_run_config(self.run_dir)["model"])
-            changed = saved_model.differences(self.model_config)
-            if changed:
-                raise UserError(
-                    f"Cannot resume {self.run_dir}: model field {changed[0]} differs ({getattr(saved_model, changed[0])} saved, {getattr(self.model_config, changed[0])} now); drop the flags that change it."
-                )
+        self.kind = kind_of_run(config.to_dict())
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model = self.kind.build(config.to_dict(), self.tokenizer.vocab_size, quiet=not (config.progress and sys.stderr.isatty()))
+        self.warnings = self.kind.training_warnings(config.to_dict(), self.model)
+        for warning in self.warnings:
+            self._warn(warning)
+        if config.resume:
+            self.kind.check_resume(ckpt.read_run_config(self.run_dir)["model"], self.model, self.run_dir)
         checkpoint = ckpt.resumable_checkpoint(self.run_dir, self._warn) if config.resume else None
         if config.resume and checkpoint is None:
             raise UserError(f"{self.run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
@@ -203,22 +162,18 @@ class Trainer:
             max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size), scored=scored,
         )
 
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        self.model = self._build_model()
         if config.init_from:
             self._load_initial_weights(config.init_from)
         if checkpoint is not None:
             ckpt.load_weights(self.model, checkpoint)  # into the whole model, before FSDP2 shards it
-        self.model.to(self.device)
-        if self.model_config is not None:
-            use_scan_backend(self.model, config.scan)
+        self.model = self.kind.prepare(self.model.to(self.device), config.scan)
         if config.precision == "pure-bfloat16":
             self.model.to(torch.bfloat16)  # AdamW then keeps its moments in bfloat16 too
         if config.activation_checkpointing:
             checkpoint_layers(self.model)
-        self.carry_state = config.carry_state and getattr(self.model, "carries_state", True)
-        self.forward_model = self.distributed.wrap(compile_layers(self.model) if config.compile else self.model, self.device, config.fsdp)
+        self.carry_state = config.carry_state and self.kind.carries_state
+        model = compile_layers(self.model) if config.compile else self.model
+        self.forward_model = self.distributed.wrap(model, self.device, config.fsdp, self.kind.shard_units(model))
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(self.model, config.weight_decay, config.weight_decay_scope), lr=config.lr,
             betas=(config.beta1, config.beta2), fused=self.device.type == "cuda",
@@ -244,8 +199,7 @@ class Trainer:
             self.schedule = planned_schedule(config, self.config.decay_steps)
             if self.distributed.is_main:
                 facts = {"version": __version__, "corpus_fingerprint": corpus_fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
-                model_values = self.model.config_dict() if self.model_config is None else self.model_config.to_dict()
-                ckpt.write_run_config(self.run_dir, model_values, {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
+                ckpt.write_run_config(self.run_dir, self.kind.config_values(self.model), {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
         self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
         if self.distributed.is_main:
             self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
@@ -269,13 +223,13 @@ class Trainer:
         saved = ckpt.read_run_config(run_dir)["training"]
         facts = {name: saved.pop(name) for name in RUN_FACTS if name in saved}
         current = config.to_dict()
-        for name in sorted(explicit.keys() - RESUMABLE_CHANGES - RELOCATABLE):
+        for name in sorted(explicit.keys() - RESUMABLE_CHANGES - RELOCATABLE_ARGUMENTS):
             if current[name] != saved.get(name):
                 raise UserError(
                     f"Cannot resume {run_dir}: {explicit[name]} is {current[name]!r} but the run used {saved.get(name)!r}; "
                     "drop it (a resumed run keeps its own arguments) or start a new run."
                 )
-        changes = explicit.keys() & (RESUMABLE_CHANGES | RELOCATABLE)
+        changes = explicit.keys() & (RESUMABLE_CHANGES | RELOCATABLE_ARGUMENTS)
         merged = {**saved, **{name: current[name] for name in changes}, "resume": str(run_dir), "run_dir": str(run_dir)}
         data = Path(str(merged["data"])).expanduser()
         if data.is_absolute() and not data.exists():
@@ -289,52 +243,15 @@ class Trainer:
                 f"Cannot resume {self.run_dir}: the --{name} {getattr(self.config, name)} holds other content than the run was trained on; pass the original one."
             )
 
-    def _build_model(self) -> torch.nn.Module:
-        if self.model_config is not None:
-            return BakaLM(self.model_config)
-        from transformers.utils import logging as transformers_logging
-
-        from bakallm.training.hf_model import build_hf_model
-
-        if not (self.config.progress and sys.stderr.isatty()):
-            transformers_logging.disable_progress_bar()  # its bars on saving and loading checkpoints, which fill log files
-        return build_hf_model(self.config.hf_config, self._hf_overrides(), self.tokenizer.vocab_size)
-
-    def _hf_overrides(self) -> dict[str, Any]:
-        """HF config fields of the --model-config file, applied over --hf-config."""
-        if not self.config.model_config:
-            return {}
-        try:
-            return json.loads(Path(self.config.model_config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"Cannot read --model-config {self.config.model_config} ({error}); pass a JSON file of HF config fields.") from None
-
     def _load_initial_weights(self, source: str) -> None:
         source_run, checkpoint = ckpt.resolve_checkpoint(source)
         saved = ckpt.read_run_config(source_run)
-        source_is_hf = bool(saved.get("training", {}).get("hf_config"))
-        if source_is_hf != (self.model_config is None):
-            kinds = ("a transformers model", "our model") if source_is_hf else ("our model", "a transformers model")
-            raise UserError(f"Cannot start from {source}: it trained {kinds[0]} and this run trains {kinds[1]}; start from a run of the same kind.")
-        if source_is_hf:
-            changed = sorted(key for key, value in saved["model"].items() if self.model.config_dict().get(key) != value and key in _HF_SHAPE_FIELDS)
-            if changed:
-                raise UserError(f"Cannot start from {source}: its transformers config differs in {', '.join(changed)}; use the same --hf-config and --model-config.")
-            ckpt.load_weights(self.model, checkpoint)
-            return
-        source_config = ModelConfig.from_dict(saved["model"])
-        changed = source_config.differences(self.model_config)
-        # Fields that change no parameter (carrying a part of the state, say) may differ: a staged
-        # run can switch a path off. Any other difference leaves weights that do not fit.
-        try:
-            ckpt.load_weights(self.model, checkpoint)
-        except (UserError, RuntimeError):
-            field = changed[0] if changed else None
-            because = f": model field {field} differs ({getattr(source_config, field)} there, {getattr(self.model_config, field)} here)" if field else ""
-            raise UserError(f"Cannot start from {source}{because}; its weights do not fit this model, so use the same preset and tokenizer.") from None
+        source_kind = kind_of_run(saved.get("training", {}))
+        if source_kind.name != self.kind.name:
+            raise UserError(f"Cannot start from {source}: it trained {source_kind.noun} and this run trains {self.kind.noun}; start from a run of the same kind.")
+        changed = self.kind.load_start_weights(self.model, saved["model"], checkpoint, source)
         if changed and self.distributed.is_main:
-            settings = ", ".join(f"{name} {getattr(source_config, name)} -> {getattr(self.model_config, name)}" for name in changed)
-            print(f"bakallm train: starting from {source} with model fields changed: {settings}", file=sys.stderr)
+            print(f"bakallm train: starting from {source} with model fields changed: {', '.join(changed)}", file=sys.stderr)
 
     def _planned_steps(self) -> int:
         """Steps the run will take: --max-steps, or the steps the batcher really needs for --epochs
@@ -384,10 +301,7 @@ class Trainer:
             self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
             recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
         )
-        if self.model_config is None:
-            from bakallm.training.hf_model import HF_FOLDER
-
-            self.model.save_pretrained_atomic(path / HF_FOLDER)
+        self.kind.save_extras(self.model, path, weights)
         return path
 
     def _check_resumed_rows(self, checkpoint: Path) -> None:
@@ -524,20 +438,14 @@ class Trainer:
         return logged
 
     def evaluate(self) -> dict[str, float]:
-        from bakallm.evaluation.evaluate import evaluate_bakalm
-        from bakallm.evaluation.hf_baseline import evaluate_hf
-
         # Every rank evaluates the whole corpus (FSDP2 needs all ranks in each forward); rank 0 logs.
+        n_ctx, stride = self.kind.reading(self.config.eval_n_ctx, reach=self.config.train_ctx)
+        settings = EvalSettings(n_ctx=n_ctx, stride=stride, batch_size=self.config.batch_size, device=self.device, autocast=self.autocast_dtype)
         self.model.eval()
-        if self.model_config is None:
-            n_ctx = min(self.config.eval_n_ctx, self.config.train_ctx)  # a transformer reads no further than it was trained on
-            result = evaluate_hf(self.model.hf, self.eval_corpus, n_ctx=n_ctx, batch_size=self.config.batch_size, device=self.device)
+        try:
+            result = self.kind.evaluate(self.model, self.eval_corpus, settings)
+        finally:
             self.model.train()
-        else:
-            result = evaluate_bakalm(
-                self.model, self.eval_corpus, n_ctx=self.config.eval_n_ctx, batch_size=self.config.batch_size,
-                device=self.device, autocast=self.autocast_dtype,
-            )
         if self.metrics is not None:
             self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}
@@ -590,7 +498,7 @@ class Trainer:
         of it the planned steps cover, the learning rate and where the run is saved."""
         config = self.config
         counts = self.model.num_parameters()
-        kind = f"preset {config.preset}" if self.model_config is not None else f"transformers model of {config.hf_config}"
+        kind = self.kind.describe(config.to_dict())
         precision = {"pure-bfloat16": "pure bfloat16"}.get(config.precision) or ("bfloat16 autocast" if self.autocast_dtype is not None else "float32")
         threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if self.device.type == "cpu" else ""
         ranks = f" x {self.distributed.world_size} ranks" if self.distributed.world_size > 1 else ""
