@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from bakallm.cli import main
+from bakallm.commands.first_run import plain_transformer_fields, report, unigram_loss
 from bakallm.data import embedded
 from bakallm.data.corpora import load_corpus
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.data.tokenizers import load_tokenizer
-from bakallm.first_run import plain_transformer_fields, report, unigram_loss
 from bakallm.model.config import ModelConfig
 from bakallm.model.network import BakaLM
 from bakallm.training.arguments import TrainConfig

@@ -22,7 +22,7 @@ LAYERS = (
     ("kinds",),  # what differs between kinds of model, over how each is scored and recorded
     ("training",),
     ("ablation", "plotting"),
-    ("commands", "first_run"),  # the command line's commands, over everything
+    ("commands",),  # the command line's commands, over everything
     ("cli",),  # `bakallm`: imports a command's module by name when it runs
     ("__main__",),
 )

@@ -17,7 +17,7 @@ from bakallm import __version__
 from bakallm.errors import UserError
 
 COMMANDS = {
-    "first-run": ("bakallm.first_run", "train and score two small models in about ten minutes on the books shipped with bakallm"),
+    "first-run": ("bakallm.commands.first_run", "train and score two small models in about ten minutes on the books shipped with bakallm"),
     "train": ("bakallm.commands.train", "train a model (resumable run directory)"),
     "bench": ("bakallm.commands.bench", "benchmark a model on whole articles and record the result"),
     "ablate": ("bakallm.commands.ablate", "train and evaluate the variants of an ablation study (resumable)"),

@@ -117,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.evaluation.evaluate import evaluate_bakallm
     from bakallm.evaluation.settings import EvalSettings
     from bakallm.generation import Sampling, generate_text
-    from bakallm.results.db import ResultRow, ResultsDB
+    from bakallm.kinds import model_record
+    from bakallm.results.db import ResultsDB
+    from bakallm.results.rows import lm_figures, result_row
     from bakallm.training import checkpoint as ckpt
     from bakallm.training.trainer import Trainer
 
@@ -159,22 +161,15 @@ def run(args: argparse.Namespace) -> int:
     for contender in contenders:
         trainer, train_seconds = trained[contender.name]
         model = trainer.model.eval()
-        counts = model.num_parameters()
+        record = model_record(trainer.kind, model, f"{STUDY}/{contender.name}", ckpt.latest_checkpoint(trainer.run_dir))
         window = model.config.window
         contexts = [("read whole", WHOLE_N_CTX)] if contender.name == "plain-transformer" else [
             (f"state reset every {window} tokens", window), ("read whole", WHOLE_N_CTX)]
         for reading, n_ctx in contexts:
             result = evaluate_bakallm(model, held_out, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress))
             readings.append((f"{contender.label}, {reading}", result.loss, result.position_losses))
-            rows.append(ResultRow(
-                model_kind="bakallm", model_name=f"{STUDY}/{contender.name}", benchmark=embedded.HELD_OUT_CORPUS, split="test",
-                n_ctx=n_ctx, tokens=result.tokens, loss=result.loss, ppl=result.ppl,
-                bpb=result.bpb, checkpoint_path=str(ckpt.latest_checkpoint(trainer.run_dir)), params_total=counts["total"],
-                params_embedding=counts["embedding"], tokenizer=tokenizer.name, word_ppl=result.word_ppl, legacy_loss=result.legacy_loss,
-                nan_count=result.nan_count, tokens_per_s=result.tokens_per_s, study=STUDY,
-                position_losses=[bucket.to_dict() for bucket in result.position_losses],
-                extra={"reading": reading, "train_steps": trainer.step, "train_tokens": trainer.tokens_seen, "train_seconds": train_seconds},
-            ))
+            extra = {"reading": reading, "train_steps": trainer.step, "train_tokens": trainer.tokens_seen, "train_seconds": train_seconds}
+            rows.append(result_row(record, embedded.HELD_OUT_CORPUS, "test", n_ctx, None, tokenizer.name, lm_figures(result), extra, study=STUDY))
     with ResultsDB(args.db) as db:
         for row in rows:
             db.add(row)
