@@ -95,3 +95,17 @@ def test_export_refuses_a_run_directory_and_a_folder_with_files_unless_forced(tm
     plain_file_mode = (busy / "notes.txt").stat().st_mode & 0o777
     for name in ("model.safetensors", "config.json", "modeling_bakallm.py"):
         assert (busy / name).stat().st_mode & 0o777 == plain_file_mode, name  # the permissions any other writer's files get
+
+
+def test_the_exported_folder_states_the_transformers_range_of_pyproject(tmp_path):
+    """One source for the tested transformers releases: the `hf` extra of pyproject.toml."""
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = next(Requirement(text) for text in pyproject["project"]["optional-dependencies"]["hf"] if text.startswith("transformers"))
+    make_run(tmp_path / "run", "bytes", 256)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["bakallm_transformers_tested"] == str(declared.specifier)

@@ -21,8 +21,6 @@ from bakallm.errors import UserError
 MODELING_FILE = "modeling_bakallm.py"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-# transformers releases the exported folder is tested with (see pyproject's `hf` extra).
-TESTED_TRANSFORMERS = ">=4.40,<6"
 
 
 def export(model_path: str | Path, out_dir: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
@@ -94,11 +92,26 @@ def _write_folder(model, loaded_tokenizer, out_dir: Path) -> None:
         "num_attention_heads": config.n_heads,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
-        "bakallm_transformers_tested": TESTED_TRANSFORMERS,
+        "bakallm_transformers_tested": tested_transformers(),
     }
     write_text_atomic(out_dir / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True))
     with atomic_path(out_dir / MODELING_FILE) as temporary:
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), temporary)
+
+
+def tested_transformers() -> str | None:
+    """The transformers releases the exported folder is tested with: the range of bakallm's `hf`
+    extra in pyproject.toml, as installed (None when bakallm runs without being installed)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = [Requirement(text) for text in requires("bakallm") or ()]
+    except PackageNotFoundError:
+        return None
+    extra = next((r for r in requirements if r.name == "transformers" and r.marker is not None and r.marker.evaluate({"extra": "hf"})), None)
+    return str(extra.specifier) if extra is not None else None
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
