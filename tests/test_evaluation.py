@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from bakallm import BakaLM, ModelConfig
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import ArticleLossTally, evaluate_bakallm
+from bakallm.evaluation.evaluate import evaluate_bakallm
 from bakallm.evaluation.hf_baseline import evaluate_hf, hf_windows
 from bakallm.evaluation.settings import EvalSettings
+from bakallm.evaluation.tally import ArticleLossTally
 
 WINDOW = 16
 WHOLE_ARTICLE = 1 << 20

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from bakallm.data.token_cache import TokenizedCorpus
-    from bakallm.evaluation.evaluate import EvalResult
+    from bakallm.evaluation.tally import EvalResult
     from bakallm.kinds import ModelKind
     from bakallm.results.db import ResultRow
     from bakallm.results.rows import ModelRecord
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.data.corpora import HUB_WIKITEXT_SPLITS, load_corpus
     from bakallm.data.token_cache import tokenize_corpus
     from bakallm.data.tokenizers import load_tokenizer
-    from bakallm.evaluation.evaluate import require_positive, require_vocabulary_fits
+    from bakallm.evaluation.articles import require_positive, require_vocabulary_fits
     from bakallm.evaluation.settings import EvalSettings
     from bakallm.results.context_use import context_uses, format_context_use
     from bakallm.results.db import ResultsDB, default_db_path, utc_now_iso

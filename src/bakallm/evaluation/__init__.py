@@ -6,8 +6,8 @@ from bakallm.lazy import lazy_exports
 
 # Imported on first use, so that `bakallm bench --help` does not pay for torch or transformers.
 _LAZY_EXPORTS = {
-    "EvalResult": "bakallm.evaluation.evaluate",
-    "ArticleLossTally": "bakallm.evaluation.evaluate",
+    "EvalResult": "bakallm.evaluation.tally",
+    "ArticleLossTally": "bakallm.evaluation.tally",
     "evaluate_bakallm": "bakallm.evaluation.evaluate",
     "EvalSettings": "bakallm.evaluation.settings",
     "evaluate_hf": "bakallm.evaluation.hf_baseline",

@@ -24,19 +24,10 @@ from tqdm.auto import tqdm
 from bakallm.data.corpora import hub_revision
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import (
-    ArticleLossTally,
-    EvalResult,
-    PeakMemory,
-    article_length,
-    input_target_pairs,
-    require_positive,
-    require_vocabulary_fits,
-    scorable_articles,
-    scored_token_count,
-    token_nll,
-)
+from bakallm.evaluation.articles import article_length, input_target_pairs, require_positive, require_vocabulary_fits, scorable_articles, scored_token_count
+from bakallm.evaluation.memory import PeakMemory
 from bakallm.evaluation.settings import EvalSettings
+from bakallm.evaluation.tally import ArticleLossTally, EvalResult, token_nll
 from bakallm.model.network import IGNORE_INDEX
 
 if TYPE_CHECKING:

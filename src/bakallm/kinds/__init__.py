@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from bakallm.data.recall import RecallSample
     from bakallm.data.token_cache import TokenizedCorpus
-    from bakallm.evaluation.evaluate import EvalResult
     from bakallm.evaluation.settings import EvalSettings
+    from bakallm.evaluation.tally import EvalResult
 
 # name -> (module, class): imported when first asked for, so that our kind never pays for transformers.
 KINDS = {"bakallm": ("bakallm.kinds.ours", "OurKind"), "hf": ("bakallm.kinds.hf", "TransformersKind")}

@@ -22,7 +22,6 @@ from torch import nn
 from bakallm.data.recall import RecallSample
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import EvalResult
 from bakallm.evaluation.hf_baseline import (
     default_stride,
     evaluate_hf,
@@ -35,6 +34,7 @@ from bakallm.evaluation.hf_baseline import (
 )
 from bakallm.evaluation.recall import hf_answer_log_probs
 from bakallm.evaluation.settings import TRANSFORMER_BATCH_SIZE, TRANSFORMER_N_CTX, EvalSettings
+from bakallm.evaluation.tally import EvalResult
 from bakallm.kernels.cross_entropy import linear_cross_entropy
 from bakallm.kinds import ModelKind, read_model_overrides
 from bakallm.model.io import CHECKPOINTS_DIR, MODEL_FILE, load_weights, resolve_checkpoint

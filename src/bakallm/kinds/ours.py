@@ -14,9 +14,10 @@ from bakallm.acceleration import use_scan_backend
 from bakallm.data.recall import RecallSample
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.evaluate import EvalResult, evaluate_bakallm
+from bakallm.evaluation.evaluate import evaluate_bakallm
 from bakallm.evaluation.recall import bakallm_answer_log_probs
 from bakallm.evaluation.settings import OUR_BATCH_SIZE, OUR_N_CTX, EvalSettings
+from bakallm.evaluation.tally import EvalResult
 from bakallm.kinds import ModelKind, read_model_overrides
 from bakallm.model.config import ModelConfig
 from bakallm.model.io import MODEL_FILE, load_weights, model_files

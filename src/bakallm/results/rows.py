@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from bakallm.results.db import ResultRow
 
 if TYPE_CHECKING:
-    from bakallm.evaluation.evaluate import EvalResult
+    from bakallm.evaluation.tally import EvalResult
 
 
 @dataclass(frozen=True)
