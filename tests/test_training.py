@@ -71,6 +71,7 @@ def test_training_lowers_the_loss_and_fills_the_run_directory(corpus_dir, tmp_pa
         assert (latest / name).is_file(), name
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 256 and saved["model"]["d_model"] == 64
+    assert json.loads((latest / "config.json").read_text()) == saved  # a checkpoint folder describes its model by itself
     assert saved["training"]["batch_size"] == 3
     # keep_last 3 step checkpoints; the corpus is small, so epoch snapshots exist too and stay.
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000024", "step-00000028", "step-00000030"]

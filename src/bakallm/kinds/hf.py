@@ -9,8 +9,6 @@ scores any causal LM of the Hub or a local folder through the same kind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,19 +94,11 @@ class HFCausalLM(nn.Module):
         counts = hf_parameter_counts(self.hf)
         return {**counts, "non_embedding": counts["total"] - counts["embedding"]}
 
-    def save_pretrained_atomic(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """Writes the transformers folder completely under a temporary name, then renames it into place.
-
-        `weights`: this module's whole state dict, when its own parameters are shards (FSDP2) that
-        transformers cannot save."""
-        temporary = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-        shutil.rmtree(temporary, ignore_errors=True)
+    def save_pretrained(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Writes the transformers folder of this module's whole state dict `weights` (gathered when
+        its own parameters are shards under FSDP2, which transformers cannot save)."""
         prefix = "hf."
-        state_dict = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)} if weights is not None else None
-        self.hf.save_pretrained(temporary, state_dict=state_dict)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(temporary, folder)
+        self.hf.save_pretrained(folder, state_dict={name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)})
 
 
 def build_hf_model(config_path: str, overrides: dict[str, Any], vocab_size: int) -> HFCausalLM:
@@ -161,7 +151,8 @@ class TransformersKind(ModelKind):
         return []
 
     def save_extras(self, model: HFCausalLM, checkpoint: Path, weights: dict[str, torch.Tensor]) -> None:
-        model.save_pretrained_atomic(checkpoint / HF_FOLDER, weights)
+        # Into the checkpoint's temporary folder: the checkpoint appears with its transformers folder or not at all.
+        model.save_pretrained(checkpoint / HF_FOLDER, weights)
 
     def shard_units(self, model: HFCausalLM) -> list[nn.Module]:
         # The blocks transformers itself never splits across devices: its decoder layers.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,13 @@ def save_checkpoint(
     recurrent_state: dict[str, torch.Tensor] | None,
     rng_state: dict[str, Any],
     keep_last: int,
+    write_extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes checkpoint `name` completely, points LATEST at it, then prunes old step checkpoints.
 
-    `weights` come from `savable_weights`; `optimizer_state` is an optimizer.state_dict().
+    `weights` come from `savable_weights`; `optimizer_state` is an optimizer.state_dict();
+    `write_extras(folder)` writes what else the checkpoint holds (a model kind's own files). The
+    run's config.json is copied in, so that a checkpoint folder describes its model by itself.
     """
     checkpoints = run_dir / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,10 @@ def save_checkpoint(
                 save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
             _torch_save(rng_state, temporary / RNG_FILE)
             (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+            if (run_dir / CONFIG_FILE).is_file():
+                shutil.copyfile(run_dir / CONFIG_FILE, temporary / CONFIG_FILE)
+            if write_extras is not None:
+                write_extras(temporary)
             _fsync_folder(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -119,9 +127,10 @@ def _torch_save(value: Any, path: Path) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _remove_leftover_temporaries(checkpoints: Path) -> None:

@@ -300,8 +300,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
             recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
+            write_extras=lambda folder: self.kind.save_extras(self.model, folder, weights),
         )
-        self.kind.save_extras(self.model, path, weights)
         return path
 
     def _check_resumed_rows(self, checkpoint: Path) -> None:
