@@ -89,7 +89,7 @@ def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: tor
         else:
             from bakallm.acceleration import checkpoint_layers
 
-            checkpoint_layers(model)
+            checkpoint_layers(model.layers)
     forward = model
     if compile_model and name == PYTHIA:
         forward = torch.compile(model)

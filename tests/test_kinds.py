@@ -17,7 +17,7 @@ KIND_BLIND = ("training/trainer.py", "training/distributed.py", "ablation.py", "
 # How code tells the kinds apart by hand: a missing ModelConfig, the class, the wrapped transformers
 # model, an attribute only ours has, or the kind's name.
 KIND_BRANCH = re.compile(
-    r"model_config is (not )?None|isinstance\([^)]*(BakaLM|HFCausalLM|PreTrainedModel)|\.hf\b|model\.layers|model\.config\.|"
+    r"model_config is (not )?None|isinstance\([^)]*(BakaLM|HFCausalLM|PreTrainedModel)|(?<!args)\.hf\b|model\.layers|model\.config\.|"
     r"""(kind|model_kind)(\.name)? ?[=!]= ?["']|["'](hf|bakallm)["'] if """
 )
 # Which kind a run trains is decided in one place (kinds.kind_of_run); a study file names each variant's
@@ -65,12 +65,31 @@ def test_one_rule_turns_a_context_into_what_each_kind_reads():
 def test_each_kind_names_its_blocks_for_sharding(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = BakaLM(ModelConfig.preset("tiny", vocab_size=64, d_model=32, n_heads=2, n_layers=3, d_ff=64, window=16, n_memory=2, n_pauses=2))
-    assert kind_named("bakallm").shard_units(model) == list(model.layers)
+    assert kind_named("bakallm").blocks(model) == list(model.layers)
     config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=64)
     from bakallm.kinds.hf import HFCausalLM
 
     wrapped = HFCausalLM(transformers.GPTNeoXForCausalLM(config), vocab_size=64)
-    units = kind_named("hf").shard_units(wrapped)
+    units = kind_named("hf").blocks(wrapped)
     assert len(units) == 3 and all(type(unit).__name__ == "GPTNeoXLayer" for unit in units)
     assert not any(parameter.requires_grad is False for unit in units for parameter in unit.parameters())
     torch.testing.assert_close(sum(p.numel() for unit in units for p in unit.parameters()), sum(p.numel() for p in wrapped.hf.gpt_neox.layers.parameters()))
+
+
+def test_activation_checkpointing_of_a_transformers_models_blocks_gives_the_same_gradients():
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from bakallm.acceleration import checkpoint_layers
+    from bakallm.kinds.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    reference = HFCausalLM(transformers.GPTNeoXForCausalLM(config), vocab_size=64)
+    model = copy.deepcopy(reference)
+    checkpoint_layers(kind_named("hf").blocks(model))
+    ids = torch.randint(0, 64, (2, 24))
+    for each in (reference, model):
+        each(ids, targets=ids.roll(-1, dims=1), return_logits=False).loss.backward()
+    for (name, expected), actual in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -21,22 +22,18 @@ def compile_layers(model: BakaLM, backend: str = "inductor") -> BakaLM:
     return model
 
 
-def checkpoint_layers(model: torch.nn.Module) -> torch.nn.Module:
+def checkpoint_layers(blocks: Iterable[torch.nn.Module]) -> None:
     """Activation checkpointing per block: a block keeps only its inputs for the backward pass and
     runs its forward again there, so the activations inside blocks (attention, the gated MLP, the
     Mamba expansion) are never all held at once. About one more forward pass of compute.
 
-    Applied from outside, as compile is: the model's code and its saved weights do not change. A
-    transformers model uses its own per-layer checkpointing.
+    Applied from outside, as compile is, to the blocks a model kind names (bakallm.kinds): the
+    model's code and its saved weights do not change.
     """
     from torch.utils.checkpoint import checkpoint
 
-    if not isinstance(model, BakaLM):
-        model.gradient_checkpointing_enable()
-        return model
-    for layer in model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-    return model
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def use_scan_backend(model: BakaLM, backend: str) -> BakaLM:

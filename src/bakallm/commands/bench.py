@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # Opened first, so that a wrong --db fails now rather than after hours of scoring.
     with ResultsDB(args.db if args.db is not None else default_db_path()) as db:
-        subject = _load_hf(args.hf, device, args.progress) if args.hf is not None else _load_run(args.model, device, args.progress, args.scan or "auto")
+        subject = _load(args, device)
         kind, model = subject.kind, subject.model
         if args.stride is not None and kind.carries_state:
             raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
@@ -246,45 +246,27 @@ def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
     return subject.default_tokenizer
 
 
-def _load_run(path: str, device: torch.device, progress: bool, scan: str) -> ModelUnderTest:
-    """A run of `bakallm train` (of either kind), one of its checkpoints, or a folder of `bakallm export`."""
-    from bakallm.kinds import kind_of_path, model_record
-    from bakallm.model.io import model_files
+def _load(args: argparse.Namespace, device: torch.device) -> ModelUnderTest:
+    """The model of --hf (a transformers folder or Hub name), or of a run of `bakallm train` (of
+    either kind), one of its checkpoints, or a folder of `bakallm export`."""
+    from bakallm.kinds import kind_named, kind_of_path, model_record
 
-    _quiet_transformers(progress)
-    kind, training = kind_of_path(path)
-    model = kind.prepare(kind.load(Path(path), device), scan)
-    tokenizer = training.get("tokenizer") if training else model_files(path).tokenizer  # an exported folder names its own
-    return ModelUnderTest(kind, model, model_record(kind, model, _run_name(path), path), tokenizer, None)
+    _quiet_transformers(args.progress)
+    path = args.hf if args.hf is not None else args.model
+    kind, training = (kind_named("hf"), {}) if args.hf is not None else kind_of_path(path)
+    model = kind.prepare(kind.load(path, device), args.scan or "auto")
+    tokenizer, note = kind.default_tokenizer(model, path, training)
+    return ModelUnderTest(kind, model, model_record(kind, model, _name(path, args.hf is not None), path), tokenizer, note)
 
 
-def _run_name(path: str) -> str:
-    """The name of a run directory, also for one of its checkpoint folders."""
+def _name(path: str, hub_or_folder: bool) -> str:
+    """The name rows record: a --hf spec as given; the run directory's name, also for one of its checkpoint folders."""
     from bakallm.model.io import is_exported_folder, resolve_checkpoint
 
     folder = Path(path)
+    if hub_or_folder:
+        return path
     return folder.resolve().name if is_exported_folder(folder) else resolve_checkpoint(folder)[0].resolve().name
-
-
-def _load_hf(spec: str, device: torch.device, progress: bool) -> ModelUnderTest:
-    """A transformers causal LM of a local folder or the Hub."""
-    from bakallm.data.tokenizers import DEFAULT_TOKENIZER, TOKENIZER_FILE
-    from bakallm.evaluation.hf_baseline import hf_model_folder
-    from bakallm.kinds import kind_named, model_record
-
-    _quiet_transformers(progress)
-    kind = kind_named("hf")
-    model = kind.load(spec, device)
-    folder = hf_model_folder(model.hf)
-    tokenizer_note = None
-    if folder is not None and (folder / TOKENIZER_FILE).is_file():
-        tokenizer = str(folder / TOKENIZER_FILE)
-    elif not Path(spec).expanduser().is_dir():
-        tokenizer = spec  # a Hub model: load_tokenizer fetches the tokenizer.json of its repository
-    else:
-        tokenizer = DEFAULT_TOKENIZER
-        tokenizer_note = f"{spec} holds no {TOKENIZER_FILE}, so its text is tokenized with {DEFAULT_TOKENIZER} (choose with --tokenizer)."
-    return ModelUnderTest(kind, model, model_record(kind, model, spec, spec), tokenizer, tokenizer_note)
 
 
 def _quiet_transformers(progress: bool) -> None:

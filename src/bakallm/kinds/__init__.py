@@ -76,8 +76,8 @@ class ModelKind(ABC):
         state dict (gathered from the shards under FSDP2)."""
 
     @abstractmethod
-    def shard_units(self, model: nn.Module) -> list[nn.Module]:
-        """The blocks FSDP2 shards one by one before the whole model."""
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's repeated blocks: what FSDP2 shards one by one and activation checkpointing recomputes."""
 
     # ----- loading and scoring -----
     @abstractmethod
@@ -122,6 +122,12 @@ class ModelKind(ABC):
     @abstractmethod
     def architecture_hash(self, model: nn.Module) -> str:
         """A hash of the model's architecture (not its weights), to tell results of the same model apart."""
+
+    @abstractmethod
+    def default_tokenizer(self, model: nn.Module, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """The tokenizer to read text for the model loaded from `path` with (a spec for
+        bakallm.data.tokenizers.load_tokenizer, None when unknown), and a note to print when it
+        needs saying; `training`: the run's arguments ({} for a folder that is not a run)."""
 
     @abstractmethod
     def weight_files(self, model: nn.Module, path: Path) -> list[Path]:

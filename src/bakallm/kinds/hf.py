@@ -19,6 +19,7 @@ from torch import nn
 
 from bakallm.data.recall import RecallSample
 from bakallm.data.token_cache import TokenizedCorpus
+from bakallm.data.tokenizers import DEFAULT_TOKENIZER, TOKENIZER_FILE
 from bakallm.errors import UserError
 from bakallm.evaluation.hf_baseline import (
     default_stride,
@@ -50,10 +51,6 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.vocab_size = vocab_size  # the tokenizer's: logits past it (embedding padding) are dropped
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Activation checkpointing per layer, transformers' own (bakallm.acceleration.checkpoint_layers)."""
-        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(
         self,
@@ -154,7 +151,7 @@ class TransformersKind(ModelKind):
         # Into the checkpoint's temporary folder: the checkpoint appears with its transformers folder or not at all.
         model.save_pretrained(checkpoint / HF_FOLDER, weights)
 
-    def shard_units(self, model: HFCausalLM) -> list[nn.Module]:
+    def blocks(self, model: HFCausalLM) -> list[nn.Module]:
         # The blocks transformers itself never splits across devices: its decoder layers.
         unit_names = set(getattr(model.hf, "_no_split_modules", None) or ())
         return [module for module in model.hf.modules() if type(module).__name__ in unit_names]
@@ -201,6 +198,17 @@ class TransformersKind(ModelKind):
 
     def architecture_hash(self, model: HFCausalLM) -> str:
         return hf_architecture_hash(model.hf)
+
+    def default_tokenizer(self, model: HFCausalLM, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        if training:
+            return training.get("tokenizer"), None
+        folder = hf_model_folder(model.hf)
+        if folder is not None and (folder / TOKENIZER_FILE).is_file():
+            return str(folder / TOKENIZER_FILE), None
+        if not Path(path).expanduser().is_dir():
+            return str(path), None  # a Hub model: load_tokenizer fetches the tokenizer.json of its repository
+        note = f"{path} holds no {TOKENIZER_FILE}, so its text is tokenized with {DEFAULT_TOKENIZER} (choose with --tokenizer)."
+        return DEFAULT_TOKENIZER, note
 
     def weight_files(self, model: HFCausalLM, path: Path) -> list[Path]:
         folder = hf_model_folder(model.hf)

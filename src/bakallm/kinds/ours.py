@@ -95,7 +95,7 @@ class OurKind(ModelKind):
     def prepare(self, model: BakaLM, scan: str) -> BakaLM:
         return use_scan_backend(model, scan)
 
-    def shard_units(self, model: BakaLM) -> list[nn.Module]:
+    def blocks(self, model: BakaLM) -> list[nn.Module]:
         return list(model.layers)
 
     def load(self, path: Path, device: torch.device) -> BakaLM:
@@ -131,6 +131,9 @@ class OurKind(ModelKind):
 
     def architecture_hash(self, model: BakaLM) -> str:
         return hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest()
+
+    def default_tokenizer(self, model: BakaLM, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        return training.get("tokenizer") if training else model_files(path).tokenizer, None  # an exported folder names its own
 
     def weight_files(self, model: BakaLM, path: Path) -> list[Path]:
         return [model_files(path).weights]

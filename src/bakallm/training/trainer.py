@@ -170,10 +170,10 @@ class Trainer:
         if config.precision == "pure-bfloat16":
             self.model.to(torch.bfloat16)  # AdamW then keeps its moments in bfloat16 too
         if config.activation_checkpointing:
-            checkpoint_layers(self.model)
+            checkpoint_layers(self.kind.blocks(self.model))
         self.carry_state = config.carry_state and self.kind.carries_state
         model = compile_layers(self.model) if config.compile else self.model
-        self.forward_model = self.distributed.wrap(model, self.device, config.fsdp, self.kind.shard_units(model))
+        self.forward_model = self.distributed.wrap(model, self.device, config.fsdp, self.kind.blocks(model))
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(self.model, config.weight_decay, config.weight_decay_scope), lr=config.lr,
             betas=(config.beta1, config.beta2), fused=self.device.type == "cuda",
