@@ -6,6 +6,7 @@ projection. The conv state is the last (d_conv - 1) conv inputs; the SSM state i
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,6 +15,15 @@ from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.scan import selective_scan
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without the call when it is a no-op: a decoded token runs these per layer."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    return _cast(tensor, torch.float32)
 
 
 class Mamba(nn.Module):
@@ -74,21 +84,24 @@ class Mamba(nn.Module):
         self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One position, x [B, 1, d_model]: what `forward` gives for it, as a direct update of the
-        conv and SSM states instead of a scan (for token-by-token decoding)."""
+        conv and SSM states instead of a scan (for token-by-token decoding). The returned conv state
+        may be a view of a slightly larger tensor; the window runtime makes the state it commits
+        contiguous."""
         hidden, gate = self.in_proj(x[:, 0]).chunk(2, dim=-1)
-        conv_window = torch.cat((conv_state.to(hidden.dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
-        hidden = (conv_window * self.conv.weight.squeeze(1).to(hidden.dtype)).sum(-1) + self.conv.bias.to(hidden.dtype)
-        new_conv_state = conv_window[:, :, 1:].float().contiguous()
+        dtype = hidden.dtype
+        conv_window = torch.cat((_cast(conv_state, dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
+        hidden = (conv_window * _cast(self.conv.weight.squeeze(1), dtype)).sum(-1) + _cast(self.conv.bias, dtype)
+        new_conv_state = _float(conv_window[:, :, 1:])
         hidden = F.silu(hidden)
         dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        dt = F.softplus(self.dt_proj(dt_low_rank).float())
-        A = -torch.exp(self.A_log.float())
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            hidden = hidden.float()
+        dt = F.softplus(_float(self.dt_proj(dt_low_rank)))
+        A = -torch.exp(_float(self.A_log))
+        with torch.autocast(device_type=x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
+            hidden = _float(hidden)
             decay = torch.exp(dt.unsqueeze(-1) * A)
-            new_ssm_state = decay * ssm_state.float() + (dt * hidden).unsqueeze(-1) * B.float().unsqueeze(1)
-            y = (new_ssm_state * C.float().unsqueeze(1)).sum(-1) + self.D.float() * hidden
-        y = y.to(gate.dtype) * F.silu(gate)
+            new_ssm_state = decay * _float(ssm_state) + (dt * hidden).unsqueeze(-1) * _float(B).unsqueeze(1)
+            y = (new_ssm_state * _float(C).unsqueeze(1)).sum(-1) + _float(self.D) * hidden
+        y = _cast(y, gate.dtype) * F.silu(gate)
         return self.out_proj(y).unsqueeze(1), new_conv_state, new_ssm_state
 
     def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
