@@ -54,10 +54,25 @@ def scored_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return hidden.index_select(0, scored), targets.index_select(0, scored), scored
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same values) that computes a float32 input without gradients as
+    the plain formula: the fused operator's CPU path makes 24 operator calls where the formula
+    makes 14, which shows in token-by-token decoding. Bitwise the same result (tests/test_model.py);
+    with gradients or other dtypes it is nn.RMSNorm's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or weight is None or weight.dtype != torch.float32 or self.eps is None:
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return x * torch.rsqrt((x * x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps)) * weight
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.d_model, eps=config.norm_eps)
-    return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, eps=config.norm_eps)
 
 
 class Block(nn.Module):

@@ -53,6 +53,7 @@ class WindowReader:
         self._layers: list[LayerState] = []
         self._positions = 0  # positions of the window's layout read so far (memory, pauses and tokens)
         self._mask: torch.Tensor | None = None  # the whole window's attention mask, when read in pieces
+        self._every_row_has_past = False  # then a single position sees every key before it: no mask
         self._memory: torch.Tensor | None = None  # the last layer's output at the memory read-out, once it ran
 
     @property
@@ -148,12 +149,17 @@ class WindowReader:
         read = self._read_memory(body.dtype)
         # The whole window's mask, of which each piece takes its rows.
         self._mask = xl_attention_mask(state.has_past, state.keys[0].shape[2], config.layout_length)
+        self._every_row_has_past = bool(state.has_past.all())  # one host synchronisation per window
         return torch.cat((read, body), dim=1), config.n_memory, None
 
-    def _attention_mask(self, length: int, hidden_keys: torch.Tensor | None) -> torch.Tensor:
-        """The mask of the next `length` positions: [B, 1, length, past + positions so far + length]."""
+    def _attention_mask(self, length: int, hidden_keys: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask of the next `length` positions: [B, 1, length, past + positions so far + length],
+        or None when they see every key before them (one position, in a window whose rows all have
+        a past: what decoding reads)."""
         past = self.state.keys[0].shape[2] if self.state.keys else 0
         if self._mask is not None:
+            if length == 1 and self._every_row_has_past:
+                return None
             start = self._positions
             return self._mask[:, :, start : start + length, : past + start + length]
         mask = xl_attention_mask(self.state.has_past, past, length, self._positions)
