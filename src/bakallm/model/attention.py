@@ -138,10 +138,12 @@ class XLAttention(nn.Module):
         [B, 1, L, cached + L] allows; returns their output and the cache with their keys and
         values added. cos/sin: tables covering the positions up to these."""
         batch, length, d_model = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Linear layers on rows [B * L, d]: on a 3-D input they reshape to 2-D and back, three more
+        # operator calls each, which token-by-token decoding notices. The same products.
+        qkv = self.qkv(x.reshape(batch * length, d_model)).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = cache.position
         # Queries and keys sit at the same positions: one rotation for both.
         query, rotated_key = apply_rotary(qkv[:2], cos[start : start + length], sin[start : start + length]).unbind(0)
         keys, values, cache = cache.add(qkv[1], rotated_key, qkv[2], cos, sin)
         attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-        return self.out(attended.transpose(1, 2).reshape(batch, length, d_model)), cache
+        return self.out(attended.transpose(1, 2).reshape(batch * length, d_model)).view(batch, length, d_model), cache

@@ -284,6 +284,8 @@ class BakaLM(nn.Module):
         step, n_pauses = config.pause_step, config.n_pauses
         last = first + length - 1
         first_pause = -(-first // step)
+        if first_pause > min(last // step, n_pauses - 1):  # no pause among these tokens (most decoded tokens)
+            return tokens, indices - first
         body_start = first + min(first_pause, n_pauses)  # the body index of the pause before `first`, or of `first`
         body_length = last + min(last // step + 1, n_pauses) + 1 - body_start
         token_positions = indices + torch.clamp(indices // step + 1, max=n_pauses) - body_start

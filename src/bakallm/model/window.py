@@ -75,6 +75,7 @@ class WindowReader:
         if ends_window and self.tokens_in_window:
             raise ValueError("ends_window reads a whole window in one piece; this window is already partly read.")
         body, token_positions = model.embed_window_tokens(input_ids, first=self.tokens_in_window)
+        only_tokens = body.shape[1] == length and self.tokens_in_window > 0  # no pause, no slot: x holds just the tokens
         if self.tokens_in_window == 0:
             x, offset, hidden_keys = self._begin(body, ends_window)
             token_positions = token_positions + offset
@@ -89,7 +90,7 @@ class WindowReader:
         if model.document_cache is not None:
             # The cache is not tied to windows: the state's counts grow with every token read.
             self.state = model.document_cache.read(self.state, input_ids)
-        return x.index_select(1, token_positions)
+        return x if only_tokens else x.index_select(1, token_positions)
 
     def commit(self) -> RecurrentState:
         """Ends the window in progress (running its write slots if they have not run) and returns
