@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
+from bakallm.kernels.reference import selective_scan_reference
 from bakallm.kernels.scan import selective_scan
 
 
@@ -65,9 +66,13 @@ class Mamba(nn.Module):
         return conv, ssm
 
     def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, sequential: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state)."""
+        """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state).
+
+        `sequential`: scan token by token (the reference recurrence) instead of with the chosen
+        backend; for the few positions of a decoding step (a pause and its token, a window's read
+        memory, its write slots), where a fast scan's fixed cost is many times the work."""
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
         hidden, new_conv_state = self._causal_conv(hidden, conv_state)
         hidden = F.silu(hidden)
@@ -76,7 +81,10 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
-            y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
+            if sequential:
+                y, new_ssm_state = selective_scan_reference(*args)
+            else:
+                y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 

@@ -75,6 +75,12 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return RMSNorm(config.d_model, eps=config.norm_eps)
 
 
+# Up to this many positions, a piece of a window read in pieces runs Mamba's recurrence token by
+# token: on one CPU thread that is 3 to 12 times faster than the blocked scan for 2 to 18 positions
+# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256.
+SEQUENTIAL_SCAN_MAX = 20
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, with_mamba: bool):
         super().__init__()
@@ -97,9 +103,14 @@ class Block(nn.Module):
         x = x + attended + self.mlp(normed)
         conv_state, ssm_state = state.conv, state.ssm
         if self.mamba is not None:
-            # One position (token-by-token decoding) takes the direct state update instead of a scan.
-            mix = self.mamba.step if x.shape[1] == 1 else self.mamba
-            mixed, conv_state, ssm_state = mix(self.mamba_norm(x), conv_state, ssm_state)
+            length = x.shape[1]
+            if length == 1:  # one position (token-by-token decoding): the direct state update, no scan
+                mixed, conv_state, ssm_state = self.mamba.step(self.mamba_norm(x), conv_state, ssm_state)
+            else:
+                # A few positions of a window read in pieces (decoding: a pause and its token, the
+                # read memory, the write slots) scan token by token; whole windows use the fast scan.
+                sequential = state.attention.capacity is not None and length <= SEQUENTIAL_SCAN_MAX
+                mixed, conv_state, ssm_state = self.mamba(self.mamba_norm(x), conv_state, ssm_state, sequential=sequential)
             x = x + mixed
         return x, LayerState(attention, conv_state, ssm_state)
 
