@@ -96,7 +96,7 @@ class KeyValueCache(NamedTuple):
         keys[:, :, start : past + total] = rotated_key
         values[:, :, start : past + total] = value
         window_keys[:, :, self.length : total] = key
-        cache = self._replace(length=total, keys=keys, values=values, window_keys=window_keys)
+        cache = KeyValueCache(self.past_key, self.past_value, self.capacity, total, keys, values, window_keys)
         return keys[:, :, : past + total], values[:, :, : past + total], cache
 
     def window_key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
