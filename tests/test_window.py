@@ -126,3 +126,17 @@ def test_the_network_does_not_import_model_io():
     source = (Path(__file__).resolve().parents[1] / "src" / "bakallm" / "model" / "network.py").read_text(encoding="utf-8")
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
     assert "bakallm.model.io" not in imported
+
+
+def test_mamba_scans_a_few_positions_token_by_token_to_the_fast_scans_result():
+    from bakallm.model.mamba import Mamba
+
+    torch.manual_seed(0)
+    mamba = Mamba(32, d_state=8).eval()
+    x = torch.randn(2, 7, 32)
+    conv, ssm = torch.randn(2, 64, 3), torch.randn(2, 64, 8)
+    with torch.no_grad():
+        fast = mamba(x, conv, ssm)
+        sequential = mamba(x, conv, ssm, sequential=True)
+    for got, want in zip(sequential, fast, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
