@@ -6,7 +6,8 @@ Each window of `window` tokens is laid out as
     y = x + attn(norm(x)) + mlp(norm(x));  y = y + mamba(norm(y))
 
 The last layer's output at the write slots becomes the next window's read memory; attention
-keys/values and the Mamba state are carried too (see docs/architecture.md). ModelConfig fields
+keys/values and the Mamba state are carried too (see docs/architecture.md). Windows are read by
+the window runtime (model/window.py), which forward calls and incremental decoding share. ModelConfig fields
 switch each part to the reference system's variant instead (norm, pauses, memory layout and
 read-out, initialisation, which layers have Mamba).
 """
