@@ -11,6 +11,9 @@ tokens greedily.
 - prefill tokens/s: prompt length / time to read the prompt and give the first next-token logits
   (ours: IncrementalReader.read; GPTNeoX: one forward with use_cache).
 - decode tokens/s: (new tokens - 1) / the time to write the tokens after the first.
+- `--count-ops`: instead of timing, the operator calls per decoded token (the `aten::` counts of
+  torch.profiler over `--new-tokens` decoded tokens after a prompt of each length, divided by
+  their number): counts do not depend on the machine's load.
   Ours decodes one position per token against a cache of at most two windows, so its speed should
   not depend on the prompt length; GPTNeoX attends to the whole prompt at every token.
 """
@@ -85,12 +88,48 @@ def time_gpt_neox(model, prompt: torch.Tensor, new_tokens: int, device: torch.de
         return prefill, (time.perf_counter() - started) / (new_tokens - 1)
 
 
+def count_ops(decode_one, new_tokens: int) -> float:
+    """aten operator calls per call of `decode_one`, over `new_tokens` calls after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode_one()
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        for _ in range(new_tokens):
+            decode_one()
+    return sum(event.count for event in trace.key_averages() if event.key.startswith("aten::")) / new_tokens
+
+
+def ops_ours(model: BakaLM, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    with torch.inference_mode():
+        reader = IncrementalReader(model, batch_size=1, device=device)
+        token = reader.read(prompt).argmax(-1, keepdim=True)
+        box = [token]
+
+        def one():
+            box[0] = reader.read(box[0]).argmax(-1, keepdim=True)
+
+        return count_ops(one, new_tokens)
+
+
+def ops_gpt_neox(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    with torch.inference_mode():
+        output = model(prompt, use_cache=True, logits_to_keep=1)
+        box = [output.logits[:, -1].argmax(-1, keepdim=True), output.past_key_values]
+
+        def one():
+            output = model(box[0], past_key_values=box[1], use_cache=True, logits_to_keep=1)
+            box[:] = [output.logits[:, -1].argmax(-1, keepdim=True), output.past_key_values]
+
+        return count_ops(one, new_tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "celp18"], help="presets to measure (default tiny celp18)")
     parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[512, 4096, 16384])
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens written per measurement (default 32)")
     parser.add_argument("--skip-peer", action="store_true", help="measure only our models")
+    parser.add_argument("--count-ops", action="store_true", help="count operator calls per decoded token instead of timing")
     add_device_arguments(parser)
     args = parser.parse_args()
     device = resolve_device(args)
@@ -103,6 +142,15 @@ def main() -> None:
         peer = None if args.skip_peer else gpt_neox_like(config, max(args.prompt_lengths) + args.new_tokens + 8).to(device).eval()
         for length in args.prompt_lengths:
             prompt = torch.randint(0, VOCAB, (1, length), device=device)
+            if args.count_ops:
+                counts = {"bakallm " + preset: ops_ours(ours, prompt, args.new_tokens, device)}
+                if peer is not None:
+                    counts["GPTNeoX, same shape"] = ops_gpt_neox(peer, prompt, args.new_tokens, device)
+                rows.append([preset, length, *(f"{value:,.0f}" for value in counts.values())])
+                if peer is not None:
+                    rows[-1].append(f"{counts['bakallm ' + preset] / counts['GPTNeoX, same shape']:.2f}")
+                print(markdown_table(["model", "prompt tokens", "ours: aten calls / token", "GPTNeoX", "ours / GPTNeoX"][: len(rows[-1])], rows[-1:]), flush=True)
+                continue
             results = {"bakallm " + preset: time_ours(ours, prompt, args.new_tokens, device)}
             if peer is not None:
                 results["GPTNeoX, same shape"] = time_gpt_neox(peer, prompt, args.new_tokens, device)
@@ -111,7 +159,11 @@ def main() -> None:
             print(markdown_table(["model", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows[-len(results):]), flush=True)
         del ours, peer
     print("\n## All\n")
-    print(markdown_table(["model", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows))
+    if args.count_ops:
+        header = ["model", "prompt tokens", "ours: aten calls / token", "GPTNeoX", "ours / GPTNeoX"]
+        print(markdown_table(header[: len(rows[0])] if rows else header, rows))
+    else:
+        print(markdown_table(["model", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows))
     print(f"\nload average after: {', '.join(f'{value:.1f}' for value in __import__('os').getloadavg())}")
 
 

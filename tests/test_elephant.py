@@ -67,3 +67,12 @@ def test_gated_mlp_is_down_of_up_times_elephant_gate():
     expected = mlp.down(mlp.up(h) * elephant(mlp.gate(h)))
     torch.testing.assert_close(mlp(h), expected)
     assert all(layer.bias is None for layer in (mlp.up, mlp.gate, mlp.down))
+
+
+def test_the_fused_gate_without_gradients_gives_the_same_bits():
+    torch.manual_seed(0)
+    up, gate = torch.randn(3, 40), torch.randn(3, 40) * 2
+    with torch.no_grad():
+        plain_call = elephant_gate(up, gate, 1.5, 8.0)
+    traced = elephant_gate(up.requires_grad_(), gate.requires_grad_(), 1.5, 8.0)
+    assert traced.grad_fn is not None and torch.equal(plain_call, traced.detach())

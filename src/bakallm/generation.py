@@ -1,12 +1,14 @@
 """Text generation with the recurrent state: read a prompt of any length, then decode token by token.
 
-`IncrementalReader` reads tokens of a batch of documents in pieces of any size. Whole windows go
-through the model's window as in a forward call; a piece that leaves a window unfinished keeps that
-window's keys and values per layer and the running Mamba states, so the next token costs one
-position through every layer: attention over [previous window's cache, this window's read memory
-and positions so far], a one-step Mamba update, and the pause before it when one falls there. When
-a window fills, its write slots run and the state is committed exactly as a forward call commits
-it. Decoding therefore costs the same at the millionth token of a document as at the first.
+`IncrementalReader` reads tokens of a batch of documents in pieces of any size through the model's
+window runtime (`bakallm.model.window.WindowReader`), the one a forward call goes through. Whole
+windows are read in one pass as in a forward call; a piece that leaves a window unfinished keeps
+that window's keys and values per layer (in buffers of the window's length) and the running Mamba
+states, so the next token costs one position through every layer: attention over [previous
+window's cache, this window's read memory and positions so far], a one-step Mamba update, and the
+pause before it when one falls there. When a window fills, its write slots run and the state is
+committed exactly as a forward call commits it. Decoding therefore costs the same at the
+millionth token of a document as at the first.
 
 `generate` samples from those logits (greedy, temperature, top-k, top-p, seeded); `generate_text`
 adds the tokenizer, stop strings and streaming.
@@ -22,10 +24,13 @@ import torch
 
 from bakallm.model.network import BakaLM
 from bakallm.model.state import RecurrentState
+from bakallm.model.window import WindowReader
 
 
 class IncrementalReader:
-    """The model's reading position in a batch of documents that all have the same length so far."""
+    """The model's reading position in a batch of documents that all have the same length so far:
+    the model's window runtime (`bakallm.model.window.WindowReader`), which reads pieces and commits
+    each window when it is full, with the logits of the token that follows."""
 
     def __init__(self, model: BakaLM, batch_size: int, device: torch.device | str | None = None):
         config = model.config
@@ -35,65 +40,31 @@ class IncrementalReader:
                 f"this model uses {config.memory_layout} with {config.memory_readout}, so score it with a forward call instead."
             )
         self.model = model
-        self.state: RecurrentState = model.init_state(batch_size, device)  # committed after the last full window
-        self.tokens_in_window = 0
-        self._window_keys: tuple[torch.Tensor, ...] = ()
-        self._window_values: tuple[torch.Tensor, ...] = ()
-        self._convs: tuple[torch.Tensor, ...] = ()
-        self._ssms: tuple[torch.Tensor, ...] = ()
+        self.window = WindowReader(model, model.init_state(batch_size, device))
+
+    @property
+    def state(self) -> RecurrentState:
+        """Committed after the last full window, with the document cache's counts of everything read."""
+        return self.window.state
+
+    @property
+    def tokens_in_window(self) -> int:
+        return self.window.tokens_in_window
 
     def read(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reads input_ids [B, n] (n >= 1) after everything read so far; returns the logits [B, vocab]
         for the token that follows them."""
-        window = self.model.config.window
-        start = 0
-        hidden = None
+        window, size = self.window, self.model.config.window
+        start, hidden = 0, None
         while start < input_ids.shape[1]:
-            if self.tokens_in_window == 0 and input_ids.shape[1] - start >= window:
-                hidden, self.state = self.model.run_window(input_ids[:, start : start + window], self.state)
-                hidden = hidden[:, -1]
-                start += window
-                continue
-            take = min(input_ids.shape[1] - start, window - self.tokens_in_window)
-            hidden = self._read_in_window(input_ids[:, start : start + take])
+            # A whole window at a window's start is read in one pass with its write slots, as a forward call reads it.
+            whole = window.tokens_in_window == 0 and input_ids.shape[1] - start >= size
+            take = size if whole else min(input_ids.shape[1] - start, size - window.tokens_in_window)
+            hidden = window.read(input_ids[:, start : start + take], ends_window=whole)[:, -1]
             start += take
-            if self.tokens_in_window == window:
-                self._commit_window()
-        return self.model.logits(hidden, self.state)
-
-    def _read_in_window(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Tokens that do not go past the window's end; the last layer's output at the last one."""
-        model = self.model
-        x, token_positions = model.embed_window_tokens(input_ids, first=self.tokens_in_window)
-        if self.tokens_in_window == 0:
-            x = torch.cat((model.read_memory(self.state, x.dtype), x), dim=1)
-            token_positions = token_positions + model.config.n_memory
-            self._convs, self._ssms = model.window_mamba_state(self.state)
-        x = self._run(x)
-        self.tokens_in_window += input_ids.shape[1]
-        if model.document_cache is not None:
-            # The cache is not tied to windows: the state's grows with every token read.
-            self.state = model.document_cache.read(self.state, input_ids)
-        return x[:, int(token_positions[-1])]
-
-    def _commit_window(self) -> None:
-        model = self.model
-        # The dtype of the window's other inputs: the embedding's, as in a forward call.
-        write_slots = model.write_slots.to(model.embed.weight.dtype).expand(self.state.batch_size, -1, -1)
-        x = self._run(write_slots) if model.config.n_memory else write_slots
-        self.state = model.commit_window(x, list(self._window_keys), list(self._window_values), self._convs, self._ssms, self.state)
-        self.tokens_in_window = 0
-        self._window_keys = self._window_values = self._convs = self._ssms = ()
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        x, keys, values, self._convs, self._ssms = self.model.run_positions(
-            x, self.state, self._window_keys, self._window_values, self._convs, self._ssms
-        )
-        if self._window_keys:
-            keys = [torch.cat(pair, dim=2) for pair in zip(self._window_keys, keys)]
-            values = [torch.cat(pair, dim=2) for pair in zip(self._window_values, values)]
-        self._window_keys, self._window_values = tuple(keys), tuple(values)
-        return x
+            if window.window_full:
+                window.commit()
+        return self.model.logits(hidden, window.state)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ def unmask_past_block(mask, arguments):
     return mask
 
 
+def zero_past_block(cache):
+    # The attention cache of a window that starts: the previous window's keys and values, zeroed.
+    return cache._replace(past_key=torch.zeros_like(cache.past_key), past_value=torch.zeros_like(cache.past_value))
+
+
 def from_position_zero(table):
     # The rotary tables attention receives are row slices of one table: the same rows from its start.
     return table.as_strided(table.shape, table.stride(), 0)
@@ -81,7 +86,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "A-xl-cache-dead",
         "attention never sees the previous window: the cached keys and values reach XLAttention as zeros",
-        (Patch("bakallm.model.attention:XLAttention.forward", arguments={"past_key": torch.zeros_like, "past_value": torch.zeros_like}),),
+        (Patch("bakallm.model.attention:XLAttention.attend", arguments={"cache": zero_past_block}),),
         (ATTENTION + "test_the_previous_window_reaches_the_next_through_attention_alone",
          ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
          MODEL + "test_xl_cache_alone_carries_the_previous_window"),

@@ -7,8 +7,12 @@
     mlp.py        the gated MLP, whose gate is
     elephant.py   the Elephant function 1/(1+|x/a|^d), fused to save memory
     mamba.py      the Mamba block, its state carried from window to window (scans in bakallm.kernels)
+    window.py     the window runtime (WindowReader): reads a window whole or in pieces, then commits it;
+                  forward calls and incremental decoding both go through it
     state.py      RecurrentState: what a row carries to its next window, reset row by row
-    io.py         weights and config on disk: load_model
+    document_cache.py  the optional unigram/n-gram cache of the document read so far
+    files.py      weights and config on disk, without a model class
+    io.py         load_model (and files.py's names)
 
 Training, distribution and compilation are applied from outside (bakallm.training, bakallm.acceleration).
 """
@@ -23,6 +27,7 @@ _LAZY_EXPORTS = {
     "RecurrentState": "bakallm.model.state",
     "BakaLM": "bakallm.model.network",
     "ModelOutput": "bakallm.model.network",
+    "WindowReader": "bakallm.model.window",
     "load_model": "bakallm.model.io",
 }
 

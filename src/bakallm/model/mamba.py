@@ -6,6 +6,7 @@ projection. The conv state is the last (d_conv - 1) conv inputs; the SSM state i
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,7 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
+from bakallm.kernels.reference import selective_scan_reference
 from bakallm.kernels.scan import selective_scan
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without the call when it is a no-op: a decoded token runs these per layer."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    return _cast(tensor, torch.float32)
 
 
 class Mamba(nn.Module):
@@ -55,9 +66,13 @@ class Mamba(nn.Module):
         return conv, ssm
 
     def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, sequential: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state)."""
+        """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state).
+
+        `sequential`: scan token by token (the reference recurrence) instead of with the chosen
+        backend; for the few positions of a decoding step (a pause and its token, a window's read
+        memory, its write slots), where a fast scan's fixed cost is many times the work."""
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
         hidden, new_conv_state = self._causal_conv(hidden, conv_state)
         hidden = F.silu(hidden)
@@ -66,7 +81,10 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
-            y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
+            if sequential:
+                y, new_ssm_state = selective_scan_reference(*args)
+            else:
+                y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 
@@ -74,22 +92,32 @@ class Mamba(nn.Module):
         self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One position, x [B, 1, d_model]: what `forward` gives for it, as a direct update of the
-        conv and SSM states instead of a scan (for token-by-token decoding)."""
-        hidden, gate = self.in_proj(x[:, 0]).chunk(2, dim=-1)
-        conv_window = torch.cat((conv_state.to(hidden.dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
-        hidden = (conv_window * self.conv.weight.squeeze(1).to(hidden.dtype)).sum(-1) + self.conv.bias.to(hidden.dtype)
-        new_conv_state = conv_window[:, :, 1:].float().contiguous()
-        hidden = F.silu(hidden)
-        dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        dt = F.softplus(self.dt_proj(dt_low_rank).float())
-        A = -torch.exp(self.A_log.float())
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            hidden = hidden.float()
+        conv and SSM states instead of a scan (for token-by-token decoding). The returned conv state
+        may be a view of a slightly larger tensor; the window runtime makes the state it commits
+        contiguous.
+
+        A decoded token's time here is mostly per-call overhead, so this path calls F.linear on
+        the layers' weights (forward hooks on in_proj, x_proj, dt_proj and out_proj see `forward`
+        only), slices instead of chunk/split, and vecdot for the two short sums."""
+        d_inner, rank, d_state = self.d_inner, self.dt_rank, self.d_state
+        projected = F.linear(x[:, 0], self.in_proj.weight)
+        hidden, gate = projected[:, :d_inner], projected[:, d_inner:]
+        dtype = hidden.dtype
+        conv_window = torch.cat((_cast(conv_state, dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
+        hidden = F.silu(torch.linalg.vecdot(conv_window, _cast(self.conv.weight[:, 0], dtype)) + _cast(self.conv.bias, dtype))
+        new_conv_state = _float(conv_window[:, :, 1:])
+        projected = F.linear(hidden, self.x_proj.weight)
+        dt = F.softplus(_float(F.linear(projected[:, :rank], self.dt_proj.weight, self.dt_proj.bias)))
+        B, C = projected[:, rank : rank + d_state], projected[:, rank + d_state :]
+        A = -torch.exp(_float(self.A_log))
+        with torch.autocast(device_type=x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
+            hidden = _float(hidden)
             decay = torch.exp(dt.unsqueeze(-1) * A)
-            new_ssm_state = decay * ssm_state.float() + (dt * hidden).unsqueeze(-1) * B.float().unsqueeze(1)
-            y = (new_ssm_state * C.float().unsqueeze(1)).sum(-1) + self.D.float() * hidden
-        y = y.to(gate.dtype) * F.silu(gate)
-        return self.out_proj(y).unsqueeze(1), new_conv_state, new_ssm_state
+            # addcmul: a product and a sum in one operator call (fused, so its last bit may differ).
+            new_ssm_state = torch.addcmul(decay * _float(ssm_state), (dt * hidden).unsqueeze(-1), _float(B).unsqueeze(1))
+            y = torch.addcmul(torch.linalg.vecdot(new_ssm_state, _float(C).unsqueeze(1)), _float(self.D), hidden)
+        y = _cast(y, gate.dtype) * F.silu(gate)
+        return F.linear(y, self.out_proj.weight).unsqueeze(1), new_conv_state, new_ssm_state
 
     def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depthwise causal convolution of hidden [B, L, d_inner] as d_conv shifted multiply-adds.

@@ -6,14 +6,14 @@ Each window of `window` tokens is laid out as
     y = x + attn(norm(x)) + mlp(norm(x));  y = y + mamba(norm(y))
 
 The last layer's output at the write slots becomes the next window's read memory; attention
-keys/values and the Mamba state are carried too (see docs/architecture.md). ModelConfig fields
+keys/values and the Mamba state are carried too (see docs/architecture.md). Windows are read by
+the window runtime (model/window.py), which forward calls and incremental decoding share. ModelConfig fields
 switch each part to the reference system's variant instead (norm, pauses, memory layout and
 read-out, initialisation, which layers have Mamba).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +22,15 @@ import torch
 from torch import nn
 
 from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from bakallm.model.attention import XLAttention, xl_attention_mask
+from bakallm.model.attention import XLAttention
 from bakallm.model.config import ModelConfig
 from bakallm.model.document_cache import DocumentCache
+from bakallm.model.files import load_weights, model_files
 from bakallm.model.mamba import Mamba
 from bakallm.model.mlp import GatedMLP
 from bakallm.model.rotary import rotary_tables
 from bakallm.model.state import RecurrentState
+from bakallm.model.window import LayerState, WindowReader
 
 
 @dataclass
@@ -53,10 +55,40 @@ def scored_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return hidden.index_select(0, scored), targets.index_select(0, scored), scored
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same values) that computes a float32 input without gradients as
+    the plain formula: the fused operator's CPU path makes 24 operator calls where the formula
+    makes 8 and takes three quarters of its time, which shows in token-by-token decoding. Bitwise the same result (tests/test_model.py);
+    with gradients or other dtypes it is nn.RMSNorm's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or weight is None or weight.dtype != torch.float32 or self.eps is None:
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return super().forward(x)
+        # The width and eps as float32 tensors: Python numbers would be wrapped and cast at every call.
+        constants = self._constants.get(x.device)
+        if constants is None:
+            constants = self._constants[x.device] = (torch.tensor(float(x.shape[-1]), device=x.device), torch.tensor(self.eps, device=x.device))
+        width, eps = constants
+        return x * torch.rsqrt((x * x).sum(-1, keepdim=True).div_(width).add_(eps)) * weight
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.d_model, eps=config.norm_eps)
-    return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, eps=config.norm_eps)
+
+
+# Up to this many positions, a piece of a window read in pieces runs Mamba's recurrence token by
+# token: on one CPU thread that is 3 to 12 times faster than the blocked scan for 2 to 18 positions
+# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256.
+SEQUENTIAL_SCAN_MAX = 20
 
 
 class Block(nn.Module):
@@ -72,16 +104,25 @@ class Block(nn.Module):
             else None
         )
 
-    def forward(self, x, past_key, past_value, mask, cos, sin, conv_state, ssm_state):
+    def forward(self, x: torch.Tensor, *, state: LayerState, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+        """Positions x [B, L, d] of a window after those `state` holds (model/window.py): the layer's
+        output, and its state with these positions read. `mask` [B, 1, L, cached + L] says which
+        keys each position sees; cos/sin are the rotary tables."""
         normed = self.norm(x)
-        attended, key, value = self.attn(normed, past_key, past_value, mask, cos, sin)
+        attended, attention = self.attn.attend(normed, state.attention, mask, cos, sin)
         x = x + attended + self.mlp(normed)
+        conv_state, ssm_state = state.conv, state.ssm
         if self.mamba is not None:
-            # One position (token-by-token decoding) takes the direct state update instead of a scan.
-            mix = self.mamba.step if x.shape[1] == 1 else self.mamba
-            mixed, conv_state, ssm_state = mix(self.mamba_norm(x), conv_state, ssm_state)
+            length = x.shape[1]
+            if length == 1:  # one position (token-by-token decoding): the direct state update, no scan
+                mixed, conv_state, ssm_state = self.mamba.step(self.mamba_norm(x), conv_state, ssm_state)
+            else:
+                # A few positions of a window read in pieces (decoding: a pause and its token, the
+                # read memory, the write slots) scan token by token; whole windows use the fast scan.
+                sequential = state.attention.capacity is not None and length <= SEQUENTIAL_SCAN_MAX
+                mixed, conv_state, ssm_state = self.mamba(self.mamba_norm(x), conv_state, ssm_state, sequential=sequential)
             x = x + mixed
-        return x, key, value, conv_state, ssm_state
+        return x, LayerState(attention, conv_state, ssm_state)
 
 
 class BakaLM(nn.Module):
@@ -157,9 +198,10 @@ class BakaLM(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "BakaLM":
         """The model of a run directory (its latest checkpoint), one checkpoint folder, or a folder
         written by `bakallm export`."""
-        from bakallm.model.io import load_model
-
-        return load_model(path, device=device)
+        files = model_files(path)
+        model = cls(files.config)
+        load_weights(model, files.weights, files.weight_prefix)
+        return model.to(device)
 
     # ----- state -----
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:
@@ -200,10 +242,12 @@ class BakaLM(nn.Module):
         window = self.config.window
         window_logits, window_token_losses = [], []
         loss_sum = None
+        reader = WindowReader(self, state)
         for start in range(0, length, window):
             window_ids = input_ids[:, start : start + window]
-            before = state
-            hidden, state = self.run_window(window_ids, state)
+            before = reader.state
+            hidden = reader.read(window_ids, ends_window=True)
+            state = reader.commit()
             if targets is None and not return_logits:
                 continue
             hidden = self.final_norm(hidden)
@@ -244,52 +288,7 @@ class BakaLM(nn.Module):
             token_losses = token_losses.new_zeros(n_positions).index_copy(0, scored, token_losses)
         return loss, token_losses
 
-    def run_window(self, input_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        """One whole window (or the last, partial one): the last layer's output at its tokens
-        [B, n, d] (before the final norm) and the state it commits."""
-        body, token_positions = self.embed_window_tokens(input_ids, first=0)
-        x, read_length, hidden_read_slots = self._memory_layout(body, state)
-        convs, ssms = self.window_mamba_state(state)
-        x, keys, values, convs, ssms = self.run_positions(x, state, (), (), convs, ssms, hidden_keys=hidden_read_slots)
-        new_state = self.commit_window(x, keys, values, convs, ssms, state)
-        if self.document_cache is not None:
-            new_state = self.document_cache.read(new_state, input_ids)
-        return x.index_select(1, token_positions + read_length), new_state
-
-    def _memory_layout(self, body: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        """The window's full input `[read slots | body | write slots]`, the number of read slots, and
-        an attention mask [B, 1, L, L_past + L] of read slots hidden from their row (or None)."""
-        batch, dtype, n_memory = body.shape[0], body.dtype, self.config.n_memory
-        has_past = state.has_past.view(batch, 1, 1)
-        write = self.write_slots.to(dtype).expand(batch, -1, -1)
-        if self.config.memory_layout == "learned_slots":
-            return torch.cat((self.read_memory(state, dtype), body, write), dim=1), n_memory, None
-        # The reference layout: a fresh window has no read slots, a later one reads the memory and
-        # writes into a copy of it. Exact when all rows agree (one host synchronisation to check).
-        memory = state.memory.to(dtype)
-        if not bool(state.has_past.any()):
-            return torch.cat((body, write), dim=1), 0, None
-        if bool(state.has_past.all()):
-            return torch.cat((memory, body, memory), dim=1), n_memory, None
-        # Rows of both kinds share one call: fresh rows get zero read slots that none of their
-        # positions but the slot itself attends to (see docs/architecture.md on this approximation).
-        x = torch.cat((torch.where(has_past, memory, 0.0), body, torch.where(has_past, memory, write)), dim=1)
-        length, past_length = x.shape[1], state.keys[0].shape[2]
-        key_positions = torch.arange(past_length + length, device=x.device)
-        query_positions = torch.arange(length, device=x.device).view(-1, 1)
-        hidden_slot = (key_positions >= past_length) & (key_positions < past_length + n_memory) & (key_positions != query_positions + past_length)
-        return x, n_memory, hidden_slot & ~state.has_past.view(batch, 1, 1, 1)
-
-    # ----- the pieces of a window, shared with incremental decoding (bakallm.generation) -----
-    def read_memory(self, state: RecurrentState, dtype: torch.dtype) -> torch.Tensor:
-        """The first n_memory positions of a `learned_slots` window [B, M, d]: the carried memory,
-        or the learned initial memory for rows without a past (and for every row when the memory is not carried)."""
-        batch = state.batch_size
-        initial = self.initial_memory.to(dtype)
-        if not self.config.carry_memory:
-            return initial.expand(batch, -1, -1)
-        return torch.where(state.has_past.view(batch, 1, 1), state.memory.to(dtype), initial)
-
+    # ----- the pieces of a window that the window runtime (model/window.py) asks for -----
     def embed_window_tokens(self, input_ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeds tokens `first`, `first`+1, ... of a window and puts pause k before token
         k * pause_step (k < n_pauses).
@@ -306,6 +305,8 @@ class BakaLM(nn.Module):
         step, n_pauses = config.pause_step, config.n_pauses
         last = first + length - 1
         first_pause = -(-first // step)
+        if first_pause > min(last // step, n_pauses - 1):  # no pause among these tokens (most decoded tokens)
+            return tokens, indices - first
         body_start = first + min(first_pause, n_pauses)  # the body index of the pause before `first`, or of `first`
         body_length = last + min(last // step + 1, n_pauses) + 1 - body_start
         token_positions = indices + torch.clamp(indices // step + 1, max=n_pauses) - body_start
@@ -314,83 +315,6 @@ class BakaLM(nn.Module):
         body = tokens.new_zeros(batch, body_length, d_model).index_copy(1, token_positions, tokens)
         pauses = self.pause.to(tokens.dtype).index_select(0, pause_rows).expand(batch, -1, -1)
         return body.index_copy(1, pause_numbers * (step + 1) - body_start, pauses), token_positions
-
-    def window_mamba_state(self, state: RecurrentState) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """The (conv, ssm) states each Mamba layer starts a window from: carried, or zero."""
-        if self.config.carry_mamba_state:
-            return state.conv, state.ssm
-        return tuple(map(torch.zeros_like, state.conv)), tuple(map(torch.zeros_like, state.ssm))
-
-    def run_positions(
-        self,
-        x: torch.Tensor,
-        state: RecurrentState,
-        window_keys: tuple[torch.Tensor, ...],
-        window_values: tuple[torch.Tensor, ...],
-        convs: tuple[torch.Tensor, ...],
-        ssms: tuple[torch.Tensor, ...],
-        hidden_keys: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Runs positions x [B, L, d] of a window through every layer.
-
-        They follow the window's earlier positions, whose keys and values per layer are
-        `window_keys`/`window_values` (empty tuples at the window's start), and attend to those and
-        to the previous window's cache in `state`, except where `hidden_keys` (a mask like
-        `xl_attention_mask`'s) is True. Returns the last layer's output, the keys and values of
-        these positions, and the Mamba states after them.
-        """
-        length = x.shape[1]
-        past_length = state.keys[0].shape[2]
-        prefix = window_keys[0].shape[2] if window_keys else 0
-        mask = xl_attention_mask(state.has_past, past_length, length, prefix)
-        if hidden_keys is not None:
-            mask = mask & ~hidden_keys
-        total = past_length + prefix + length
-        cos, sin = self.rotary_cos[:total], self.rotary_sin[:total]
-        keys, values, new_convs, new_ssms = [], [], [], []
-        mamba_index = 0
-        for index, layer in enumerate(self.layers):
-            past_key, past_value = state.keys[index], state.values[index]
-            if window_keys:
-                past_key = torch.cat((past_key.to(window_keys[index].dtype), window_keys[index]), dim=2)
-                past_value = torch.cat((past_value.to(window_values[index].dtype), window_values[index]), dim=2)
-            conv_state = ssm_state = None
-            if layer.mamba is not None:
-                conv_state, ssm_state = convs[mamba_index], ssms[mamba_index]
-                mamba_index += 1
-            x, key, value, conv_state, ssm_state = layer(x, past_key, past_value, mask, cos, sin, conv_state, ssm_state)
-            keys.append(key)
-            values.append(value)
-            if layer.mamba is not None:
-                new_convs.append(conv_state.contiguous())
-                new_ssms.append(ssm_state.contiguous())
-        return x, keys, values, tuple(new_convs), tuple(new_ssms)
-
-    def commit_window(
-        self,
-        x: torch.Tensor,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        convs: tuple[torch.Tensor, ...],
-        ssms: tuple[torch.Tensor, ...],
-        state: RecurrentState,
-    ) -> RecurrentState:
-        """The state a window hands on: the last layer's output at the memory read-out (the write
-        slots, the last n_memory positions of x; or the seed's first slots), its keys and values
-        per layer, and the Mamba states after it."""
-        config = self.config
-        memory = x[:, : config.n_memory] if config.memory_readout == "first_slots" else x[:, x.shape[1] - config.n_memory :]
-        # Contiguous float32 caches: the same strides and dtype in every window, so a compiled
-        # block sees identical inputs and never recompiles. The document cache's fields pass through.
-        return dataclasses.replace(
-            state,
-            memory=memory.float(),
-            keys=tuple(key[:, :, : config.cache_length].float().contiguous() for key in keys),
-            values=tuple(value[:, :, : config.cache_length].float().contiguous() for value in values),
-            conv=convs,
-            ssm=ssms,
-            has_past=torch.ones_like(state.has_past),
-        )
 
     def logits(self, hidden: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
         """Next-token logits [..., vocab_size] from the last layer's output at token positions; with

@@ -17,4 +17,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotates x [..., n, head_dim] by the tables' rows [n, head_dim]."""
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated_half * sin).to(x.dtype)
+    rotated = x * cos + rotated_half * sin
+    return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
