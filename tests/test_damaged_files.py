@@ -96,9 +96,12 @@ def test_damaged_weights_and_config_are_named_by_every_command(run, capsys, tmp_
     weights.write_bytes(weights.read_bytes()[:100])
     assert main([command, str(run), *extra]) == 2
     assert _error(capsys).startswith(f"bakallm {command}: error: {weights} is corrupted or unreadable")
-    (run / "config.json").write_text("{ damaged")
+    # The run's config and the copy in the checkpoint, which describes the model on its own.
+    for config in (run / "config.json", weights.parent / "config.json"):
+        config.write_text("{ damaged")
     assert main([command, str(run), *extra]) == 2
-    assert _error(capsys).startswith(f"bakallm {command}: error: Cannot read {run / 'config.json'} (")
+    error = _error(capsys)
+    assert any(error.startswith(f"bakallm {command}: error: Cannot read {config} (") for config in (run / "config.json", weights.parent / "config.json")), error
     assert not (tmp_path / "exported").exists()
 
 

@@ -109,3 +109,15 @@ def test_the_exported_folder_states_the_transformers_range_of_pyproject(tmp_path
     make_run(tmp_path / "run", "bytes", 256)
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["bakallm_transformers_tested"] == str(declared.specifier)
+
+
+def test_a_checkpoint_folder_loads_on_its_own(tmp_path):
+    """A checkpoint folder holds its run's config.json: copied out of its run, it still loads."""
+    import shutil
+
+    model = make_run(tmp_path / "run", "bytes", 256)
+    alone = tmp_path / "elsewhere" / "step-00000001"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000001", alone)
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(BakaLM.from_pretrained(alone).eval()(ids).logits, model(ids).logits, rtol=0, atol=0)

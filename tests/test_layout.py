@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bakallm"
 # layers only, never from a part beside or above it; function-level imports count too.
 LAYERS = (
     ("errors", "lazy"),
-    ("atomic", "locks"),
+    ("atomic", "locks", "runs"),
     ("kernels", "data"),
     ("model",),
     ("acceleration", "generation", "huggingface"),  # applied to a model, or running one

@@ -261,7 +261,8 @@ def _load(args: argparse.Namespace, device: torch.device) -> ModelUnderTest:
 
 def _name(path: str, hub_or_folder: bool) -> str:
     """The name rows record: a --hf spec as given; the run directory's name, also for one of its checkpoint folders."""
-    from bakallm.model.io import is_exported_folder, resolve_checkpoint
+    from bakallm.model.io import is_exported_folder
+    from bakallm.runs import resolve_checkpoint
 
     folder = Path(path)
     if hub_or_folder:

@@ -55,7 +55,8 @@ def _write_folder(model, loaded_tokenizer, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from bakallm.data.tokenizers import BYTES_TOKENIZER, HuggingFaceTokenizer
-    from bakallm.model.io import CONFIG_FILE, HF_CONFIG_KEY, HF_MODEL_TYPE, HF_TOKENIZER_KEY, HF_WEIGHT_PREFIX, MODEL_FILE
+    from bakallm.model.io import HF_CONFIG_KEY, HF_MODEL_TYPE, HF_TOKENIZER_KEY, HF_WEIGHT_PREFIX
+    from bakallm.runs import CONFIG_FILE, MODEL_FILE
 
     # A tied weight is stored once (the Hugging Face loader ties it again through the wrapper).
     tensors, seen = {}, set()
@@ -115,7 +116,7 @@ def tested_transformers() -> str | None:
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
-    from bakallm.model.io import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE
+    from bakallm.runs import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass a folder path.")

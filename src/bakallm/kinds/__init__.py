@@ -159,7 +159,8 @@ def kind_of_run(training: Mapping[str, Any]) -> ModelKind:
 def kind_of_path(path: str | Path) -> tuple[ModelKind, dict[str, Any]]:
     """The kind of model a run directory, checkpoint folder or exported folder holds, and the run's
     training arguments ({} for an exported folder)."""
-    from bakallm.model.io import is_exported_folder, read_run_config, resolve_checkpoint
+    from bakallm.model.io import is_exported_folder
+    from bakallm.runs import read_run_config, resolve_checkpoint
 
     if is_exported_folder(Path(path)):
         return kind_named("bakallm"), {}

@@ -36,8 +36,9 @@ from bakallm.evaluation.settings import TRANSFORMER_BATCH_SIZE, TRANSFORMER_N_CT
 from bakallm.evaluation.tally import EvalResult
 from bakallm.kernels.cross_entropy import linear_cross_entropy
 from bakallm.kinds import ModelKind, read_model_overrides
-from bakallm.model.io import CHECKPOINTS_DIR, MODEL_FILE, load_weights, resolve_checkpoint
+from bakallm.model.io import load_weights
 from bakallm.model.network import IGNORE_INDEX, ModelOutput, scored_positions
+from bakallm.runs import CHECKPOINTS_DIR, MODEL_FILE, resolve_checkpoint
 
 HF_FOLDER = "hf"  # each checkpoint's model as a transformers folder, readable by `bakallm bench --hf`
 # Fields of a transformers config that decide the shapes of its weights.

@@ -1,12 +1,10 @@
 """A model's weights and config on disk: where they are and how they load into a model.
 
-Three kinds of folder hold a model:
-
-    RUN_DIR/config.json + RUN_DIR/LATEST -> RUN_DIR/checkpoints/NAME/model.safetensors   (bakallm train)
-    RUN_DIR/checkpoints/NAME/model.safetensors                                          (one checkpoint)
-    EXPORT_DIR/config.json (model_type "bakallm") + EXPORT_DIR/model.safetensors        (bakallm export)
-
-Optimizer and trainer state, and the writing of checkpoints, belong to training (training/checkpoint.py).
+Three kinds of folder hold a model: a run directory of `bakallm train` (its latest checkpoint), one
+of its checkpoint folders (model.safetensors beside the run's config.json), and a folder of
+`bakallm export` (config.json with model_type "bakallm", model.safetensors). Where a run keeps its
+checkpoints is bakallm.runs'; optimizer and trainer state, and the writing of checkpoints, belong
+to training (training/checkpoint.py).
 This module knows no model class: the network (`BakaLM.from_pretrained`) and io.py (`load_model`) use it.
 """
 
@@ -23,11 +21,8 @@ from safetensors.torch import load_file
 
 from bakallm.errors import UserError
 from bakallm.model.config import ModelConfig
+from bakallm.runs import CONFIG_FILE, MODEL_FILE, checkpoint_config, read_json_object, resolve_checkpoint
 
-CONFIG_FILE = "config.json"
-LATEST_FILE = "LATEST"
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
 # In an exported folder: model_type, the model config, the weights' name prefix, and the tokenizer.
 HF_MODEL_TYPE = "bakallm"
 HF_CONFIG_KEY = "bakallm"
@@ -46,52 +41,6 @@ class ModelFiles:
     tokenizer: str | None  # a spec for bakallm.data.tokenizers.load_tokenizer, None when unknown
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = run_dir / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
-    return path if path.is_dir() else None
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint folder) for a run directory or one of its checkpoint folders."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders.")
-    if (path / MODEL_FILE).is_file() and (path.parent.parent / CONFIG_FILE).is_file():
-        return path.parent.parent, path
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`.")
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is None and (path / LATEST_FILE).is_file():
-        named = (path / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
-        others = sorted(folder.name for folder in (path / CHECKPOINTS_DIR).glob("*") if (folder / MODEL_FILE).is_file()) if (path / CHECKPOINTS_DIR).is_dir() else []
-        if not others:
-            raise UserError(f"Run directory {path} holds no complete checkpoint (its {LATEST_FILE} names {named!r}, which is missing); train it again or pass another run.")
-        raise UserError(f"{path / LATEST_FILE} names checkpoint {named!r}, which is missing; pass one of its checkpoint folders ({', '.join(others)}).")
-    if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
-        raise UserError(f"Run directory {path} holds no complete checkpoint yet; train it longer or pass another run.")
-    return path, checkpoint
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    values = _read_json(run_dir / CONFIG_FILE)
-    if "model" not in values:
-        raise UserError(f"{run_dir / CONFIG_FILE} has no 'model' section; it was not written by `bakallm train`.")
-    return values
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"Cannot read {path} ({error}); the folder is damaged.") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} does not hold a JSON object; the folder is damaged.")
-    return values
-
-
 def is_exported_folder(path: Path) -> bool:
     if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
         return False
@@ -105,14 +54,14 @@ def model_files(path: str | Path) -> ModelFiles:
     """The model in a run directory (its latest checkpoint), a checkpoint folder or an exported folder."""
     path = Path(path)
     if is_exported_folder(path):
-        values = _read_json(path / CONFIG_FILE)
+        values = read_json_object(path / CONFIG_FILE)
         tokenizer = values.get(HF_TOKENIZER_KEY)
         if isinstance(tokenizer, str) and (path / tokenizer).is_file():
             tokenizer = str(path / tokenizer)
         return ModelFiles(path.resolve().name, _model_config(values.get(HF_CONFIG_KEY), path), path / MODEL_FILE, HF_WEIGHT_PREFIX,
                           tokenizer if isinstance(tokenizer, str) else None)
-    run_dir, checkpoint = resolve_checkpoint(path)
-    values = read_run_config(run_dir)
+    run_dir, checkpoint = resolve_checkpoint(path)  # the run directory's layout is bakallm.runs'
+    values = checkpoint_config(run_dir, checkpoint)
     tokenizer = values.get("training", {}).get("tokenizer")
     return ModelFiles(run_dir.resolve().name, _model_config(values["model"], run_dir), checkpoint / MODEL_FILE, "",
                       tokenizer if isinstance(tokenizer, str) else None)

@@ -13,21 +13,15 @@ from pathlib import Path
 import torch
 
 from bakallm.model.files import (  # noqa: F401 (re-exported)
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
     HF_CONFIG_KEY,
     HF_MODEL_TYPE,
     HF_TOKENIZER_KEY,
     HF_WEIGHT_PREFIX,
-    LATEST_FILE,
     MODEL_FILE,
     ModelFiles,
     is_exported_folder,
-    latest_checkpoint,
     load_weights,
     model_files,
-    read_run_config,
-    resolve_checkpoint,
 )
 from bakallm.model.network import BakaLM
 

@@ -29,8 +29,8 @@ from bakallm.atomic import reporting_no_room, write_text_atomic
 from bakallm.errors import UserError
 from bakallm.model import io as model_io
 
-# The run directory's layout and the loading of weights and config are the model's (bakallm.model.io).
-from bakallm.model.io import (  # noqa: F401 (re-exported for the trainer)
+# The run directory's layout (bakallm.runs), re-exported for the trainer.
+from bakallm.runs import (  # noqa: F401
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LATEST_FILE,
