@@ -43,7 +43,9 @@ class BusyNeighbour:
         self.threads = threads
 
     def __enter__(self) -> BusyNeighbour:
-        self.process = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(self.threads)], stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", NEIGHBOUR, str(self.threads)], stdout=subprocess.PIPE, text=True
+        )
         self.process.stdout.readline()  # "ready": torch is imported and the loop starts
         time.sleep(0.5)
         return self
@@ -59,27 +61,54 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "celp18", PYTHIA])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--ctx", type=int, default=2048, help="tokens per row and step")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per model and condition, after one warm-up step")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed steps per model and condition, after one warm-up step"
+    )
     parser.add_argument("--neighbour-threads", type=int, default=2)
     args = parser.parse_args()
     device = resolve_device(args)
     models = [name for name in args.models if name != PYTHIA or pythia_config_path().is_file()]
     print(f"Machine: {machine_description(device)}", flush=True)
-    cases = {name: build_case(name, args.batch_size, args.ctx, device, torch.float32, "train", False) for name in models}
+    cases = {
+        name: build_case(name, args.batch_size, args.ctx, device, torch.float32, "train", False) for name in models
+    }
     tokens = args.batch_size * args.ctx
     alone = {name: tokens / median(seconds) for name, seconds in interleaved_times(cases, args.steps, device).items()}
     print("alone: " + ", ".join(f"{name} {rate:,.0f} tokens/s" for name, rate in alone.items()), flush=True)
     with BusyNeighbour(args.neighbour_threads):
-        busy = {name: tokens / median(seconds) for name, seconds in interleaved_times(cases, args.steps, device, warmup=0).items()}
+        busy = {
+            name: tokens / median(seconds)
+            for name, seconds in interleaved_times(cases, args.steps, device, warmup=0).items()
+        }
     slowdown = {name: alone[name] / busy[name] for name in models}
     rows = [
-        [name, f"{args.batch_size}x{args.ctx}", f"{alone[name]:,.0f}", f"{busy[name]:,.0f}", f"{slowdown[name]:.2f}x",
-         f"{slowdown[name] / slowdown[PYTHIA]:.2f}" if PYTHIA in slowdown else "n/a"]
+        [
+            name,
+            f"{args.batch_size}x{args.ctx}",
+            f"{alone[name]:,.0f}",
+            f"{busy[name]:,.0f}",
+            f"{slowdown[name]:.2f}x",
+            f"{slowdown[name] / slowdown[PYTHIA]:.2f}" if PYTHIA in slowdown else "n/a",
+        ]
         for name in models
     ]
-    print(markdown_table(["model", "B x T", "tokens/s alone", f"tokens/s beside a {args.neighbour_threads}-thread matmul", "slowdown", "slowdown / GPT-NeoX's"], rows))
-    print(f"{torch.get_num_threads()} PyTorch threads; median of {args.steps} interleaved steps per condition; load average after: "
-          + ", ".join(f"{value:.1f}" for value in __import__("os").getloadavg()))
+    print(
+        markdown_table(
+            [
+                "model",
+                "B x T",
+                "tokens/s alone",
+                f"tokens/s beside a {args.neighbour_threads}-thread matmul",
+                "slowdown",
+                "slowdown / GPT-NeoX's",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"{torch.get_num_threads()} PyTorch threads; median of {args.steps} interleaved steps per condition; load average after: "
+        + ", ".join(f"{value:.1f}" for value in __import__("os").getloadavg())
+    )
 
 
 if __name__ == "__main__":

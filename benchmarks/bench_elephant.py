@@ -101,7 +101,10 @@ def main() -> None:
 
     cases = {variant: build_case(variant, shape, device, dtype, args.a, args.d) for variant in VARIANTS}
     peaks = {}
-    times = {variant: median(values) for variant, values in interleaved_times(cases, args.repeats, device, peaks=peaks).items()}
+    times = {
+        variant: median(values)
+        for variant, values in interleaved_times(cases, args.repeats, device, peaks=peaks).items()
+    }
     del cases
     tensor_bytes = torch.Size(shape).numel() * dtype.itemsize
     rows = []
@@ -120,10 +123,14 @@ def main() -> None:
             ]
         )
     print()
-    print(f"Shape {'x'.join(map(str, shape))} {args.dtype}, a={args.a}, d={args.d}; in brackets: multiples of one such tensor ({format_bytes(tensor_bytes)}).")
+    print(
+        f"Shape {'x'.join(map(str, shape))} {args.dtype}, a={args.a}, d={args.d}; in brackets: multiples of one such tensor ({format_bytes(tensor_bytes)})."
+    )
     print()
     print(markdown_table(["variant", "fwd+bwd ms", "speed vs plain", "saved for backward", "peak extra memory"], rows))
-    print(f"\nFused / plain peak extra memory: {peaks['fused'] / peaks['plain']:.2f}; median of {args.repeats} interleaved calls.")
+    print(
+        f"\nFused / plain peak extra memory: {peaks['fused'] / peaks['plain']:.2f}; median of {args.repeats} interleaved calls."
+    )
 
 
 if __name__ == "__main__":

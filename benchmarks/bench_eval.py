@@ -60,7 +60,9 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    cache = {"document_cache": True, "document_cache_order": args.document_cache_order} if args.document_cache_order else {}
+    cache = (
+        {"document_cache": True, "document_cache_order": args.document_cache_order} if args.document_cache_order else {}
+    )
     config = ModelConfig.preset(args.preset, **cache)
     model = BakaLM(config).to(device)
     if args.text:
@@ -73,7 +75,9 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
     corpus = TokenizedCorpus.from_token_lists([document], config.vocab_size)
     cpu_started = time.process_time()
     # n_ctx = the document's length: the state is carried through the whole document, never reset.
-    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=max(length, config.window), batch_size=args.batch_size, device=device))
+    result = evaluate_bakallm(
+        model, corpus, EvalSettings(n_ctx=max(length, config.window), batch_size=args.batch_size, device=device)
+    )
     cpu_seconds = time.process_time() - cpu_started
     return Measurement(
         tokens=result.tokens,
@@ -84,7 +88,20 @@ def measure(args: argparse.Namespace, length: int) -> Measurement:
 
 
 def measure_in_fresh_process(args: argparse.Namespace, length: int) -> Measurement:
-    command = [sys.executable, __file__, "--measure", str(length), "--preset", args.preset, "--batch-size", str(args.batch_size), "--device", args.device, "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        str(length),
+        "--preset",
+        args.preset,
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+    ]
     command += ["--document-cache-order", str(args.document_cache_order)]
     for flag, value in (("--threads", args.threads), ("--text", args.text), ("--tokenizer", args.tokenizer)):
         if value is not None:
@@ -122,7 +139,9 @@ def verdict(measurements: list[Measurement]) -> str:
         lines.append(_speed_verdict("tokens per CPU-second", last.tokens_per_cpu_s / first.tokens_per_cpu_s - 1))
     if first.peak_memory_bytes and last.peak_memory_bytes is not None:
         memory_ratio = last.peak_memory_bytes / first.peak_memory_bytes
-        lines.append(f"peak memory within {MEMORY_TARGET}x: {'yes' if memory_ratio <= MEMORY_TARGET else 'NO'} ({memory_ratio:.2f}x)")
+        lines.append(
+            f"peak memory within {MEMORY_TARGET}x: {'yes' if memory_ratio <= MEMORY_TARGET else 'NO'} ({memory_ratio:.2f}x)"
+        )
     return "\n".join(lines)
 
 
@@ -148,16 +167,29 @@ def _ratio(value: int | None, reference: int | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "celp18"), help="model preset (default tiny; celp18 is slow on a CPU)")
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="comma-separated document lengths in tokens")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=("tiny", "celp18"),
+        help="model preset (default tiny; celp18 is slow on a CPU)",
+    )
+    parser.add_argument(
+        "--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="comma-separated document lengths in tokens"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--document-cache-order", type=int, default=0, help="with the document cache of this order (0: without it)")
-    parser.add_argument("--text", help="a text file to score (repeated to each length) instead of random tokens; needs --tokenizer")
+    parser.add_argument(
+        "--document-cache-order", type=int, default=0, help="with the document cache of this order (0: without it)"
+    )
+    parser.add_argument(
+        "--text", help="a text file to score (repeated to each length) instead of random tokens; needs --tokenizer"
+    )
     parser.add_argument("--tokenizer", help="tokenizer.json for --text")
-    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one length, in this process: how the fresh processes run
+    parser.add_argument(
+        "--measure", type=int, help=argparse.SUPPRESS
+    )  # one length, in this process: how the fresh processes run
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(asdict(measure(args, args.measure))))
@@ -167,7 +199,9 @@ def main() -> None:
     for length in lengths:
         measurements.append(measure_in_fresh_process(args, length))
         print(f"measured {length:,} tokens: {measurements[-1].tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
-    label = args.preset + (f" + document cache of order {args.document_cache_order}" if args.document_cache_order else "")
+    label = args.preset + (
+        f" + document cache of order {args.document_cache_order}" if args.document_cache_order else ""
+    )
     print(markdown_table(label + (f", {args.text}" if args.text else ""), measurements))
     print()
     print(verdict(measurements))

@@ -125,11 +125,15 @@ def ops_gpt_neox(model, prompt: torch.Tensor, new_tokens: int, device: torch.dev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "celp18"], help="presets to measure (default tiny celp18)")
+    parser.add_argument(
+        "--models", nargs="+", default=["tiny", "celp18"], help="presets to measure (default tiny celp18)"
+    )
     parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[512, 4096, 16384])
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens written per measurement (default 32)")
     parser.add_argument("--skip-peer", action="store_true", help="measure only our models")
-    parser.add_argument("--count-ops", action="store_true", help="count operator calls per decoded token instead of timing")
+    parser.add_argument(
+        "--count-ops", action="store_true", help="count operator calls per decoded token instead of timing"
+    )
     add_device_arguments(parser)
     args = parser.parse_args()
     device = resolve_device(args)
@@ -139,7 +143,11 @@ def main() -> None:
     for preset in args.models:
         config = ModelConfig.preset(preset, vocab_size=VOCAB)
         ours = BakaLM(config).to(device).eval()
-        peer = None if args.skip_peer else gpt_neox_like(config, max(args.prompt_lengths) + args.new_tokens + 8).to(device).eval()
+        peer = (
+            None
+            if args.skip_peer
+            else gpt_neox_like(config, max(args.prompt_lengths) + args.new_tokens + 8).to(device).eval()
+        )
         for length in args.prompt_lengths:
             prompt = torch.randint(0, VOCAB, (1, length), device=device)
             if args.count_ops:
@@ -149,14 +157,27 @@ def main() -> None:
                 rows.append([preset, length, *(f"{value:,.0f}" for value in counts.values())])
                 if peer is not None:
                     rows[-1].append(f"{counts['bakallm ' + preset] / counts['GPTNeoX, same shape']:.2f}")
-                print(markdown_table(["model", "prompt tokens", "ours: aten calls / token", "GPTNeoX", "ours / GPTNeoX"][: len(rows[-1])], rows[-1:]), flush=True)
+                print(
+                    markdown_table(
+                        ["model", "prompt tokens", "ours: aten calls / token", "GPTNeoX", "ours / GPTNeoX"][
+                            : len(rows[-1])
+                        ],
+                        rows[-1:],
+                    ),
+                    flush=True,
+                )
                 continue
             results = {"bakallm " + preset: time_ours(ours, prompt, args.new_tokens, device)}
             if peer is not None:
                 results["GPTNeoX, same shape"] = time_gpt_neox(peer, prompt, args.new_tokens, device)
             for name, (prefill, per_token) in results.items():
                 rows.append([name, length, f"{length / prefill:,.0f}", f"{1 / per_token:,.1f}"])
-            print(markdown_table(["model", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows[-len(results):]), flush=True)
+            print(
+                markdown_table(
+                    ["model", "prompt tokens", "prefill tokens/s", "decode tokens/s"], rows[-len(results) :]
+                ),
+                flush=True,
+            )
         del ours, peer
     print("\n## All\n")
     if args.count_ops:

@@ -44,13 +44,24 @@ from common import (
 D_MODEL, D_STATE, EXPAND, D_CONV = 768, 16, 2, 4
 WINDOW_LENGTH = 552
 OURS_PREFIX = "bakallm Mamba"
-OURS, MAMBAPY, TRANSFORMERS = f"{OURS_PREFIX} (blocked scan)", "mambapy MambaBlock (pscan)", "transformers MambaMixer (slow path)"
+OURS, MAMBAPY, TRANSFORMERS = (
+    f"{OURS_PREFIX} (blocked scan)",
+    "mambapy MambaBlock (pscan)",
+    "transformers MambaMixer (slow path)",
+)
 OURS_TRITON = f"{OURS_PREFIX} (triton scan)"
 SCAN_TRITON, SCAN_BLOCKED, SCAN_FLA = "triton scan", "blocked scan", "fla fused_recurrent_hgrn (flattened)"
 SCAN_IO_FLOOR = "memory floor: copy the scan's input and output bytes once"
 
 
-def build_case(implementation: str, batch: int, length: int, device: torch.device, scan_sizes: tuple[int, int] | None = None, seed: int = 0):
+def build_case(
+    implementation: str,
+    batch: int,
+    length: int,
+    device: torch.device,
+    scan_sizes: tuple[int, int] | None = None,
+    seed: int = 0,
+):
     """The module and input of one implementation; returns a callable doing forward + backward.
     `scan_sizes` (block, chunk) overrides our blocked scan's defaults."""
     torch.manual_seed(seed)
@@ -74,12 +85,21 @@ def build_case(implementation: str, batch: int, length: int, device: torch.devic
     if implementation == MAMBAPY:
         from mambapy.mamba import MambaBlock, MambaConfig
 
-        block = MambaBlock(MambaConfig(d_model=D_MODEL, n_layers=1, d_state=D_STATE, expand_factor=EXPAND, d_conv=D_CONV)).to(device)
+        block = MambaBlock(
+            MambaConfig(d_model=D_MODEL, n_layers=1, d_state=D_STATE, expand_factor=EXPAND, d_conv=D_CONV)
+        ).to(device)
     elif implementation == TRANSFORMERS:
         from transformers import MambaConfig
         from transformers.models.mamba.modeling_mamba import MambaMixer
 
-        config = MambaConfig(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND, conv_kernel=D_CONV, num_hidden_layers=1, use_mambapy=False)
+        config = MambaConfig(
+            hidden_size=D_MODEL,
+            state_size=D_STATE,
+            expand=EXPAND,
+            conv_kernel=D_CONV,
+            num_hidden_layers=1,
+            use_mambapy=False,
+        )
         block = MambaMixer(config, layer_idx=0).to(device).train()
     else:
         raise ValueError(f"unknown implementation {implementation!r}")
@@ -131,15 +151,28 @@ def parity_check(device: torch.device, batch: int, length: int, backend: str = "
         loss = sum((output * torch.linspace(-1, 1, output.shape[-1], device=device)).sum() for output in outputs)
         inputs = [x, conv_state, ssm_state, *block.parameters()]
         results[scan] = [output.detach() for output in outputs] + list(torch.autograd.grad(loss, inputs))
-    names = ["y", "conv state", "ssm state", "grad x", "grad conv state", "grad ssm state"] + [f"grad {n}" for n, _ in block.named_parameters()]
-    differences = {name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results[backend], results["reference"])}
+    names = ["y", "conv state", "ssm state", "grad x", "grad conv state", "grad ssm state"] + [
+        f"grad {n}" for n, _ in block.named_parameters()
+    ]
+    differences = {
+        name: (fast - ref).abs().max().item() for name, fast, ref in zip(names, results[backend], results["reference"])
+    }
     worst = max(differences, key=differences.get)
-    print(f"Parity, {backend} vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
-          f"y {differences['y']:.2e}, ssm state {differences['ssm state']:.2e}, grad x {differences['grad x']:.2e}, grad A_log {differences['grad A_log']:.2e}")
+    print(
+        f"Parity, {backend} vs reference scan (B={batch}, T={length}, float32): max abs diff {differences[worst]:.2e} (in {worst}); "
+        f"y {differences['y']:.2e}, ssm state {differences['ssm state']:.2e}, grad x {differences['grad x']:.2e}, grad A_log {differences['grad A_log']:.2e}"
+    )
     return differences[worst]
 
 
-def build_scan_case(implementation: str, batch: int, length: int, device: torch.device, d_inner: int = EXPAND * D_MODEL, triton_config=None):
+def build_scan_case(
+    implementation: str,
+    batch: int,
+    length: int,
+    device: torch.device,
+    d_inner: int = EXPAND * D_MODEL,
+    triton_config=None,
+):
     """Forward + backward of the selective scan alone from a carried state, at one block's shape;
     triton_config (tile, block_d, warps) sizes the Triton kernels."""
     from bakallm.kernels.scan import selective_scan
@@ -189,7 +222,9 @@ def build_scan_case(implementation: str, batch: int, length: int, device: torch.
     return step
 
 
-def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeats: int, triton_configs: list[tuple[int, int, int]]) -> None:
+def scan_table(
+    device: torch.device, batch_sizes: list[int], length: int, repeats: int, triton_configs: list[tuple[int, int, int]]
+) -> None:
     """The scan alone against the blocked scan, and against the time to move its inputs and outputs
     once through the device's memory (issue 8's target: within 2x of that floor)."""
     implementations, configs = [SCAN_BLOCKED, SCAN_IO_FLOOR], {}
@@ -198,7 +233,11 @@ def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeat
 
         default = (triton_scan.TILE, triton_scan.MAX_BLOCK_D, triton_scan.NUM_WARPS)
         for config in dict.fromkeys([default, *triton_configs]):
-            name = SCAN_TRITON if config == default else f"{SCAN_TRITON} (tile {config[0]}, {config[1]} channels, {config[2]} warps)"
+            name = (
+                SCAN_TRITON
+                if config == default
+                else f"{SCAN_TRITON} (tile {config[0]}, {config[1]} channels, {config[2]} warps)"
+            )
             configs[name] = config
             implementations.insert(len(configs) - 1, name)
     if device.type == "cuda":
@@ -207,7 +246,11 @@ def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeat
             implementations.append(SCAN_FLA)
         except ImportError as error:
             print(f"flash-linear-attention does not import ({error}): {SCAN_FLA} left out.")
-    cases = {(name, batch): build_scan_case(name, batch, length, device, triton_config=configs.get(name)) for batch in batch_sizes for name in implementations}
+    cases = {
+        (name, batch): build_scan_case(name, batch, length, device, triton_config=configs.get(name))
+        for batch in batch_sizes
+        for name in implementations
+    }
     peaks = {}
     times = {key: median(values) for key, values in interleaved_times(cases, repeats, device, peaks=peaks).items()}
     if configs:  # later calls get the default sizes again
@@ -215,12 +258,34 @@ def scan_table(device: torch.device, batch_sizes: list[int], length: int, repeat
     rows = []
     for (name, batch), seconds in times.items():
         blocked, floor = times[SCAN_BLOCKED, batch], times[SCAN_IO_FLOOR, batch]
-        rows.append([
-            name, batch, length, f"{seconds * 1e3:.3f}", f"{batch * length / seconds:,.0f}", f"{blocked / seconds:.2f}x", f"{seconds / floor:.2f}x",
-            format_bytes(peaks.get((name, batch))),
-        ])
+        rows.append(
+            [
+                name,
+                batch,
+                length,
+                f"{seconds * 1e3:.3f}",
+                f"{batch * length / seconds:,.0f}",
+                f"{blocked / seconds:.2f}x",
+                f"{seconds / floor:.2f}x",
+                format_bytes(peaks.get((name, batch))),
+            ]
+        )
     print()
-    print(markdown_table(["selective scan alone", "B", "T", "fwd+bwd ms", "tokens/s", "speed vs blocked", "time / I/O floor", "peak memory"], rows))
+    print(
+        markdown_table(
+            [
+                "selective scan alone",
+                "B",
+                "T",
+                "fwd+bwd ms",
+                "tokens/s",
+                "speed vs blocked",
+                "time / I/O floor",
+                "peak memory",
+            ],
+            rows,
+        )
+    )
 
 
 def triton_config(text: str) -> tuple[int, int, int]:
@@ -236,20 +301,35 @@ def main() -> None:
     add_device_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--length", type=int, default=WINDOW_LENGTH)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported), after one warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per case (median reported), after one warm-up"
+    )
     parser.add_argument("--skip-slow-peers", action="store_true", help="leave out the transformers token-by-token path")
     parser.add_argument(
-        "--slow-peer-max-batch", type=int, default=1, help="largest batch for the slow transformers path, which runs once, without warm-up"
+        "--slow-peer-max-batch",
+        type=int,
+        default=1,
+        help="largest batch for the slow transformers path, which runs once, without warm-up",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--parity-batch", type=int, default=1)
-    parser.add_argument("--scan-table", action="store_true", help="also time the selective scan alone (triton, blocked, fla)")
     parser.add_argument(
-        "--triton-configs", type=triton_config, nargs="+", default=[], metavar="TILE:CHANNELS:WARPS",
+        "--scan-table", action="store_true", help="also time the selective scan alone (triton, blocked, fla)"
+    )
+    parser.add_argument(
+        "--triton-configs",
+        type=triton_config,
+        nargs="+",
+        default=[],
+        metavar="TILE:CHANNELS:WARPS",
         help="with --scan-table on CUDA, also time the Triton scan with these tile lengths, channels per program and warps",
     )
     parser.add_argument(
-        "--scan-sizes", type=int, nargs=2, action="append", metavar=("BLOCK", "CHUNK"),
+        "--scan-sizes",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("BLOCK", "CHUNK"),
         help="also time our block with these blocked-scan block and sub-chunk sizes (repeatable)",
     )
     args = parser.parse_args()
@@ -280,7 +360,13 @@ def main() -> None:
     if device.type == "cpu":
         for key in [key for key in times if not args.no_memory] + cpu_single_runs:
             implementation, batch = key
-            kwargs = {"implementation": implementation, "batch": batch, "length": args.length, "device": device, "scan_sizes": scan_sizes.get(implementation)}
+            kwargs = {
+                "implementation": implementation,
+                "batch": batch,
+                "length": args.length,
+                "device": device,
+                "scan_sizes": scan_sizes.get(implementation),
+            }
             seconds, peaks[key] = cpu_peak_memory("bench_mamba:build_case", kwargs)
             times.setdefault(key, seconds)
 

@@ -19,9 +19,31 @@ from torch.profiler import ProfilerActivity, profile
 from bakallm import BakaLM, ModelConfig
 from bakallm.acceleration import use_scan_backend
 
-VIEWS = {"aten::as_strided", "aten::select", "aten::slice", "aten::unsqueeze", "aten::view", "aten::reshape", "aten::permute", "aten::transpose",
-         "aten::t", "aten::expand", "aten::squeeze", "aten::narrow", "aten::unbind", "aten::split", "aten::chunk", "aten::flatten",
-         "aten::alias", "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::view_as", "aten::detach", "aten::lift_fresh"}
+VIEWS = {
+    "aten::as_strided",
+    "aten::select",
+    "aten::slice",
+    "aten::unsqueeze",
+    "aten::view",
+    "aten::reshape",
+    "aten::permute",
+    "aten::transpose",
+    "aten::t",
+    "aten::expand",
+    "aten::squeeze",
+    "aten::narrow",
+    "aten::unbind",
+    "aten::split",
+    "aten::chunk",
+    "aten::flatten",
+    "aten::alias",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::_unsafe_view",
+    "aten::view_as",
+    "aten::detach",
+    "aten::lift_fresh",
+}
 
 
 def count(backend: str | None, args: argparse.Namespace) -> tuple[int, int]:
@@ -52,14 +74,18 @@ def main() -> None:
     torch.set_num_threads(1)
     counts = {backend: count(backend, args) for backend in args.backends}
     without = count(None, args)
-    print(f"layer-window (1 layer, {args.rows} x {args.tokens} tokens), forward and backward: aten calls (of which not views)")
+    print(
+        f"layer-window (1 layer, {args.rows} x {args.tokens} tokens), forward and backward: aten calls (of which not views)"
+    )
     print(f"  without Mamba: {without[0]:,} ({without[1]:,})")
     for backend, (total, compute) in counts.items():
         print(f"  {backend:9}: {total:,} ({compute:,})")
     if "blocked" in counts:
         for backend, (total, compute) in counts.items():
             if backend != "blocked":
-                print(f"{backend} / blocked: {total / counts['blocked'][0]:.3f} of the calls, {compute / counts['blocked'][1]:.3f} of those not views")
+                print(
+                    f"{backend} / blocked: {total / counts['blocked'][0]:.3f} of the calls, {compute / counts['blocked'][1]:.3f} of those not views"
+                )
 
 
 if __name__ == "__main__":

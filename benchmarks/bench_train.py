@@ -53,7 +53,9 @@ from common import (
 
 PYTHIA = "pythia-70m"
 CHECKPOINTED = "train-checkpointed"
-DEFAULT_PYTHIA_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "configs" / "pythia-70m-deduped" / "config.json"
+DEFAULT_PYTHIA_CONFIG = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "configs" / "pythia-70m-deduped" / "config.json"
+)
 
 
 def pythia_config_path() -> Path:
@@ -78,7 +80,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def build_case(name: str, batch: int, ctx: int, device: torch.device, dtype: torch.dtype, mode: str, compile_model: bool, scan: str = "auto"):
+def build_case(
+    name: str,
+    batch: int,
+    ctx: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str,
+    compile_model: bool,
+    scan: str = "auto",
+):
     """A callable running one training step (mode "train"; "train-checkpointed" with activation
     checkpointing per block) or one evaluation forward ("eval")."""
     torch.manual_seed(0)
@@ -143,7 +154,13 @@ def flops_per_token(name: str, model: nn.Module, ctx: int) -> dict[str, float]:
         positions_per_token = positions / ctx
     attended = pairs / ctx
     total = 6 * n_layers_params * positions_per_token + 6 * n_out + 12 * n_layers * d_model * attended
-    return {"total": total, "n_layers_params": n_layers_params, "n_out": n_out, "positions_per_token": positions_per_token, "attended": attended}
+    return {
+        "total": total,
+        "n_layers_params": n_layers_params,
+        "n_out": n_out,
+        "positions_per_token": positions_per_token,
+        "attended": attended,
+    }
 
 
 def bakallm_layout(config, ctx: int) -> tuple[int, float]:
@@ -202,16 +219,40 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="tokens per row and step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model, after one warm-up step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models (ours: each layer, the scan staying eager)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the models (ours: each layer, the scan staying eager)"
+    )
     parser.add_argument("--eval", action="store_true", help="also time evaluation forwards (no gradients)")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="also time training steps with activation checkpointing per block")
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="also time training steps with activation checkpointing per block",
+    )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU; 0 measures a large matmul")
-    parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 4096 on CPU, 8192 on CUDA)")
+    parser.add_argument(
+        "--matmul-size", type=int, default=0, help="side of the peak matmul (0: 4096 on CPU, 8192 on CUDA)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    parser.add_argument("--scan", default="auto", choices=["auto", "triton", "parallel", "blocked", "reference"], help="our models' selective scan backend")
-    parser.add_argument("--epoch-tokens", type=float, default=120e6, help="tokens of one epoch, for the projected epoch time (WikiText-103: ~120M)")
-    parser.add_argument("--sync-check", action="store_true", help="on CUDA, count the host synchronisations in one more training step of each model")
-    parser.add_argument("--profile", metavar="MODEL", help="print a torch.profiler table of one training step of MODEL and exit")
+    parser.add_argument(
+        "--scan",
+        default="auto",
+        choices=["auto", "triton", "parallel", "blocked", "reference"],
+        help="our models' selective scan backend",
+    )
+    parser.add_argument(
+        "--epoch-tokens",
+        type=float,
+        default=120e6,
+        help="tokens of one epoch, for the projected epoch time (WikiText-103: ~120M)",
+    )
+    parser.add_argument(
+        "--sync-check",
+        action="store_true",
+        help="on CUDA, count the host synchronisations in one more training step of each model",
+    )
+    parser.add_argument(
+        "--profile", metavar="MODEL", help="print a torch.profiler table of one training step of MODEL and exit"
+    )
     args = parser.parse_args()
     device = resolve_device(args)
     dtype = getattr(torch, args.dtype)
@@ -222,7 +263,9 @@ def main() -> None:
         print(f"Pythia-70m config {pythia_config_path()} is absent (set BAKALLM_PYTHIA_CONFIG): GPT-NeoX left out.")
         models.remove(PYTHIA)
     if args.profile:
-        profile_step(build_case(args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan), device)
+        profile_step(
+            build_case(args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan), device
+        )
         return
 
     if args.peak_tflops:
@@ -234,7 +277,9 @@ def main() -> None:
 
     modes = ["train"] + ([CHECKPOINTED] if args.activation_checkpointing else []) + (["eval"] if args.eval else [])
     cases = {
-        (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile, args.scan) for name in models for mode in modes
+        (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile, args.scan)
+        for name in models
+        for mode in modes
     }
     peaks = {}
     times = {key: median(values) for key, values in interleaved_times(cases, args.steps, device, peaks=peaks).items()}
@@ -242,7 +287,9 @@ def main() -> None:
         for (name, mode), step in cases.items():
             if mode == "train":
                 found = host_synchronisations(step)
-                print(f"{name}: {len(found)} host synchronisations in one training step{': ' + found[0] if found else ''}")
+                print(
+                    f"{name}: {len(found)} host synchronisations in one training step{': ' + found[0] if found else ''}"
+                )
     del cases
     with torch.device("meta"):
         flops = {name: flops_per_token(name, build_model(name, torch.device("meta")), args.ctx) for name in models}
@@ -251,7 +298,16 @@ def main() -> None:
     tokens = args.batch_size * args.ctx
     for (name, mode), seconds in times.items():
         if device.type == "cpu" and not args.no_memory:
-            kwargs = {"name": name, "batch": args.batch_size, "ctx": args.ctx, "device": device, "dtype": dtype, "mode": mode, "compile_model": args.compile, "scan": args.scan}
+            kwargs = {
+                "name": name,
+                "batch": args.batch_size,
+                "ctx": args.ctx,
+                "device": device,
+                "dtype": dtype,
+                "mode": mode,
+                "compile_model": args.compile,
+                "scan": args.scan,
+            }
             _, peaks[name, mode] = cpu_peak_memory("bench_train:build_case", kwargs)
         per_token = flops[name]["total"] / (3 if mode == "eval" else 1)
         rate = tokens / seconds
@@ -273,20 +329,37 @@ def main() -> None:
     print()
     print(
         markdown_table(
-            ["model", "mode", "B x T", "positions/token", "matmul params (layers + output)", "FLOPs/token", "step s", "tokens/s", "peak memory", "MFU"],
+            [
+                "model",
+                "mode",
+                "B x T",
+                "positions/token",
+                "matmul params (layers + output)",
+                "FLOPs/token",
+                "step s",
+                "tokens/s",
+                "peak memory",
+                "MFU",
+            ],
             rows,
         )
     )
-    print(f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; median of {args.steps} interleaved steps after a warm-up step.")
+    print(
+        f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; median of {args.steps} interleaved steps after a warm-up step."
+    )
     for (name, mode), seconds in times.items():
         if mode == "train":
             hours = args.epoch_tokens * seconds / tokens / 3600
-            print(f"{name}: one epoch of {args.epoch_tokens / 1e6:.0f}M tokens would take {hours:.2f} h ({hours * 60:.1f} min) at this speed.")
+            print(
+                f"{name}: one epoch of {args.epoch_tokens / 1e6:.0f}M tokens would take {hours:.2f} h ({hours * 60:.1f} min) at this speed."
+            )
     for name in models:
         if (name, CHECKPOINTED) in times:
             memory = peaks.get((name, CHECKPOINTED)), peaks.get((name, "train"))
             memory_ratio = f"peak memory {memory[0] / memory[1]:.2f}x, " if None not in memory else ""
-            print(f"{name} with activation checkpointing: {memory_ratio}step time {times[name, CHECKPOINTED] / times[name, 'train']:.2f}x of without.")
+            print(
+                f"{name} with activation checkpointing: {memory_ratio}step time {times[name, CHECKPOINTED] / times[name, 'train']:.2f}x of without."
+            )
     if ("celp18", "train") in mfu and (PYTHIA, "train") in mfu:
         ratio = mfu["celp18", "train"] / mfu[PYTHIA, "train"]
         print(f"celp18 / GPT-NeoX training MFU: {ratio:.2f}")

@@ -44,7 +44,9 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--device {name}: PyTorch sees no CUDA device here; use --device cpu.")
     load, cores, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and load > cores - threads + 0.5:
-        print(f"Warning: other jobs keep the machine busy (load average {load:.1f} on {cores} cores); timings with {threads} threads will be erratic, consider --threads 1.")
+        print(
+            f"Warning: other jobs keep the machine busy (load average {load:.1f} on {cores} cores); timings with {threads} threads will be erratic, consider --threads 1."
+        )
     return device
 
 
@@ -59,7 +61,9 @@ def machine_description(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     # Other jobs on the same cores slow multi-threaded PyTorch a lot (each parallel op waits for a
     # descheduled thread): the load average says how busy the machine was.

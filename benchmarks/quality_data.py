@@ -20,12 +20,22 @@ from bakallm.data.corpora import load_corpus
 from bakallm.data.tokenizers import load_tokenizer
 
 TRAIN_BOOKS = (
-    "pride-and-prejudice", "a-tale-of-two-cities", "life-on-the-mississippi",
-    "the-time-machine", "the-wonderful-wizard-of-oz", "the-red-badge-of-courage",
+    "pride-and-prejudice",
+    "a-tale-of-two-cities",
+    "life-on-the-mississippi",
+    "the-time-machine",
+    "the-wonderful-wizard-of-oz",
+    "the-red-badge-of-courage",
 )
 TEST_BOOKS = (
-    "persuasion", "treasure-island", "the-war-of-the-worlds", "black-beauty",
-    "the-prisoner-of-zenda", "the-scarlet-letter", "my-antonia", "the-jungle-book",
+    "persuasion",
+    "treasure-island",
+    "the-war-of-the-worlds",
+    "black-beauty",
+    "the-prisoner-of-zenda",
+    "the-scarlet-letter",
+    "my-antonia",
+    "the-jungle-book",
 )
 
 
@@ -39,7 +49,9 @@ def main() -> None:
     tokenizer = load_tokenizer(str(args.shared / "tokenizers/gpt-neox-20b/tokenizer.json"))
     books = {path.name.split("_")[0]: path for path in (args.shared / "books/train").glob("*.txt")}
     articles = list(load_corpus(str(args.shared / "wikitext-103-raw/wiki.valid.raw")))
-    held_out = {index for index in range(len(articles)) if index % args.wiki_holdout_every == args.wiki_holdout_every - 1}
+    held_out = {
+        index for index in range(len(articles)) if index % args.wiki_holdout_every == args.wiki_holdout_every - 1
+    }
     train_wiki = [{"id": doc.id, "text": doc.text} for index, doc in enumerate(articles) if index not in held_out]
     train = train_wiki + [{"id": name, "text": books[name].read_text(encoding="utf-8")} for name in TRAIN_BOOKS]
     test_wiki = [{"id": articles[index].id, "text": articles[index].text} for index in sorted(held_out)]
@@ -53,7 +65,12 @@ def main() -> None:
             text = text[:keep]
         test_books.append({"id": name, "text": text})
     args.out.mkdir(parents=True, exist_ok=True)
-    for file_name, records in (("train.jsonl", train), ("test-books.jsonl", test_books), ("test-wiki.jsonl", test_wiki), ("train-wiki.jsonl", train_wiki)):
+    for file_name, records in (
+        ("train.jsonl", train),
+        ("test-books.jsonl", test_books),
+        ("test-wiki.jsonl", test_wiki),
+        ("train-wiki.jsonl", train_wiki),
+    ):
         with (args.out / file_name).open("w", encoding="utf-8") as file:
             for record in records:
                 file.write(json.dumps(record) + "\n")

@@ -63,7 +63,11 @@ def group_of(name: str) -> str:
 def document_rows(args: argparse.Namespace, length: int) -> torch.Tensor:
     """The first `length` + 1 tokens of each document long enough, one row each."""
     corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
-    rows = [np.asarray(corpus.document(i)[: length + 1], dtype=np.int64) for i in range(len(corpus)) if len(corpus.document(i)) > length]
+    rows = [
+        np.asarray(corpus.document(i)[: length + 1], dtype=np.int64)
+        for i in range(len(corpus))
+        if len(corpus.document(i)) > length
+    ]
     return torch.from_numpy(np.stack(rows[: args.rows]))
 
 
@@ -89,7 +93,10 @@ def gradients(args: argparse.Namespace) -> None:
         for name, parameter in model.named_parameters():
             if parameter.grad is not None:
                 norms[group_of(name)] = norms.get(group_of(name), 0.0) + float(parameter.grad.norm()) ** 2
-        print(f"train_ctx {span * window}: " + ", ".join(f"{group} {norms.get(group, 0.0) ** 0.5:.3g}" for group in GROUPS))
+        print(
+            f"train_ctx {span * window}: "
+            + ", ".join(f"{group} {norms.get(group, 0.0) ** 0.5:.3g}" for group in GROUPS)
+        )
 
 
 def cut(state: RecurrentState, model: BakaLM, path: str) -> RecurrentState:
@@ -97,7 +104,11 @@ def cut(state: RecurrentState, model: BakaLM, path: str) -> RecurrentState:
         fresh = model.initial_memory.detach().float().expand_as(state.memory)
         return dataclasses.replace(state, memory=fresh.clone())
     if path == "mamba":
-        return dataclasses.replace(state, conv=tuple(torch.zeros_like(t) for t in state.conv), ssm=tuple(torch.zeros_like(t) for t in state.ssm))
+        return dataclasses.replace(
+            state,
+            conv=tuple(torch.zeros_like(t) for t in state.conv),
+            ssm=tuple(torch.zeros_like(t) for t in state.ssm),
+        )
     return state
 
 
@@ -114,7 +125,12 @@ def paths(args: argparse.Namespace) -> None:
                 state = None
             elif state is not None:
                 state = cut(state, model, path)
-            output = model(tokens[:, start : start + window], state=state, targets=tokens[:, start + 1 : start + window + 1], return_logits=False)
+            output = model(
+                tokens[:, start : start + window],
+                state=state,
+                targets=tokens[:, start + 1 : start + window + 1],
+                return_logits=False,
+            )
             state = output.state
             if start >= window:  # the first window has no past to cut
                 total += float(output.loss) * int(output.n_targets)
@@ -132,7 +148,9 @@ def decay(args: argparse.Namespace) -> None:
 
     def record_step_sizes(index: int):
         def hook(module, inputs, output):
-            step_sizes[index] = torch.nn.functional.softplus(output.float()).sum(1)  # the last window's overwrites the first's
+            step_sizes[index] = torch.nn.functional.softplus(output.float()).sum(
+                1
+            )  # the last window's overwrites the first's
 
         return hook
 
@@ -142,9 +160,15 @@ def decay(args: argparse.Namespace) -> None:
     for hook in hooks:
         hook.remove()
     for index, mamba in enumerate(mambas):
-        survival = torch.exp(step_sizes[index].unsqueeze(-1) * -torch.exp(mamba.A_log.float()))  # [rows, d_inner, d_state]
-        shares = ", ".join(f"> {level:.0%}: {float((survival > level).float().mean()):.1%}" for level in (0.01, 0.1, 0.5))
-        print(f"mamba layer {index}: state entries surviving one window {shares}; median dt {float(step_sizes[index].median()) / window:.4f}")
+        survival = torch.exp(
+            step_sizes[index].unsqueeze(-1) * -torch.exp(mamba.A_log.float())
+        )  # [rows, d_inner, d_state]
+        shares = ", ".join(
+            f"> {level:.0%}: {float((survival > level).float().mean()):.1%}" for level in (0.01, 0.1, 0.5)
+        )
+        print(
+            f"mamba layer {index}: state entries surviving one window {shares}; median dt {float(step_sizes[index].median()) / window:.4f}"
+        )
 
 
 CACHE_WEIGHTS = (0.02, 0.05, 0.1, 0.2)
@@ -179,13 +203,21 @@ def cache(args: argparse.Namespace) -> None:
             state = output.state
             if start >= window:
                 targets = tokens[:, start + 1 : start + window + 1]
-                probabilities.append(torch.log_softmax(output.logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp())
+                probabilities.append(
+                    torch.log_softmax(output.logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
+                )
         p_model = torch.cat(probabilities, 1)
         alone = float(-torch.log(p_model).mean())
         line = f"{reading:>5}: model alone {alone:.4f}"
-        for name, label in (("before", "cache before the window"), ("inside", "cache inside it"), ("both", "both caches")):
+        for name, label in (
+            ("before", "cache before the window"),
+            ("inside", "cache inside it"),
+            ("both", "both caches"),
+        ):
             p_cache = (caches["before"] + caches["inside"]) / 2 if name == "both" else caches[name]
-            mixes = {weight: float(-torch.log((1 - weight) * p_model + weight * p_cache).mean()) for weight in CACHE_WEIGHTS}
+            mixes = {
+                weight: float(-torch.log((1 - weight) * p_model + weight * p_cache).mean()) for weight in CACHE_WEIGHTS
+            }
             best = min(mixes, key=mixes.get)
             line += f"; + {label} {mixes[best]:.4f} ({100 * (mixes[best] / alone - 1):+.2f}%, w {best:g})"
         print(line + f"; over {p_model.numel()} tokens after the first window")
@@ -197,7 +229,9 @@ def document_cache_probabilities(tokens: torch.Tensor) -> torch.Tensor:
     sorted_tokens = tokens[order]
     group_start = torch.ones_like(sorted_tokens, dtype=torch.bool)
     group_start[1:] = sorted_tokens[1:] != sorted_tokens[:-1]
-    ranks_sorted = torch.arange(len(tokens)) - torch.cummax(torch.where(group_start, torch.arange(len(tokens)), 0), 0).values
+    ranks_sorted = (
+        torch.arange(len(tokens)) - torch.cummax(torch.where(group_start, torch.arange(len(tokens)), 0), 0).values
+    )
     earlier = torch.empty_like(ranks_sorted).scatter_(0, order, ranks_sorted)  # earlier occurrences of tokens[i]
     return earlier[1:].double() / torch.arange(1, len(tokens), dtype=torch.float64)
 
@@ -253,7 +287,10 @@ def mix(args: argparse.Namespace) -> None:
         p_cache.append(document_cache_probabilities(tokens))
         ngram_counts.append([continuation_counts(tokens.tolist(), length) for length in range(1, args.order)])
     p_model, p_cache = torch.cat(p_model).numpy(), torch.cat(p_cache).numpy()
-    ngrams = [tuple(np.concatenate([document[c][q] for document in ngram_counts]) for q in (0, 1)) for c in range(args.order - 1)]
+    ngrams = [
+        tuple(np.concatenate([document[c][q] for document in ngram_counts]) for q in (0, 1))
+        for c in range(args.order - 1)
+    ]
     alone = float(-np.log(p_model).mean())
 
     def mixed_loss(weight: float, ngram_weights: tuple[float, ...], kappa: float) -> float:
@@ -263,15 +300,28 @@ def mix(args: argparse.Namespace) -> None:
             weights, cache = weights + share, cache + share * n_continuation / np.maximum(n_context, 1)
         return float(-np.log((1 - weights) * p_model + cache).mean())
 
-    grid = [(w, ws, k) for w in MIX_WEIGHTS for ws in itertools.product(NGRAM_WEIGHTS, repeat=args.order - 1) for k in NGRAM_KAPPAS if w + sum(ws) < 1]
+    grid = [
+        (w, ws, k)
+        for w in MIX_WEIGHTS
+        for ws in itertools.product(NGRAM_WEIGHTS, repeat=args.order - 1)
+        for k in NGRAM_KAPPAS
+        if w + sum(ws) < 1
+    ]
     best = min(grid, key=lambda point: mixed_loss(*point))
     loss = mixed_loss(*best)
-    print(f"{len(p_model)} tokens of {len(corpus)} documents: model alone {alone:.4f}; with the document cache of order {args.order} {loss:.4f} "
-          f"({100 * (loss / alone - 1):+.2f}%, w {best[0]:g}" + (f", n-gram w {best[1]}, kappa {best[2]:g})" if args.order > 1 else ")"))
+    print(
+        f"{len(p_model)} tokens of {len(corpus)} documents: model alone {alone:.4f}; with the document cache of order {args.order} {loss:.4f} "
+        f"({100 * (loss / alone - 1):+.2f}%, w {best[0]:g}"
+        + (f", n-gram w {best[1]}, kappa {best[2]:g})" if args.order > 1 else ")")
+    )
 
 
 def split_documents(corpus: TokenizedCorpus, max_tokens: int) -> TokenizedCorpus:
-    pieces = [corpus.document(i)[start : start + max_tokens] for i in range(len(corpus)) for start in range(0, len(corpus.document(i)), max_tokens)]
+    pieces = [
+        corpus.document(i)[start : start + max_tokens]
+        for i in range(len(corpus))
+        for start in range(0, len(corpus.document(i)), max_tokens)
+    ]
     return TokenizedCorpus.from_token_lists([np.asarray(piece).tolist() for piece in pieces], corpus.vocab_size)
 
 
@@ -279,10 +329,16 @@ def batching(args: argparse.Namespace) -> None:
     corpus = tokenize_corpus(load_corpus(args.data), load_tokenizer(args.tokenizer))
     lengths = np.diff(np.asarray(corpus.offsets))
     print(f"{len(lengths)} documents, {int(lengths.sum()):,} tokens, longest {int(lengths.max()):,}")
-    for label, documents in (("whole", corpus), ("split at 32K", split_documents(corpus, 32768)), ("split at 8K", split_documents(corpus, 8192))):
+    for label, documents in (
+        ("whole", corpus),
+        ("split at 32K", split_documents(corpus, 32768)),
+        ("split at 8K", split_documents(corpus, 8192)),
+    ):
         for rows, train_ctx in ((8, 512), (4, 1024), (2, 2048)):
             steps = targets = half_idle = 0
-            for batch in DocumentBatcher(documents, rows, train_ctx, mode="dynamic", shuffle=True, seed=0, max_epochs=1):
+            for batch in DocumentBatcher(
+                documents, rows, train_ctx, mode="dynamic", shuffle=True, seed=0, max_epochs=1
+            ):
                 steps += 1
                 targets += batch.n_targets
                 half_idle += int((batch.targets != IGNORE_INDEX).any(1).sum()) <= rows // 2
@@ -296,17 +352,23 @@ def batching(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("gradients", "paths", "batching", "decay", "cache", "mix"))
-    parser.add_argument("run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model")
+    parser.add_argument(
+        "run", help="run directory or checkpoint; or a JSON object of ModelConfig fields for a fresh model"
+    )
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096, help="paths, cache: tokens of each document scored")
     parser.add_argument("--reset", action="store_true", help="mix: reset our model's state at every window")
     parser.add_argument("--window", type=int, default=512, help="mix: the window of a transformers model")
-    parser.add_argument("--order", type=int, default=1, help="mix: the document cache's order (2 and up add its n-gram terms)")
+    parser.add_argument(
+        "--order", type=int, default=1, help="mix: the document cache's order (2 and up add its n-gram terms)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache, "mix": mix}[args.mode](args)
+    {"gradients": gradients, "paths": paths, "batching": batching, "decay": decay, "cache": cache, "mix": mix}[
+        args.mode
+    ](args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def differing_pair(sample: RecallSample, writer: FactWriter, rng) -> torch.Tenso
     return torch.from_numpy(np.stack([sample.tokens, other]))
 
 
-def fact_traces(model: BakaLM, samples: list[RecallSample], writer: FactWriter, windows: int, seed: int = 0) -> np.ndarray:
+def fact_traces(
+    model: BakaLM, samples: list[RecallSample], writer: FactWriter, windows: int, seed: int = 0
+) -> np.ndarray:
     """[windows + 1, parts]: the mean over samples of each state part's RMS difference between the
     sample and a copy with another code, relative to the part's size, 0 .. `windows` windows after
     the window in which the code ends. Each sample needs `windows` windows of filler after its fact."""
@@ -93,8 +95,10 @@ def trace(args) -> None:
     window = model.config.window
     samples = recall_samples(filler, writer, (args.windows + 1) * window, args.samples, seed=args.seed, depth_tokens=0)
     totals = fact_traces(model, samples, writer, args.windows, args.seed)
-    print(f"{args.run}: how much of a fact each part of the state holds N windows after it (RMS difference between two readings "
-          f"that differ only in the code, relative to the part's size; {len(samples)} samples, window {window})")
+    print(
+        f"{args.run}: how much of a fact each part of the state holds N windows after it (RMS difference between two readings "
+        f"that differ only in the code, relative to the part's size; {len(samples)} samples, window {window})"
+    )
     print("| windows after | " + " | ".join(PARTS) + " |")
     print("|---:|" + "---:|" * len(PARTS))
     for after in sorted({0, 1, 2, 3, 4, 8, 16, 32, 64, args.windows} & set(range(args.windows + 1))):
@@ -125,31 +129,48 @@ def paths(args) -> None:
     model = BakaLM.from_pretrained(args.run).eval()
     tokenizer = load_tokenizer(args.tokenizer or model_files(args.run).tokenizer)
     distances = tuple(float(part) for part in args.distances.split(","))
-    test = RecallTest.draw(RecallSettings(distances=distances, samples=args.samples, seed=args.seed),
-                           tokenize_corpus(load_corpus(args.data), tokenizer), tokenizer, model.config.window)
-    print(f"{args.run}: exact answers (first token) with one path of the state switched off while reading, same weights; "
-          f"{args.samples} samples per distance, window {model.config.window}")
+    test = RecallTest.draw(
+        RecallSettings(distances=distances, samples=args.samples, seed=args.seed),
+        tokenize_corpus(load_corpus(args.data), tokenizer),
+        tokenizer,
+        model.config.window,
+    )
+    print(
+        f"{args.run}: exact answers (first token) with one path of the state switched off while reading, same weights; "
+        f"{args.samples} samples per distance, window {model.config.window}"
+    )
     print("| state | " + " | ".join(f"{distance:g} w" for distance in distances) + " |")
     print("|---|" + "---:|" * len(distances))
     for name, changes in PATH_SWITCHES.items():
         variant = with_switches(model, changes)
 
         def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache, variant=variant):
-            return bakallm_answer_log_probs(variant, samples, batch_size, torch.device("cpu"), n_ctx, keep_document_cache)
+            return bakallm_answer_log_probs(
+                variant, samples, batch_size, torch.device("cpu"), n_ctx, keep_document_cache
+            )
 
         scores = test.score(answer_log_probs, n_ctx=1 << 40, batch_size=8)
-        print(f"| {name} | " + " | ".join(f"{score.accuracy:.0%} ({score.first_token_accuracy:.0%})" for score in scores) + " |", flush=True)
+        print(
+            f"| {name} | "
+            + " | ".join(f"{score.accuracy:.0%} ({score.first_token_accuracy:.0%})" for score in scores)
+            + " |",
+            flush=True,
+        )
 
 
 def reach(args) -> None:
     model, writer, filler = load(args)
     window = model.config.window
-    print(f"{args.run}: gradient of the answer loss at the fact's code / at the query's tokens (embeddings), one call, no truncation")
+    print(
+        f"{args.run}: gradient of the answer loss at the fact's code / at the query's tokens (embeddings), one call, no truncation"
+    )
     print("| distance (windows) | tokens | gradient ratio (median) |")
     print("|---:|---:|---:|")
     for distance in (float(part) for part in args.distances.split(",")):
         ratios = []
-        for sample in recall_samples(filler, writer, round(distance * window), args.samples, seed=args.seed, max_depth_tokens=window):
+        for sample in recall_samples(
+            filler, writer, round(distance * window), args.samples, seed=args.seed, max_depth_tokens=window
+        ):
             start, stop = code_span(sample)
             inputs = torch.from_numpy(sample.tokens[None, :-1])
             targets = torch.full_like(inputs, -100)
@@ -181,9 +202,14 @@ def mamba(args) -> None:
     def recorder(index):
         def record(module, inputs, output):
             step_sizes.setdefault(index, []).append(output.detach())
+
         return record
 
-    handles = [layer.mamba.dt_proj.register_forward_hook(recorder(index)) for index, layer in enumerate(model.layers) if layer.mamba is not None]
+    handles = [
+        layer.mamba.dt_proj.register_forward_hook(recorder(index))
+        for index, layer in enumerate(model.layers)
+        if layer.mamba is not None
+    ]
     per_layer: dict[int, list[tuple[torch.Tensor, int, int]]] = {}
     try:
         with torch.inference_mode():
@@ -191,12 +217,18 @@ def mamba(args) -> None:
                 step_sizes.clear()
                 model(torch.from_numpy(sample.tokens[None, :-1]), return_logits=False)
                 for index, calls in step_sizes.items():
-                    per_layer.setdefault(index, []).append((torch.cat([_tokens_of_body(call[0], model.config) for call in calls]), *code_span(sample)))
+                    per_layer.setdefault(index, []).append(
+                        (torch.cat([_tokens_of_body(call[0], model.config) for call in calls]), *code_span(sample))
+                    )
     finally:
         for handle in handles:
             handle.remove()
-    print(f"{args.run}: Mamba step sizes dt at the fact's code tokens and at filler tokens, and the retention of the SSM state over filler")
-    print("| layer | mean dt, code | mean dt, filler | components keeping 1/10 over 1 window | 8 windows | 64 windows |")
+    print(
+        f"{args.run}: Mamba step sizes dt at the fact's code tokens and at filler tokens, and the retention of the SSM state over filler"
+    )
+    print(
+        "| layer | mean dt, code | mean dt, filler | components keeping 1/10 over 1 window | 8 windows | 64 windows |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for index, layer in enumerate(model.layers):
         if layer.mamba is None:
@@ -219,7 +251,11 @@ def _tokens_of_body(window: torch.Tensor, config) -> torch.Tensor:
     if config.n_pauses == 0:
         return body
     step = config.pause_step
-    keep = [position for position in range(body.shape[0]) if not (position % (step + 1) == 0 and position // (step + 1) < config.n_pauses)]
+    keep = [
+        position
+        for position in range(body.shape[0])
+        if not (position % (step + 1) == 0 and position // (step + 1) < config.n_pauses)
+    ]
     return body[keep]
 
 

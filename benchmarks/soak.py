@@ -32,9 +32,35 @@ def train_command(run_dir: Path, args: argparse.Namespace, resume: bool) -> list
         return [sys.executable, "-m", "bakallm", "train", "--resume", str(run_dir), *common]
     model_file = run_dir.parent / "soak-model.json"
     model_file.write_text(json.dumps(MODEL))
-    return [sys.executable, "-m", "bakallm", "train", "--preset", "tiny", "--model-config", str(model_file), "--batch-size", "2",
-            "--train-ctx", "64", "--lr", "0.003", "--warmup-steps", "5", "--save-every", str(args.save_every), "--keep-last", "2",
-            "--seed", str(args.seed), "--run-dir", str(run_dir), "--cache-dir", str(run_dir.parent / "cache"), *common]
+    return [
+        sys.executable,
+        "-m",
+        "bakallm",
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(model_file),
+        "--batch-size",
+        "2",
+        "--train-ctx",
+        "64",
+        "--lr",
+        "0.003",
+        "--warmup-steps",
+        "5",
+        "--save-every",
+        str(args.save_every),
+        "--keep-last",
+        "2",
+        "--seed",
+        str(args.seed),
+        "--run-dir",
+        str(run_dir),
+        "--cache-dir",
+        str(run_dir.parent / "cache"),
+        *common,
+    ]
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -72,8 +98,13 @@ def main() -> int:
     finished_early = starts = 0
     started = time.perf_counter()
     while sum(kills.values()) < args.kills:
-        process = subprocess.Popen(train_command(soaked, args, resume=has_checkpoint(soaked)), env=environment,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            train_command(soaked, args, resume=has_checkpoint(soaked)),
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         starts += 1
         wait = rng.uniform(args.min_wait, args.max_wait)
         try:
@@ -84,7 +115,9 @@ def main() -> int:
             process.wait()
             kills[name] += 1
             step = (soaked / "LATEST").read_text().strip() if has_checkpoint(soaked) else "none"
-            print(f"kill {sum(kills.values()):3d}: {name} after {wait:4.1f} s, exit {process.returncode}, latest checkpoint {step}")
+            print(
+                f"kill {sum(kills.values()):3d}: {name} after {wait:4.1f} s, exit {process.returncode}, latest checkpoint {step}"
+            )
             continue
         if process.returncode != 0:
             print(f"the run failed by itself (exit {process.returncode}):\n{process.stderr.read()[-2000:]}")
@@ -94,13 +127,24 @@ def main() -> int:
             print(f"the run finished before kill {sum(kills.values()) + 1}; starting it again from nothing")
             subprocess.run(["rm", "-rf", str(soaked)], check=True)
     if not has_checkpoint(soaked) or final_weights(soaked)[1] != f"step-{args.steps:08d}":
-        subprocess.run(train_command(soaked, args, resume=has_checkpoint(soaked)), check=True, env=environment, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            train_command(soaked, args, resume=has_checkpoint(soaked)),
+            check=True,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+        )
     soak_seconds = time.perf_counter() - started
     expected, expected_name = final_weights(reference)
     actual, actual_name = final_weights(soaked)
-    equal = expected_name == actual_name and expected.keys() == actual.keys() and all((expected[k] == actual[k]).all() for k in expected)
-    print(f"\n{sum(kills.values())} kills ({kills['SIGKILL']} SIGKILL, {kills['SIGTERM']} SIGTERM) over {starts} starts "
-          f"({finished_early} runs finished before their kill) in {soak_seconds:.0f} s; final checkpoint {actual_name}")
+    equal = (
+        expected_name == actual_name
+        and expected.keys() == actual.keys()
+        and all((expected[k] == actual[k]).all() for k in expected)
+    )
+    print(
+        f"\n{sum(kills.values())} kills ({kills['SIGKILL']} SIGKILL, {kills['SIGTERM']} SIGTERM) over {starts} starts "
+        f"({finished_early} runs finished before their kill) in {soak_seconds:.0f} s; final checkpoint {actual_name}"
+    )
     print(f"weights equal to the uninterrupted run's, bit for bit: {'yes' if equal else 'NO'}")
     return 0 if equal else 1
 

@@ -54,7 +54,9 @@ def read(model, document, n_ctx: int, every: int | None, device):
         n = window.stop - window.start
         window_losses[window.start] = (float(token_losses[0, :n].double().sum()), n)
         if every is not None and window.stop // every != window.start // every:
-            sizes.append({"position": window.stop, **{name: float(value[0]) for name, value in state.part_sizes().items()}})
+            sizes.append(
+                {"position": window.stop, **{name: float(value[0]) for name, value in state.part_sizes().items()}}
+            )
 
     started = time.perf_counter()
     evaluate_bakallm(model, document, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device), on_window=on_window)
@@ -73,20 +75,39 @@ def bucket_gains(whole: dict, reset: dict, buckets: tuple[int, ...]) -> list[dic
         loss_reset = sum(reset[position][0] for position in starts) / tokens
         gains = [(reset[position][0] - whole[position][0]) / whole[position][1] for position in starts]
         mean = sum(gains) / len(gains)
-        spread = math.sqrt(sum((gain - mean) ** 2 for gain in gains) / (len(gains) - 1) / len(gains)) if len(gains) > 1 else math.nan
-        rows.append({"start": start, "stop": None if stop == math.inf else stop, "tokens": tokens, "loss_whole": loss_whole,
-                     "loss_reset": loss_reset, "gain": loss_reset - loss_whole, "gain_stderr": spread})
+        spread = (
+            math.sqrt(sum((gain - mean) ** 2 for gain in gains) / (len(gains) - 1) / len(gains))
+            if len(gains) > 1
+            else math.nan
+        )
+        rows.append(
+            {
+                "start": start,
+                "stop": None if stop == math.inf else stop,
+                "tokens": tokens,
+                "loss_whole": loss_whole,
+                "loss_reset": loss_reset,
+                "gain": loss_reset - loss_whole,
+                "gain_stderr": spread,
+            }
+        )
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory or checkpoint of `bakallm train`")
-    parser.add_argument("--data", required=True, help="corpus whose documents are read one after another as one document")
+    parser.add_argument(
+        "--data", required=True, help="corpus whose documents are read one after another as one document"
+    )
     parser.add_argument("--tokenizer", help="tokenizer (default: the run's)")
     parser.add_argument("--tokens", type=int, default=1 << 20, help="length of the document (default 1048576)")
-    parser.add_argument("--reset-every", type=int, default=512, help="reset period of the comparison reading (default 512)")
-    parser.add_argument("--every", type=int, default=4096, help="record the state's sizes every N tokens (default 4096)")
+    parser.add_argument(
+        "--reset-every", type=int, default=512, help="reset period of the comparison reading (default 512)"
+    )
+    parser.add_argument(
+        "--every", type=int, default=4096, help="record the state's sizes every N tokens (default 4096)"
+    )
     parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="position bucket starts")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     parser.add_argument("--cache-dir", type=Path, help="token cache folder")
@@ -110,13 +131,17 @@ def main() -> int:
     reset, _, reset_s = read(model, document, args.reset_every, None, device)
     gains = bucket_gains(whole, reset, buckets)
 
-    print(f"{args.run}: {document.n_tokens:,} tokens of {args.data} read as one document "
-          f"(whole {whole_s:.0f} s, reset every {args.reset_every}: {reset_s:.0f} s, {torch.get_num_threads()} threads)")
+    print(
+        f"{args.run}: {document.n_tokens:,} tokens of {args.data} read as one document "
+        f"(whole {whole_s:.0f} s, reset every {args.reset_every}: {reset_s:.0f} s, {torch.get_num_threads()} threads)"
+    )
     print("| positions | tokens | loss whole | loss reset | gain (reset - whole) | stderr |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in gains:
         stop = "end" if row["stop"] is None else f"{row['stop']:,}"
-        print(f"| {row['start']:,}-{stop} | {row['tokens']:,} | {row['loss_whole']:.4f} | {row['loss_reset']:.4f} | {row['gain']:+.4f} | {row['gain_stderr']:.4f} |")
+        print(
+            f"| {row['start']:,}-{stop} | {row['tokens']:,} | {row['loss_whole']:.4f} | {row['loss_reset']:.4f} | {row['gain']:+.4f} | {row['gain_stderr']:.4f} |"
+        )
     names = [name for name in ("memory", "keys", "values", "conv", "ssm") if sizes and name in sizes[0]]
     print("\nroot-mean-square size of each part of the state (whole reading)")
     print("| position | " + " | ".join(names) + " |")
@@ -127,7 +152,9 @@ def main() -> int:
     if sizes:
         print("| max | " + " | ".join(f"{max(entry[name] for entry in sizes):.4f}" for name in names) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"run": str(args.run), "tokens": document.n_tokens, "gains": gains, "sizes": sizes}, indent=1))
+        args.json.write_text(
+            json.dumps({"run": str(args.run), "tokens": document.n_tokens, "gains": gains, "sizes": sizes}, indent=1)
+        )
     return 0
 
 

@@ -54,7 +54,9 @@ def scan_slices_at_once() -> None:
         carried = None
         for step in range(data[0].shape[self.axis]):
             here = (slice(None),) * self.axis + (step,)
-            current = tuple(self.to_tensor(np.ascontiguousarray(array[here]), tensor.dtype) for array, tensor in zip(data, inputs))
+            current = tuple(
+                self.to_tensor(np.ascontiguousarray(array[here]), tensor.dtype) for array, tensor in zip(data, inputs)
+            )
             carried = current if carried is None else self.combine_fn.fn(*carried, *current)
             carried = carried if isinstance(carried, tuple) else (carried,)
             for output, value in zip(outputs, carried):

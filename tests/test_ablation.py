@@ -26,10 +26,22 @@ def write_texts(folder, count, seed):
 def study_file(tmp_path, one_torch_thread):
     hf_config = tmp_path / "neox" / "config.json"
     hf_config.parent.mkdir()
-    hf_config.write_text(json.dumps({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "max_position_embeddings": 256, "vocab_size": 256, "rotary_pct": 0.25, "use_parallel_residual": True, "torch_dtype": "float16",
-    }))
+    hf_config.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 256,
+                "vocab_size": 256,
+                "rotary_pct": 0.25,
+                "use_parallel_residual": True,
+                "torch_dtype": "float16",
+            }
+        )
+    )
     spec = {
         "study": "mini",
         "output": str(tmp_path / "runs"),
@@ -38,9 +50,18 @@ def study_file(tmp_path, one_torch_thread):
         "train_tokens": 2 * 128 * 3,
         "seed": 0,
         "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 64, "n_memory": 2, "n_pauses": 2},
-        "training": {"batch_size": 2, "train_ctx": 128, "lr": 0.001, "warmup_steps": 0, "save_every": 2, "log_every": 1},
-        "eval": {"corpora": [{"name": "held-out", "data": str(write_texts(tmp_path / "eval", 1, 3)), "max_characters": 600}],
-                 "contexts": ["whole", 64]},
+        "training": {
+            "batch_size": 2,
+            "train_ctx": 128,
+            "lr": 0.001,
+            "warmup_steps": 0,
+            "save_every": 2,
+            "log_every": 1,
+        },
+        "eval": {
+            "corpora": [{"name": "held-out", "data": str(write_texts(tmp_path / "eval", 1, 3)), "max_characters": 600}],
+            "contexts": ["whole", 64],
+        },
         "variants": [
             {"name": "seed", "preset": "celp18-seed", "training": {"carry_state": False}},
             {"name": "neox", "hf_config": str(hf_config)},
@@ -61,14 +82,21 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
         recorded = results.rows(study="mini")
     rows = recorded[2:] + recorded[:2]  # in the study file's order
     # Two variants, one held-out corpus, two contexts: four rows; every variant trained 3 steps.
-    assert [(row.extra["variant"], row.extra["context"]) for row in rows] == [("seed", "whole"), ("seed", 64), ("neox", "whole"), ("neox", 64)]
+    assert [(row.extra["variant"], row.extra["context"]) for row in rows] == [
+        ("seed", "whole"),
+        ("seed", 64),
+        ("neox", "whole"),
+        ("neox", 64),
+    ]
     assert all(row.extra["train_tokens"] == 3 * 2 * 128 - row.extra["train_tokens"] % 1 for row in rows)
     assert {row.model_kind for row in rows} == {"bakallm", "hf"}
     # The held-out text is cut to 600 characters: 599 scored byte tokens.
     assert all(row.tokens == 599 for row in rows)
     # Each row keeps the loss by position in the document, for `bakallm results --study --context-use`.
     expected_buckets = [(0, 512), (512, 87), (2048, 0), (8192, 0)]  # the 599 scored tokens by position
-    assert all([(bucket["start"], bucket["tokens"]) for bucket in row.position_losses] == expected_buckets for row in rows)
+    assert all(
+        [(bucket["start"], bucket["tokens"]) for bucket in row.position_losses] == expected_buckets for row in rows
+    )
     neox_whole = rows[2]
     assert (neox_whole.n_ctx, neox_whole.stride) == (128, 64)  # a transformer reads at most its train_ctx
     assert (rows[3].n_ctx, rows[3].stride) == (64, 64)  # reset every 64: windows that do not overlap
@@ -93,7 +121,9 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     capsys.readouterr()  # the variants' training log lines
     assert main(["results", "--study", "mini", "--db", str(db)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |")
+    assert table[0].startswith(
+        "| variant | params | train tokens | train min | loss held-out @whole (delta) | loss held-out @64 (delta) |"
+    )
     assert [line.split("|")[1].strip() for line in table[2:]] == ["seed", "neox"]
     assert "(+0.0000)" in table[2]  # the first variant is the reference of the deltas
     from bakallm.plotting import study_run_dirs
@@ -107,7 +137,9 @@ def test_study_runs_resumes_and_tabulates(study_file, tmp_path, capsys):
     capsys.readouterr()  # the plot's "wrote ..." line
     assert main(["results", "--study", "mini", "--context-use", "--db", str(db)]) == 0
     context_use = capsys.readouterr().out.splitlines()
-    assert context_use[0].startswith("| model | benchmark | contexts | loss (longest) | loss (shortest) | gain 0-512 | gain 512-2K |")
+    assert context_use[0].startswith(
+        "| model | benchmark | contexts | loss (longest) | loss (shortest) | gain 0-512 | gain 512-2K |"
+    )
     seed_line = next(line for line in context_use if line.startswith("| mini/seed |")).split(" | ")
     seed_whole, seed_64 = rows[0], rows[1]
     assert seed_line[2:5] == ["1T vs 64", f"{seed_whole.loss:.4f}", f"{seed_64.loss:.4f}"]
@@ -153,20 +185,45 @@ def test_hf_run_is_benchmarked_through_bench(study_file, tmp_path, capsys):
     run_study(study, db, log=lambda message: None)
     capsys.readouterr()
     (held_out,) = (tmp_path / "runs" / "data").glob("eval-held-out-*.jsonl")
-    code = main(["bench", str(tmp_path / "runs" / "neox"), "--data", str(held_out), "--n-ctx", "128",
-                 "--db", str(db), "--json", "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "bench",
+            str(tmp_path / "runs" / "neox"),
+            "--data",
+            str(held_out),
+            "--n-ctx",
+            "128",
+            "--db",
+            str(db),
+            "--json",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     with ResultsDB(db) as results:
-        ablated = [r for r in results.rows(study="mini") if r.extra["variant"] == "neox" and r.extra["context"] == "whole"][0]
+        ablated = [
+            r for r in results.rows(study="mini") if r.extra["variant"] == "neox" and r.extra["context"] == "whole"
+        ][0]
     assert row["model_kind"] == "hf" and row["model_name"] == "neox"
     assert row["loss"] == pytest.approx(ablated.loss, abs=1e-5)
 
 
 def test_study_file_errors_are_one_sentence(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"study": "x", "tokenizer": "bytes", "train_tokens": 10, "eval": {"corpora": [{"name": "a", "data": "a"}]},
-                                    "variants": [{"name": "a", "preset": "tiny", "hf_config": "c"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "study": "x",
+                "tokenizer": "bytes",
+                "train_tokens": 10,
+                "eval": {"corpora": [{"name": "a", "data": "a"}]},
+                "variants": [{"name": "a", "preset": "tiny", "hf_config": "c"}],
+            }
+        )
+    )
     with pytest.raises(UserError, match="exactly one of preset and hf_config"):
         load_study(path)
 
@@ -189,7 +246,9 @@ def test_a_study_logged_to_a_file_has_no_transformers_progress_bars(study_file, 
 
     transformers_logging.enable_progress_bar()  # as in a fresh process; another test may have turned them off
     assert main(["ablate", str(study_file), "--db", str(tmp_path / "results.sqlite3"), "--variants", "neox"]) == 0
-    assert "Writing model shards" not in capfd.readouterr().err  # stderr is a pipe here, as in `bakallm ablate ... 2> log`
+    assert (
+        "Writing model shards" not in capfd.readouterr().err
+    )  # stderr is a pipe here, as in `bakallm ablate ... 2> log`
 
 
 def test_a_study_with_a_recall_test_trains_on_the_recall_mix_and_records_recall_rows(study_file, tmp_path, capsys):
@@ -197,7 +256,13 @@ def test_a_study_with_a_recall_test_trains_on_the_recall_mix_and_records_recall_
     filler = tmp_path / "filler"
     write_texts(filler, 2, 9)
     spec["training"].update(recall_every=100, recall_max_distance=128)
-    spec["eval"]["recall"] = {"data": str(filler), "distances": [0.5, 2], "samples": 3, "window": 64, "contexts": ["whole", 64]}
+    spec["eval"]["recall"] = {
+        "data": str(filler),
+        "distances": [0.5, 2],
+        "samples": 3,
+        "window": 64,
+        "contexts": ["whole", 64],
+    }
     path = tmp_path / "recall.yaml"
     path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "results.sqlite3"
@@ -205,7 +270,10 @@ def test_a_study_with_a_recall_test_trains_on_the_recall_mix_and_records_recall_
     with ResultsDB(db) as results:
         recall_rows = results.rows(study="mini", task="recall")
     assert [(row.extra["variant"], row.extra["context"], row.n_ctx) for row in recall_rows] == [
-        ("seed", "whole", 1 << 40), ("seed", 64, 64), ("neox", "whole", 128), ("neox", 64, 64)
+        ("seed", "whole", 1 << 40),
+        ("seed", 64, 64),
+        ("neox", "whole", 128),
+        ("neox", 64, 64),
     ]
     for row in recall_rows:
         assert [(score["distance_tokens"], score["samples"]) for score in row.recall] == [(32, 3), (128, 3)]
@@ -217,8 +285,11 @@ def test_a_study_with_a_recall_test_trains_on_the_recall_mix_and_records_recall_
 
 def test_a_bad_recall_section_is_refused(study_file, tmp_path):
     spec = yaml.safe_load(study_file.read_text())
-    for recall, message in (({"distances": [1]}, "must be a mapping with data"), ({"data": "x", "distances": [0]}, "above zero"),
-                            ({"data": "x", "samples": 0}, "--samples must be at least 1")):
+    for recall, message in (
+        ({"distances": [1]}, "must be a mapping with data"),
+        ({"data": "x", "distances": [0]}, "above zero"),
+        ({"data": "x", "samples": 0}, "--samples must be at least 1"),
+    ):
         spec["eval"]["recall"] = recall
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(spec))
@@ -233,7 +304,10 @@ def test_a_later_stage_starts_from_an_earlier_variant_of_the_study(study_file, t
     from bakallm.training.trainer import Trainer
 
     spec = yaml.safe_load(study_file.read_text())
-    spec["variants"] = [{"name": "first", "preset": "tiny"}, {"name": "second", "preset": "tiny", "training": {"init_from": "first"}}]
+    spec["variants"] = [
+        {"name": "first", "preset": "tiny"},
+        {"name": "second", "preset": "tiny", "training": {"init_from": "first"}},
+    ]
     path = tmp_path / "staged.yaml"
     path.write_text(yaml.safe_dump(spec))
     study = load_study(path)

@@ -11,7 +11,9 @@ from bakallm.acceleration import checkpoint_layers
 
 def _model() -> BakaLM:
     torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=16, n_memory=2, n_pauses=2)
+    config = ModelConfig.preset(
+        "tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=16, n_memory=2, n_pauses=2
+    )
     return BakaLM(config)
 
 

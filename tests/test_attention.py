@@ -25,7 +25,9 @@ def rotate(vector: torch.Tensor, position: int) -> torch.Tensor:
     half = vector.shape[-1] // 2
     angles = position / BASE ** (torch.arange(half, dtype=torch.float64) * 2 / vector.shape[-1])
     first, second = vector[..., :half], vector[..., half:]
-    return torch.cat((first * angles.cos() - second * angles.sin(), second * angles.cos() + first * angles.sin()), dim=-1)
+    return torch.cat(
+        (first * angles.cos() - second * angles.sin(), second * angles.cos() + first * angles.sin()), dim=-1
+    )
 
 
 def naive_xl_attention(attention: XLAttention, x, past_key, past_value, has_past):
@@ -41,7 +43,11 @@ def naive_xl_attention(attention: XLAttention, x, past_key, past_value, has_past
     output = torch.zeros(batch, length, heads, head_dim, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
-            keys = [(j, past_key[b, h, j].double(), past_value[b, h, j].double()) for j in range(past_length)] if has_past[b] else []
+            keys = (
+                [(j, past_key[b, h, j].double(), past_value[b, h, j].double()) for j in range(past_length)]
+                if has_past[b]
+                else []
+            )
             for i in range(length):
                 visible = keys + [(past_length + j, key[b, j, h], value[b, j, h]) for j in range(i + 1)]
                 q = rotate(query[b, i, h], past_length + i)
@@ -61,7 +67,9 @@ def test_xl_attention_equals_naive_softmax_attention_at_absolute_positions(past_
     has_past = torch.tensor([True, False])  # the second row is a fresh document: its random past must be invisible
     cos, sin = rotary_tables(past_length + length, head_dim, BASE, torch.device("cpu"))
     with torch.no_grad():
-        output, key, value = attention(x, past_key, past_value, xl_attention_mask(has_past, past_length, length), cos, sin)
+        output, key, value = attention(
+            x, past_key, past_value, xl_attention_mask(has_past, past_length, length), cos, sin
+        )
     expected = naive_xl_attention(attention, x, past_key, past_value, has_past)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
     # The cache handed on is this window's keys and values, unrotated.
@@ -82,7 +90,14 @@ def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 
 def with_cache_of(state: RecurrentState, other: RecurrentState) -> RecurrentState:
     """`state` with the attention keys and values of `other`: memory and Mamba state stay those of `state`."""
-    return RecurrentState(memory=state.memory, keys=other.keys, values=other.values, conv=state.conv, ssm=state.ssm, has_past=state.has_past)
+    return RecurrentState(
+        memory=state.memory,
+        keys=other.keys,
+        values=other.values,
+        conv=state.conv,
+        ssm=state.ssm,
+        has_past=state.has_past,
+    )
 
 
 def test_the_previous_window_reaches_the_next_through_attention_alone():

@@ -92,10 +92,18 @@ def test_count_batches_matches_the_batches_delivered():
     corpus, _ = numbered_corpus(rng.integers(0, 60, size=30).tolist())
     for mode in MODES:
         for max_doc_tokens in (None, 7):
-            batcher = DocumentBatcher(corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens)
+            batcher = DocumentBatcher(
+                corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens
+            )
             for _ in range(5):
                 batcher.next_batch()  # counting starts from the beginning whatever the position
-            expected = len(list(DocumentBatcher(corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens)))
+            expected = len(
+                list(
+                    DocumentBatcher(
+                        corpus, 4, 5, mode=mode, shuffle=True, seed=2, max_epochs=3, max_doc_tokens=max_doc_tokens
+                    )
+                )
+            )
             assert batcher.count_batches() == expected
 
 
@@ -113,7 +121,9 @@ def test_rolling_epochs_deliver_every_target_once_per_epoch_and_idle_only_at_the
 ):
     corpus, token_lists = numbered_corpus(lengths)
     expected_targets = sorted(t for tokens in token_lists if len(tokens) >= 2 for t in tokens[1:])
-    batcher = DocumentBatcher(corpus, batch_size, train_ctx, shuffle=shuffle, seed=1, max_epochs=epochs, max_doc_tokens=max_doc_tokens)
+    batcher = DocumentBatcher(
+        corpus, batch_size, train_ctx, shuffle=shuffle, seed=1, max_epochs=epochs, max_doc_tokens=max_doc_tokens
+    )
     seen, epochs_ended, idle_seen = [], 0, False
     for batch in batcher:
         targets = batch.targets.numpy()
@@ -141,7 +151,9 @@ def test_every_non_first_token_is_a_target_exactly_once_per_epoch(lengths, batch
     corpus, token_lists = numbered_corpus(lengths)
     first_tokens = {tokens[0] for tokens in token_lists if tokens}
     expected_targets = sorted(t for tokens in token_lists if len(tokens) >= 2 for t in tokens[1:])
-    batcher = DocumentBatcher(corpus, batch_size, train_ctx, mode=mode, shuffle=shuffle, seed=seed, pad_id=PAD, max_epochs=1)
+    batcher = DocumentBatcher(
+        corpus, batch_size, train_ctx, mode=mode, shuffle=shuffle, seed=seed, pad_id=PAD, max_epochs=1
+    )
     seen_targets, last_target_of_row = [], [None] * batch_size
     idle_seen = False
     for _ in range(sum(lengths) + len(lengths) + 1):

@@ -22,8 +22,12 @@ def compiled_graphs() -> int:
 def test_training_steps_and_evaluation_windows_compile_once():
     torch._dynamo.reset()
     counters.clear()
-    config = ModelConfig.preset("tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, window=32, n_memory=4, n_pauses=4)
-    model = compile_layers(BakaLM(config), backend="eager")  # Dynamo's guards decide recompilation, whatever the backend
+    config = ModelConfig.preset(
+        "tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, window=32, n_memory=4, n_pauses=4
+    )
+    model = compile_layers(
+        BakaLM(config), backend="eager"
+    )  # Dynamo's guards decide recompilation, whatever the backend
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     state = model.init_state(3)
@@ -65,18 +69,39 @@ def test_trainer_and_evaluator_compiled_under_bfloat16_autocast_never_recompile(
     corpus.mkdir()
     rng = random.Random(0)
     for index in range(5):
-        words = " ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat", "and", "ran"]) for _ in range(rng.randint(20, 90)))
+        words = " ".join(
+            rng.choice(["the", "cat", "sat", "on", "a", "mat", "and", "ran"]) for _ in range(rng.randint(20, 90))
+        )
         (corpus / f"doc{index}.txt").write_text(words, encoding="utf-8")
     model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}))
+    model_file.write_text(
+        json.dumps(
+            {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}
+        )
+    )
 
     def trainer(compiled: bool) -> Trainer:
-        return Trainer(TrainConfig(
-            preset="tiny", model_config=str(model_file), data=str(corpus), tokenizer="bytes", batch_size=3, train_ctx=64,
-            run_dir=str(tmp_path / f"run-{compiled}"), cache_dir=str(tmp_path / "cache"), progress=False, compile=compiled,
-            precision="bfloat16", device="cpu", eval_data=str(corpus), eval_n_ctx=64, max_steps=100, warmup_steps=1,
-            epochs=100,
-        ))
+        return Trainer(
+            TrainConfig(
+                preset="tiny",
+                model_config=str(model_file),
+                data=str(corpus),
+                tokenizer="bytes",
+                batch_size=3,
+                train_ctx=64,
+                run_dir=str(tmp_path / f"run-{compiled}"),
+                cache_dir=str(tmp_path / "cache"),
+                progress=False,
+                compile=compiled,
+                precision="bfloat16",
+                device="cpu",
+                eval_data=str(corpus),
+                eval_n_ctx=64,
+                max_steps=100,
+                warmup_steps=1,
+                epochs=100,
+            )
+        )
 
     def run(compiled: bool) -> tuple[list[float], list[float]]:
         trainer_ = trainer(compiled)
@@ -100,4 +125,6 @@ def test_trainer_and_evaluator_compiled_under_bfloat16_autocast_never_recompile(
     assert compiled_graphs() > 0
     eager_losses, eager_evaluations = run(compiled=False)
     assert all(math.isfinite(loss) for loss in compiled_losses + compiled_evaluations)
-    assert max(abs(a - b) for a, b in zip(compiled_losses + compiled_evaluations, eager_losses + eager_evaluations)) < 0.05
+    assert (
+        max(abs(a - b) for a, b in zip(compiled_losses + compiled_evaluations, eager_losses + eager_evaluations)) < 0.05
+    )

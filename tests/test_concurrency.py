@@ -62,8 +62,26 @@ def test_a_second_train_on_a_run_directory_in_use_is_refused(tmp_path, lock_hold
     (corpus / "a.txt").write_text("the cat sat on the mat. " * 100, encoding="utf-8")
     run_dir = tmp_path / "run"
     holder = lock_holder(run_dir)
-    args = ["train", "--data", str(corpus), "--tokenizer", "bytes", "--max-steps", "1", "--run-dir", str(run_dir), "--no-progress",
-            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--batch-size", "1", "--train-ctx", "64"]
+    args = [
+        "train",
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        "bytes",
+        "--max-steps",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "--train-ctx",
+        "64",
+    ]
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
         f"bakallm train: error: {run_dir.resolve()} is in use by another process (pid {holder.pid}); wait for it to finish or stop it, then run the command again."
@@ -76,11 +94,30 @@ def test_a_train_that_fails_to_start_leaves_its_run_directory_free(tmp_path, cap
     corpus.mkdir()
     (corpus / "bad.txt").write_bytes(b"\xff\xfe not text")
     run_dir = tmp_path / "run"
-    assert main(["train", "--data", str(corpus), "--tokenizer", "bytes", "--run-dir", str(run_dir), "--no-progress", "--threads", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(corpus),
+                "--tokenizer",
+                "bytes",
+                "--run-dir",
+                str(run_dir),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 2
+    )
     capsys.readouterr()
     # Another process can take the lock at once: this one released it although it lives on.
-    taken = subprocess.run([sys.executable, "-c", "import sys; from bakallm.locks import RunLock; RunLock(sys.argv[1])", str(run_dir)],
-                           capture_output=True, text=True)
+    taken = subprocess.run(
+        [sys.executable, "-c", "import sys; from bakallm.locks import RunLock; RunLock(sys.argv[1])", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert taken.returncode == 0, taken.stderr
 
 
@@ -96,8 +133,12 @@ WRITE_ROWS = textwrap.dedent("""
 
 def test_eight_processes_adding_rows_to_one_database_lose_none(tmp_path):
     path = tmp_path / "results.sqlite3"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITE_ROWS, str(path), f"w{writer}", "40"], stderr=subprocess.PIPE, text=True)
-               for writer in range(8)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITE_ROWS, str(path), f"w{writer}", "40"], stderr=subprocess.PIPE, text=True
+        )
+        for writer in range(8)
+    ]
     for writer in writers:
         assert writer.wait(timeout=120) == 0, writer.stderr.read()
     import sqlite3
@@ -110,21 +151,34 @@ def test_two_ablate_processes_sharing_a_study_run_each_variant_once(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for index in range(3):
-        (corpus / f"doc{index}.txt").write_text(f"story {index}: " + "the cat sat on the mat and ran away. " * 60, encoding="utf-8")
+        (corpus / f"doc{index}.txt").write_text(
+            f"story {index}: " + "the cat sat on the mat and ran away. " * 60, encoding="utf-8"
+        )
     spec = {
-        "study": "shared", "output": str(tmp_path / "runs"), "tokenizer": "bytes", "data": [str(corpus)], "train_tokens": 2 * 64 * 2, "seed": 0,
+        "study": "shared",
+        "output": str(tmp_path / "runs"),
+        "tokenizer": "bytes",
+        "data": [str(corpus)],
+        "train_tokens": 2 * 64 * 2,
+        "seed": 0,
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "window": 32, "n_memory": 2, "n_pauses": 2},
         "training": {"batch_size": 2, "train_ctx": 64, "lr": 0.001, "warmup_steps": 0, "save_every": 2},
         "eval": {"corpora": [{"name": "held-out", "data": str(corpus), "max_characters": 300}], "contexts": ["whole"]},
-        "variants": [{"name": "first", "preset": "tiny"}, {"name": "second", "preset": "tiny", "training": {"init_from": "first"}},
-                     {"name": "third", "preset": "tiny", "model": {"d_ff": 48}}],
+        "variants": [
+            {"name": "first", "preset": "tiny"},
+            {"name": "second", "preset": "tiny", "training": {"init_from": "first"}},
+            {"name": "third", "preset": "tiny", "model": {"d_ff": 48}},
+        ],
     }
     study = tmp_path / "shared.yaml"
     study.write_text(yaml.safe_dump(spec))
     db = tmp_path / "results.sqlite3"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "bakallm", "ablate", str(study), "--db", str(db), "--no-progress"]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, out + err

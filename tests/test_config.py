@@ -8,7 +8,15 @@ from bakallm import BakaLM, ModelConfig
 
 def test_presets_have_the_documented_shapes():
     celp = ModelConfig.preset("celp18")
-    assert (celp.d_model, celp.n_layers, celp.n_heads, celp.d_ff, celp.window, celp.n_memory, celp.n_pauses) == (768, 8, 12, 3072, 512, 16, 8)
+    assert (celp.d_model, celp.n_layers, celp.n_heads, celp.d_ff, celp.window, celp.n_memory, celp.n_pauses) == (
+        768,
+        8,
+        12,
+        3072,
+        512,
+        16,
+        8,
+    )
     assert celp.padded_vocab_size == 50304 and celp.padded_vocab_size % 64 == 0
     assert celp.carry_mamba_state and not ModelConfig.preset("celp18-seed").carry_mamba_state
     assert ModelConfig.preset("tiny").d_model == 128
@@ -16,15 +24,24 @@ def test_presets_have_the_documented_shapes():
 
 def parameters_written_out(config: ModelConfig) -> int:
     """The parameter count of a BakaLM, tensor by tensor."""
-    d, vocab, d_inner, rank, n_state = config.d_model, config.padded_vocab_size, config.d_inner, config.dt_rank, config.mamba_d_state
+    d, vocab, d_inner, rank, n_state = (
+        config.d_model,
+        config.padded_vocab_size,
+        config.d_inner,
+        config.dt_rank,
+        config.mamba_d_state,
+    )
     attention = 3 * d * d + d * d
     mlp = 3 * d * config.d_ff
     mamba = (
         d * 2 * d_inner  # in_proj
-        + d_inner * config.mamba_d_conv + d_inner  # depthwise conv and its bias
+        + d_inner * config.mamba_d_conv
+        + d_inner  # depthwise conv and its bias
         + d_inner * (rank + 2 * n_state)  # x_proj
-        + rank * d_inner + d_inner  # dt_proj
-        + d_inner * n_state + d_inner  # A_log, D
+        + rank * d_inner
+        + d_inner  # dt_proj
+        + d_inner * n_state
+        + d_inner  # A_log, D
         + d_inner * d  # out_proj
     )
     layer = d + attention + mlp + (d + mamba if config.mamba else 0)  # two RMSNorm weights with Mamba

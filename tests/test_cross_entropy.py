@@ -36,7 +36,9 @@ def test_token_losses_are_each_tokens_cross_entropy_and_sum_to_the_loss():
     hidden, weight, targets = head_inputs()
     want = F.cross_entropy(F.linear(hidden, weight[:37]), targets, ignore_index=IGNORE_INDEX, reduction="none")
     loss, token_losses = linear_cross_entropy(hidden, weight, targets, 37, chunk_tokens=5, return_token_losses=True)
-    assert token_losses.shape == targets.shape and token_losses.dtype == torch.float32 and not token_losses.requires_grad
+    assert (
+        token_losses.shape == targets.shape and token_losses.dtype == torch.float32 and not token_losses.requires_grad
+    )
     torch.testing.assert_close(token_losses.double(), want, rtol=1e-6, atol=1e-6)
     assert (token_losses[targets == IGNORE_INDEX] == 0).all()
     torch.testing.assert_close(token_losses.sum(), loss)

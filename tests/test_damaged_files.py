@@ -13,16 +13,48 @@ from bakallm.training import checkpoint as ckpt
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     for index in range(3):
-        (folder / f"doc{index}.txt").write_text(f"story {index}: " + "the cat sat on the mat and ran. " * 80, encoding="utf-8")
+        (folder / f"doc{index}.txt").write_text(
+            f"story {index}: " + "the cat sat on the mat and ran. " * 80, encoding="utf-8"
+        )
     return folder
 
 
 def _train(corpus, run_dir, *extra):
     model_file = run_dir.parent / "small.json"
-    model_file.write_text('{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}')
-    return main(["train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
-                 "--batch-size", "2", "--train-ctx", "64", "--warmup-steps", "1", "--save-every", "2", "--keep-last", "3", "--no-progress",
-                 "--threads", "1", "--cache-dir", str(run_dir.parent / "cache"), "--run-dir", str(run_dir), *extra])
+    model_file.write_text(
+        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
+    )
+    return main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--model-config",
+            str(model_file),
+            "--data",
+            str(corpus),
+            "--tokenizer",
+            "bytes",
+            "--batch-size",
+            "2",
+            "--train-ctx",
+            "64",
+            "--warmup-steps",
+            "1",
+            "--save-every",
+            "2",
+            "--keep-last",
+            "3",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--cache-dir",
+            str(run_dir.parent / "cache"),
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +105,10 @@ def test_resume_continues_from_the_newest_complete_checkpoint_with_a_warning(run
 def test_a_latest_naming_a_missing_checkpoint_resumes_from_the_newest_and_bench_names_it(run, capsys, tmp_path):
     (run / "LATEST").write_text("step-00000099\n")
     assert main(["bench", str(run), "--db", str(tmp_path / "r.sqlite3"), "--no-progress"]) == 2
-    assert _error(capsys) == (f"bakallm bench: error: {run / 'LATEST'} names checkpoint 'step-00000099', which is missing; "
-                              "pass one of its checkpoint folders (step-00000002, step-00000004).")
+    assert _error(capsys) == (
+        f"bakallm bench: error: {run / 'LATEST'} names checkpoint 'step-00000099', which is missing; "
+        "pass one of its checkpoint folders (step-00000002, step-00000004)."
+    )
     assert main(["train", "--resume", str(run), "--max-steps", "6", "--no-progress"]) == 0
     assert "LATEST names 'step-00000099', which is missing: resuming from step-00000004" in capsys.readouterr().err
 
@@ -84,14 +118,19 @@ def test_every_checkpoint_damaged_is_one_sentence(run, capsys):
         (run / "checkpoints" / step / ckpt.MODEL_FILE).write_bytes(b"x")
     assert main(["train", "--resume", str(run), "--max-steps", "6", "--no-progress"]) == 2
     error = _error(capsys)
-    assert error.startswith(f"bakallm train: error: {run.resolve()} holds no complete checkpoint: step-00000004 is damaged (model.safetensors: ")
+    assert error.startswith(
+        f"bakallm train: error: {run.resolve()} holds no complete checkpoint: step-00000004 is damaged (model.safetensors: "
+    )
     assert error.endswith("start a new run with --run-dir.")
 
 
 @pytest.mark.parametrize("command", ["bench", "generate", "export"])
 def test_damaged_weights_and_config_are_named_by_every_command(run, capsys, tmp_path, command):
-    extra = {"bench": ["--db", str(tmp_path / "r.sqlite3"), "--no-progress"], "generate": ["--prompt", "the cat", "--max-new-tokens", "2"],
-             "export": [str(tmp_path / "exported")]}[command]
+    extra = {
+        "bench": ["--db", str(tmp_path / "r.sqlite3"), "--no-progress"],
+        "generate": ["--prompt", "the cat", "--max-new-tokens", "2"],
+        "export": [str(tmp_path / "exported")],
+    }[command]
     weights = run / "checkpoints" / "step-00000004" / ckpt.MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     assert main([command, str(run), *extra]) == 2
@@ -101,7 +140,10 @@ def test_damaged_weights_and_config_are_named_by_every_command(run, capsys, tmp_
         config.write_text("{ damaged")
     assert main([command, str(run), *extra]) == 2
     error = _error(capsys)
-    assert any(error.startswith(f"bakallm {command}: error: Cannot read {config} (") for config in (run / "config.json", weights.parent / "config.json")), error
+    assert any(
+        error.startswith(f"bakallm {command}: error: Cannot read {config} (")
+        for config in (run / "config.json", weights.parent / "config.json")
+    ), error
     assert not (tmp_path / "exported").exists()
 
 

@@ -16,7 +16,9 @@ from bakallm.cli import main
 from bakallm.errors import UserError
 from bakallm.training import checkpoint as ckpt
 
-pytestmark = pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs a POSIX file-size limit (RLIMIT_FSIZE)")
+pytestmark = pytest.mark.skipif(
+    not hasattr(resource, "RLIMIT_FSIZE"), reason="needs a POSIX file-size limit (RLIMIT_FSIZE)"
+)
 
 
 @contextlib.contextmanager
@@ -37,16 +39,42 @@ def corpus(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for index in range(4):
-        (folder / f"doc{index}.txt").write_text(f"document {index}: " + "the cat sat on the mat. " * 200, encoding="utf-8")
+        (folder / f"doc{index}.txt").write_text(
+            f"document {index}: " + "the cat sat on the mat. " * 200, encoding="utf-8"
+        )
     return folder
 
 
 def _train_args(corpus, tmp_path, *extra):
     model_file = tmp_path / "small.json"
-    model_file.write_text('{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}')
-    return ["train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
-            "--batch-size", "2", "--train-ctx", "64", "--warmup-steps", "1", "--save-every", "2", "--no-progress", "--threads", "1",
-            "--cache-dir", str(tmp_path / "cache"), *extra]
+    model_file.write_text(
+        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
+    )
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(model_file),
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        "2",
+        "--train-ctx",
+        "64",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "2",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
 
 
 def _one_error_line(capsys) -> str:
@@ -64,11 +92,15 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_the_run_resu
     with file_size_limit(weights_size // 2):
         assert main(["train", "--resume", str(run_dir), "--max-steps", "4", "--no-progress"]) == 2
     error = _one_error_line(capsys)
-    assert error.startswith(f"bakallm train: error: Could not save checkpoint {run_dir.resolve() / 'checkpoints' / 'step-00000004'}: "
-                            "the file-size limit (ulimit -f) was reached; the last complete checkpoint, step-00000002, is unchanged")
+    assert error.startswith(
+        f"bakallm train: error: Could not save checkpoint {run_dir.resolve() / 'checkpoints' / 'step-00000004'}: "
+        "the file-size limit (ulimit -f) was reached; the last complete checkpoint, step-00000002, is unchanged"
+    )
     assert f"bakallm train --resume {run_dir.resolve()}" in error
     assert (run_dir / ckpt.LATEST_FILE).read_text().strip() == "step-00000002"
-    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["step-00000002"]  # no half-written folder
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000002"
+    ]  # no half-written folder
     assert {path.name: path.read_bytes() for path in ckpt.latest_checkpoint(run_dir).iterdir()} == before
     # With room again, the same command continues the run.
     assert main(["train", "--resume", str(run_dir), "--max-steps", "4", "--no-progress"]) == 0
@@ -80,7 +112,11 @@ def test_a_token_cache_that_does_not_fit_is_not_left_half_written(corpus, tmp_pa
     with file_size_limit(2000):  # the corpus is 19 kB of tokens
         assert main(args) == 2
     error = _one_error_line(capsys)
-    assert "Could not write the token cache " in error and "the file-size limit (ulimit -f) was reached" in error and "--cache-dir" in error
+    assert (
+        "Could not write the token cache " in error
+        and "the file-size limit (ulimit -f) was reached" in error
+        and "--cache-dir" in error
+    )
     assert list((tmp_path / "cache").iterdir()) == []
     assert main(args) == 0
 
@@ -90,20 +126,48 @@ def test_a_results_row_that_does_not_fit_leaves_the_database_readable(tmp_path, 
 
     path = tmp_path / "results.sqlite3"
     with ResultsDB(path) as db:
-        db.add(ResultRow(model_kind="bakallm", model_name="kept", benchmark="b", split="test", n_ctx=1, tokens=1, loss=1.0, ppl=2.7))
+        db.add(
+            ResultRow(
+                model_kind="bakallm",
+                model_name="kept",
+                benchmark="b",
+                split="test",
+                n_ctx=1,
+                tokens=1,
+                loss=1.0,
+                ppl=2.7,
+            )
+        )
     size = path.stat().st_size
-    big = ResultRow(model_kind="bakallm", model_name="big", benchmark="b", split="test", n_ctx=1, tokens=1, loss=1.0, ppl=2.7, note="x" * 200_000)
+    big = ResultRow(
+        model_kind="bakallm",
+        model_name="big",
+        benchmark="b",
+        split="test",
+        n_ctx=1,
+        tokens=1,
+        loss=1.0,
+        ppl=2.7,
+        note="x" * 200_000,
+    )
     with ResultsDB(path) as db, file_size_limit(size + 4096), pytest.raises(UserError) as raised:
         db.add(big)
-    assert str(raised.value).startswith(f"Could not add a row to {path}: ") and "the rows stored before are unchanged" in str(raised.value)
+    assert str(raised.value).startswith(
+        f"Could not add a row to {path}: "
+    ) and "the rows stored before are unchanged" in str(raised.value)
     with ResultsDB(path) as db:
         assert [row.model_name for row in db.rows()] == ["kept"]
         db.add(big)
-    assert [name for (name,) in sqlite3.connect(path).execute("SELECT model_name FROM results ORDER BY id")] == ["kept", "big"]
+    assert [name for (name,) in sqlite3.connect(path).execute("SELECT model_name FROM results ORDER BY id")] == [
+        "kept",
+        "big",
+    ]
 
 
 def test_an_export_that_does_not_fit_leaves_no_folder_and_succeeds_later(tmp_path, capsys):
-    config = ModelConfig.preset("tiny", vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64, window=16, n_memory=2, n_pauses=2)
+    config = ModelConfig.preset(
+        "tiny", vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64, window=16, n_memory=2, n_pauses=2
+    )
     model = BakaLM(config)
     ckpt.write_run_config(tmp_path / "run", config.to_dict(), {"tokenizer": "bytes"})
     ckpt.save_checkpoint(tmp_path / "run", "step-00000001", ckpt.savable_weights(model), {}, {}, None, {}, keep_last=1)
@@ -130,7 +194,10 @@ def test_no_room_is_recognised_behind_the_errors_of_libraries():
     import errno
 
     assert no_room_reason(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
-    assert no_room_reason(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")) == "the file-size limit (ulimit -f) was reached"
+    assert (
+        no_room_reason(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"))
+        == "the file-size limit (ulimit -f) was reached"
+    )
     assert no_room_reason(sqlite3.OperationalError("database or disk is full")) == "the disk is full"
     wrapped = RuntimeError("unexpected pos 640 vs 534")
     wrapped.__context__ = OSError(errno.EDQUOT, "Disk quota exceeded")

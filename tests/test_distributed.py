@@ -49,20 +49,56 @@ def workspace(tmp_path_factory) -> Path:
     for index in range(10):
         words = [rng.choice(WORDS) for _ in range(rng.randint(10, 70))]
         (corpus / f"doc{index:02d}.txt").write_text(" ".join(words) + ".", encoding="utf-8")
-    (folder / "model.json").write_text(json.dumps({"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "window": 16, "n_memory": 2, "n_pauses": 2}))
+    (folder / "model.json").write_text(
+        json.dumps({"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "window": 16, "n_memory": 2, "n_pauses": 2})
+    )
     return folder
 
 
 def train_args(workspace: Path, run_dir: Path, batch_size: int, *extra: str) -> list[str]:
     return [
-        "train", "--preset", "tiny", "--model-config", str(workspace / "model.json"), "--data", str(workspace / "corpus"),
-        "--tokenizer", "bytes", "--batch-size", str(batch_size), "--train-ctx", "32", "--lr", "3e-3", "--warmup-steps", "2",
-        "--shuffle", "--epochs", "100", "--decay-steps", str(STEPS), "--device", "cpu", "--run-dir", str(run_dir), "--no-progress",
-        "--grad-accum", "2", "--cache-dir", str(workspace / "cache"), "--save-every", "100", "--threads", "1", *extra,
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(workspace / "model.json"),
+        "--data",
+        str(workspace / "corpus"),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        str(batch_size),
+        "--train-ctx",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--shuffle",
+        "--epochs",
+        "100",
+        "--decay-steps",
+        str(STEPS),
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--grad-accum",
+        "2",
+        "--cache-dir",
+        str(workspace / "cache"),
+        "--save-every",
+        "100",
+        "--threads",
+        "1",
+        *extra,
     ]
 
 
-def launch(world_size: int, command: Callable[[int], int], log_prefix: Path, timeout: float = 240) -> list[tuple[int, str]]:
+def launch(
+    world_size: int, command: Callable[[int], int], log_prefix: Path, timeout: float = 240
+) -> list[tuple[int, str]]:
     """Runs `command(rank)` in `world_size` ranks with torchrun's environment; (exit status, output) per rank.
 
     The ranks are forked from this process, so they skip the seconds of importing torch that a fresh
@@ -73,7 +109,10 @@ def launch(world_size: int, command: Callable[[int], int], log_prefix: Path, tim
         port = probe.getsockname()[1]
     logs = [Path(f"{log_prefix}.rank{rank}.log") for rank in range(world_size)]
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, command, logs[rank])) for rank in range(world_size)]
+    processes = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, command, logs[rank]))
+        for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     deadline = time.monotonic() + timeout
@@ -103,7 +142,9 @@ def _rank_main(rank: int, world_size: int, port: int, command: Callable[[int], i
 def run_ranks(world_size: int, args: list[str], run_dir: Path) -> None:
     """`bakallm ARGS` in `world_size` ranks, as `torchrun --nproc-per-node WORLD_SIZE -m bakallm ARGS` runs it."""
     results = launch(world_size, lambda rank: main(args), log_prefix=run_dir)
-    assert all(code == 0 for code, _ in results), "\n".join(f"rank {rank} exited {code}:\n{log}" for rank, (code, log) in enumerate(results))
+    assert all(code == 0 for code, _ in results), "\n".join(
+        f"rank {rank} exited {code}:\n{log}" for rank, (code, log) in enumerate(results)
+    )
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -120,7 +161,10 @@ def assert_trains_like(reference: Path, run_dir: Path) -> None:
     expected, got = step_losses(reference), step_losses(run_dir)
     assert len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(expected, got)) <= TOLERANCE, (expected, got)
-    (weights, optimizer), (reference_weights, reference_optimizer) = checkpoint_files(run_dir), checkpoint_files(reference)
+    (weights, optimizer), (reference_weights, reference_optimizer) = (
+        checkpoint_files(run_dir),
+        checkpoint_files(reference),
+    )
     assert weights.keys() == reference_weights.keys()
     assert max((weights[name] - tensor).abs().max().item() for name, tensor in reference_weights.items()) <= TOLERANCE
     assert optimizer["param_groups"] == reference_optimizer["param_groups"]
@@ -151,7 +195,10 @@ def test_rank_rows_together_are_the_single_process_batches(workspace):
     corpus = TokenizedCorpus.from_token_lists([list(rng.integers(1, 50, size=n)) for n in lengths], vocab_size=50)
     for mode in MODES:
         whole = DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3)
-        ranks = [DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3, rows=range(rank * 2, rank * 2 + 2)) for rank in range(3)]
+        ranks = [
+            DocumentBatcher(corpus, 6, 16, mode=mode, shuffle=True, seed=3, rows=range(rank * 2, rank * 2 + 2))
+            for rank in range(3)
+        ]
         for _ in range(60):  # several epochs
             expected, parts = whole.next_batch(), [batcher.next_batch() for batcher in ranks]
             assert torch.equal(torch.cat([part.input_ids for part in parts]), expected.input_ids)
@@ -166,7 +213,11 @@ def test_rank_rows_together_are_the_single_process_batches(workspace):
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_process_run, parallelism):
     run_dir = workspace / f"two-ranks-{parallelism}"
-    run_ranks(2, train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), *(["--fsdp"] if parallelism == "fsdp" else [])), run_dir)
+    run_ranks(
+        2,
+        train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), *(["--fsdp"] if parallelism == "fsdp" else [])),
+        run_dir,
+    )
     assert_trains_like(single_process_run, run_dir)
     # Only rank 0 writes: one metrics log, one set of checkpoints, no leftovers.
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
@@ -175,13 +226,27 @@ def test_two_ranks_of_two_rows_train_like_one_process_of_four(workspace, single_
 def test_a_transformers_model_trains_under_fsdp_like_one_process(workspace):
     """`--hf-config --fsdp` under torchrun: the model kind names the blocks to shard (its decoder layers)."""
     config = workspace / "neox.json"
-    config.write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                  "intermediate_size": 64, "max_position_embeddings": 64, "vocab_size": 256, "rotary_pct": 0.25}))
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+                "vocab_size": 256,
+                "rotary_pct": 0.25,
+            }
+        )
+    )
 
     def args(run_dir: Path, batch_size: int, *extra: str) -> list[str]:
         ours = train_args(workspace, run_dir, batch_size, "--max-steps", str(STEPS), *extra)
         at = ours.index("--preset")
-        return ours[:at] + ["--hf-config", str(config)] + ours[at + 4 :]  # in place of --preset tiny --model-config FILE
+        return (
+            ours[:at] + ["--hf-config", str(config)] + ours[at + 4 :]
+        )  # in place of --preset tiny --model-config FILE
 
     reference, sharded = workspace / "hf-one-process", workspace / "hf-two-ranks-fsdp"
     assert main(args(reference, 4)) == 0
@@ -202,13 +267,17 @@ def test_two_ranks_resume_exactly(workspace, single_process_run, two_rank_half_r
     assert_trains_like(single_process_run, run_dir)
 
 
-def test_two_rank_run_resumes_in_one_process_with_the_same_rows(workspace, single_process_run, two_rank_half_run, capsys):
+def test_two_rank_run_resumes_in_one_process_with_the_same_rows(
+    workspace, single_process_run, two_rank_half_run, capsys
+):
     run_dir = workspace / "two-ranks-then-one"
     shutil.copytree(two_rank_half_run, run_dir)
     assert main(["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip()
     assert "4 rows per step (2 ranks x 2)" in error and "--batch-size 2 = 2" in error and len(error.splitlines()) == 1
-    assert main(["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(["train", "--resume", str(run_dir), "--max-steps", str(STEPS), "--batch-size", "4", "--no-progress"]) == 0
+    )
     assert_trains_like(single_process_run, run_dir)
 
 
@@ -236,7 +305,9 @@ def _train_where_rank_1_dies_at_its_second_save(args: list[str], rank: int) -> i
     return main(args)
 
 
-def test_a_rank_that_dies_while_saving_leaves_the_previous_checkpoint_and_the_run_resumes(workspace, single_process_run):
+def test_a_rank_that_dies_while_saving_leaves_the_previous_checkpoint_and_the_run_resumes(
+    workspace, single_process_run
+):
     run_dir = workspace / "rank-dies"
     args = train_args(workspace, run_dir, 2, "--max-steps", str(STEPS), "--save-every", "2")
     results = launch(2, functools.partial(_train_where_rank_1_dies_at_its_second_save, args), log_prefix=run_dir)
@@ -263,7 +334,10 @@ def _accumulate_two_micro_batches(folder: Path, rank: int) -> int:
             with distributed.gradient_sync(wrapped, synchronised):
                 wrapped(ids, targets=ids).loss.backward()
             unwrapped(ids, targets=ids).loss.backward()
-            torch.save([parameter.grad.clone() for parameter in model.parameters()], folder / f"synchronised-{synchronised}-rank{rank}.pt")
+            torch.save(
+                [parameter.grad.clone() for parameter in model.parameters()],
+                folder / f"synchronised-{synchronised}-rank{rank}.pt",
+            )
         torch.save([parameter.grad for parameter in unwrapped.parameters()], folder / f"local-rank{rank}.pt")
     return 0
 
@@ -297,9 +371,20 @@ def test_fsdp_on_a_torch_without_fully_shard_names_the_version_needed(monkeypatc
 @pytest.mark.slow
 def test_torchrun_starts_python_m_bakallm_as_the_readme_says(workspace, single_process_run):
     run_dir = workspace / "torchrun"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bakallm",
-               *train_args(workspace, run_dir, 2, "--max-steps", "2")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "bakallm",
+        *train_args(workspace, run_dir, 2, "--max-steps", "2"),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2  # the summary, printed once, by rank 0
     assert len(result.stdout.strip().splitlines()) == 1

@@ -18,8 +18,17 @@ WINDOW = 8
 
 def cache_model(gate_bias: float | None = None, order: int = 1) -> BakaLM:
     config = ModelConfig.preset(
-        "tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2,
-        document_cache=True, document_cache_order=order,
+        "tiny",
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        window=WINDOW,
+        n_memory=2,
+        n_pauses=2,
+        document_cache=True,
+        document_cache_order=order,
     )
     torch.manual_seed(0)
     model = BakaLM(config).double().eval()
@@ -37,7 +46,9 @@ def cache_model(gate_bias: float | None = None, order: int = 1) -> BakaLM:
 
 
 @pytest.mark.parametrize("chunk_tokens", [3, 64])
-def test_chunked_mixture_loss_is_the_mixtures_with_the_gradients_of_the_softmaxs_own_loss_and_of_the_mixture_for_the_weights(chunk_tokens):
+def test_chunked_mixture_loss_is_the_mixtures_with_the_gradients_of_the_softmaxs_own_loss_and_of_the_mixture_for_the_weights(
+    chunk_tokens,
+):
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(17, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 8, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -47,7 +58,9 @@ def test_chunked_mixture_loss_is_the_mixtures_with_the_gradients_of_the_softmaxs
     other = torch.randn(17, generator=generator, dtype=torch.float64) - 2
     other[1::3] = -math.inf  # the cache gives these targets nothing
     other.requires_grad_()
-    got = linear_cross_entropy(hidden, weight, targets, 37, chunk_tokens=chunk_tokens, mixture=(model_log_weight, other))
+    got = linear_cross_entropy(
+        hidden, weight, targets, 37, chunk_tokens=chunk_tokens, mixture=(model_log_weight, other)
+    )
     log_softmax = F.log_softmax(hidden @ weight[:37].t(), dim=1)
     scored = targets != IGNORE_INDEX
     picked = log_softmax.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -80,20 +93,30 @@ def test_with_the_gate_open_the_probabilities_are_the_counts_of_the_document_so_
         seen = ids[0, : position + 1].tolist()
         for token in (3, 7, 9, 2):
             if token in seen:
-                assert log_probs[position, token].item() == pytest.approx(math.log(seen.count(token) / len(seen)), abs=1e-6), (position, token)
+                assert log_probs[position, token].item() == pytest.approx(
+                    math.log(seen.count(token) / len(seen)), abs=1e-6
+                ), (position, token)
             else:  # only the model's share, e^-60 of the mixture
                 assert log_probs[position, token].item() < -55, (position, token)
     counted = log_probs > -50
     torch.testing.assert_close(torch.cat(pieces)[counted], log_probs[counted])
-    assert state.token_counts[0, 3].item() == 8 and state.token_counts[0, 7].item() == 5 and state.token_counts.sum().item() == 20
+    assert (
+        state.token_counts[0, 3].item() == 8
+        and state.token_counts[0, 7].item() == 5
+        and state.token_counts.sum().item() == 20
+    )
 
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_the_gate_on_the_mixture(order):
     model = cache_model(order=order)
     twin = BakaLM(model.config.replace(document_cache=False, document_cache_order=1)).double()
-    twin.load_state_dict({name: value for name, value in model.state_dict().items() if not name.startswith("document_cache.")})
-    ids = torch.randint(0, 12, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(2))  # repeats: the cache matters
+    twin.load_state_dict(
+        {name: value for name, value in model.state_dict().items() if not name.startswith("document_cache.")}
+    )
+    ids = torch.randint(
+        0, 12, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(2)
+    )  # repeats: the cache matters
     targets = ids.roll(-1, dims=1)
     targets[:, -1] = IGNORE_INDEX
     targets[1, 4] = IGNORE_INDEX
@@ -101,20 +124,35 @@ def test_the_loss_is_the_mixtures_the_network_trains_as_without_the_cache_and_th
     mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
     # Each target's loss, as evaluation reads it, is that of the full distribution too.
-    token_losses = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    torch.testing.assert_close(output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
+    token_losses = F.cross_entropy(
+        output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    torch.testing.assert_close(
+        output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5
+    )
     names = [name for name, _ in model.named_parameters()]
     got = dict(zip(names, torch.autograd.grad(output.loss, list(model.parameters()), allow_unused=True)))
-    want_network = dict(zip((n for n, _ in twin.named_parameters()), torch.autograd.grad(twin(ids, targets=targets).loss, list(twin.parameters()), allow_unused=True)))
+    want_network = dict(
+        zip(
+            (n for n, _ in twin.named_parameters()),
+            torch.autograd.grad(twin(ids, targets=targets).loss, list(twin.parameters()), allow_unused=True),
+        )
+    )
     gate_names = [f"document_cache.{name}" for name, _ in model.document_cache.named_parameters()]
     gate = list(model.document_cache.parameters())
-    want_gate = torch.autograd.grad(mixture_loss, gate)  # the gate reads a detached hidden state: its gradient is the mixture's
+    want_gate = torch.autograd.grad(
+        mixture_loss, gate
+    )  # the gate reads a detached hidden state: its gradient is the mixture's
     for name, want in want_network.items():
         if want is None:
             assert got[name] is None, name
         else:
-            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                got[name].double(), want, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+            )
     assert all(got[name].abs().sum() > 0 for name in gate_names)
     for name, w in zip(gate_names, want_gate):
         torch.testing.assert_close(got[name].double(), w, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
@@ -134,7 +172,18 @@ def test_a_reset_row_forgets_its_counts_and_the_other_keeps_them():
 
 @pytest.mark.parametrize("init", ["scaled_normal", "pytorch_default"])
 def test_from_one_seed_the_network_starts_as_it_would_without_the_cache(init):
-    config = ModelConfig.preset("tiny", vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=WINDOW, n_memory=2, n_pauses=2, init=init)
+    config = ModelConfig.preset(
+        "tiny",
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        window=WINDOW,
+        n_memory=2,
+        n_pauses=2,
+        init=init,
+    )
     torch.manual_seed(3)
     with_cache = BakaLM(config.replace(document_cache=True)).state_dict()
     torch.manual_seed(3)
@@ -152,7 +201,11 @@ def reference_ngram_mixture(ids: list[int], position: int, token: int, count_wei
     weights, probabilities = [1.0], [read.count(token) / len(read)]
     for length, count_weight in enumerate(count_weights, start=1):
         context = read[len(read) - length :]
-        followers = [read[j + length] for j in range(len(read) - length) if read[j : j + length] == context] if len(read) >= length else []
+        followers = (
+            [read[j + length] for j in range(len(read) - length) if read[j : j + length] == context]
+            if len(read) >= length
+            else []
+        )
         weights.append((1 + len(followers)) ** count_weight if followers else 0.0)
         probabilities.append(followers.count(token) / len(followers) if followers else 0.0)
     return sum(w * p for w, p in zip(weights, probabilities)) / sum(weights)
@@ -181,14 +234,21 @@ def test_the_ngram_terms_are_the_continuations_of_the_last_tokens_counted_by_han
             else:
                 assert log_probs[position, token].item() < -55, (position, token)
     bigrams = dict(zip(state.ngram_keys[0][0].tolist(), state.ngram_counts[0][0].tolist()))
-    assert bigrams[3 * 50 + 7] == 3 and bigrams[7 * 50 + 3] == 3 and bigrams[3 * 50 + 3] == 2 and sum(bigrams.values()) == len(sequence) - 1
+    assert (
+        bigrams[3 * 50 + 7] == 3
+        and bigrams[7 * 50 + 3] == 3
+        and bigrams[3 * 50 + 3] == 2
+        and sum(bigrams.values()) == len(sequence) - 1
+    )
     assert sum(state.ngram_counts[1][0].tolist()) == len(sequence) - 2 and state.recent_tokens[0].tolist() == [9, 7]
 
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_the_training_loss_is_the_mixtures_at_every_order(order):
     model = cache_model(order=order)
-    ids = torch.randint(0, 6, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(5))  # a small alphabet: n-grams repeat
+    ids = torch.randint(
+        0, 6, (2, 3 * WINDOW + 3), generator=torch.Generator().manual_seed(5)
+    )  # a small alphabet: n-grams repeat
     targets = ids.roll(-1, dims=1)
     targets[:, -1] = IGNORE_INDEX
     reset = torch.tensor([False, True])
@@ -198,9 +258,15 @@ def test_the_training_loss_is_the_mixtures_at_every_order(order):
     mixture_loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss.double(), mixture_loss, rtol=1e-6, atol=1e-6)
     # Each target's loss, as evaluation reads it, is that of the full distribution too.
-    token_losses = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    torch.testing.assert_close(output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5)
+    token_losses = F.cross_entropy(
+        output.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    torch.testing.assert_close(
+        output.token_losses.double(), token_losses.view(targets.shape).double(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        output.logits.exp().sum(-1), torch.ones(2, ids.shape[1], dtype=output.logits.dtype), rtol=0, atol=1e-5
+    )
 
 
 def test_a_reset_row_forgets_its_ngrams_and_the_other_keeps_them():

@@ -21,7 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**overrides) -> ModelConfig:
-    values = {"vocab_size": 256, "window": WINDOW, "n_memory": 4, "n_pauses": 4, "n_layers": 2, "d_model": 64, "n_heads": 2, "d_ff": 128}
+    values = {
+        "vocab_size": 256,
+        "window": WINDOW,
+        "n_memory": 4,
+        "n_pauses": 4,
+        "n_layers": 2,
+        "d_model": 64,
+        "n_heads": 2,
+        "d_ff": 128,
+    }
     return ModelConfig.preset("tiny", **{**values, **overrides})
 
 
@@ -75,12 +84,18 @@ def test_figures_equal_those_computed_from_each_articles_logits():
     n_words = sum(int(n) for n in corpus.n_words)
     assert result.word_ppl == pytest.approx(math.exp(total / n_words), rel=1e-5)
     assert result.legacy_loss == pytest.approx(float(np.mean([nll.mean() for nll in per_article])), abs=1e-5)
-    assert result.legacy_loss != pytest.approx(result.loss, abs=1e-6)  # the articles differ in length, so the means differ
+    assert result.legacy_loss != pytest.approx(
+        result.loss, abs=1e-6
+    )  # the articles differ in length, so the means differ
 
 
 def test_progress_bars_stay_out_of_a_log_file(capsys):
     # Under pytest standard error is not a terminal, as when a run's output goes to a log file.
-    evaluate_bakallm(small_model(), byte_corpus([53, 37]), EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", progress=True))
+    evaluate_bakallm(
+        small_model(),
+        byte_corpus([53, 37]),
+        EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", progress=True),
+    )
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "scoring" not in captured.err
 
@@ -89,7 +104,10 @@ def test_batch_size_does_not_change_the_result():
     model = small_model()
     corpus = byte_corpus([70, 5, 45, 100, 1, 33, 2, 17])
     # 16 rows: more than there are articles.
-    results = [evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=size, device="cpu")) for size in (1, 3, 16)]
+    results = [
+        evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=size, device="cpu"))
+        for size in (1, 3, 16)
+    ]
     assert [r.tokens for r in results] == [69 + 4 + 44 + 99 + 32 + 1 + 16] * 3
     assert [r.n_articles for r in results] == [7] * 3  # the one-token article has nothing to score
     for other in results[1:]:
@@ -114,7 +132,9 @@ def test_position_losses_equal_the_token_losses_bucketed_by_hand(n_ctx):
     model = small_model()
     corpus = byte_corpus([90, 61])
     buckets = (0, WINDOW, 40)
-    result = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=n_ctx, batch_size=2, device="cpu", position_buckets=buckets))
+    result = evaluate_bakallm(
+        model, corpus, EvalSettings(n_ctx=n_ctx, batch_size=2, device="cpu", position_buckets=buckets)
+    )
 
     per_article = [direct_bakallm_nll(model, corpus.document(i), n_ctx).numpy() for i in range(2)]
     # Article 0 has 89 inputs (positions 0..88), article 1 has 60: buckets [0, 16), [16, 40), [40, ...).
@@ -131,8 +151,12 @@ def test_position_losses_equal_the_token_losses_bucketed_by_hand(n_ctx):
 def test_the_first_window_scores_alike_whole_and_reset_and_later_positions_differ():
     model = small_model()
     corpus = byte_corpus([90, 61])
-    whole = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", position_buckets=(0, WINDOW)))
-    reset = evaluate_bakallm(model, corpus, EvalSettings(n_ctx=WINDOW, batch_size=2, device="cpu", position_buckets=(0, WINDOW)))
+    whole = evaluate_bakallm(
+        model, corpus, EvalSettings(n_ctx=WHOLE_ARTICLE, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
+    )
+    reset = evaluate_bakallm(
+        model, corpus, EvalSettings(n_ctx=WINDOW, batch_size=2, device="cpu", position_buckets=(0, WINDOW))
+    )
     assert whole.position_losses[0].loss == pytest.approx(reset.position_losses[0].loss, abs=1e-6)
     assert abs(whole.position_losses[1].loss - reset.position_losses[1].loss) > 1e-4
 
@@ -150,7 +174,9 @@ def test_n_ctx_smaller_than_the_window_is_refused():
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     with pytest.raises(UserError, match="vocabulary holds only 200"):
-        evaluate_bakallm(small_model(vocab_size=200), byte_corpus([40]), EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"))
+        evaluate_bakallm(
+            small_model(vocab_size=200), byte_corpus([40]), EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu")
+        )
 
 
 def test_a_corpus_without_two_token_articles_is_refused():
@@ -195,7 +221,11 @@ def test_tally_leaves_nan_out_and_reports_it():
 
 
 def test_corpus_without_texts_has_no_byte_or_word_figures():
-    result = evaluate_bakallm(small_model(), TokenizedCorpus.from_token_lists([[1, 2, 3]], 256), EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"))
+    result = evaluate_bakallm(
+        small_model(),
+        TokenizedCorpus.from_token_lists([[1, 2, 3]], 256),
+        EvalSettings(n_ctx=WINDOW, batch_size=1, device="cpu"),
+    )
     assert result.bpb is None and result.word_ppl is None and result.tokens == 2
 
 
@@ -211,8 +241,13 @@ def save_random_gpt_neox(folder, **config_values):
 
 
 HF_CONFIG = {
-    "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-    "max_position_embeddings": 128, "rotary_pct": 0.25,
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+    "rotary_pct": 0.25,
 }
 
 
@@ -250,7 +285,9 @@ def test_hf_loss_equals_one_full_forward_when_n_ctx_covers_the_article(hf_model_
     assert result.legacy_loss == pytest.approx(float(np.mean([n.double().mean() for n in nll])), abs=1e-5)
     # Inputs at positions 0-15 of each article, then 16 and beyond (HF windows count positions from the article's start too).
     by_hand = [torch.cat([n[:16] for n in nll]).double().mean(), torch.cat([n[16:] for n in nll]).double().mean()]
-    bucketed = evaluate_hf(hf_model_dir, corpus, EvalSettings(n_ctx=64, batch_size=2, position_buckets=(0, 16))).position_losses
+    bucketed = evaluate_hf(
+        hf_model_dir, corpus, EvalSettings(n_ctx=64, batch_size=2, position_buckets=(0, 16))
+    ).position_losses
     assert [b.tokens for b in bucketed] == [48, 59 + 22 + 40 - 48]
     assert [b.loss for b in bucketed] == pytest.approx([float(value) for value in by_hand], abs=1e-5)
 

@@ -13,11 +13,31 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(path, tokenizer: str, vocab_size: int, **changes) -> BakaLM:
-    config = ModelConfig.preset("tiny", vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, window=16, n_memory=4, n_pauses=4, **changes)
+    config = ModelConfig.preset(
+        "tiny",
+        vocab_size=vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        window=16,
+        n_memory=4,
+        n_pauses=4,
+        **changes,
+    )
     torch.manual_seed(0)
     model = BakaLM(config).eval()
     write_run_config(path, config.to_dict(), {"tokenizer": tokenizer})
-    save_checkpoint(path, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    save_checkpoint(
+        path,
+        "step-00000001",
+        savable_weights(model),
+        torch.optim.AdamW(model.parameters()).state_dict(),
+        trainer_state={},
+        recurrent_state=None,
+        rng_state={},
+        keep_last=1,
+    )
     return model
 
 
@@ -32,7 +52,10 @@ def test_exported_folder_loads_in_transformers_and_bakallm_with_equal_logits(tmp
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "bakallm" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_bakallm.BakaLMForCausalLM"
+    assert (
+        config["model_type"] == "bakallm"
+        and config["auto_map"]["AutoModelForCausalLM"] == "modeling_bakallm.BakaLMForCausalLM"
+    )
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     ids = torch.randint(0, 256, (2, 40))  # windows 16: crosses two window ends
     with torch.no_grad():
@@ -71,7 +94,9 @@ def test_push_to_hub_offline_is_one_clear_error(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     make_run(tmp_path / "run", "bytes", 256)
-    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export"), "--push-to-hub", "someone/bakallm-tiny"]) == 2
+    assert (
+        main(["export", str(tmp_path / "run"), str(tmp_path / "export"), "--push-to-hub", "someone/bakallm-tiny"]) == 2
+    )
     error = capsys.readouterr().err
     assert "Could not upload" in error and "someone/bakallm-tiny" in error and "Traceback" not in error
     assert (tmp_path / "export" / "model.safetensors").is_file()  # the folder is written before the upload
@@ -89,12 +114,16 @@ def test_export_refuses_a_run_directory_and_a_folder_with_files_unless_forced(tm
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
     assert main(["export", str(tmp_path / "run"), str(busy)]) == 2
-    assert "already holds files" in capsys.readouterr().err and sorted(path.name for path in busy.iterdir()) == ["notes.txt"]
+    assert "already holds files" in capsys.readouterr().err and sorted(path.name for path in busy.iterdir()) == [
+        "notes.txt"
+    ]
     assert main(["export", str(tmp_path / "run"), str(busy), "--force"]) == 0
     assert (busy / "notes.txt").read_text() == "keep me" and (busy / "model.safetensors").is_file()
     plain_file_mode = (busy / "notes.txt").stat().st_mode & 0o777
     for name in ("model.safetensors", "config.json", "modeling_bakallm.py"):
-        assert (busy / name).stat().st_mode & 0o777 == plain_file_mode, name  # the permissions any other writer's files get
+        assert (busy / name).stat().st_mode & 0o777 == plain_file_mode, (
+            name
+        )  # the permissions any other writer's files get
 
 
 def test_the_exported_folder_states_the_transformers_range_of_pyproject(tmp_path):
@@ -105,10 +134,16 @@ def test_the_exported_folder_states_the_transformers_range_of_pyproject(tmp_path
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
-    declared = next(Requirement(text) for text in pyproject["project"]["optional-dependencies"]["hf"] if text.startswith("transformers"))
+    declared = next(
+        Requirement(text)
+        for text in pyproject["project"]["optional-dependencies"]["hf"]
+        if text.startswith("transformers")
+    )
     make_run(tmp_path / "run", "bytes", 256)
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["bakallm_transformers_tested"] == str(declared.specifier)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["bakallm_transformers_tested"] == str(
+        declared.specifier
+    )
 
 
 def test_a_checkpoint_folder_loads_on_its_own(tmp_path):

@@ -86,13 +86,46 @@ def test_train_prints_what_the_run_will_do_and_resume_says_where_it_starts(tmp_p
     corpus.mkdir()
     (corpus / "a.txt").write_text("abcdefgh " * 300, encoding="utf-8")  # 2,700 bytes
     model_file = tmp_path / "small.json"
-    model_file.write_text('{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}')
-    args = ["train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
-            "--batch-size", "2", "--train-ctx", "64", "--max-steps", "3", "--lr", "0.001", "--warmup-steps", "1", "--save-every", "2",
-            "--run-dir", str(tmp_path / "run"), "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    model_file.write_text(
+        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
+    )
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(model_file),
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        "2",
+        "--train-ctx",
+        "64",
+        "--max-steps",
+        "3",
+        "--lr",
+        "0.001",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "2",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    counts = BakaLM(ModelConfig.preset("tiny", vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64, window=32, n_memory=2, n_pauses=2)).num_parameters()
+    counts = BakaLM(
+        ModelConfig.preset(
+            "tiny", vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64, window=32, n_memory=2, n_pauses=2
+        )
+    ).num_parameters()
     assert "starting a new run" in out
     assert f"{counts['total'] / 1e6:.2f}M parameters, {counts['embedding'] / 1e6:.2f}M of them in embeddings" in out
     assert "cpu, float32, 1 thread\n" in out
@@ -108,7 +141,14 @@ def test_the_first_run_report_lists_every_reading_by_position():
     from bakallm.evaluation.positions import PositionLoss
 
     positions = (PositionLoss(0, 512, 10, 5.0), PositionLoss(512, None, 20, 4.5))
-    text = report([("uniform guess", 9.01, ()), ("ours, read whole", 4.7, positions)], 30, 1000, ["ours: 3 steps"], "Once", " upon a time")
+    text = report(
+        [("uniform guess", 9.01, ()), ("ours, read whole", 4.7, positions)],
+        30,
+        1000,
+        ["ours: 3 steps"],
+        "Once",
+        " upon a time",
+    )
     lines = text.splitlines()
     assert lines[:2] == ["Trained on books of 1,000 tokens:", "  ours: 3 steps"]
     assert lines[4].split() == ["loss", "0-512", "512+"]
@@ -118,10 +158,34 @@ def test_the_first_run_report_lists_every_reading_by_position():
 
 def test_first_run_trains_both_models_and_records_their_rows(tmp_path, capsys):
     db = tmp_path / "results.sqlite3"
-    assert main(["first-run", "--minutes", "0.05", "--run-dir", str(tmp_path / "first"), "--db", str(db), "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "first-run",
+                "--minutes",
+                "0.05",
+                "--run-dir",
+                str(tmp_path / "first"),
+                "--db",
+                str(db),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    rows = sqlite3.connect(db).execute("SELECT model_name, loss, n_ctx FROM results WHERE study = 'first-run' ORDER BY id").fetchall()
-    assert [name for name, _, _ in rows] == ["first-run/bakallm-tiny", "first-run/bakallm-tiny", "first-run/plain-transformer"]
+    rows = (
+        sqlite3.connect(db)
+        .execute("SELECT model_name, loss, n_ctx FROM results WHERE study = 'first-run' ORDER BY id")
+        .fetchall()
+    )
+    assert [name for name, _, _ in rows] == [
+        "first-run/bakallm-tiny",
+        "first-run/bakallm-tiny",
+        "first-run/plain-transformer",
+    ]
     uniform = math.log(8192)
     unigram = float(next(line for line in out.splitlines() if line.startswith("unigram")).split()[-1])
     assert unigram < uniform

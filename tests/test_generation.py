@@ -72,7 +72,9 @@ def test_incremental_decoding_equals_the_full_forward(variant, prompt_length, on
         torch.testing.assert_close(logits, model(ids[:, :prompt_length]).logits[:, -1], rtol=0, atol=1e-4)
         for length in range(prompt_length + 1, total + 1):
             logits = reader.read(ids[:, length - 1 : length])
-            torch.testing.assert_close(logits, full_logits[:, length - 1], rtol=0, atol=1e-4, msg=lambda m: f"after {length} tokens: {m}")
+            torch.testing.assert_close(
+                logits, full_logits[:, length - 1], rtol=0, atol=1e-4, msg=lambda m: f"after {length} tokens: {m}"
+            )
             if length % WINDOW == 0:
                 assert reader.tokens_in_window == 0
                 assert_states_equal(reader.state, model(ids[:, :length]).state)
@@ -152,13 +154,20 @@ def test_stop_strings_cut_the_text_and_streamed_pieces_add_up_to_it(one_torch_th
     script = "héllo wörld. STOP and more".encode()
     pieces = []
     text = generate_text(
-        ScriptedModel(script), ByteTokenizer(), ["x"], max_new_tokens=100, sampling=Sampling(temperature=0),
-        stop=["STOP"], on_text=lambda index, piece: pieces.append(piece),
+        ScriptedModel(script),
+        ByteTokenizer(),
+        ["x"],
+        max_new_tokens=100,
+        sampling=Sampling(temperature=0),
+        stop=["STOP"],
+        on_text=lambda index, piece: pieces.append(piece),
     )[0]
     assert text == "héllo wörld. "
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)  # a cut two-byte character is never shown
-    without_stop = generate_text(ScriptedModel(script), ByteTokenizer(), ["x"], max_new_tokens=5, sampling=Sampling(temperature=0))[0]
+    without_stop = generate_text(
+        ScriptedModel(script), ByteTokenizer(), ["x"], max_new_tokens=5, sampling=Sampling(temperature=0)
+    )[0]
     assert without_stop == "héll"  # five bytes
 
 
@@ -172,7 +181,16 @@ def run_dir(tmp_path):
     model = model_of()
     path = tmp_path / "run"
     write_run_config(path, model.config.to_dict(), {"tokenizer": "bytes"})
-    save_checkpoint(path, "step-00000001", savable_weights(model), torch.optim.AdamW(model.parameters()).state_dict(), trainer_state={}, recurrent_state=None, rng_state={}, keep_last=1)
+    save_checkpoint(
+        path,
+        "step-00000001",
+        savable_weights(model),
+        torch.optim.AdamW(model.parameters()).state_dict(),
+        trainer_state={},
+        recurrent_state=None,
+        rng_state={},
+        keep_last=1,
+    )
     return path
 
 
@@ -184,7 +202,16 @@ def test_generate_command_streams_the_continuation_of_the_api(run_dir, tmp_path,
     assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "30", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == expected + "\n"
     (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
-    seeded = ["generate", str(run_dir), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "30", "--seed", "3"]
+    seeded = [
+        "generate",
+        str(run_dir),
+        "--prompt-file",
+        str(tmp_path / "prompt.txt"),
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "3",
+    ]
     assert main(seeded) == 0
     first = capsys.readouterr().out
     assert main(seeded) == 0
@@ -199,7 +226,10 @@ def test_generate_command_errors_are_one_sentence(run_dir, tmp_path, capsys):
     assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "0"]) == 2
     error = capsys.readouterr().err
     assert "top_p must be in (0, 1]" in error and "Traceback" not in error
-    for arguments, message in ((["--threads", "0"], "--threads must be at least 1"), (["--stop", ""], "--stop was given an empty text")):
+    for arguments, message in (
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--stop", ""], "--stop was given an empty text"),
+    ):
         assert main(["generate", str(run_dir), "--prompt", "x", *arguments]) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and len(error.splitlines()) == 1

@@ -14,9 +14,35 @@ SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window":
 def _train(tmp_path, corpus, *extra):
     model_file = tmp_path / "small.json"
     model_file.write_text(json.dumps(SMALL_MODEL))
-    return main(["train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
-                 "--batch-size", "2", "--train-ctx", "64", "--max-steps", "2", "--warmup-steps", "1", "--no-progress", "--threads", "1",
-                 "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"), *extra])
+    return main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--model-config",
+            str(model_file),
+            "--data",
+            str(corpus),
+            "--tokenizer",
+            "bytes",
+            "--batch-size",
+            "2",
+            "--train-ctx",
+            "64",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *extra,
+        ]
+    )
 
 
 def _files(folder):
@@ -34,9 +60,13 @@ def test_odd_text_is_trained_on_and_nothing_lands_outside_the_run(tmp_path, cont
     (corpus / "odd.txt").write_bytes(content)
     before = _files(tmp_path)
     assert _train(tmp_path, corpus) == 0, capsys.readouterr().err
-    new = [path for path in _files(tmp_path) if path not in before and path != "small.json"]  # the test's own model file
+    new = [
+        path for path in _files(tmp_path) if path not in before and path != "small.json"
+    ]  # the test's own model file
     assert new and all(path.split("/")[0] in ("run", "cache") for path in new), new
-    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
+    assert (
+        json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
+    )
 
 
 def test_invalid_utf8_is_refused_naming_the_file(tmp_path, capsys):
@@ -45,7 +75,10 @@ def test_invalid_utf8_is_refused_naming_the_file(tmp_path, capsys):
     (corpus / "bad.txt").write_bytes(b"fine text " * 50 + b"\xff\xfe broken " * 10)
     assert _train(tmp_path, corpus) == 2
     error = capsys.readouterr().err.strip()
-    assert error == f"bakallm train: error: {corpus / 'bad.txt'} is not valid UTF-8 text; convert the file to UTF-8 and try again."
+    assert (
+        error
+        == f"bakallm train: error: {corpus / 'bad.txt'} is not valid UTF-8 text; convert the file to UTF-8 and try again."
+    )
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
 
 
@@ -65,10 +98,40 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_by_bench_and_r
     (corpus / "a.txt").write_text("the cat sat on the mat. " * 100, encoding="utf-8")
     assert _train(tmp_path, corpus) == 0
     capsys.readouterr()
-    assert main(["bench", str(tmp_path / "run"), "--data", str(corpus), "--tokenizer", embedded.TOKENIZER, "--db", str(tmp_path / "r.sqlite3"),
-                 "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                str(tmp_path / "run"),
+                "--data",
+                str(corpus),
+                "--tokenizer",
+                embedded.TOKENIZER,
+                "--db",
+                str(tmp_path / "r.sqlite3"),
+                "--no-progress",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "8192" in error and "256" in error
-    assert main(["train", "--resume", str(tmp_path / "run"), "--tokenizer", embedded.TOKENIZER, "--max-steps", "3", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "run"),
+                "--tokenizer",
+                embedded.TOKENIZER,
+                "--max-steps",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--tokenizer" in error

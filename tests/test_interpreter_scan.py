@@ -20,9 +20,20 @@ def _linear_recurrence(a_before, b_before, a_after, b_after):
 
 
 @triton.jit
-def _scan_kernel(a_ptr, b_ptr, a_out_ptr, b_out_ptr, ROWS: tl.constexpr, COLUMNS: tl.constexpr, AXIS: tl.constexpr, REVERSE: tl.constexpr):
+def _scan_kernel(
+    a_ptr,
+    b_ptr,
+    a_out_ptr,
+    b_out_ptr,
+    ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+    AXIS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
     index = tl.arange(0, ROWS)[:, None] * COLUMNS + tl.arange(0, COLUMNS)[None, :]
-    a, b = tl.associative_scan((tl.load(a_ptr + index), tl.load(b_ptr + index)), AXIS, _linear_recurrence, reverse=REVERSE)
+    a, b = tl.associative_scan(
+        (tl.load(a_ptr + index), tl.load(b_ptr + index)), AXIS, _linear_recurrence, reverse=REVERSE
+    )
     tl.store(a_out_ptr + index, a)
     tl.store(b_out_ptr + index, b)
 

@@ -29,14 +29,23 @@ DECIDES_THE_KIND = re.compile(r"\bhf_config\b")
 def test_the_trainer_ablation_bench_and_distributed_code_never_branch_on_the_kind(module):
     lines = (PACKAGE / module).read_text(encoding="utf-8").splitlines()
     patterns = [KIND_BRANCH] + ([DECIDES_THE_KIND] if module != "ablation.py" else [])
-    branches = [f"{module}:{number}: {line.strip()}" for number, line in enumerate(lines, 1)
-                if any(pattern.search(line.split("#")[0]) for pattern in patterns)]
+    branches = [
+        f"{module}:{number}: {line.strip()}"
+        for number, line in enumerate(lines, 1)
+        if any(pattern.search(line.split("#")[0]) for pattern in patterns)
+    ]
     assert branches == []
 
 
 def test_the_grep_sees_the_branches_it_forbids():
-    for line in ('if self.model_config is None:', 'if isinstance(model, BakaLM):', 'x = self.model.hf(ids)', 'for block in model.layers:',
-                 'if kind.name == "hf":', 'kind = "hf" if values.get("x") else "bakallm"'):
+    for line in (
+        "if self.model_config is None:",
+        "if isinstance(model, BakaLM):",
+        "x = self.model.hf(ids)",
+        "for block in model.layers:",
+        'if kind.name == "hf":',
+        'kind = "hf" if values.get("x") else "bakallm"',
+    ):
         assert KIND_BRANCH.search(line), line
     assert DECIDES_THE_KIND.search("n = 8 if config.hf_config else 1")
 
@@ -64,16 +73,25 @@ def test_one_rule_turns_a_context_into_what_each_kind_reads():
 
 def test_each_kind_names_its_blocks_for_sharding(tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = BakaLM(ModelConfig.preset("tiny", vocab_size=64, d_model=32, n_heads=2, n_layers=3, d_ff=64, window=16, n_memory=2, n_pauses=2))
+    model = BakaLM(
+        ModelConfig.preset(
+            "tiny", vocab_size=64, d_model=32, n_heads=2, n_layers=3, d_ff=64, window=16, n_memory=2, n_pauses=2
+        )
+    )
     assert kind_named("bakallm").blocks(model) == list(model.layers)
-    config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    config = transformers.GPTNeoXConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=64
+    )
     from bakallm.kinds.hf import HFCausalLM
 
     wrapped = HFCausalLM(transformers.GPTNeoXForCausalLM(config), vocab_size=64)
     units = kind_named("hf").blocks(wrapped)
     assert len(units) == 3 and all(type(unit).__name__ == "GPTNeoXLayer" for unit in units)
     assert not any(parameter.requires_grad is False for unit in units for parameter in unit.parameters())
-    torch.testing.assert_close(sum(p.numel() for unit in units for p in unit.parameters()), sum(p.numel() for p in wrapped.hf.gpt_neox.layers.parameters()))
+    torch.testing.assert_close(
+        sum(p.numel() for unit in units for p in unit.parameters()),
+        sum(p.numel() for p in wrapped.hf.gpt_neox.layers.parameters()),
+    )
 
 
 def test_activation_checkpointing_of_a_transformers_models_blocks_gives_the_same_gradients():
@@ -84,7 +102,9 @@ def test_activation_checkpointing_of_a_transformers_models_blocks_gives_the_same
     from bakallm.kinds.hf import HFCausalLM
 
     torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    config = transformers.GPTNeoXConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64
+    )
     reference = HFCausalLM(transformers.GPTNeoXForCausalLM(config), vocab_size=64)
     model = copy.deepcopy(reference)
     checkpoint_layers(kind_named("hf").blocks(model))

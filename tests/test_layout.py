@@ -59,7 +59,9 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         imported = set()
         for _, target in bakallm_imports(path):
-            while target not in modules and "." in target:  # `from bakallm.x import name` names a module or a name in one
+            while (
+                target not in modules and "." in target
+            ):  # `from bakallm.x import name` names a module or a name in one
                 target = target.rsplit(".", 1)[0]
             if target != name:
                 imported.add(target)
@@ -100,7 +102,10 @@ def test_no_module_imports_itself_through_others():
 
 def test_the_layout_check_sees_function_level_and_package_imports(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("import os\nfrom bakallm import training\n\ndef f():\n    from bakallm.training.trainer import Trainer\n", encoding="utf-8")
+    module.write_text(
+        "import os\nfrom bakallm import training\n\ndef f():\n    from bakallm.training.trainer import Trainer\n",
+        encoding="utf-8",
+    )
     assert bakallm_imports(module) == [(2, "bakallm.training"), (5, "bakallm.training.trainer")]
 
 

@@ -155,7 +155,15 @@ def test_the_cpu_scan_times_one_thread_and_all_threads_then_restores_the_thread_
     try:
         for _ in range(2):
             x = torch.randn(1, 40, 8, requires_grad=True)
-            y, _ = scan.selective_scan(x, torch.rand(1, 40, 8) * 0.1, -torch.rand(8, 4), torch.randn(1, 40, 4), torch.randn(1, 40, 4), torch.ones(8), torch.zeros(1, 8, 4))
+            y, _ = scan.selective_scan(
+                x,
+                torch.rand(1, 40, 8) * 0.1,
+                -torch.rand(8, 4),
+                torch.randn(1, 40, 4),
+                torch.randn(1, 40, 4),
+                torch.ones(8),
+                torch.zeros(1, 8, 4),
+            )
             y.sum().backward()
             assert torch.get_num_threads() == 2
     finally:

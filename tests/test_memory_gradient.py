@@ -13,7 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIG = ModelConfig.preset("tiny", vocab_size=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, window=16, n_memory=4, n_pauses=2)
+CONFIG = ModelConfig.preset(
+    "tiny", vocab_size=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, window=16, n_memory=4, n_pauses=2
+)
 
 
 def write_slot_gradient(windows_per_step: int) -> float:

@@ -11,7 +11,17 @@ from bakallm.training.metrics import MetricsLog
 
 def log_steps(log: MetricsLog, steps) -> None:
     for step in steps:
-        log.log_step(step, epoch=step // 3, tokens=1000 * step, loss=10.0 / step, lr=1e-3, grad_norm=0.5 * step, tokens_per_s=2000.0, time=1.5 * step, padding=0.25)
+        log.log_step(
+            step,
+            epoch=step // 3,
+            tokens=1000 * step,
+            loss=10.0 / step,
+            lr=1e-3,
+            grad_norm=0.5 * step,
+            tokens_per_s=2000.0,
+            time=1.5 * step,
+            padding=0.25,
+        )
 
 
 def test_steps_and_evals_round_trip(tmp_path):
@@ -24,9 +34,39 @@ def test_steps_and_evals_round_trip(tmp_path):
     assert (run_dir / "metrics.sqlite3").is_file()
     with MetricsLog(run_dir) as log:
         assert log.read_steps() == [
-            {"step": 1, "epoch": 0, "tokens": 1000, "loss": 10.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 2000.0, "time": 1.5, "padding": 0.25},
-            {"step": 2, "epoch": 0, "tokens": 2000, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 2000.0, "time": 3.0, "padding": 0.25},
-            {"step": 3, "epoch": 1, "tokens": 3000, "loss": 0.25, "lr": 5e-4, "grad_norm": None, "tokens_per_s": None, "time": 4.5, "padding": None},
+            {
+                "step": 1,
+                "epoch": 0,
+                "tokens": 1000,
+                "loss": 10.0,
+                "lr": 1e-3,
+                "grad_norm": 0.5,
+                "tokens_per_s": 2000.0,
+                "time": 1.5,
+                "padding": 0.25,
+            },
+            {
+                "step": 2,
+                "epoch": 0,
+                "tokens": 2000,
+                "loss": 5.0,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 2000.0,
+                "time": 3.0,
+                "padding": 0.25,
+            },
+            {
+                "step": 3,
+                "epoch": 1,
+                "tokens": 3000,
+                "loss": 0.25,
+                "lr": 5e-4,
+                "grad_norm": None,
+                "tokens_per_s": None,
+                "time": 4.5,
+                "padding": None,
+            },
         ]
         assert log.read_evals() == [
             {"step": 2, "tokens": 2000, "loss": 4.0, "ppl": 54.6, "bpb": 1.2, "data": "wikitext-103/validation"},
@@ -97,8 +137,13 @@ def test_tensorboard_mirror_records_and_purges_on_resume(tmp_path, monkeypatch):
     first, after_resume = FakeSummaryWriter.instances
     assert first.log_dir == str(tmp_path / "tensorboard") and first.purge_step is None
     assert first.scalars == [
-        ("train/loss", 2.5, 1), ("train/lr", 1e-3, 1), ("train/tokens_per_s", 100.0, 1), ("train/tokens", 1000, 1), ("train/epoch", 0, 1),
-        ("eval/val/loss", 3.0, 1), ("eval/val/ppl", 20.0, 1),
+        ("train/loss", 2.5, 1),
+        ("train/lr", 1e-3, 1),
+        ("train/tokens_per_s", 100.0, 1),
+        ("train/tokens", 1000, 1),
+        ("train/epoch", 0, 1),
+        ("eval/val/loss", 3.0, 1),
+        ("eval/val/ppl", 20.0, 1),
     ]
     assert first.closed and after_resume.closed and after_resume.purge_step == 1
 
@@ -124,7 +169,9 @@ def test_wandb_mirror_keeps_one_run_id_across_resumes(tmp_path, monkeypatch):
     with MetricsLog(run_dir, wandb_project="bakallm"):
         pass
     first_init, log_call, first_finish, second_init, _ = calls
-    assert first_init[1]["project"] == "bakallm" and first_init[1]["name"] == "run7" and first_init[1]["resume"] == "allow"
+    assert (
+        first_init[1]["project"] == "bakallm" and first_init[1]["name"] == "run7" and first_init[1]["resume"] == "allow"
+    )
     assert second_init[1]["id"] == first_init[1]["id"]
     assert log_call == ("log", {"eval/val/loss": 3.0, "eval/val/ppl": 20.0, "eval/val/bpb": 1.0}, 5)
     assert first_finish == ("finish",)
@@ -136,7 +183,9 @@ def test_a_log_from_before_the_padding_column_gains_it(tmp_path):
     run_dir = tmp_path / "old"
     run_dir.mkdir()
     with sqlite3.connect(run_dir / "metrics.sqlite3") as connection:
-        connection.execute("CREATE TABLE steps (step INTEGER PRIMARY KEY, epoch INTEGER, tokens INTEGER, loss REAL, lr REAL, grad_norm REAL, tokens_per_s REAL, time REAL)")
+        connection.execute(
+            "CREATE TABLE steps (step INTEGER PRIMARY KEY, epoch INTEGER, tokens INTEGER, loss REAL, lr REAL, grad_norm REAL, tokens_per_s REAL, time REAL)"
+        )
         connection.execute("INSERT INTO steps VALUES (1, 0, 10, 2.0, 0.1, 1.0, 5.0, 1.0)")
     with MetricsLog(run_dir) as log:
         log.log_step(2, 0, 20, 1.5, 0.1, 1.0, 5.0, 2.0, padding=0.5)

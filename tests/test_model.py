@@ -100,7 +100,10 @@ def test_state_flows_between_windows_and_reset_cuts_it(model):
     assert (second - second_changed).abs().max() > 1e-3
     reset = torch.tensor([True])
     torch.testing.assert_close(
-        model(window_two, state=state, reset=reset).logits, model(window_two, state=state_changed, reset=reset).logits, atol=0, rtol=0
+        model(window_two, state=state, reset=reset).logits,
+        model(window_two, state=state_changed, reset=reset).logits,
+        atol=0,
+        rtol=0,
     )
 
 
@@ -113,7 +116,12 @@ def test_memory_alone_carries_information():
     state_a, state_b = model(first).state, model(changed).state
     # Give both runs the same attention cache: the only remaining difference is the memory.
     state_b = RecurrentState(
-        memory=state_b.memory, keys=state_a.keys, values=state_a.values, conv=state_a.conv, ssm=state_a.ssm, has_past=state_a.has_past
+        memory=state_b.memory,
+        keys=state_a.keys,
+        values=state_a.values,
+        conv=state_a.conv,
+        ssm=state_a.ssm,
+        has_past=state_a.has_past,
     )
     assert not torch.equal(state_a.memory, state_b.memory)
     assert (model(second, state=state_a).logits - model(second, state=state_b).logits).abs().max() > 1e-4

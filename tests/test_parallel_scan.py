@@ -44,7 +44,9 @@ def test_a_window_takes_few_operations():
     """The reason this backend exists: on a GPU every operation is a kernel launch."""
     from torch.profiler import ProfilerActivity, profile
 
-    x, dt, A, B, C, D, h0 = (t.detach().float().requires_grad_() for t in scan_inputs(batch=2, length=552, d_inner=32, d_state=8))
+    x, dt, A, B, C, D, h0 = (
+        t.detach().float().requires_grad_() for t in scan_inputs(batch=2, length=552, d_inner=32, d_state=8)
+    )
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         y, h = selective_scan(x, dt, A, B, C, D, h0)
         (y.sum() + h.sum()).backward()

@@ -47,7 +47,19 @@ def test_plot_runs_writes_a_png(tmp_path, capsys):
     write_run(tmp_path / "b" / "run", 1.1)  # same folder name: labelled by path
     write_run(tmp_path / "c", 0.9)
     out = tmp_path / "plots" / "training.png"
-    assert run_plot("runs", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "c"), "-o", str(out), "--smooth", "0.8") == 0
+    assert (
+        run_plot(
+            "runs",
+            str(tmp_path / "a" / "run"),
+            str(tmp_path / "b" / "run"),
+            str(tmp_path / "c"),
+            "-o",
+            str(out),
+            "--smooth",
+            "0.8",
+        )
+        == 0
+    )
     assert capsys.readouterr().out == f"wrote {out}\n"
     assert png_size(out) == (960, 600)
     assert [p.name for p in out.parent.iterdir()] == ["training.png"]  # no temporary file left
@@ -64,7 +76,9 @@ def test_many_runs_get_distinct_lines_and_a_legend_beside_the_axes(tmp_path, mon
     (figure,) = drawn
     (axes,) = figure.axes
     train_lines = [line for line in axes.get_lines() if line.get_label().endswith(" train")]
-    assert len({(line.get_color(), line.get_linestyle()) for line in train_lines}) == 12  # colours repeat after ten, styles do not
+    assert (
+        len({(line.get_color(), line.get_linestyle()) for line in train_lines}) == 12
+    )  # colours repeat after ten, styles do not
     assert axes.get_legend() is None and len(figure.legends) == 1  # 36 entries would cover the curves
     assert figure.get_figwidth() > 8
 
@@ -87,7 +101,7 @@ def add_results(path) -> None:
         for model_name, base in (("tiny", 4.0), ("gpt2", 3.6)):
             for n_ctx in (1024, 4096, 16384, 1 << 20):
                 loss = base - 0.05 * n_ctx.bit_length()
-                db.add(ResultRow("bakallm", model_name, "wikitext-103", "test", n_ctx, 1000, loss, 2.718 ** loss))
+                db.add(ResultRow("bakallm", model_name, "wikitext-103", "test", n_ctx, 1000, loss, 2.718**loss))
         db.add(ResultRow("hf", "gpt2", "pg19", "test", 1024, 1000, 3.0, 20.1))
 
 
@@ -95,7 +109,22 @@ def test_plot_context_writes_a_png(tmp_path, capsys):
     db_path = tmp_path / "results.sqlite3"
     add_results(db_path)
     out = tmp_path / "context.png"
-    assert run_plot("context", "--db", str(db_path), "--benchmark", "wikitext-103", "--model", "tiny", "--model", "gpt2", "-o", str(out)) == 0
+    assert (
+        run_plot(
+            "context",
+            "--db",
+            str(db_path),
+            "--benchmark",
+            "wikitext-103",
+            "--model",
+            "tiny",
+            "--model",
+            "gpt2",
+            "-o",
+            str(out),
+        )
+        == 0
+    )
     assert capsys.readouterr().out == f"wrote {out}\n"
     assert png_size(out) == (960, 600)
 
@@ -117,13 +146,42 @@ def test_plot_context_user_errors(tmp_path):
 def test_plot_positions_draws_one_line_per_model_and_context(tmp_path, capsys, monkeypatch):
     db_path = tmp_path / "results.sqlite3"
     buckets = lambda first, later: [  # noqa: E731
-        {"start": 0, "stop": 512, "tokens": 10, "loss": first}, {"start": 512, "stop": 2048, "tokens": 20, "loss": later},
+        {"start": 0, "stop": 512, "tokens": 10, "loss": first},
+        {"start": 512, "stop": 2048, "tokens": 20, "loss": later},
         {"start": 2048, "stop": None, "tokens": 0, "loss": None},  # an empty bucket is not drawn
     ]
     with ResultsDB(db_path) as db:
-        db.add(ResultRow("bakallm", "ours", "books", "test", 512, 30, 5.0, 148.4, checkpoint_hash="a", position_losses=buckets(6.0, 5.0)))
-        db.add(ResultRow("bakallm", "ours", "books", "test", 1 << 20, 30, 4.8, 121.5, checkpoint_hash="a", position_losses=buckets(6.0, 4.5)))
-        db.add(ResultRow("bakallm", "old", "books", "test", 512, 30, 5.0, 148.4))  # recorded before position losses: left out
+        db.add(
+            ResultRow(
+                "bakallm",
+                "ours",
+                "books",
+                "test",
+                512,
+                30,
+                5.0,
+                148.4,
+                checkpoint_hash="a",
+                position_losses=buckets(6.0, 5.0),
+            )
+        )
+        db.add(
+            ResultRow(
+                "bakallm",
+                "ours",
+                "books",
+                "test",
+                1 << 20,
+                30,
+                4.8,
+                121.5,
+                checkpoint_hash="a",
+                position_losses=buckets(6.0, 4.5),
+            )
+        )
+        db.add(
+            ResultRow("bakallm", "old", "books", "test", 512, 30, 5.0, 148.4)
+        )  # recorded before position losses: left out
     drawn = []
     monkeypatch.setattr(plotting, "_save_png", lambda figure, path: drawn.append(figure))
     out = tmp_path / "positions.png"

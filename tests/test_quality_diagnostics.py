@@ -20,8 +20,12 @@ def test_caches_count_the_targets_before_the_window_and_inside_it_up_to_the_inpu
     # Window 4: the second window reads 1 2 2 5 and predicts 2 2 5 9; the first window read 1 2 1 3.
     tokens = torch.tensor([[1, 2, 1, 3, 1, 2, 2, 5, 9], [4, 4, 4, 4, 4, 4, 7, 4, 4]])
     caches = diagnostics.cache_probabilities(tokens, window=4)
-    torch.testing.assert_close(caches["before"], torch.tensor([[1 / 4, 1 / 4, 0, 0], [1, 0, 1, 1]], dtype=torch.float64))
-    torch.testing.assert_close(caches["inside"], torch.tensor([[0, 1 / 2, 0, 0], [1, 0, 2 / 3, 3 / 4]], dtype=torch.float64))
+    torch.testing.assert_close(
+        caches["before"], torch.tensor([[1 / 4, 1 / 4, 0, 0], [1, 0, 1, 1]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        caches["inside"], torch.tensor([[0, 1 / 2, 0, 0], [1, 0, 2 / 3, 3 / 4]], dtype=torch.float64)
+    )
 
 
 def test_the_document_cache_gives_each_target_its_share_of_the_tokens_read_so_far():

@@ -31,7 +31,9 @@ from test_evaluation import WINDOW, small_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-NEOX_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+NEOX_TOKENIZER = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+)
 FILLER_WORDS = "the old river ran past quiet fields while rain fell on the city and a dog slept".split()
 
 
@@ -82,7 +84,9 @@ def test_samples_are_deterministic_from_the_seed_and_hold_fact_filler_query_and_
         assert fact is not None and query is not None and sample.fact_start < 40
         assert text_of(sample.tokens[sample.code_start : sample.code_start + len(sample.answer)]) == " " + fact.group(2)
         assert query.groups() == fact.groups() and text_of(sample.answer) == " " + fact.group(2)
-        assert text[: sample.fact_start] + text[fact.end() : fact.end() + 200] in filler  # one contiguous piece of filler
+        assert (
+            text[: sample.fact_start] + text[fact.end() : fact.end() + 200] in filler
+        )  # one contiguous piece of filler
 
 
 def test_a_sample_depends_only_on_seed_distance_and_index(byte_writer, byte_filler):
@@ -104,7 +108,9 @@ def test_the_query_never_shares_an_ngram_continuation_with_its_fact(tokenizer):
             context = tuple(fact.query[-context_length:])
             statement = fact.statement
             continuations = {
-                statement[end] for end in range(context_length, len(statement)) if tuple(statement[end - context_length : end]) == context
+                statement[end]
+                for end in range(context_length, len(statement))
+                if tuple(statement[end - context_length : end]) == context
             }
             assert first not in continuations, (fact.name, fact.code, context_length)
 
@@ -143,14 +149,25 @@ def test_accuracy_loss_and_first_token_by_hand():
     for probs, answer in probabilities:
         tally.add(torch.tensor(probs).log(), torch.tensor(answer))
     score = tally.score(2.0, 64, chance=0.01, first_token_chance=1 / 3)
-    expected_loss = -sum(math.log(probs[i][token]) for probs, answer in probabilities for i, token in enumerate(answer)) / 6
+    expected_loss = (
+        -sum(math.log(probs[i][token]) for probs, answer in probabilities for i, token in enumerate(answer)) / 6
+    )
     assert (score.accuracy, score.first_token_accuracy, score.samples, score.answer_tokens) == (1 / 3, 2 / 3, 3, 6)
     assert score.answer_loss == pytest.approx(expected_loss)
-    assert (score.distance_windows, score.distance_tokens, score.chance, score.first_token_chance) == (2.0, 64, 0.01, 1 / 3)
+    assert (score.distance_windows, score.distance_tokens, score.chance, score.first_token_chance) == (
+        2.0,
+        64,
+        0.01,
+        1 / 3,
+    )
 
 
 def samples_of_lengths(writer, filler, distances, depth):
-    return [sample for distance in distances for sample in recall_samples(filler, writer, distance, 2, seed=distance, depth_tokens=depth)]
+    return [
+        sample
+        for distance in distances
+        for sample in recall_samples(filler, writer, distance, 2, seed=distance, depth_tokens=depth)
+    ]
 
 
 @pytest.mark.parametrize("n_ctx", [None, WINDOW, 3 * WINDOW + 5])
@@ -165,7 +182,9 @@ def test_each_answer_token_is_scored_once_as_a_plain_forward_scores_it(byte_writ
     with torch.no_grad():
         for sample, (log_probs, answer) in zip(samples, got):
             inputs = torch.from_numpy(sample.tokens[:-1])
-            logits = torch.cat([model(inputs[None, start : start + segment]).logits[0] for start in range(0, len(inputs), segment)])
+            logits = torch.cat(
+                [model(inputs[None, start : start + segment]).logits[0] for start in range(0, len(inputs), segment)]
+            )
             expected = F.log_softmax(logits[sample.answer_start - 1 :].float(), dim=-1)
             assert log_probs.shape == (len(sample.answer), 256) and torch.equal(answer, torch.from_numpy(sample.answer))
             torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-5)
@@ -189,7 +208,9 @@ def test_a_model_reset_every_window_knows_nothing_of_a_fact_beyond_the_attention
     assert not np.array_equal(sample.tokens, changed.tokens)
 
     def answer_log_probs(samples, n_ctx):
-        return [log_probs for log_probs, _ in bakallm_answer_log_probs(model, samples, 2, torch.device("cpu"), n_ctx=n_ctx)]
+        return [
+            log_probs for log_probs, _ in bakallm_answer_log_probs(model, samples, 2, torch.device("cpu"), n_ctx=n_ctx)
+        ]
 
     reset = answer_log_probs([sample, changed], WINDOW)
     assert torch.equal(reset[0], reset[1])
@@ -206,7 +227,12 @@ def test_keeping_the_document_cache_across_resets_keeps_only_its_counts(byte_wri
         assert torch.equal(getattr(kept, name), getattr(state, name)) and getattr(cleared, name)[0].abs().sum() == 0
     for kept_table, table in zip(kept.ngram_counts, state.ngram_counts):
         assert torch.equal(kept_table, table)
-    assert not kept.has_past[0] and kept.has_past[1] and kept.memory[0].abs().sum() == 0 and torch.equal(kept.memory[1], state.memory[1])
+    assert (
+        not kept.has_past[0]
+        and kept.has_past[1]
+        and kept.memory[0].abs().sum() == 0
+        and torch.equal(kept.memory[1], state.memory[1])
+    )
 
 
 # ----- the training mix -----
@@ -245,11 +271,38 @@ def test_training_with_the_recall_mix_plants_the_facts_and_resumes(tmp_path, cap
     corpus.mkdir()
     (corpus / "book.txt").write_text(filler_text(3000), encoding="utf-8")
     model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps({"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}))
+    model_file.write_text(
+        json.dumps({"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2})
+    )
     run_dir = tmp_path / "run"
-    args = ["train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
-            "--batch-size", "1", "--train-ctx", "64", "--max-steps", "2", "--run-dir", str(run_dir), "--no-progress",
-            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--recall-every", "200", "--recall-max-distance", "300"]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(model_file),
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        "1",
+        "--train-ctx",
+        "64",
+        "--max-steps",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+        "--recall-every",
+        "200",
+        "--recall-max-distance",
+        "300",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     trainer = Trainer(TrainConfig(resume=str(run_dir), max_steps=3), explicit={"resume", "max_steps"})
     planted = text_of(trainer.corpus.tokens)
@@ -272,15 +325,38 @@ def test_bench_recall_prints_json_stores_the_row_and_results_show_it(tmp_path, f
     make_run(run_dir)
     db_path = tmp_path / "results.sqlite3"
     status, out, err = bench(
-        capsys, run_dir, "--task", "recall", "--data", filler_file, "--distances", "0.5,2,8", "--samples", "3", "--reset-every", WINDOW,
-        "--json", "--db", db_path, "--cache-dir", tmp_path / "cache",
+        capsys,
+        run_dir,
+        "--task",
+        "recall",
+        "--data",
+        filler_file,
+        "--distances",
+        "0.5,2,8",
+        "--samples",
+        "3",
+        "--reset-every",
+        WINDOW,
+        "--json",
+        "--db",
+        db_path,
+        "--cache-dir",
+        tmp_path / "cache",
     )
     assert status == 0, err
     printed = json.loads(out[-1])
     assert printed["task"] == "recall" and printed["n_ctx"] == 1 << 20
     assert [score["distance_windows"] for score in printed["recall"]] == [0.5, 2.0, 8.0]
     assert [score["distance_tokens"] for score in printed["recall"]] == [WINDOW // 2, 2 * WINDOW, 8 * WINDOW]
-    keys = {"distance_windows", "distance_tokens", "accuracy", "first_token_accuracy", "answer_loss", "samples", "chance"}
+    keys = {
+        "distance_windows",
+        "distance_tokens",
+        "accuracy",
+        "first_token_accuracy",
+        "answer_loss",
+        "samples",
+        "chance",
+    }
     for score in printed["recall"]:
         assert keys <= score.keys() and score["samples"] == 3 and score["chance"] == EXACT_MATCH_CHANCE
     assert printed["tokens"] == 3 * 3 * (2 * CODE_LENGTH)  # bytes: " 4 8 1 2 7" is ten tokens
@@ -309,12 +385,27 @@ def test_bench_recall_prints_json_stores_the_row_and_results_show_it(tmp_path, f
         (["--position-buckets", "0,64"], "applies only to --task lm"),
     ],
 )
-def test_bad_recall_arguments_exit_2_with_one_sentence_and_write_nothing(tmp_path, filler_file, capsys, arguments, message):
+def test_bad_recall_arguments_exit_2_with_one_sentence_and_write_nothing(
+    tmp_path, filler_file, capsys, arguments, message
+):
     run_dir = tmp_path / "small-run"
     make_run(run_dir)
     db_path = tmp_path / "results.sqlite3"
-    status, out, err = bench(capsys, run_dir, "--task", "recall", "--data", filler_file, "--samples", "2", "--db", db_path,
-                             "--cache-dir", tmp_path / "cache", *arguments)
+    status, out, err = bench(
+        capsys,
+        run_dir,
+        "--task",
+        "recall",
+        "--data",
+        filler_file,
+        "--samples",
+        "2",
+        "--db",
+        db_path,
+        "--cache-dir",
+        tmp_path / "cache",
+        *arguments,
+    )
     assert status == 2 and len(err) == 1 and message in err[0], err
     assert stored_rows(db_path) == []
 
@@ -334,8 +425,25 @@ def test_plot_recall_writes_a_png(tmp_path, filler_file, capsys):
     run_dir = tmp_path / "small-run"
     make_run(run_dir)
     db_path = tmp_path / "results.sqlite3"
-    assert bench(capsys, run_dir, "--task", "recall", "--data", filler_file, "--distances", "1,4", "--samples", "2", "--db", db_path,
-                 "--cache-dir", tmp_path / "cache")[0] == 0
+    assert (
+        bench(
+            capsys,
+            run_dir,
+            "--task",
+            "recall",
+            "--data",
+            filler_file,
+            "--distances",
+            "1,4",
+            "--samples",
+            "2",
+            "--db",
+            db_path,
+            "--cache-dir",
+            tmp_path / "cache",
+        )[0]
+        == 0
+    )
     out = tmp_path / "recall.png"
     assert main(["plot", "recall", "--db", str(db_path), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -344,8 +452,13 @@ def test_plot_recall_writes_a_png(tmp_path, filler_file, capsys):
 def test_without_overlap_one_fact_at_most_waits_for_its_query(byte_writer):
     text = filler_text(4000, seed=5)
     corpus = TokenizedCorpus.from_token_lists([list(text.encode())], 256)
-    planted = text_of(mix_recall(corpus, byte_writer, every=100, max_distance=300, seed=1, overlap=False).corpus.document(0))
-    events = sorted([(match.start(), "fact") for match in FACT.finditer(planted)] + [(match.start(), "query") for match in QUERY.finditer(planted)])
+    planted = text_of(
+        mix_recall(corpus, byte_writer, every=100, max_distance=300, seed=1, overlap=False).corpus.document(0)
+    )
+    events = sorted(
+        [(match.start(), "fact") for match in FACT.finditer(planted)]
+        + [(match.start(), "query") for match in QUERY.finditer(planted)]
+    )
     kinds = [kind for _, kind in events]
     assert kinds.count("fact") > 20
     # fact, its query, the next fact, ...: never two facts without a query between them (the last may lack its query)
@@ -355,7 +468,9 @@ def test_without_overlap_one_fact_at_most_waits_for_its_query(byte_writer):
 
 def test_the_mix_marks_answers_and_codes_and_scores_answers_always_and_codes_never(byte_writer):
     text = filler_text(3000, seed=2)
-    mix = mix_recall(TokenizedCorpus.from_token_lists([list(text.encode())], 256), byte_writer, every=150, max_distance=200, seed=3)
+    mix = mix_recall(
+        TokenizedCorpus.from_token_lists([list(text.encode())], 256), byte_writer, every=150, max_distance=200, seed=3
+    )
     planted = text_of(mix.corpus.tokens)
     answers = np.zeros(len(planted), dtype=bool)
     codes = np.zeros(len(planted), dtype=bool)
@@ -383,7 +498,10 @@ def test_the_batcher_scores_only_the_tokens_asked_and_counts_them():
     for _ in range(5):
         batch, full = batcher.next_batch(), plain.next_batch()
         assert torch.equal(batch.input_ids, full.input_ids[:1])
-        expected = [[target if target == IGNORE_INDEX or scored[position_of[target]] else IGNORE_INDEX for target in row] for row in full.targets.tolist()]
+        expected = [
+            [target if target == IGNORE_INDEX or scored[position_of[target]] else IGNORE_INDEX for target in row]
+            for row in full.targets.tolist()
+        ]
         assert batch.targets.tolist() == expected[:1]
         assert batch.n_targets == sum(target != IGNORE_INDEX for target in expected[0])
         assert batch.total_targets == sum(target != IGNORE_INDEX for row in expected for target in row)
@@ -408,7 +526,9 @@ def test_a_loss_over_few_targets_equals_the_full_cross_entropy(document_cache):
     if document_cache:
         return
     output.loss.backward()
-    sparse = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+    sparse = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
     model.zero_grad()
     F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
     for name, parameter in model.named_parameters():
@@ -425,12 +545,19 @@ def test_without_carrying_the_memory_a_window_ignores_the_memory_it_was_handed()
     state = model(first).state
     scrambled = replace(state, memory=torch.randn_like(state.memory))
     with torch.no_grad():
-        torch.testing.assert_close(model(second, state=state).logits, model(second, state=scrambled).logits, rtol=0, atol=0)
-        torch.testing.assert_close(model(second, state=state).logits, model(second).logits, rtol=0, atol=0)  # as a fresh window
+        torch.testing.assert_close(
+            model(second, state=state).logits, model(second, state=scrambled).logits, rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            model(second, state=state).logits, model(second).logits, rtol=0, atol=0
+        )  # as a fresh window
     carried = small_model(carry_mamba_state=False, xl_cache=False)
     carried.load_state_dict(model.state_dict())
     with torch.no_grad():
         state = carried(first).state
-        assert not torch.allclose(carried(second, state=state).logits, carried(second, state=replace(state, memory=torch.randn_like(state.memory))).logits)
+        assert not torch.allclose(
+            carried(second, state=state).logits,
+            carried(second, state=replace(state, memory=torch.randn_like(state.memory))).logits,
+        )
     with pytest.raises(ValueError, match="carry_memory false needs memory_layout learned_slots"):
         small_model(carry_memory=False, memory_layout="copy_memory")

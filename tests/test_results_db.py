@@ -11,7 +11,16 @@ from bakallm.results.db import DB_PATH_ENV, SCHEMA_VERSION, ResultRow, ResultsDB
 
 
 def make_row(**changes) -> ResultRow:
-    values = dict(model_kind="bakallm", model_name="tiny", benchmark="wikitext-103", split="test", n_ctx=4096, tokens=1000, loss=3.5, ppl=33.12)
+    values = dict(
+        model_kind="bakallm",
+        model_name="tiny",
+        benchmark="wikitext-103",
+        split="test",
+        n_ctx=4096,
+        tokens=1000,
+        loss=3.5,
+        ppl=33.12,
+    )
     values.update(changes)
     return ResultRow(**values)
 
@@ -128,16 +137,30 @@ def test_version_1_database_is_upgraded_in_place(tmp_path):
     write_version_1_database(path)
     with ResultsDB(path) as db:
         (old,) = db.rows()
-        buckets = [{"start": 0, "stop": 512, "tokens": 511, "loss": 6.5}, {"start": 512, "stop": None, "tokens": 9, "loss": None}]
+        buckets = [
+            {"start": 0, "stop": 512, "tokens": 511, "loss": 6.5},
+            {"start": 512, "stop": None, "tokens": 9, "loss": None},
+        ]
         new_id = db.add(make_row(arch_hash="beef", extra={"k": 1}, study="seed-fixes", position_losses=buckets))
         (_, new) = db.rows()
         assert [row.id for row in db.rows(study="seed-fixes")] == [new_id]
-    assert (old.id, old.created_at, old.model_kind, old.model_name, old.n_ctx, old.tokens) == (1, "2024-05-01T10:00:00+00:00", "hf", "gpt2", 1024, 245566)
+    assert (old.id, old.created_at, old.model_kind, old.model_name, old.n_ctx, old.tokens) == (
+        1,
+        "2024-05-01T10:00:00+00:00",
+        "hf",
+        "gpt2",
+        1024,
+        245566,
+    )
     assert (old.loss, old.ppl, old.bpb, old.note) == (3.2, 24.53, 0.98, "baseline")
     assert (old.arch_hash, old.version, old.extra, old.study) == (None, None, {}, None)
     assert (new_id, new.arch_hash, new.extra) == (2, "beef", {"k": 1})
     assert (old.position_losses, new.position_losses) == (None, buckets)
-    assert (old.task, old.recall, new.task) == ("lm", None, "lm")  # rows from before version 5 measured language modelling
+    assert (old.task, old.recall, new.task) == (
+        "lm",
+        None,
+        "lm",
+    )  # rows from before version 5 measured language modelling
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     check.close()

@@ -15,8 +15,17 @@ from bakallm.results.table import format_table, parse_columns
 
 def make_row(row_id, n_ctx, loss, ppl, bpb, note, **changes) -> ResultRow:
     values = dict(
-        model_kind="bakallm", model_name="tiny", benchmark="wikitext-103", split="test",
-        n_ctx=n_ctx, tokens=245566, loss=loss, ppl=ppl, bpb=bpb, note=note, id=row_id,
+        model_kind="bakallm",
+        model_name="tiny",
+        benchmark="wikitext-103",
+        split="test",
+        n_ctx=n_ctx,
+        tokens=245566,
+        loss=loss,
+        ppl=ppl,
+        bpb=bpb,
+        note=note,
+        id=row_id,
     )
     values.update(changes)
     return ResultRow(**values)
@@ -120,7 +129,11 @@ def test_results_command_bolds_rows_added_since_previous_listing(tmp_path, capsy
     run_results("--db", str(path), "--columns", "id,n_ctx")
     assert "**" not in capsys.readouterr().out
     run_results("--db", str(path), "--columns", "id,n_ctx", "--since", "2")
-    assert capsys.readouterr().out.splitlines()[2:] == ["| **2** | **1048576** |", "| 1 | 4096 |", "| **3** | **1024** |"]
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| **2** | **1048576** |",
+        "| 1 | 4096 |",
+        "| **3** | **1024** |",
+    ]
 
 
 def test_results_command_since_time_and_machine_formats_keep_the_marker(tmp_path, capsys):

@@ -28,7 +28,10 @@ def test_auto_picks_triton_on_cuda_only_when_triton_imports(monkeypatch, triton_
 def test_auto_falls_back_to_the_log_depth_scan_with_a_warning_when_the_self_check_fails(monkeypatch):
     monkeypatch.setattr(scan, "_triton", {"module": object()})
     monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): "CompilationError: at 12:4"})
-    with pytest.warns(UserWarning, match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the log-depth \(parallel\) scan runs instead\."):
+    with pytest.warns(
+        UserWarning,
+        match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the log-depth \(parallel\) scan runs instead\.",
+    ):
         assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "parallel"
 
 
@@ -70,12 +73,18 @@ def test_forced_triton_off_cuda_is_refused():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, parallel, blocked, reference"):
+    with pytest.raises(
+        UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, parallel, blocked, reference"
+    ):
         scan.resolve_scan_backend("fast", torch.device("cpu"))
 
 
 def test_use_scan_backend_sets_every_mamba_block_and_checks_the_device(triton_missing):
-    model = BakaLM(ModelConfig.preset("tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, window=16, n_memory=2, n_pauses=1))
+    model = BakaLM(
+        ModelConfig.preset(
+            "tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, window=16, n_memory=2, n_pauses=1
+        )
+    )
     use_scan_backend(model, "reference")
     assert [layer.mamba.scan for layer in model.layers] == ["reference", "reference"]
     with pytest.raises(UserError, match="needs the triton package"):

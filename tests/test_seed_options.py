@@ -42,7 +42,9 @@ def test_layernorm_has_a_bias_everywhere():
     model = BakaLM(config(norm="layernorm"))
     norms = [module for module in model.modules() if isinstance(module, (nn.LayerNorm, nn.RMSNorm))]
     assert len(norms) == 2 * 2 + 1 and all(isinstance(norm, nn.LayerNorm) and norm.bias is not None for norm in norms)
-    assert all(isinstance(m, nn.RMSNorm) for m in BakaLM(config()).modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)))
+    assert all(
+        isinstance(m, nn.RMSNorm) for m in BakaLM(config()).modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))
+    )
 
 
 def test_shared_pause_is_one_vector_used_at_every_pause():
@@ -112,7 +114,9 @@ def test_copy_memory_layout_in_a_mixed_batch_matches_a_fresh_row_up_to_mamba():
         memory=torch.cat((state.memory[:1], carried.memory)),
         keys=tuple(torch.cat((a[:1], b)) for a, b in zip(state.keys, carried.keys)),
         values=tuple(torch.cat((a[:1], b)) for a, b in zip(state.values, carried.values)),
-        conv=(), ssm=(), has_past=torch.tensor([False, True]),
+        conv=(),
+        ssm=(),
+        has_past=torch.tensor([False, True]),
     )
     mixed = model(ids, state=state).logits
     torch.testing.assert_close(mixed[:1], model(ids[:1]).logits, atol=1e-5, rtol=0)
@@ -120,7 +124,11 @@ def test_copy_memory_layout_in_a_mixed_batch_matches_a_fresh_row_up_to_mamba():
 
 
 def test_first_slot_readout_returns_the_first_positions_of_the_last_layer():
-    for readout, layout in (("first_slots", "learned_slots"), ("write_slots", "learned_slots"), ("first_slots", "copy_memory")):
+    for readout, layout in (
+        ("first_slots", "learned_slots"),
+        ("write_slots", "learned_slots"),
+        ("first_slots", "copy_memory"),
+    ):
         model = BakaLM(config(memory_readout=readout, memory_layout=layout)).eval()
         outputs = []
         model.layers[-1].register_forward_hook(lambda module, args, output: outputs.append(output[0]))

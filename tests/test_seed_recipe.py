@@ -23,9 +23,23 @@ def corpus(tmp_path, one_torch_thread) -> Path:
 def trainer(corpus: Path, tmp_path: Path, **changes) -> Trainer:
     tmp_path.mkdir(parents=True, exist_ok=True)
     model_file = tmp_path / "model.json"
-    model_file.write_text('{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}')
-    values = dict(preset="celp18-seed", model_config=str(model_file), data=str(corpus), tokenizer="bytes", batch_size=2, train_ctx=64,
-                  max_steps=1, run_dir=str(tmp_path / "run"), progress=False, cache_dir=str(tmp_path / "cache"), warmup_steps=0, device="cpu")
+    model_file.write_text(
+        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
+    )
+    values = dict(
+        preset="celp18-seed",
+        model_config=str(model_file),
+        data=str(corpus),
+        tokenizer="bytes",
+        batch_size=2,
+        train_ctx=64,
+        max_steps=1,
+        run_dir=str(tmp_path / "run"),
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        warmup_steps=0,
+        device="cpu",
+    )
     values.update(changes)
     return Trainer(train_config_from_values(values))
 
@@ -33,9 +47,21 @@ def trainer(corpus: Path, tmp_path: Path, **changes) -> Trainer:
 def test_seed_recipe_holds_the_reference_optimizer_and_order():
     config = train_config_from_values(read_recipe(str(REPO_ROOT / "recipes" / "celp18-seed.yaml")))
     config.validate()
-    assert (config.preset, config.lr, config.beta1, config.beta2, config.weight_decay) == ("celp18-seed", 1e-3, 0.9, 0.999, 0.01)
-    assert (config.weight_decay_scope, config.schedule, config.warmup_steps, config.shuffle, config.carry_state, config.precision) == (
-        "all", "constant", 0, False, False, "pure-bfloat16")
+    assert (config.preset, config.lr, config.beta1, config.beta2, config.weight_decay) == (
+        "celp18-seed",
+        1e-3,
+        0.9,
+        0.999,
+        0.01,
+    )
+    assert (
+        config.weight_decay_scope,
+        config.schedule,
+        config.warmup_steps,
+        config.shuffle,
+        config.carry_state,
+        config.precision,
+    ) == ("all", "constant", 0, False, False, "pure-bfloat16")
 
 
 def test_weight_decay_scope_all_decays_every_parameter(corpus, tmp_path):

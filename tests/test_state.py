@@ -9,7 +9,11 @@ def make_state(**changes) -> tuple[BakaLM, RecurrentState]:
     return model, model(torch.randint(0, 100, (3, 20))).state
 
 
-CACHES = {"no cache": {}, "unigram cache": {"document_cache": True}, "n-gram cache": {"document_cache": True, "document_cache_order": 3}}
+CACHES = {
+    "no cache": {},
+    "unigram cache": {"document_cache": True},
+    "n-gram cache": {"document_cache": True, "document_cache_order": 3},
+}
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -17,7 +21,9 @@ def test_reset_clears_only_the_selected_rows_even_when_they_hold_nan(cache):
     _, state = make_state(**CACHES[cache])
     assert ("token_counts" in state.to_dict()) == (cache != "no cache")
     assert ("ngram_keys.1" in state.to_dict()) == (cache == "n-gram cache")
-    state = RecurrentState(**{**state.__dict__, "memory": state.memory.clone().index_fill_(0, torch.tensor([1]), float("nan"))})
+    state = RecurrentState(
+        **{**state.__dict__, "memory": state.memory.clone().index_fill_(0, torch.tensor([1]), float("nan"))}
+    )
     reset = state.reset(torch.tensor([False, True, False]))
     assert reset.has_past.tolist() == [True, False, True]
     for name, tensor in reset.to_dict().items():

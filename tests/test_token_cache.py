@@ -195,7 +195,13 @@ def test_from_token_lists_picks_uint32_for_large_vocabularies_and_checks_ids():
 
 
 def test_a_moved_corpus_keeps_its_fingerprint(tmp_path):
-    first = tokenize_corpus(write_books(tmp_path / "here", ["one", "two"]), ByteTokenizer(), cache_dir=tmp_path / "cache")
-    moved = tokenize_corpus(write_books(tmp_path / "there", ["one", "two"]), ByteTokenizer(), cache_dir=tmp_path / "cache")
-    edited = tokenize_corpus(write_books(tmp_path / "edited", ["one", "two!"]), ByteTokenizer(), cache_dir=tmp_path / "cache")
+    first = tokenize_corpus(
+        write_books(tmp_path / "here", ["one", "two"]), ByteTokenizer(), cache_dir=tmp_path / "cache"
+    )
+    moved = tokenize_corpus(
+        write_books(tmp_path / "there", ["one", "two"]), ByteTokenizer(), cache_dir=tmp_path / "cache"
+    )
+    edited = tokenize_corpus(
+        write_books(tmp_path / "edited", ["one", "two!"]), ByteTokenizer(), cache_dir=tmp_path / "cache"
+    )
     assert moved.fingerprint == first.fingerprint != edited.fingerprint

@@ -29,22 +29,53 @@ def corpus_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     for index in range(12):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "." for _ in range(rng.randint(3, 25))]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+            for _ in range(rng.randint(3, 25))
+        ]
         (folder / f"doc{index:02d}.txt").write_text(" ".join(sentences), encoding="utf-8")
     return folder
 
 
 def train_args(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        "train", "--preset", "tiny", "--model-config", str(_tiny_model_file(run_dir.parent)), "--data", str(corpus_dir),
-        "--tokenizer", "bytes", "--batch-size", "3", "--train-ctx", "64", "--lr", "3e-3", "--warmup-steps", "2",
-        "--run-dir", str(run_dir), "--no-progress", "--cache-dir", str(run_dir.parent / "cache"), "--save-every", "4", "--threads", "1", *extra,
+        "train",
+        "--preset",
+        "tiny",
+        "--model-config",
+        str(_tiny_model_file(run_dir.parent)),
+        "--data",
+        str(corpus_dir),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        "3",
+        "--train-ctx",
+        "64",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--cache-dir",
+        str(run_dir.parent / "cache"),
+        "--save-every",
+        "4",
+        "--threads",
+        "1",
+        *extra,
     ]
 
 
 def _tiny_model_file(folder: Path) -> Path:
     path = folder / "tiny-small.json"
-    path.write_text(json.dumps({"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}))
+    path.write_text(
+        json.dumps(
+            {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "window": 32, "n_memory": 4, "n_pauses": 4}
+        )
+    )
     return path
 
 
@@ -67,14 +98,26 @@ def test_training_lowers_the_loss_and_fills_the_run_directory(corpus_dir, tmp_pa
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest.name == "step-00000030"
-    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.TRAINER_STATE_FILE, ckpt.RECURRENT_STATE_FILE, ckpt.RNG_FILE):
+    for name in (
+        ckpt.MODEL_FILE,
+        ckpt.OPTIMIZER_FILE,
+        ckpt.TRAINER_STATE_FILE,
+        ckpt.RECURRENT_STATE_FILE,
+        ckpt.RNG_FILE,
+    ):
         assert (latest / name).is_file(), name
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 256 and saved["model"]["d_model"] == 64
-    assert json.loads((latest / "config.json").read_text()) == saved  # a checkpoint folder describes its model by itself
+    assert (
+        json.loads((latest / "config.json").read_text()) == saved
+    )  # a checkpoint folder describes its model by itself
     assert saved["training"]["batch_size"] == 3
     # keep_last 3 step checkpoints; the corpus is small, so epoch snapshots exist too and stay.
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000024", "step-00000028", "step-00000030"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
+        "step-00000024",
+        "step-00000028",
+        "step-00000030",
+    ]
     assert (run_dir / "checkpoints" / "epoch-1" / ckpt.MODEL_FILE).is_file()
     model = BakaLM.from_pretrained(run_dir)
     for name, tensor in final_weights(run_dir).items():
@@ -91,7 +134,10 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(corpus
     assert len(got) == 12
     assert max(abs(a - b) for a, b in zip(expected, got)) <= 1e-6
     reference = final_weights(straight)
-    assert max((tensor - reference[name]).abs().max().item() for name, tensor in final_weights(interrupted).items()) <= 1e-6
+    assert (
+        max((tensor - reference[name]).abs().max().item() for name, tensor in final_weights(interrupted).items())
+        <= 1e-6
+    )
 
 
 def test_epoch_end_keeps_a_snapshot_and_stops(corpus_dir, tmp_path):
@@ -119,12 +165,18 @@ def test_resume_with_a_different_setting_names_the_field(corpus_dir, tmp_path, c
     recipe.write_text("lr: 0.01\n")
     assert main(["train", "--resume", str(run_dir), "--recipe", str(recipe)]) == 2
     error = capsys.readouterr().err.strip()
-    assert f"the recipe {recipe}'s lr is 0.01 but the run used 0.003" in error and "--lr" not in error and len(error.splitlines()) == 1
+    assert (
+        f"the recipe {recipe}'s lr is 0.01 but the run used 0.003" in error
+        and "--lr" not in error
+        and len(error.splitlines()) == 1
+    )
 
 
 def test_activation_checkpointing_trains_to_the_same_weights(corpus_dir, tmp_path):
     assert main(train_args(corpus_dir, tmp_path / "plain", "--max-steps", "2")) == 0
-    assert main(train_args(corpus_dir, tmp_path / "checkpointed", "--max-steps", "2", "--activation-checkpointing")) == 0
+    assert (
+        main(train_args(corpus_dir, tmp_path / "checkpointed", "--max-steps", "2", "--activation-checkpointing")) == 0
+    )
     checkpointed = final_weights(tmp_path / "checkpointed")
     for name, tensor in final_weights(tmp_path / "plain").items():
         torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -133,20 +185,35 @@ def test_activation_checkpointing_trains_to_the_same_weights(corpus_dir, tmp_pat
 def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, capsys):
     source = tmp_path / "source"
     assert main(train_args(corpus_dir, source, "--max-steps", "2")) == 0
-    config = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "staged"), "init_from": str(source), "max_steps": 1})
+    config = TrainConfig(
+        **{**_config_values(corpus_dir, tmp_path / "staged"), "init_from": str(source), "max_steps": 1}
+    )
     trainer = Trainer(config)
     assert torch.get_num_threads() == 1  # --threads
     for name, tensor in final_weights(source).items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name
-    wrong = TrainConfig(**{**_config_values(corpus_dir, tmp_path / "wrong"), "init_from": str(source), "model_config": None})
+    wrong = TrainConfig(
+        **{**_config_values(corpus_dir, tmp_path / "wrong"), "init_from": str(source), "model_config": None}
+    )
     with pytest.raises(Exception, match="model field d_model differs"):
         Trainer(wrong)
     # A field that changes no parameter may differ (stage 2 of a leave-one-out study), and is announced.
     capsys.readouterr()
     values = _config_values(corpus_dir, tmp_path / "switched")
     model_file = Path(values["model_config"])
-    model_file.with_name("no-carry.json").write_text(json.dumps({**json.loads(model_file.read_text()), "carry_mamba_state": False}))
-    switched = Trainer(TrainConfig(**{**values, "model_config": str(model_file.with_name("no-carry.json")), "init_from": str(source), "max_steps": 1}))
+    model_file.with_name("no-carry.json").write_text(
+        json.dumps({**json.loads(model_file.read_text()), "carry_mamba_state": False})
+    )
+    switched = Trainer(
+        TrainConfig(
+            **{
+                **values,
+                "model_config": str(model_file.with_name("no-carry.json")),
+                "init_from": str(source),
+                "max_steps": 1,
+            }
+        )
+    )
     assert not switched.model.config.carry_mamba_state
     for name, tensor in final_weights(source).items():
         assert torch.equal(switched.model.state_dict()[name], tensor), name
@@ -155,25 +222,75 @@ def test_init_from_starts_from_the_other_runs_weights(corpus_dir, tmp_path, caps
 
 def test_init_from_works_for_transformers_runs_and_refuses_the_other_kind(corpus_dir, tmp_path, capsys):
     hf_config = tmp_path / "neox.json"
-    hf_config.write_text(json.dumps({
-        "model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "max_position_embeddings": 256, "vocab_size": 256, "rotary_pct": 0.25,
-    }))
-    hf_args = ["train", "--hf-config", str(hf_config), "--data", str(corpus_dir), "--tokenizer", "bytes", "--batch-size", "2",
-               "--train-ctx", "64", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    hf_config.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 256,
+                "vocab_size": 256,
+                "rotary_pct": 0.25,
+            }
+        )
+    )
+    hf_args = [
+        "train",
+        "--hf-config",
+        str(hf_config),
+        "--data",
+        str(corpus_dir),
+        "--tokenizer",
+        "bytes",
+        "--batch-size",
+        "2",
+        "--train-ctx",
+        "64",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+    ]
     assert main([*hf_args, "--max-steps", "2", "--run-dir", str(tmp_path / "hf-source")]) == 0
-    staged = Trainer(TrainConfig(hf_config=str(hf_config), data=str(corpus_dir), tokenizer="bytes", batch_size=2, train_ctx=64, max_steps=1,
-                                 run_dir=str(tmp_path / "hf-staged"), init_from=str(tmp_path / "hf-source"), cache_dir=str(tmp_path / "cache")))
+    staged = Trainer(
+        TrainConfig(
+            hf_config=str(hf_config),
+            data=str(corpus_dir),
+            tokenizer="bytes",
+            batch_size=2,
+            train_ctx=64,
+            max_steps=1,
+            run_dir=str(tmp_path / "hf-staged"),
+            init_from=str(tmp_path / "hf-source"),
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
     for name, tensor in final_weights(tmp_path / "hf-source").items():
         assert torch.equal(staged.model.state_dict()[name], tensor), name
-    assert main(train_args(corpus_dir, tmp_path / "ours", "--max-steps", "1", "--init-from", str(tmp_path / "hf-source"))) == 2
+    assert (
+        main(train_args(corpus_dir, tmp_path / "ours", "--max-steps", "1", "--init-from", str(tmp_path / "hf-source")))
+        == 2
+    )
     assert "it trained a transformers model and this run trains our model" in capsys.readouterr().err
 
 
 def _config_values(corpus_dir: Path, run_dir: Path) -> dict:
     return dict(
-        preset="tiny", model_config=str(_tiny_model_file(run_dir.parent)), data=str(corpus_dir), tokenizer="bytes", batch_size=3,
-        train_ctx=64, run_dir=str(run_dir), progress=False, cache_dir=str(run_dir.parent / "cache"), save_every=2, warmup_steps=1, threads=1,
+        preset="tiny",
+        model_config=str(_tiny_model_file(run_dir.parent)),
+        data=str(corpus_dir),
+        tokenizer="bytes",
+        batch_size=3,
+        train_ctx=64,
+        run_dir=str(run_dir),
+        progress=False,
+        cache_dir=str(run_dir.parent / "cache"),
+        save_every=2,
+        warmup_steps=1,
+        threads=1,
     )
 
 
@@ -193,10 +310,17 @@ def _poison(trainer, monkeypatch, bad_value, steps):
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_non_finite_steps_in_a_row_stop_the_run_with_untouched_weights(corpus_dir, tmp_path, monkeypatch, capsys, bad_value, precision):
-    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "bad"), "max_steps": 10, "precision": precision}))
+def test_non_finite_steps_in_a_row_stop_the_run_with_untouched_weights(
+    corpus_dir, tmp_path, monkeypatch, capsys, bad_value, precision
+):
+    trainer = Trainer(
+        TrainConfig(**{**_config_values(corpus_dir, tmp_path / "bad"), "max_steps": 10, "precision": precision})
+    )
     _poison(trainer, monkeypatch, bad_value, steps=range(4, 11))
-    with pytest.raises(Exception, match="not finite .* in 3 steps in a row \\(4-6\\), which were skipped; the last checkpoint, step-00000004, is kept"):
+    with pytest.raises(
+        Exception,
+        match="not finite .* in 3 steps in a row \\(4-6\\), which were skipped; the last checkpoint, step-00000004, is kept",
+    ):
         trainer.train()
     # Skipped steps never reached the weights: those saved at step 4, and the model now, are step 3's.
     saved = final_weights(trainer.run_dir)
@@ -209,19 +333,29 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_untouched_weights(corpus_di
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(corpus_dir, tmp_path, monkeypatch, capsys, precision):
-    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "once"), "max_steps": 6, "precision": precision}))
+    trainer = Trainer(
+        TrainConfig(**{**_config_values(corpus_dir, tmp_path / "once"), "max_steps": 6, "precision": precision})
+    )
     _poison(trainer, monkeypatch, float("nan"), steps={3})
     before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
     original_step = trainer.optimizer.step
     updates = []
-    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (updates.append(trainer.step + 1), original_step(*a, **k))[1])
+    monkeypatch.setattr(
+        trainer.optimizer, "step", lambda *a, **k: (updates.append(trainer.step + 1), original_step(*a, **k))[1]
+    )
     summary = trainer.train()
     assert summary["steps"] == 6 and summary["skipped_steps"] == 1
     assert updates == [1, 2, 4, 5, 6]  # no update at step 3
     assert all(torch.isfinite(tensor).all() for tensor in trainer.model.state_dict().values())
     assert any(not torch.equal(before[name], tensor) for name, tensor in trainer.model.state_dict().items())
-    assert "step 3: the gradients are not finite (norm nan); step skipped, state reset (1 skipped in all)" in capsys.readouterr().err
-    assert json.loads((ckpt.latest_checkpoint(trainer.run_dir) / ckpt.TRAINER_STATE_FILE).read_text())["skipped_steps"] == 1
+    assert (
+        "step 3: the gradients are not finite (norm nan); step skipped, state reset (1 skipped in all)"
+        in capsys.readouterr().err
+    )
+    assert (
+        json.loads((ckpt.latest_checkpoint(trainer.run_dir) / ckpt.TRAINER_STATE_FILE).read_text())["skipped_steps"]
+        == 1
+    )
 
 
 def test_resume_restores_every_random_generator(corpus_dir, tmp_path):
@@ -260,7 +394,19 @@ def assert_same_run(expected: Path, got: Path) -> None:
     assert max((tensor - reference[name]).abs().max().item() for name, tensor in final_weights(got).items()) <= 1e-6
 
 
-ACROSS_EPOCHS = ("--batch-size", "4", "--train-ctx", "128", "--grad-accum", "2", "--shuffle", "--epochs", "100", "--decay-steps", "10")
+ACROSS_EPOCHS = (
+    "--batch-size",
+    "4",
+    "--train-ctx",
+    "128",
+    "--grad-accum",
+    "2",
+    "--shuffle",
+    "--epochs",
+    "100",
+    "--decay-steps",
+    "10",
+)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +419,13 @@ def eval_dir(corpus_dir, tmp_path_factory) -> Path:
 
 
 def across_epochs_args(corpus_dir: Path, eval_dir: Path, run_dir: Path, max_steps: int) -> list[str]:
-    return [*train_args(corpus_dir, run_dir, "--max-steps", str(max_steps), *ACROSS_EPOCHS), "--eval-data", str(eval_dir), "--eval-every", "3"]
+    return [
+        *train_args(corpus_dir, run_dir, "--max-steps", str(max_steps), *ACROSS_EPOCHS),
+        "--eval-data",
+        str(eval_dir),
+        "--eval-every",
+        "3",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +433,18 @@ def uninterrupted_across_epochs(corpus_dir, eval_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     args = across_epochs_args(corpus_dir, eval_dir, run_dir, 10)
     assert main(args) == 0
-    epochs = [epoch for (epoch,) in sqlite3.connect(run_dir / "metrics.sqlite3").execute("SELECT epoch FROM steps ORDER BY step")]
+    epochs = [
+        epoch
+        for (epoch,) in sqlite3.connect(run_dir / "metrics.sqlite3").execute("SELECT epoch FROM steps ORDER BY step")
+    ]
     assert epochs[0] == 0 and epochs[-1] >= 1, "the run must cross an epoch end"
     return run_dir
 
 
 @pytest.mark.parametrize("stop", [4, pytest.param(7, marks=pytest.mark.slow)])
-def test_resume_across_an_epoch_end_with_gradient_accumulation_and_evaluation(corpus_dir, eval_dir, tmp_path, uninterrupted_across_epochs, stop):
+def test_resume_across_an_epoch_end_with_gradient_accumulation_and_evaluation(
+    corpus_dir, eval_dir, tmp_path, uninterrupted_across_epochs, stop
+):
     run_dir = tmp_path / "interrupted"
     assert main(across_epochs_args(corpus_dir, eval_dir, run_dir, stop)) == 0
     assert main(["train", "--resume", str(run_dir), "--max-steps", "10", "--no-progress"]) == 0
@@ -344,8 +501,12 @@ def uninterrupted_short(corpus_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [pytest.param(stage, marks=[] if stage == "optimizer" else pytest.mark.slow) for stage in KILL_AT_STAGE])
-def test_a_run_killed_at_any_stage_of_a_save_resumes_to_the_uninterrupted_result(corpus_dir, tmp_path, uninterrupted_short, stage):
+@pytest.mark.parametrize(
+    "stage", [pytest.param(stage, marks=[] if stage == "optimizer" else pytest.mark.slow) for stage in KILL_AT_STAGE]
+)
+def test_a_run_killed_at_any_stage_of_a_save_resumes_to_the_uninterrupted_result(
+    corpus_dir, tmp_path, uninterrupted_short, stage
+):
     run_dir = tmp_path / "killed"
     args = train_args(corpus_dir, run_dir, "--max-steps", "6", "--save-every", "2")
     script = "\n".join(
@@ -379,7 +540,9 @@ def test_recipe_values_apply_and_flags_override_them(tmp_path):
     config, explicit = train_config_from_args(args)
     assert (config.preset, config.batch_size, config.lr, config.shuffle) == ("celp18", 8, 0.0005, True)
     assert {"preset", "lr", "recipe"} <= explicit.keys()
-    assert (explicit["lr"], explicit["recipe"]) == ("--lr", "--recipe") and explicit["preset"] == f"the recipe {recipe}'s preset"
+    assert (explicit["lr"], explicit["recipe"]) == ("--lr", "--recipe") and explicit[
+        "preset"
+    ] == f"the recipe {recipe}'s preset"
 
 
 def test_bad_recipe_and_model_config_fail_with_one_sentence(tmp_path, capsys):
@@ -408,8 +571,12 @@ def test_every_training_argument_has_a_flag():
     assert {field.name for field in fields(TrainConfig)} <= set(vars(args))
 
 
-def test_scan_flag_sets_the_backend_and_one_that_cannot_run_fails_with_one_sentence(corpus_dir, tmp_path, capsys, monkeypatch):
-    trainer = Trainer(TrainConfig(**{**_config_values(corpus_dir, tmp_path / "reference"), "scan": "reference", "max_steps": 1}))
+def test_scan_flag_sets_the_backend_and_one_that_cannot_run_fails_with_one_sentence(
+    corpus_dir, tmp_path, capsys, monkeypatch
+):
+    trainer = Trainer(
+        TrainConfig(**{**_config_values(corpus_dir, tmp_path / "reference"), "scan": "reference", "max_steps": 1})
+    )
     assert [layer.mamba.scan for layer in trainer.model.layers] == ["reference", "reference"]
     monkeypatch.setattr(scan, "_triton", {"module": "No module named 'triton'"})
     assert main(train_args(corpus_dir, tmp_path / "triton", "--scan", "triton", "--max-steps", "1")) == 2
@@ -497,10 +664,14 @@ def test_epochs_plan_the_steps_the_batcher_really_takes(corpus_dir, tmp_path, ca
 
 def test_text_log_lines_every_log_every_steps(corpus_dir, tmp_path, capsys):
     assert main(train_args(corpus_dir, tmp_path / "logged", "--max-steps", "10", "--log-every", "5")) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(("bakallm train: ", "  "))]  # after the start-up summary
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if not line.startswith(("bakallm train: ", "  "))
+    ]  # after the start-up summary
     assert [line.split(" |")[0] for line in lines[:-1]] == ["step 5/10", "step 10/10"]
     fields = [field.split()[0] for field in lines[0].split(" | ")]
-    assert fields == ["step", "epoch", "loss", "lr", fields[4], "padding", "ETA"] and lines[0].split(" | ")[4].endswith("tok/s")
+    assert fields == ["step", "epoch", "loss", "lr", fields[4], "padding", "ETA"] and lines[0].split(" | ")[4].endswith(
+        "tok/s"
+    )
     padding = float(lines[0].split("padding ")[1].split("%")[0]) / 100
     with sqlite3.connect(tmp_path / "logged" / "metrics.sqlite3") as connection:
         logged = [row[0] for row in connection.execute("SELECT padding FROM steps WHERE step <= 5")]
@@ -562,7 +733,19 @@ def test_first_signal_saves_and_stops_second_stops_at_once(corpus_dir, tmp_path)
     process.communicate(timeout=20)
     assert process.returncode == 130
     assert ckpt.latest_checkpoint(run_dir).name == saved_before
-    assert main(["train", "--resume", str(run_dir), "--max-steps", str(int(saved_before.split("-")[1]) + 1), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(run_dir),
+                "--max-steps",
+                str(int(saved_before.split("-")[1]) + 1),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_runs_work_from_any_directory_and_accept_a_moved_corpus(corpus_dir, tmp_path, monkeypatch, capsys):
@@ -625,7 +808,9 @@ def test_threads_default_to_omp_num_threads_else_the_cpus_this_process_may_use(m
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting wins over the CPU count
         assert use_threads(None) == 2 and torch.get_num_threads() == 2
         assert use_threads(1) == 1
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # under torchrun, which sets OMP_NUM_THREADS=1 itself: a share of the CPUs
+        monkeypatch.setenv(
+            "LOCAL_WORLD_SIZE", "3"
+        )  # under torchrun, which sets OMP_NUM_THREADS=1 itself: a share of the CPUs
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert use_threads(None) == 1  # 3 CPUs among 3 ranks
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
@@ -646,7 +831,9 @@ def test_padding_warning_names_the_long_document_and_a_split_that_removes_it():
     # One 401-token document and 20 of 9: 560 targets fill 18 batches of 4 x 8, but the long one needs 50.
     lopsided = batcher([401] + [9] * 20)
     warning = padding_warning(lopsided, lopsided.count_batches())
-    assert warning.startswith("1 epoch(s) will take 50 batches where the tokens fill 18 (about 64% padding): the longest document (400 tokens)")
+    assert warning.startswith(
+        "1 epoch(s) will take 50 batches where the tokens fill 18 (about 64% padding): the longest document (400 tokens)"
+    )
     assert warning.endswith("cut documents with --max-doc-tokens 32 or use fewer --batch-size rows.")
     split = batcher([401] + [9] * 20, max_doc_tokens=32)
     assert padding_warning(split, split.count_batches()) is None  # the advice works
@@ -661,8 +848,20 @@ def test_a_transformers_model_gives_the_same_loss_and_gradients_without_its_logi
     from bakallm.kinds.hf import build_hf_model
 
     config = tmp_path / "neox.json"
-    config.write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "intermediate_size": 64, "max_position_embeddings": 256, "vocab_size": 300, "rotary_pct": 0.25}))
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neox",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 256,
+                "vocab_size": 300,
+                "rotary_pct": 0.25,
+            }
+        )
+    )
     torch.manual_seed(0)
     model = build_hf_model(str(config), {}, vocab_size=260)
     assert model._plain_head() is not None
@@ -675,7 +874,9 @@ def test_a_transformers_model_gives_the_same_loss_and_gradients_without_its_logi
         loss = model(ids, targets=targets, return_logits=return_logits).loss
         loss.backward()
         losses.append(loss.detach())
-        gradients.append({name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None})
+        gradients.append(
+            {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+        )
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
@@ -719,12 +920,25 @@ def test_the_train_parser_has_one_flag_per_field_and_no_other():
     dests = {action.dest for action in parser._actions} - {"help"}
     assert dests == {field.name for field in fields(TrainConfig)}
     args = parser.parse_args(["--batch-size", "3", "--lr", "0.5", "--no-carry-state", "--compile", "--data", "x.txt"])
-    assert (args.batch_size, args.lr, args.carry_state, args.compile, args.data, args.epochs) == (3, 0.5, False, True, "x.txt", None)
+    assert (args.batch_size, args.lr, args.carry_state, args.compile, args.data, args.epochs) == (
+        3,
+        0.5,
+        False,
+        True,
+        "x.txt",
+        None,
+    )
 
 
 def test_the_resume_rules_and_path_kinds_are_field_metadata():
     from bakallm.training.arguments import ALWAYS_LOCAL, PATH_ARGUMENTS, RELOCATABLE_ARGUMENTS, RESUMABLE_CHANGES
 
-    assert {"batch_size", "max_steps", "device", "threads", "scan"} <= RESUMABLE_CHANGES and "lr" not in RESUMABLE_CHANGES
+    assert {
+        "batch_size",
+        "max_steps",
+        "device",
+        "threads",
+        "scan",
+    } <= RESUMABLE_CHANGES and "lr" not in RESUMABLE_CHANGES
     assert RELOCATABLE_ARGUMENTS == {"data", "tokenizer", "model_config"}
     assert set(ALWAYS_LOCAL) == {"run_dir", "resume", "cache_dir"} and set(ALWAYS_LOCAL) < set(PATH_ARGUMENTS)

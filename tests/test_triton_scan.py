@@ -44,7 +44,9 @@ def outputs_and_gradients(scan, inputs, grad_y, grad_h):
 
 # d_inner 40 spans three channel blocks, the last one partly masked; T = 37 and 552 end inside a
 # tile, and 552 spans 35 tiles, each starting from a kept state.
-@pytest.mark.parametrize("length, batch, d_inner", [(1, 1, 8), (1, 3, 8), (37, 1, 8), (37, 3, 40), (552, 1, 8), (552, 3, 40)])
+@pytest.mark.parametrize(
+    "length, batch, d_inner", [(1, 1, 8), (1, 3, 8), (37, 1, 8), (37, 3, 40), (552, 1, 8), (552, 3, 40)]
+)
 def test_triton_scan_equals_the_reference_outputs_final_state_and_gradients(length, batch, d_inner):
     reference_inputs = scan_inputs(batch, length, d_inner)
     grad_y = torch.randn(batch, length, d_inner, dtype=torch.float64, device=DEVICE)
@@ -56,7 +58,9 @@ def test_triton_scan_equals_the_reference_outputs_final_state_and_gradients(leng
         got = outputs_and_gradients(triton_scan.selective_scan_triton, inputs, grad_y, grad_h)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == torch.float32, name
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}"
+        )
     if length > triton_scan.TILE:  # only the states at the start of each tile are kept
         assert max(saved_sizes) < batch * length * d_inner * 4
 
@@ -70,9 +74,16 @@ def test_triton_scan_gives_the_same_results_at_other_tile_and_channel_block_size
     grad_y = torch.randn(2, 75, 40, dtype=torch.float64, device=DEVICE)
     grad_h = torch.randn(2, 40, 4, dtype=torch.float64, device=DEVICE)
     want = outputs_and_gradients(selective_scan_reference, reference_inputs, grad_y, grad_h)
-    got = outputs_and_gradients(triton_scan.selective_scan_triton, [t.detach().float().requires_grad_() for t in reference_inputs], grad_y, grad_h)
+    got = outputs_and_gradients(
+        triton_scan.selective_scan_triton,
+        [t.detach().float().requires_grad_() for t in reference_inputs],
+        grad_y,
+        grad_h,
+    )
     for name, g, w in zip(NAMES, got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda message, name=name: f"{name}: {message}"
+        )
 
 
 def test_triton_scan_takes_bfloat16_inputs_and_keeps_a_float32_state():
@@ -117,7 +128,9 @@ def test_compiled_mamba_block_keeps_the_triton_scan_in_one_graph():
 
 def test_tiny_model_training_step_with_the_triton_scan_equals_the_blocked_scan():
     # The tiny preset, narrowed so that the interpreter runs each scan in one program per row.
-    config = ModelConfig.preset("tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, window=16, n_memory=2, n_pauses=1)
+    config = ModelConfig.preset(
+        "tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, window=16, n_memory=2, n_pauses=1
+    )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (2, 32), generator=generator).to(DEVICE)
     targets = torch.randint(0, 64, (2, 32), generator=generator).to(DEVICE)
@@ -126,7 +139,9 @@ def test_tiny_model_training_step_with_the_triton_scan_equals_the_blocked_scan()
         torch.manual_seed(0)
         model = use_scan_backend(BakaLM(config).to(DEVICE), backend)
         state = model.init_state(2)
-        state = dataclasses.replace(state, ssm=tuple(torch.randn_like(s) for s in state.ssm))  # a carried state, not zeros
+        state = dataclasses.replace(
+            state, ssm=tuple(torch.randn_like(s) for s in state.ssm)
+        )  # a carried state, not zeros
         output = model(ids, state=state, targets=targets, return_logits=False)
         (output.loss + sum(s.sum() for s in output.state.ssm)).backward()
         results[backend] = [output.loss, *output.state.ssm, *(p.grad for p in model.parameters())]
@@ -141,6 +156,10 @@ def test_forced_triton_passes_its_self_check_and_is_refused_when_it_would_fail(m
     monkeypatch.setattr(scan, "_triton_self_checks", {})
     assert scan.resolve_scan_backend("triton", DEVICE) == "triton"
     assert scan._triton_self_checks == {DEVICE: None}
-    monkeypatch.setattr(scan, "_triton_self_checks", {DEVICE: "its results differ from the reference scan's by 3.0e-01 (relative)"})
-    with pytest.raises(UserError, match=r"failed its self-check against the reference scan on .*; choose --scan blocked or auto\.$"):
+    monkeypatch.setattr(
+        scan, "_triton_self_checks", {DEVICE: "its results differ from the reference scan's by 3.0e-01 (relative)"}
+    )
+    with pytest.raises(
+        UserError, match=r"failed its self-check against the reference scan on .*; choose --scan blocked or auto\.$"
+    ):
         scan.resolve_scan_backend("triton", DEVICE)

@@ -31,7 +31,11 @@ def model_of(**changes) -> BakaLM:
     return model
 
 
-@pytest.mark.parametrize("changes", [{}, {"document_cache": True, "document_cache_order": 3}], ids=["pauses+memory+xl", "and the document cache"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"document_cache": True, "document_cache_order": 3}],
+    ids=["pauses+memory+xl", "and the document cache"],
+)
 def test_reading_token_by_token_gives_the_forward_logits_and_states(changes):
     """Pauses (every 4 tokens), 4 memory slots, the XL cache, carried Mamba state, and optionally the
     document cache: the runtime read one token at a time across three window ends gives the logits
@@ -46,15 +50,37 @@ def test_reading_token_by_token_gives_the_forward_logits_and_states(changes):
             hidden = reader.read(ids[:, position : position + 1])
             assert hidden.shape == (2, 1, model.config.d_model)
             logits = model.logits(hidden[:, -1], reader.state)
-            torch.testing.assert_close(logits, forward.logits[:, position], rtol=0, atol=1e-4, msg=lambda m: f"token {position}: {m}")
+            torch.testing.assert_close(
+                logits, forward.logits[:, position], rtol=0, atol=1e-4, msg=lambda m: f"token {position}: {m}"
+            )
             if reader.window_full:
                 state = reader.commit()
                 want = model(ids[:, : position + 1]).state
-                for name in ("memory", "keys", "values", "conv", "ssm", "token_counts", "ngram_keys", "ngram_counts", "recent_tokens"):
+                for name in (
+                    "memory",
+                    "keys",
+                    "values",
+                    "conv",
+                    "ssm",
+                    "token_counts",
+                    "ngram_keys",
+                    "ngram_counts",
+                    "recent_tokens",
+                ):
                     got, expected = getattr(state, name), getattr(want, name)
-                    for g, w in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,), strict=True):
+                    for g, w in zip(
+                        got if isinstance(got, tuple) else (got,),
+                        expected if isinstance(expected, tuple) else (expected,),
+                        strict=True,
+                    ):
                         if w is not None:
-                            torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name} after {position + 1} tokens: {m}")
+                            torch.testing.assert_close(
+                                g,
+                                w,
+                                rtol=0,
+                                atol=1e-4,
+                                msg=lambda m, name=name: f"{name} after {position + 1} tokens: {m}",
+                            )
 
 
 def test_a_whole_window_read_in_one_piece_commits_the_forward_state_exactly():
@@ -68,7 +94,14 @@ def test_a_whole_window_read_in_one_piece_commits_the_forward_state_exactly():
         want = model(ids).state
     for name in ("memory", "keys", "values", "conv", "ssm", "has_past"):
         got, expected = getattr(reader.state, name), getattr(want, name)
-        assert all(torch.equal(g, w) for g, w in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,), strict=True)), name
+        assert all(
+            torch.equal(g, w)
+            for g, w in zip(
+                got if isinstance(got, tuple) else (got,),
+                expected if isinstance(expected, tuple) else (expected,),
+                strict=True,
+            )
+        ), name
 
 
 def test_the_runtime_refuses_what_does_not_fit_its_window():
@@ -123,7 +156,9 @@ def test_the_decoding_rms_norm_is_bitwise_nn_rms_norm():
 
 def test_the_network_does_not_import_model_io():
     """io loads models and imports the network; the network must not import io back, not even inside a function."""
-    source = (Path(__file__).resolve().parents[1] / "src" / "bakallm" / "model" / "network.py").read_text(encoding="utf-8")
+    source = (Path(__file__).resolve().parents[1] / "src" / "bakallm" / "model" / "network.py").read_text(
+        encoding="utf-8"
+    )
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
     assert "bakallm.model.io" not in imported
 

@@ -24,7 +24,9 @@ from bakallm.locks import Busy, RunLock
 from bakallm.training.arguments import TrainConfig, train_config_from_values
 
 DONE_FILE = "ablation-result.json"
-STUDY_KEYS = frozenset({"study", "output", "tokenizer", "data", "train_tokens", "seed", "model", "training", "eval", "variants"})
+STUDY_KEYS = frozenset(
+    {"study", "output", "tokenizer", "data", "train_tokens", "seed", "model", "training", "eval", "variants"}
+)
 SETTINGS_FILE = "ablation-variant.json"  # what the variant was asked to be, to refuse mixing two versions of a study
 WHOLE_DOCUMENT = "whole"
 
@@ -95,7 +97,9 @@ def load_study(path: str | Path) -> Study:
     name = require("study", str)
     unknown = sorted(set(values) - STUDY_KEYS)
     if unknown:
-        raise UserError(f"Study file {path} has unknown entries {unknown}; use {', '.join(sorted(STUDY_KEYS))} (see docs/ablations.md).")
+        raise UserError(
+            f"Study file {path} has unknown entries {unknown}; use {', '.join(sorted(STUDY_KEYS))} (see docs/ablations.md)."
+        )
     variants = [_variant(entry, path) for entry in require("variants", list)]
     names = [variant.name for variant in variants]
     if len(set(names)) != len(names) or not names:
@@ -105,11 +109,17 @@ def load_study(path: str | Path) -> Study:
     if not all(context == WHOLE_DOCUMENT or (isinstance(context, int) and context > 0) for context in contexts):
         raise UserError(f"eval.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}.")
     corpora = [
-        EvalCorpus(name=_plain_name(entry.get("name"), "held-out corpus", path), sources=_sources(entry.get("data")), max_characters=entry.get("max_characters"))
+        EvalCorpus(
+            name=_plain_name(entry.get("name"), "held-out corpus", path),
+            sources=_sources(entry.get("data")),
+            max_characters=entry.get("max_characters"),
+        )
         for entry in _mappings(evaluation.get("corpora", []), "eval.corpora", path)
     ]
     if len({corpus.name for corpus in corpora}) != len(corpora):
-        raise UserError(f"The held-out corpora of {path} must each have their own name (got {[corpus.name for corpus in corpora]}).")
+        raise UserError(
+            f"The held-out corpora of {path} must each have their own name (got {[corpus.name for corpus in corpora]})."
+        )
     if not corpora:
         raise UserError(f"Study file {path} needs eval.corpora: at least one held-out corpus with a name and data.")
     recall = _recall_eval(evaluation["recall"], path) if "recall" in evaluation else None
@@ -135,13 +145,21 @@ def _recall_eval(entry: Any, path: str | Path) -> RecallEval:
 
     known = {"data", "distances", "samples", "seed", "facts", "depth_windows", "window", "contexts"}
     if not isinstance(entry, dict) or "data" not in entry or set(entry) - known:
-        raise UserError(f"eval.recall of {path} must be a mapping with data and any of {', '.join(sorted(known - {'data'}))}; see docs/recall.md.")
+        raise UserError(
+            f"eval.recall of {path} must be a mapping with data and any of {', '.join(sorted(known - {'data'}))}; see docs/recall.md."
+        )
     contexts = entry.get("contexts", [WHOLE_DOCUMENT])
     if not all(context == WHOLE_DOCUMENT or (isinstance(context, int) and context > 0) for context in contexts):
-        raise UserError(f"eval.recall.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}.")
+        raise UserError(
+            f"eval.recall.contexts of {path} must be {WHOLE_DOCUMENT!r} or positive token counts, got {contexts}."
+        )
     distances = entry.get("distances")
-    if distances is not None and not (isinstance(distances, list) and distances and all(isinstance(d, (int, float)) and d > 0 for d in distances)):
-        raise UserError(f"eval.recall.distances of {path} must be a list of distances above zero, in windows, got {distances!r}.")
+    if distances is not None and not (
+        isinstance(distances, list) and distances and all(isinstance(d, (int, float)) and d > 0 for d in distances)
+    ):
+        raise UserError(
+            f"eval.recall.distances of {path} must be a list of distances above zero, in windows, got {distances!r}."
+        )
     values = {name: entry[name] for name in ("samples", "seed", "facts", "depth_windows") if name in entry}
     settings = RecallSettings(**values, **({"distances": tuple(float(d) for d in distances)} if distances else {}))
     return RecallEval(_sources(entry["data"]), settings, entry.get("window"), list(contexts))
@@ -156,7 +174,13 @@ def _mappings(entries: Any, what: str, path: str | Path) -> list[dict[str, Any]]
 def _plain_name(name: Any, what: str, path: str | Path) -> str:
     """A name that becomes a file or folder name inside the study's output: one plain component."""
     reserved = {"data", "model-configs"}
-    if not isinstance(name, str) or not name or name.startswith(".") or any(character in name for character in "/\\\0") or name in reserved:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(".")
+        or any(character in name for character in "/\\\0")
+        or name in reserved
+    ):
         raise UserError(
             f"The {what} name {name!r} in {path} must be a plain file name (no '/' or '\\', not starting with '.') "
             f"other than {' and '.join(sorted(reserved))}, which the study uses itself."
@@ -172,8 +196,16 @@ def _variant(entry: Any, path: str | Path) -> Variant:
         raise UserError(f"Variant {entry['name']} of {path} must give exactly one of preset and hf_config.")
     unknown = sorted(set(entry) - {"name", "preset", "hf_config", "model", "training"})
     if unknown:
-        raise UserError(f"Variant {entry['name']} of {path} has unknown entries {unknown}; use name, preset, hf_config, model, training.")
-    return Variant(entry["name"], entry.get("preset"), entry.get("hf_config"), dict(entry.get("model") or {}), dict(entry.get("training") or {}))
+        raise UserError(
+            f"Variant {entry['name']} of {path} has unknown entries {unknown}; use name, preset, hf_config, model, training."
+        )
+    return Variant(
+        entry["name"],
+        entry.get("preset"),
+        entry.get("hf_config"),
+        dict(entry.get("model") or {}),
+        dict(entry.get("training") or {}),
+    )
 
 
 def _sources(data: Any) -> list[str]:
@@ -207,7 +239,9 @@ def write_corpus(sources: list[str], folder: Path, name: str, max_characters: in
 # ----- running -----
 
 
-def run_study(study: Study, db_path: Path | None = None, progress: bool = False, log=print, only: list[str] | None = None) -> list[str]:
+def run_study(
+    study: Study, db_path: Path | None = None, progress: bool = False, log=print, only: list[str] | None = None
+) -> list[str]:
     """Trains and evaluates every variant not yet done (of those in `only`, when given); returns the names of those run now.
 
     Several processes may run one study side by side on disjoint `only` lists: they share the
@@ -216,7 +250,9 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
     if only is not None:
         unknown = sorted(set(only) - {variant.name for variant in study.variants})
         if unknown:
-            raise UserError(f"--variants names {', '.join(unknown)}, not in study {study.name}; choose among {', '.join(v.name for v in study.variants)}.")
+            raise UserError(
+                f"--variants names {', '.join(unknown)}, not in study {study.name}; choose among {', '.join(v.name for v in study.variants)}."
+            )
     from bakallm.results.db import ResultsDB, default_db_path
 
     study.output.mkdir(parents=True, exist_ok=True)
@@ -249,23 +285,35 @@ def run_study(study: Study, db_path: Path | None = None, progress: bool = False,
     return ran
 
 
-def run_variant(study: Study, variant: Variant, train_data: Path, eval_data: dict[str, Path], recall_filler: Path | None, db, progress: bool,
-                log) -> bool:
+def run_variant(
+    study: Study,
+    variant: Variant,
+    train_data: Path,
+    eval_data: dict[str, Path],
+    recall_filler: Path | None,
+    db,
+    progress: bool,
+    log,
+) -> bool:
     """Trains and evaluates one variant, holding its run directory's lock; False when it was done before."""
     run_dir = study.run_dir(variant)
     check_settings(study, variant)
     if (run_dir / DONE_FILE).is_file():
         log(f"{variant.name}: done, skipped ({run_dir})")
         return False
-    earlier = {other.name: other for other in study.variants}.get({**study.training, **variant.training}.get("init_from"))
+    earlier = {other.name: other for other in study.variants}.get(
+        {**study.training, **variant.training}.get("init_from")
+    )
     if earlier is not None and not (study.run_dir(earlier) / DONE_FILE).is_file():
         log(f"{variant.name}: waiting for {earlier.name}, which it starts from")
         RunLock(study.run_dir(earlier), wait=True).release()  # returns once no other process runs it
     log(f"{variant.name}: training in {run_dir}")
     trained = train_variant(study, variant, train_data, progress)
     if trained["interrupted"]:
-        raise StudyInterrupted(f"study {study.name} interrupted while training {variant.name} (checkpoint saved at its last step); "
-                               "run the same command again to resume it.")
+        raise StudyInterrupted(
+            f"study {study.name} interrupted while training {variant.name} (checkpoint saved at its last step); "
+            "run the same command again to resume it."
+        )
     log(f"{variant.name}: {trained['tokens']:,} tokens in {trained['train_seconds']:.0f} s; evaluating")
     rows = evaluate_variant(study, variant, eval_data, trained, progress)
     if recall_filler is not None:
@@ -283,9 +331,14 @@ def run_variant(study: Study, variant: Variant, train_data: Path, eval_data: dic
 
 def variant_settings(study: Study, variant: Variant) -> dict[str, Any]:
     return {
-        "preset": variant.preset, "hf_config": variant.hf_config, "model": variant.model if variant.hf_config else {**study.model, **variant.model},
-        "training": {**study.training, **variant.training}, "train_tokens": study.train_tokens, "seed": study.seed,
-        "tokenizer": study.tokenizer, "data": study.train_sources,
+        "preset": variant.preset,
+        "hf_config": variant.hf_config,
+        "model": variant.model if variant.hf_config else {**study.model, **variant.model},
+        "training": {**study.training, **variant.training},
+        "train_tokens": study.train_tokens,
+        "seed": study.seed,
+        "tokenizer": study.tokenizer,
+        "data": study.train_sources,
     }
 
 
@@ -308,14 +361,23 @@ def check_settings(study: Study, variant: Variant) -> None:
 def variant_train_config(study: Study, variant: Variant, train_data: Path):
     run_dir = study.run_dir(variant)
     values = {**study.training, **variant.training}
-    tokens_per_step = values.get("batch_size", TrainConfig.batch_size) * values.get("train_ctx", TrainConfig.train_ctx) * values.get("grad_accum", TrainConfig.grad_accum)
+    tokens_per_step = (
+        values.get("batch_size", TrainConfig.batch_size)
+        * values.get("train_ctx", TrainConfig.train_ctx)
+        * values.get("grad_accum", TrainConfig.grad_accum)
+    )
     steps = math.ceil(study.train_tokens / tokens_per_step)
     model_values = variant.model if variant.hf_config else {**study.model, **variant.model}
     model_file = study.output / "model-configs" / f"{variant.name}.json"
     write_text_atomic(model_file, json.dumps(model_values, indent=2, sort_keys=True))
     values.update(
-        data=str(train_data), tokenizer=study.tokenizer, seed=variant.training.get("seed", study.seed), max_steps=steps, run_dir=str(run_dir),
-        model_config=str(model_file), progress=values.get("progress", False),
+        data=str(train_data),
+        tokenizer=study.tokenizer,
+        seed=variant.training.get("seed", study.seed),
+        max_steps=steps,
+        run_dir=str(run_dir),
+        model_config=str(model_file),
+        progress=values.get("progress", False),
     )
     if variant.hf_config:
         values["hf_config"] = variant.hf_config
@@ -325,7 +387,9 @@ def variant_train_config(study: Study, variant: Variant, train_data: Path):
     if earlier is not None:
         # A later stage of a staged recipe starts from an earlier variant's weights, wherever the study's output is.
         if not (study.run_dir(earlier) / DONE_FILE).is_file():
-            raise UserError(f"Variant {variant.name} starts from variant {earlier.name}, which is not done; run {earlier.name} first.")
+            raise UserError(
+                f"Variant {variant.name} starts from variant {earlier.name}, which is not done; run {earlier.name} first."
+            )
         values["init_from"] = str(study.run_dir(earlier))
     return train_config_from_values(values)
 
@@ -369,15 +433,22 @@ class TrainedVariant:
         self.model = self.kind.load(self.checkpoint, self.device)
         self.record = model_record(self.kind, self.model, f"{study.name}/{variant.name}", self.checkpoint)
         self.tokenizer = load_tokenizer(study.tokenizer)
-        self.extra = {"variant": variant.name, "variant_index": study.variants.index(variant), "train_tokens": trained["tokens"],
-                      "train_seconds": trained["train_seconds"], "run_dir": trained["run_dir"]}
+        self.extra = {
+            "variant": variant.name,
+            "variant_index": study.variants.index(variant),
+            "train_tokens": trained["tokens"],
+            "train_seconds": trained["train_seconds"],
+            "run_dir": trained["run_dir"],
+        }
 
     def reading(self, context: int | str) -> tuple[int, int | None]:
         """(n_ctx, stride) for a study context: "whole", or N tokens at most."""
         return self.kind.reading(WHOLE_DOCUMENT_N_CTX if context == WHOLE_DOCUMENT else context, reach=self.train_ctx)
 
 
-def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path], trained: dict[str, Any], progress: bool) -> list:
+def evaluate_variant(
+    study: Study, variant: Variant, eval_data: dict[str, Path], trained: dict[str, Any], progress: bool
+) -> list:
     """One result row per held-out corpus and context, scored on the variant's last checkpoint."""
     from bakallm.data.corpora import load_corpus
     from bakallm.data.token_cache import tokenize_corpus
@@ -390,11 +461,28 @@ def evaluate_variant(study: Study, variant: Variant, eval_data: dict[str, Path],
         corpus = tokenize_corpus(load_corpus(str(data)), scored.tokenizer)
         for context in study.contexts:
             n_ctx, stride = scored.reading(context)
-            settings = EvalSettings(n_ctx=n_ctx, stride=stride, batch_size=study.eval_batch_size, device=scored.device, autocast=scored.autocast,
-                                    progress=progress)
+            settings = EvalSettings(
+                n_ctx=n_ctx,
+                stride=stride,
+                batch_size=study.eval_batch_size,
+                device=scored.device,
+                autocast=scored.autocast,
+                progress=progress,
+            )
             result = scored.kind.evaluate(scored.model, corpus, settings)
-            rows.append(result_row(scored.record, corpus_name, "test", n_ctx, stride, scored.tokenizer.name, lm_figures(result),
-                                   {**scored.extra, "context": context}, study=study.name))
+            rows.append(
+                result_row(
+                    scored.record,
+                    corpus_name,
+                    "test",
+                    n_ctx,
+                    stride,
+                    scored.tokenizer.name,
+                    lm_figures(result),
+                    {**scored.extra, "context": context},
+                    study=study.name,
+                )
+            )
     return rows
 
 
@@ -414,11 +502,25 @@ def recall_variant(study: Study, variant: Variant, filler: Path, trained: dict[s
     def answer_log_probs(samples, n_ctx, batch_size, keep_document_cache):
         return kind.answer_log_probs(model, samples, n_ctx, batch_size, scored.device, keep_document_cache)
 
-    test = RecallTest.draw(recall.settings, tokenize_corpus(load_corpus(str(filler)), scored.tokenizer), scored.tokenizer, window)
+    test = RecallTest.draw(
+        recall.settings, tokenize_corpus(load_corpus(str(filler)), scored.tokenizer), scored.tokenizer, window
+    )
     rows = []
     for context in recall.contexts:
         n_ctx, _ = scored.reading(context)
         figures = recall_figures(test.score(answer_log_probs, n_ctx, study.eval_batch_size, progress))
         extra = {**recall.settings.extra(window), "attention_reach": reach, **scored.extra, "context": context}
-        rows.append(result_row(scored.record, "recall-filler", "test", n_ctx, None, scored.tokenizer.name, figures, extra, study=study.name))
+        rows.append(
+            result_row(
+                scored.record,
+                "recall-filler",
+                "test",
+                n_ctx,
+                None,
+                scored.tokenizer.name,
+                figures,
+                extra,
+                study=study.name,
+            )
+        )
     return rows

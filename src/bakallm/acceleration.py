@@ -88,7 +88,12 @@ def use_threads(threads: int | None) -> int:
     """
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if threads is None and "LOCAL_WORLD_SIZE" not in os.environ and from_environment.isdigit() and int(from_environment) > 0:
+    if (
+        threads is None
+        and "LOCAL_WORLD_SIZE" not in os.environ
+        and from_environment.isdigit()
+        and int(from_environment) > 0
+    ):
         threads = int(from_environment)
     count = threads or max(1, available_cpus() // ranks_here)
     torch.set_num_threads(count)

@@ -75,7 +75,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        with reporting_no_room(f"write {path}", "free some space and run the same command again (the file as it was before is unchanged)"):
+        with reporting_no_room(
+            f"write {path}", "free some space and run the same command again (the file as it was before is unchanged)"
+        ):
             yield Path(temporary)
             os.chmod(temporary, 0o666 & ~umask)
             with open(temporary, "rb") as written:

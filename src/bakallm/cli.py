@@ -17,12 +17,18 @@ from bakallm import __version__
 from bakallm.errors import UserError
 
 COMMANDS = {
-    "first-run": ("bakallm.commands.first_run", "train and score two small models in about ten minutes on the books shipped with bakallm"),
+    "first-run": (
+        "bakallm.commands.first_run",
+        "train and score two small models in about ten minutes on the books shipped with bakallm",
+    ),
     "train": ("bakallm.commands.train", "train a model (resumable run directory)"),
     "bench": ("bakallm.commands.bench", "benchmark a model on whole articles and record the result"),
     "ablate": ("bakallm.commands.ablate", "train and evaluate the variants of an ablation study (resumable)"),
     "generate": ("bakallm.commands.generate", "continue a text with a trained model (streams the new text to stdout)"),
-    "export": ("bakallm.commands.export", "write a model as a Hugging Face folder (AutoModelForCausalLM, trust_remote_code)"),
+    "export": (
+        "bakallm.commands.export",
+        "write a model as a Hugging Face folder (AutoModelForCausalLM, trust_remote_code)",
+    ),
     "results": ("bakallm.commands.results", "print the results table"),
     "plot": ("bakallm.commands.plot", "plot training curves or benchmark loss against context length"),
 }
@@ -30,7 +36,9 @@ COMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the full arguments of `command` (the others are listed by name only)."""
-    parser = argparse.ArgumentParser(prog="bakallm", description="Train and benchmark long-context recurrent language models.")
+    parser = argparse.ArgumentParser(
+        prog="bakallm", description="Train and benchmark long-context recurrent language models."
+    )
     parser.add_argument("--version", action="version", version=f"bakallm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

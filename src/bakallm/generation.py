@@ -137,7 +137,17 @@ def generate(
         for index, prompt in enumerate(prompts):
             by_length.setdefault(len(prompt), []).append(index)
         for rows in by_length.values():
-            _decode_rows(model, [prompts[row] for row in rows], rows, outputs, max_new_tokens, sampling, generator, on_token, device)
+            _decode_rows(
+                model,
+                [prompts[row] for row in rows],
+                rows,
+                outputs,
+                max_new_tokens,
+                sampling,
+                generator,
+                on_token,
+                device,
+            )
     finally:
         model.train(was_training)
     return outputs

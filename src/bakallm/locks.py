@@ -57,7 +57,9 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
                 os.close(descriptor)
-                raise Busy(f"{folder} is in use by another process (pid {holder}); wait for it to finish or stop it, then run the command again.") from None
+                raise Busy(
+                    f"{folder} is in use by another process (pid {holder}); wait for it to finish or stop it, then run the command again."
+                ) from None
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())
         _held[self.path] = _Held(descriptor, 1)

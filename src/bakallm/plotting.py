@@ -42,7 +42,9 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
             evals = [row for row in log.read_evals() if row["loss"] is not None]
         logs.append((steps, evals))
     if not any(steps or evals for steps, evals in logs):
-        raise UserError(f"nothing to plot: no training step or evaluation is logged yet in {', '.join(map(str, run_dirs))}.")
+        raise UserError(
+            f"nothing to plot: no training step or evaluation is logged yet in {', '.join(map(str, run_dirs))}."
+        )
 
     figure, axes = _new_figure()
     eval_sets = sorted({row["data"] for _, evals in logs for row in evals})
@@ -50,7 +52,9 @@ def plot_training(run_dirs: Sequence[str | Path], out_path: str | Path, smooth: 
         color, linestyle = _line_style(index)
         if steps:
             losses = debiased_ema([row["loss"] for row in steps], smooth)
-            axes.plot([row["tokens"] for row in steps], losses, color=color, linestyle=linestyle, label=f"{label} train")
+            axes.plot(
+                [row["tokens"] for row in steps], losses, color=color, linestyle=linestyle, label=f"{label} train"
+            )
         for data in eval_sets:
             points = [row for row in evals if row["data"] == data]
             if points:
@@ -124,7 +128,9 @@ def plot_positions(
     rows, benchmarks = _benchmark_rows(db_path, models, benchmark, split)
     uses = context_uses(rows)
     if not uses:
-        raise UserError("nothing to plot: these results hold no loss by position; record some with `bakallm bench --reset-every 512`.")
+        raise UserError(
+            "nothing to plot: these results hold no loss by position; record some with `bakallm bench --reset-every 512`."
+        )
     figure, axes = _new_figure()
     labels: list[str] = []
     for use in uses:
@@ -133,7 +139,12 @@ def plot_positions(
                 if bucket.label not in labels:
                     labels.append(bucket.label)
             points = [(labels.index(bucket.label), bucket.loss) for bucket in buckets if bucket.tokens]
-            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{use.model_name}, n_ctx {count_label(n_ctx)}")
+            axes.plot(
+                [x for x, _ in points],
+                [y for _, y in points],
+                marker="o",
+                label=f"{use.model_name}, n_ctx {count_label(n_ctx)}",
+            )
     axes.set_xticks(range(len(labels)), labels)
     axes.set_xlabel("position of the predicted token's input in its article (tokens)")
     return _finish_loss_plot(figure, axes, f"{benchmarks[0]}: loss by position in the article", out_path)
@@ -159,11 +170,25 @@ def plot_recall(
         points = sorted((score["distance_tokens"], score["accuracy"]) for score in row.recall or [])
         label = f"{model_name}, n_ctx {count_label(n_ctx)}" + (", cache kept" if kept_cache else "")
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
-    marks = sorted({("window", row.extra["window"]) for row in newest.values() if row.extra.get("window")}
-                   | {("attention reach", row.extra["attention_reach"]) for row in newest.values() if row.extra.get("attention_reach")})
+    marks = sorted(
+        {("window", row.extra["window"]) for row in newest.values() if row.extra.get("window")}
+        | {
+            ("attention reach", row.extra["attention_reach"])
+            for row in newest.values()
+            if row.extra.get("attention_reach")
+        }
+    )
     for index, (kind, tokens) in enumerate(marks):
         axes.axvline(tokens, color="grey", linestyle=":" if kind == "window" else "--", linewidth=1)
-        axes.annotate(f"{kind} {tokens:,}", (tokens, 1.0 - 0.06 * (index % 4)), rotation=90, fontsize="small", color="grey", ha="right", va="top")
+        axes.annotate(
+            f"{kind} {tokens:,}",
+            (tokens, 1.0 - 0.06 * (index % 4)),
+            rotation=90,
+            fontsize="small",
+            color="grey",
+            ha="right",
+            va="top",
+        )
     chance = next((row.recall[0]["chance"] for row in newest.values() if row.recall), None)
     if chance is not None:
         axes.axhline(chance, color="black", linewidth=0.8, linestyle="-.", label=f"chance ({chance:.3%})")
@@ -195,10 +220,14 @@ def _benchmark_rows(
             )
         rows = [row for row in rows if row.model_name in models]
     if not rows:
-        raise UserError(f"nothing to plot: {db_shown} has no results for these filters; record some with `bakallm bench`.")
+        raise UserError(
+            f"nothing to plot: {db_shown} has no results for these filters; record some with `bakallm bench`."
+        )
     benchmarks = sorted({f"{row.benchmark}/{row.split}" for row in rows})
     if len(benchmarks) > 1:
-        raise UserError(f"the results mix several benchmarks ({', '.join(benchmarks)}): choose one with --benchmark and --split.")
+        raise UserError(
+            f"the results mix several benchmarks ({', '.join(benchmarks)}): choose one with --benchmark and --split."
+        )
     return rows, benchmarks
 
 
@@ -211,7 +240,9 @@ def _run_labels(run_dirs: Sequence[Path]) -> list[str]:
 def _png_path(out_path: str | Path) -> Path:
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".png":
-        raise UserError(f"the output {out_path} does not end in .png: plots are written as PNG, name the file e.g. {out_path.with_suffix('.png')}.")
+        raise UserError(
+            f"the output {out_path} does not end in .png: plots are written as PNG, name the file e.g. {out_path.with_suffix('.png')}."
+        )
     return out_path
 
 
@@ -221,7 +252,9 @@ def _new_figure() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("plotting needs matplotlib: run `pip install matplotlib` (or `pip install bakallm[plot]`).") from None
+        raise UserError(
+            "plotting needs matplotlib: run `pip install matplotlib` (or `pip install bakallm[plot]`)."
+        ) from None
     from cycler import cycler
     from matplotlib import rcParams
 
@@ -260,7 +293,9 @@ def _add_legend(figure: Any, axes: Any) -> None:
         axes.legend()
         return
     columns = -(-len(labels) // 30)
-    figure.set_size_inches(figure.get_figwidth() + 3.5 * columns, max(figure.get_figheight(), 0.2 * -(-len(labels) // columns) + 1))
+    figure.set_size_inches(
+        figure.get_figwidth() + 3.5 * columns, max(figure.get_figheight(), 0.2 * -(-len(labels) // columns) + 1)
+    )
     figure.legend(handles, labels, loc="outside right upper", ncols=columns, fontsize="small")
 
 

@@ -39,22 +39,30 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     checkpoint folder moved out of its run is its own run directory (its config.json describes it)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders.")
+        raise UserError(
+            f"{path} does not exist; pass a run directory made by `bakallm train` or one of its checkpoint folders."
+        )
     if (path / MODEL_FILE).is_file():
         if (path.parent.parent / CONFIG_FILE).is_file():
             return path.parent.parent, path
         if _is_run_config(path / CONFIG_FILE):
             return path, path
     if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`.")
+        raise UserError(
+            f"{path} is not a bakallm run directory (no {CONFIG_FILE}); pass the folder given to `bakallm train --run-dir`."
+        )
     checkpoint = latest_checkpoint(path)
     if checkpoint is None and (path / LATEST_FILE).is_file():
         named = (path / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
         folders = sorted((path / CHECKPOINTS_DIR).glob("*")) if (path / CHECKPOINTS_DIR).is_dir() else []
         others = [folder.name for folder in folders if (folder / MODEL_FILE).is_file()]
         if not others:
-            raise UserError(f"Run directory {path} holds no complete checkpoint (its {LATEST_FILE} names {named!r}, which is missing); train it again or pass another run.")
-        raise UserError(f"{path / LATEST_FILE} names checkpoint {named!r}, which is missing; pass one of its checkpoint folders ({', '.join(others)}).")
+            raise UserError(
+                f"Run directory {path} holds no complete checkpoint (its {LATEST_FILE} names {named!r}, which is missing); train it again or pass another run."
+            )
+        raise UserError(
+            f"{path / LATEST_FILE} names checkpoint {named!r}, which is missing; pass one of its checkpoint folders ({', '.join(others)})."
+        )
     if checkpoint is None or not (checkpoint / MODEL_FILE).is_file():
         raise UserError(f"Run directory {path} holds no complete checkpoint yet; train it longer or pass another run.")
     return path, checkpoint

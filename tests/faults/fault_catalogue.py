@@ -66,7 +66,9 @@ def skip_each_rows_first_token(batch, arguments):
 
 def without(key):
     # The saved generators are per rank ({"rank0": {...}, ...}); the fault drops `key` from every rank's.
-    return lambda saved: {rank: {name: value for name, value in state.items() if name != key} for rank, state in saved.items()}
+    return lambda saved: {
+        rank: {name: value for name, value in state.items() if name != key} for rank, state in saved.items()
+    }
 
 
 def keep_field(name):
@@ -87,23 +89,33 @@ FAULTS: tuple[Fault, ...] = (
         "A-xl-cache-dead",
         "attention never sees the previous window: the cached keys and values reach XLAttention as zeros",
         (Patch("bakallm.model.attention:XLAttention.attend", arguments={"cache": zero_past_block}),),
-        (ATTENTION + "test_the_previous_window_reaches_the_next_through_attention_alone",
-         ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
-         MODEL + "test_xl_cache_alone_carries_the_previous_window"),
+        (
+            ATTENTION + "test_the_previous_window_reaches_the_next_through_attention_alone",
+            ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
+            MODEL + "test_xl_cache_alone_carries_the_previous_window",
+        ),
     ),
     Fault(
         "B-past-never-masked",
         "the previous-window block is never masked, so fresh rows attend to a stale cache",
         (Patch("bakallm.model.attention:xl_attention_mask", result=unmask_past_block),),
-        (ATTENTION + "test_a_fresh_row_ignores_whatever_its_cache_holds",
-         ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions"),
+        (
+            ATTENTION + "test_a_fresh_row_ignores_whatever_its_cache_holds",
+            ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
+        ),
     ),
     Fault(
         "C-queries-from-position-zero",
         "queries are rotated from position 0 instead of after the past block",
-        (Patch("bakallm.model.attention:apply_rotary", arguments={"cos": from_position_zero, "sin": from_position_zero}),),
-        (ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
-         ATTENTION + "test_carried_queries_sit_after_the_past_block"),
+        (
+            Patch(
+                "bakallm.model.attention:apply_rotary", arguments={"cos": from_position_zero, "sin": from_position_zero}
+            ),
+        ),
+        (
+            ATTENTION + "test_xl_attention_equals_naive_softmax_attention_at_absolute_positions",
+            ATTENTION + "test_carried_queries_sit_after_the_past_block",
+        ),
     ),
     Fault(
         "D-hf-later-windows-wrong-targets",
@@ -121,16 +133,20 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         "scan-decay",
         "both selective scans (reference and blocked) decay the state by exp(dt * A / 2) instead of exp(dt * A)",
-        (Patch("bakallm.kernels.blocked:selective_scan", arguments={"A": halve}),
-         Patch("bakallm.kernels.reference:selective_scan_reference", arguments={"A": halve})),
+        (
+            Patch("bakallm.kernels.blocked:selective_scan", arguments={"A": halve}),
+            Patch("bakallm.kernels.reference:selective_scan_reference", arguments={"A": halve}),
+        ),
         ("tests/test_mamba.py::test_scans_follow_the_mamba_recurrence_written_out",),
     ),
     Fault(
         "reset-keeps-ssm",
         "resetting a row clears every tensor but the Mamba SSM state",
         (Patch("bakallm.model.state:RecurrentState.reset", result=keep_field("ssm")),),
-        ("tests/test_state.py::test_reset_clears_only_the_selected_rows_even_when_they_hold_nan",
-         MODEL + "test_reset_row_equals_the_document_run_alone"),
+        (
+            "tests/test_state.py::test_reset_clears_only_the_selected_rows_even_when_they_hold_nan",
+            MODEL + "test_reset_row_equals_the_document_run_alone",
+        ),
     ),
     Fault(
         "reset-keeps-conv",
@@ -166,12 +182,19 @@ FAULTS: tuple[Fault, ...] = (
         "resume-uses-a-damaged-checkpoint",
         "resume takes the checkpoint LATEST names without reading its files first",
         (Patch("bakallm.training.checkpoint:checkpoint_damage", result=lambda value, arguments: None),),
-        ("tests/test_damaged_files.py::test_resume_continues_from_the_newest_complete_checkpoint_with_a_warning[garbage optimizer]",),
+        (
+            "tests/test_damaged_files.py::test_resume_continues_from_the_newest_complete_checkpoint_with_a_warning[garbage optimizer]",
+        ),
     ),
     Fault(
         "skipped-step-updates-the-weights",
         "a step with non-finite gradients is counted as skipped but its update is applied anyway",
-        (Patch("bakallm.training.trainer:Trainer._skip_step", result=lambda value, arguments: arguments["self"].optimizer.step()),),
+        (
+            Patch(
+                "bakallm.training.trainer:Trainer._skip_step",
+                result=lambda value, arguments: arguments["self"].optimizer.step(),
+            ),
+        ),
         (TRAINING + "test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on[float32]",),
     ),
     Fault(

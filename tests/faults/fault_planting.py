@@ -63,11 +63,15 @@ def resolve(target: str) -> tuple[Any, str, Any]:
     try:
         owner: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise PlantingError(f"{target}: module {module_name} cannot be imported ({error}); update the fault catalogue.") from None
+        raise PlantingError(
+            f"{target}: module {module_name} cannot be imported ({error}); update the fault catalogue."
+        ) from None
     *parents, name = path.split(".")
     for parent in parents:
         if not hasattr(owner, parent):
-            raise PlantingError(f"{target}: {module_name} has no {parent}; the code was renamed, update the fault catalogue.")
+            raise PlantingError(
+                f"{target}: {module_name} has no {parent}; the code was renamed, update the fault catalogue."
+            )
         owner = getattr(owner, parent)
     if not hasattr(owner, name):
         raise PlantingError(f"{target}: {name} no longer exists; the code was renamed, update the fault catalogue.")
@@ -81,7 +85,9 @@ def plant(patch: Patch) -> None:
     signature = inspect.signature(original)
     missing = sorted(set(patch.arguments) - set(signature.parameters))
     if missing:
-        raise PlantingError(f"{patch.target} has no parameter {', '.join(missing)} any more; update the fault catalogue.")
+        raise PlantingError(
+            f"{patch.target} has no parameter {', '.join(missing)} any more; update the fault catalogue."
+        )
     calls[patch.target] = 0
 
     @functools.wraps(original)
@@ -103,7 +109,11 @@ def plant(patch: Patch) -> None:
             raise PlantingError(f"planting {patch.target} failed: {error!r}") from error
 
     if inspect.isclass(owner):
-        setattr(owner, name, staticmethod(faulty) if isinstance(inspect.getattr_static(owner, name), staticmethod) else faulty)
+        setattr(
+            owner,
+            name,
+            staticmethod(faulty) if isinstance(inspect.getattr_static(owner, name), staticmethod) else faulty,
+        )
         return
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").split(".")[0] == PACKAGE:
@@ -141,7 +151,9 @@ def run(fault: Fault, every_test: bool = False) -> int:
         print(f"FAULT {fault.name} NOT PLANTED: its patch raised while the tests ran (see PlantingError above).")
         return PLANTING_FAILED
     if recorder.failed and not any(calls.values()):
-        print(f"FAULT {fault.name} NOT PLANTED: {', '.join(recorder.failed)} failed but no patched code ran; the tests fail without the fault.")
+        print(
+            f"FAULT {fault.name} NOT PLANTED: {', '.join(recorder.failed)} failed but no patched code ran; the tests fail without the fault."
+        )
         return PLANTING_FAILED
     if status == 1:
         print(f"FAULT {fault.name} CAUGHT BY {', '.join(recorder.failed)}")

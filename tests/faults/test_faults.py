@@ -24,7 +24,9 @@ def test_fault_names_are_unique_and_every_fault_names_existing_tests():
         for test in fault.tests:
             path, _, name = test.partition("::")
             name = name.partition("[")[0]  # a parametrized test's id names its function before the brackets
-            assert f"def {name}(" in (REPO_ROOT / path).read_text(encoding="utf-8"), f"{fault.name}: {test} does not exist"
+            assert f"def {name}(" in (REPO_ROOT / path).read_text(encoding="utf-8"), (
+                f"{fault.name}: {test} does not exist"
+            )
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
@@ -33,12 +35,20 @@ def test_planted_fault_is_caught(fault):
     if missing:
         pytest.skip(f"the tests that catch {fault.name} need {', '.join(missing)}")
     result = subprocess.run(
-        [sys.executable, str(HERE / "fault_planting.py"), fault.name], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, str(HERE / "fault_planting.py"), fault.name],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode != PLANTING_FAILED, f"fault {fault.name} could not be planted:\n{output}"
-    assert result.returncode != 0, f"fault {fault.name} ({fault.description}) survived: {', '.join(fault.tests)} all passed."
-    assert result.returncode == 1, f"the tests of fault {fault.name} could not run (pytest exit status {result.returncode}):\n{output}"
+    assert result.returncode != 0, (
+        f"fault {fault.name} ({fault.description}) survived: {', '.join(fault.tests)} all passed."
+    )
+    assert result.returncode == 1, (
+        f"the tests of fault {fault.name} could not run (pytest exit status {result.returncode}):\n{output}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +57,10 @@ def test_planted_fault_is_caught(fault):
         (Patch("bakallm.model.attention:XLAttention.forward_renamed"), "forward_renamed no longer exists"),
         (Patch("bakallm.no_such_module:function"), "cannot be imported"),
         (Patch("bakallm.model.attention:NoSuchClass.forward"), "has no NoSuchClass"),
-        (Patch("bakallm.model.attention:xl_attention_mask", arguments={"renamed_argument": abs}), "no parameter renamed_argument"),
+        (
+            Patch("bakallm.model.attention:xl_attention_mask", arguments={"renamed_argument": abs}),
+            "no parameter renamed_argument",
+        ),
     ],
 )
 def test_a_renamed_target_fails_loudly_instead_of_planting_nothing(patch, message):

@@ -13,10 +13,18 @@ from bakallm.training.interrupt import INTERRUPTED_EXIT_STATUS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)")
+    parser.add_argument(
+        "spec", metavar="SPEC.yaml", help="the study: shared setup, evaluation and variants (see docs/ablations.md)"
+    )
     options.add_db(parser)
-    parser.add_argument("--output", type=Path, help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)")
-    parser.add_argument("--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="folder of the study's run directories (default: the file's output, else runs/ablations/STUDY)",
+    )
+    parser.add_argument(
+        "--variants", help="comma-separated names: run only these variants (e.g. to share a study among processes)"
+    )
     options.add_progress(parser)
 
 
@@ -33,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     except StudyInterrupted as interrupted:
         print(f"bakallm ablate: {interrupted}", file=sys.stderr)
         return INTERRUPTED_EXIT_STATUS
-    print(f"study {study.name}: {len(ran)} variant(s) run now, "
-          f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`")
+    print(
+        f"study {study.name}: {len(ran)} variant(s) run now, "
+        f"in {time.perf_counter() - started:.0f} s; see `bakallm results --study {study.name}`"
+    )
     return 0

@@ -34,18 +34,37 @@ RECALL_FLAGS = ("distances", "samples", "seed", "depth", "facts", "window", "kee
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("model", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder")
-    source.add_argument("--hf", metavar="NAME_OR_PATH", help="a Hugging Face causal LM instead: a local folder or a Hub name")
-    parser.add_argument("--data", default=DEFAULT_DATA, help=f"corpus: a local .raw/.txt folder/.jsonl/.parquet path, wikitext-103, wikitext-2, or {embedded.TRAIN_CORPUS}[-held-out] (default {DEFAULT_DATA}, shipped with bakallm)")
-    parser.add_argument("--split", default=DEFAULT_SPLIT, help=f"train, validation or test; only a label for local files (default {DEFAULT_SPLIT})")
-    options.add_tokenizer(parser, "the run's own; for --hf the model's tokenizer.json, else EleutherAI/pythia-70m-deduped")
+    source.add_argument(
+        "model",
+        nargs="?",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder",
+    )
+    source.add_argument(
+        "--hf", metavar="NAME_OR_PATH", help="a Hugging Face causal LM instead: a local folder or a Hub name"
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"corpus: a local .raw/.txt folder/.jsonl/.parquet path, wikitext-103, wikitext-2, or {embedded.TRAIN_CORPUS}[-held-out] (default {DEFAULT_DATA}, shipped with bakallm)",
+    )
+    parser.add_argument(
+        "--split",
+        default=DEFAULT_SPLIT,
+        help=f"train, validation or test; only a label for local files (default {DEFAULT_SPLIT})",
+    )
+    options.add_tokenizer(
+        parser, "the run's own; for --hf the model's tokenizer.json, else EleutherAI/pythia-70m-deduped"
+    )
     parser.add_argument(
         "--n-ctx",
         type=int,
         help=f"context length: our models reset their state every N tokens (default {OUR_N_CTX}); "
         f"Hugging Face models read windows of N tokens (default {TRANSFORMER_N_CTX}, or the model's limit if smaller)",
     )
-    parser.add_argument("--stride", type=int, help="Hugging Face models only: tokens between window starts (default n_ctx / 2)")
+    parser.add_argument(
+        "--stride", type=int, help="Hugging Face models only: tokens between window starts (default n_ctx / 2)"
+    )
     parser.add_argument(
         "--reset-every",
         type=int,
@@ -59,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {','.join(map(str, DEFAULT_POSITION_BUCKETS))}: 0-512, 512-2K, 2K-8K, 8K+)",
     )
     parser.add_argument(
-        "--batch-size", type=int,
+        "--batch-size",
+        type=int,
         help=f"articles (ours) or windows (--hf) per forward pass (default {OUR_BATCH_SIZE} ours, {TRANSFORMER_BATCH_SIZE} --hf)",
     )
     parser.add_argument("--note", default="", help="free text stored with the result, e.g. 'after 2 epochs'")
@@ -75,18 +95,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "plant a fact ('The code of Mary Alden is 4 8 1 2 7.') in the --data text, ask about it a given distance later "
         "('Q: What is Mary Alden's code? A:') and score the answer (docs/recall.md)",
     )
-    parser.add_argument("--task", choices=TASKS, default="lm", help="lm: the loss of every token (default); recall: answers about facts read earlier")
-    recall.add_argument("--distances", help="distances between fact and query, in windows, comma-separated (default 0.5,1,2,4,16,64,256)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="lm",
+        help="lm: the loss of every token (default); recall: answers about facts read earlier",
+    )
+    recall.add_argument(
+        "--distances",
+        help="distances between fact and query, in windows, comma-separated (default 0.5,1,2,4,16,64,256)",
+    )
     recall.add_argument("--samples", type=int, help="samples per distance (default 100)")
     recall.add_argument("--seed", type=int, help="seed of the filler places, names and codes (default 0)")
-    recall.add_argument("--depth", type=float, help="filler before the fact, in windows (default: drawn from [0, 1) for each sample)")
-    recall.add_argument("--facts", type=int, help="facts planted one after another; the query asks about one of them (default 1)")
     recall.add_argument(
-        "--window", type=int,
+        "--depth", type=float, help="filler before the fact, in windows (default: drawn from [0, 1) for each sample)"
+    )
+    recall.add_argument(
+        "--facts", type=int, help="facts planted one after another; the query asks about one of them (default 1)"
+    )
+    recall.add_argument(
+        "--window",
+        type=int,
         help="tokens in one window, the unit of --distances and --depth (default: our model's window; for --hf its n_ctx)",
     )
     recall.add_argument(
-        "--keep-document-cache", action="store_true",
+        "--keep-document-cache",
+        action="store_true",
         help="our models with the document cache: resets (--n-ctx, --reset-every) clear the network's state but keep the "
         "document cache, to show that the cache alone cannot answer",
     )
@@ -117,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.split not in HUB_WIKITEXT_SPLITS:
         raise UserError(f"Unknown split {args.split!r}; use one of {', '.join(HUB_WIKITEXT_SPLITS)}.")
-    for flag, value in (("--n-ctx", args.n_ctx), ("--stride", args.stride), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+    for flag, value in (
+        ("--n-ctx", args.n_ctx),
+        ("--stride", args.stride),
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             require_positive(flag, value)
     use_threads(args.threads)
@@ -125,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--scan applies only to our models; a Hugging Face model (--hf) runs its own code.")
     if args.reset_every is not None:
         if args.hf is not None:
-            raise UserError("--reset-every applies only to our models; for a Hugging Face model run bench again with another --n-ctx.")
+            raise UserError(
+                "--reset-every applies only to our models; for a Hugging Face model run bench again with another --n-ctx."
+            )
         require_positive("--reset-every", args.reset_every)
     _check_task_flags(args)
     position_buckets = parse_position_buckets(args.position_buckets or ",".join(map(str, DEFAULT_POSITION_BUCKETS)))
@@ -135,17 +176,23 @@ def run(args: argparse.Namespace) -> int:
         subject = _load(args, device)
         kind, model = subject.kind, subject.model
         if args.stride is not None and kind.carries_state:
-            raise UserError("--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state.")
+            raise UserError(
+                "--stride applies only to Hugging Face models (--hf); our models read each article once with their recurrent state."
+            )
         n_ctx = args.n_ctx if args.n_ctx is not None else kind.default_n_ctx(model)
         contexts = [n_ctx] + ([args.reset_every] if args.reset_every is not None else [])
         window = kind.window(model)
         for flag, context in zip(("--n-ctx", "--reset-every"), contexts):
             if window is not None and context < window:
-                raise UserError(f"{flag} {context} is smaller than the model's window of {window} tokens; pass at least {window}.")
+                raise UserError(
+                    f"{flag} {context} is smaller than the model's window of {window} tokens; pass at least {window}."
+                )
         batch_size = args.batch_size if args.batch_size is not None else kind.default_eval_batch_size
         tokenizer = load_tokenizer(_tokenizer_spec(args.tokenizer, subject))
         require_vocabulary_fits(tokenizer.vocab_size, kind.vocab_size(model), tokenizer.name)
-        corpus = tokenize_corpus(load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress)
+        corpus = tokenize_corpus(
+            load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress
+        )
         stride = None
         if args.task == "recall":
             measurements = _recall_measurements(args, subject, corpus, tokenizer, contexts, batch_size, device)
@@ -153,16 +200,30 @@ def run(args: argparse.Namespace) -> int:
             measurements = []
             for context in contexts:
                 settings = EvalSettings(
-                    n_ctx=context, stride=args.stride, batch_size=batch_size, device=device, progress=args.progress, position_buckets=position_buckets
+                    n_ctx=context,
+                    stride=args.stride,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=args.progress,
+                    position_buckets=position_buckets,
                 )
                 result = kind.evaluate(model, corpus, settings)
                 stride = kind.stride(settings)
-                measurements.append((context, (lm_figures(result), {"n_articles": result.n_articles}, _lm_summary(result))))
+                measurements.append(
+                    (context, (lm_figures(result), {"n_articles": result.n_articles}, _lm_summary(result)))
+                )
         stored = []
         for context, (figures, extra, describe) in measurements:
             row = result_row(
-                subject.record, args.data, args.split, context, stride, tokenizer.name, figures,
-                {**extra, "batch_size": batch_size, "device": str(device)}, note=args.note,
+                subject.record,
+                args.data,
+                args.split,
+                context,
+                stride,
+                tokenizer.name,
+                figures,
+                {**extra, "batch_size": batch_size, "device": str(device)},
+                note=args.note,
             )
             row.created_at = utc_now_iso()
             row.id = db.add(row)
@@ -179,10 +240,14 @@ def _check_task_flags(args: argparse.Namespace) -> None:
     if args.task == "lm":
         given = [name for name in RECALL_FLAGS if getattr(args, name) not in (None, False)]
         if given:
-            raise UserError(f"--{given[0].replace('_', '-')} applies only to --task recall; add --task recall or drop the flag.")
+            raise UserError(
+                f"--{given[0].replace('_', '-')} applies only to --task recall; add --task recall or drop the flag."
+            )
         return
     if args.stride is not None:
-        raise UserError("--stride applies only to --task lm; for recall a Hugging Face model reads the n_ctx tokens that end at the answer.")
+        raise UserError(
+            "--stride applies only to --task lm; for recall a Hugging Face model reads the n_ctx tokens that end at the answer."
+        )
     if args.position_buckets is not None:
         raise UserError("--position-buckets applies only to --task lm; recall is scored by distance (--distances).")
     if args.window is not None and args.window < 1:
@@ -199,7 +264,13 @@ def _lm_summary(result: EvalResult) -> Describe:
 
 
 def _recall_measurements(
-    args: argparse.Namespace, subject: ModelUnderTest, corpus: TokenizedCorpus, tokenizer, contexts: list[int], batch_size: int, device: torch.device
+    args: argparse.Namespace,
+    subject: ModelUnderTest,
+    corpus: TokenizedCorpus,
+    tokenizer,
+    contexts: list[int],
+    batch_size: int,
+    device: torch.device,
 ) -> Iterator[tuple[int, tuple[dict, dict, Describe]]]:
     """Per context: the figures of every distance (all samples drawn before anything is scored)."""
     import time
@@ -211,8 +282,13 @@ def _recall_measurements(
     kind, model = subject.kind, subject.model
     settings = RecallSettings(
         distances=parse_distances(args.distances) if args.distances is not None else DEFAULT_DISTANCES,
-        **{name: value for name, value in (("samples", args.samples), ("seed", args.seed), ("facts", args.facts)) if value is not None},
-        depth_windows=args.depth, keep_document_cache=args.keep_document_cache,
+        **{
+            name: value
+            for name, value in (("samples", args.samples), ("seed", args.seed), ("facts", args.facts))
+            if value is not None
+        },
+        depth_windows=args.depth,
+        keep_document_cache=args.keep_document_cache,
     )
     test = RecallTest.draw(settings, corpus, tokenizer, window=args.window or kind.window(model) or contexts[0])
     extra = {**settings.extra(test.window), "attention_reach": kind.attention_reach(model) or contexts[0]}
@@ -224,7 +300,10 @@ def _recall_measurements(
         started = time.perf_counter()
         figures = recall_figures(test.score(answer_log_probs, context, batch_size, args.progress))
         figures["tokens_per_s"] = test.read_tokens / (time.perf_counter() - started)
-        yield context, (figures, extra, lambda row, db_path: format_recall_scores(row) + f"saved as row {row.id} of {db_path}")
+        yield (
+            context,
+            (figures, extra, lambda row, db_path: format_recall_scores(row) + f"saved as row {row.id} of {db_path}"),
+        )
 
 
 def parse_position_buckets(text: str) -> tuple[int, ...]:
@@ -232,7 +311,9 @@ def parse_position_buckets(text: str) -> tuple[int, ...]:
     try:
         starts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"--position-buckets {text!r} is not a comma-separated list of whole numbers; write e.g. 0,512,2048,8192.") from None
+        raise UserError(
+            f"--position-buckets {text!r} is not a comma-separated list of whole numbers; write e.g. 0,512,2048,8192."
+        ) from None
     return check_position_buckets(starts)
 
 
@@ -240,7 +321,9 @@ def _tokenizer_spec(given: str | None, subject: ModelUnderTest) -> str:
     if given is not None:
         return given
     if subject.default_tokenizer is None:
-        raise UserError(f"The config.json of run {subject.record.name} names no tokenizer; pass the one it was trained with as --tokenizer.")
+        raise UserError(
+            f"The config.json of run {subject.record.name} names no tokenizer; pass the one it was trained with as --tokenizer."
+        )
     if subject.default_tokenizer_note is not None:
         print(f"bakallm bench: {subject.default_tokenizer_note}", file=sys.stderr)
     return subject.default_tokenizer
@@ -256,7 +339,9 @@ def _load(args: argparse.Namespace, device: torch.device) -> ModelUnderTest:
     kind, training = (kind_named("hf"), {}) if args.hf is not None else kind_of_path(path)
     model = kind.prepare(kind.load(path, device), args.scan or "auto")
     tokenizer, note = kind.default_tokenizer(model, path, training)
-    return ModelUnderTest(kind, model, model_record(kind, model, _name(path, args.hf is not None), path), tokenizer, note)
+    return ModelUnderTest(
+        kind, model, model_record(kind, model, _name(path, args.hf is not None), path), tokenizer, note
+    )
 
 
 def _name(path: str, hub_or_folder: bool) -> str:

@@ -10,11 +10,24 @@ from bakallm.huggingface.export import export, push_to_hub
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="RUN", help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder")
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write: new, empty, or (with --force) one whose files of the same names are replaced")
-    parser.add_argument("--force", action="store_true", help="write into a folder that already holds files (never into a run directory)")
+    parser.add_argument(
+        "model",
+        metavar="RUN",
+        help="a run directory of `bakallm train` (its latest checkpoint) or one checkpoint folder",
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        type=Path,
+        help="the folder to write: new, empty, or (with --force) one whose files of the same names are replaced",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="write into a folder that already holds files (never into a run directory)"
+    )
     options.add_tokenizer(parser, "the run's own")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hugging Face Hub model repository")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hugging Face Hub model repository"
+    )
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
 
 

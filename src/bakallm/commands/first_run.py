@@ -70,7 +70,9 @@ def unigram_loss(train_tokens, held_out) -> float:
     (add-one smoothed), scored on the same targets as the models (every token after an article's first)."""
     import numpy as np
 
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=held_out.vocab_size).astype(np.float64) + 1.0
+    counts = (
+        np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=held_out.vocab_size).astype(np.float64) + 1.0
+    )
     log_probs = np.log(counts / counts.sum())
     targets = np.concatenate([held_out.document(index)[1:] for index in range(len(held_out))]).astype(np.int64)
     return float(-log_probs[targets].mean())
@@ -96,14 +98,33 @@ def _base_config(run_dir: Path, args: argparse.Namespace):
 
     # The tiny-cpu recipe's settings, on the shipped books and tokenizer.
     return TrainConfig(
-        preset="tiny", data=embedded.TRAIN_CORPUS, tokenizer=embedded.TOKENIZER, batch_size=4, train_ctx=512, lr=2e-3, schedule="cosine",
-        shuffle=True, seed=args.seed, run_dir=str(run_dir), progress=args.progress, threads=args.threads, log_every=25, keep_last=1,
+        preset="tiny",
+        data=embedded.TRAIN_CORPUS,
+        tokenizer=embedded.TOKENIZER,
+        batch_size=4,
+        train_ctx=512,
+        lr=2e-3,
+        schedule="cosine",
+        shuffle=True,
+        seed=args.seed,
+        run_dir=str(run_dir),
+        progress=args.progress,
+        threads=args.threads,
+        log_every=25,
+        keep_last=1,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"training minutes for each of the two models (default {DEFAULT_MINUTES:g})")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/first-run"), help="folder of the two runs (default runs/first-run)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"training minutes for each of the two models (default {DEFAULT_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/first-run"), help="folder of the two runs (default runs/first-run)"
+    )
     options.add_db(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of both runs and of the sample (default 0)")
     options.add_threads(parser)
@@ -134,10 +155,16 @@ def run(args: argparse.Namespace) -> int:
     base = _base_config(run_root, args)
     contenders = [
         Contender("bakallm-tiny", "bakallm tiny", {}),
-        Contender("plain-transformer", f"plain transformer, {base.train_ctx}-token windows", plain_transformer_fields(base.preset, tokenizer.vocab_size, base.train_ctx)),
+        Contender(
+            "plain-transformer",
+            f"plain transformer, {base.train_ctx}-token windows",
+            plain_transformer_fields(base.preset, tokenizer.vocab_size, base.train_ctx),
+        ),
     ]
-    print(f"bakallm first-run: training two models for {args.minutes:g} minutes each on the books shipped with bakallm, "
-          f"then scoring them on a book they never saw; the results go to {run_root}.")
+    print(
+        f"bakallm first-run: training two models for {args.minutes:g} minutes each on the books shipped with bakallm, "
+        f"then scoring them on a book they never saw; the results go to {run_root}."
+    )
     trained = {}
     for contender in contenders:
         model_file = run_root / f"{contender.name}.json"
@@ -163,29 +190,62 @@ def run(args: argparse.Namespace) -> int:
         model = trainer.model.eval()
         record = model_record(trainer.kind, model, f"{STUDY}/{contender.name}", ckpt.latest_checkpoint(trainer.run_dir))
         window = model.config.window
-        contexts = [("read whole", WHOLE_N_CTX)] if contender.name == "plain-transformer" else [
-            (f"state reset every {window} tokens", window), ("read whole", WHOLE_N_CTX)]
+        contexts = (
+            [("read whole", WHOLE_N_CTX)]
+            if contender.name == "plain-transformer"
+            else [(f"state reset every {window} tokens", window), ("read whole", WHOLE_N_CTX)]
+        )
         for reading, n_ctx in contexts:
-            result = evaluate_bakallm(model, held_out, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress))
+            result = evaluate_bakallm(
+                model, held_out, EvalSettings(n_ctx=n_ctx, batch_size=1, device=device, progress=args.progress)
+            )
             readings.append((f"{contender.label}, {reading}", result.loss, result.position_losses))
-            extra = {"reading": reading, "train_steps": trainer.step, "train_tokens": trainer.tokens_seen, "train_seconds": train_seconds}
-            rows.append(result_row(record, embedded.HELD_OUT_CORPUS, "test", n_ctx, None, tokenizer.name, lm_figures(result), extra, study=STUDY))
+            extra = {
+                "reading": reading,
+                "train_steps": trainer.step,
+                "train_tokens": trainer.tokens_seen,
+                "train_seconds": train_seconds,
+            }
+            rows.append(
+                result_row(
+                    record,
+                    embedded.HELD_OUT_CORPUS,
+                    "test",
+                    n_ctx,
+                    None,
+                    tokenizer.name,
+                    lm_figures(result),
+                    extra,
+                    study=STUDY,
+                )
+            )
     with ResultsDB(args.db) as db:
         for row in rows:
             db.add(row)
 
     book = next(iter(load_corpus(embedded.HELD_OUT_CORPUS))).text
     prompt = " ".join(next(line for line in book.splitlines() if len(line) > 60).split()[:PROMPT_WORDS])
-    sample = generate_text(ours.model, tokenizer, [prompt], SAMPLE_TOKENS, Sampling(temperature=0.8, top_k=40, seed=args.seed))[0]
-    training = [f"{contender.label}: {trained[contender.name][0].step:,} steps, {trained[contender.name][0].tokens_seen:,} tokens read "
-                f"in {trained[contender.name][1] / 60:.1f} minutes" for contender in contenders]
+    sample = generate_text(
+        ours.model, tokenizer, [prompt], SAMPLE_TOKENS, Sampling(temperature=0.8, top_k=40, seed=args.seed)
+    )[0]
+    training = [
+        f"{contender.label}: {trained[contender.name][0].step:,} steps, {trained[contender.name][0].tokens_seen:,} tokens read "
+        f"in {trained[contender.name][1] / 60:.1f} minutes"
+        for contender in contenders
+    ]
     print()
     print(report(readings, held_out.n_tokens, ours.corpus.n_tokens, training, prompt, sample))
     return 0
 
 
-def report(readings: Sequence[tuple[str, float, Sequence[Any]]], held_out_tokens: int, train_tokens: int, training: Sequence[str],
-           prompt: str, sample: str) -> str:
+def report(
+    readings: Sequence[tuple[str, float, Sequence[Any]]],
+    held_out_tokens: int,
+    train_tokens: int,
+    training: Sequence[str],
+    prompt: str,
+    sample: str,
+) -> str:
     """The first run's table, what it means, and the sample."""
     buckets = next((positions for _, _, positions in readings if positions), ())
     header = f"{'':58} {'loss':>6}" + "".join(f" {bucket.label:>7}" for bucket in buckets)

@@ -14,7 +14,9 @@ TOKENIZER_HELP = "tokenizer.json file or folder, Hub name, or 'bytes'"
 
 def add_db(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--db, of every command that reads or writes results."""
-    parser.add_argument("--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)")
+    parser.add_argument(
+        "--db", type=Path, help=f"results database (default: ${DB_PATH_ENV}, else ./results/results.sqlite3)"
+    )
 
 
 def add_tokenizer(parser: argparse.ArgumentParser, default: str, value: str | None = None) -> None:
@@ -27,21 +29,34 @@ def add_device(parser: argparse.ArgumentParser, value: str | None = "auto") -> N
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: the CPUs this process may use); on a busy machine try 1",
+    )
 
 
 def add_cache_dir(parser: argparse.ArgumentParser, type: Any = Path) -> None:
-    parser.add_argument("--cache-dir", type=type, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)")
+    parser.add_argument(
+        "--cache-dir", type=type, help="token cache folder (default $BAKALLM_CACHE or ~/.cache/bakallm/tokens)"
+    )
 
 
 def add_scan(parser: argparse.ArgumentParser, ours_only: bool = False) -> None:
     parser.add_argument(
-        "--scan", choices=SCAN_BACKENDS,
-        help=("our models only: " if ours_only else "") + "selective scan backend; auto: triton on CUDA when it imports and passes its "
+        "--scan",
+        choices=SCAN_BACKENDS,
+        help=("our models only: " if ours_only else "")
+        + "selective scan backend; auto: triton on CUDA when it imports and passes its "
         "self-check, else the log-depth parallel scan on CUDA and the blocked scan elsewhere (default auto)",
     )
 
 
 def add_progress(parser: argparse.ArgumentParser, value: bool | None = True) -> None:
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=value,
-                        help="no progress bars: text lines instead (the default when the output is not a terminal)")
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=value,
+        help="no progress bars: text lines instead (the default when the output is not a terminal)",
+    )

@@ -11,13 +11,28 @@ from bakallm.plotting import plot_context, plot_positions, plot_recall, plot_tra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     modes = parser.add_subparsers(dest="plot_mode", metavar="MODE", required=True)
-    runs = modes.add_parser("runs", help="training loss and evaluations against tokens seen, one line per run directory")
-    runs.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by `bakallm train`")
+    runs = modes.add_parser(
+        "runs", help="training loss and evaluations against tokens seen, one line per run directory"
+    )
+    runs.add_argument(
+        "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by `bakallm train`"
+    )
     runs.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    runs.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)")
+    runs.add_argument(
+        "--smooth",
+        type=float,
+        default=0.9,
+        help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)",
+    )
     context = modes.add_parser("context", help="benchmark loss against context length, one line per model")
     options.add_db(context)
-    context.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    context.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model_name to plot; repeat for several (default: all)",
+    )
     context.add_argument("--benchmark", help="only rows of this benchmark")
     context.add_argument("--split", help="only rows of this split")
     context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
@@ -25,20 +40,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     study.add_argument("study", metavar="STUDY", help="the study name, as in its study file")
     options.add_db(study)
     study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    study.add_argument("--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)")
+    study.add_argument(
+        "--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)"
+    )
     positions = modes.add_parser(
-        "positions", help="benchmark loss by position in the article, one line per model and context length (whole vs reset)"
+        "positions",
+        help="benchmark loss by position in the article, one line per model and context length (whole vs reset)",
     )
     options.add_db(positions)
-    positions.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    positions.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model_name to plot; repeat for several (default: all)",
+    )
     positions.add_argument("--benchmark", help="only rows of this benchmark")
     positions.add_argument("--split", help="only rows of this split")
     positions.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     recall = modes.add_parser(
-        "recall", help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context"
+        "recall",
+        help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context",
     )
     options.add_db(recall)
-    recall.add_argument("--model", action="append", dest="models", metavar="NAME", help="a model_name to plot; repeat for several (default: all)")
+    recall.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model_name to plot; repeat for several (default: all)",
+    )
     recall.add_argument("--benchmark", help="only rows whose filler is this corpus")
     recall.add_argument("--split", help="only rows of this split")
     recall.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")

@@ -105,7 +105,9 @@ class DocumentBatcher:
             raise UserError(f"Batch size and training context must be at least 1 (got {batch_size} and {train_ctx}).")
         rows = range(batch_size) if rows is None else rows
         if rows.step != 1 or len(rows) == 0 or rows.start < 0 or rows.stop > batch_size:
-            raise ValueError(f"rows must be a non-empty contiguous range inside the batch's {batch_size} rows, got {rows}.")
+            raise ValueError(
+                f"rows must be a non-empty contiguous range inside the batch's {batch_size} rows, got {rows}."
+            )
         if max_doc_tokens is not None and max_doc_tokens < 1:
             raise UserError(f"The longest document piece must hold at least 1 token (got {max_doc_tokens}).")
         starts, ends = _pieces(corpus.offsets, max_doc_tokens)
@@ -125,7 +127,9 @@ class DocumentBatcher:
         self.max_doc_tokens = max_doc_tokens
         self.rows = rows
         if scored is not None and scored.shape != (corpus.n_tokens,):
-            raise ValueError(f"scored must hold one flag per token of the corpus ({corpus.n_tokens}), got shape {scored.shape}")
+            raise ValueError(
+                f"scored must hold one flag per token of the corpus ({corpus.n_tokens}), got shape {scored.shape}"
+            )
         self.scored = scored
         self._unit_starts = starts[trainable]
         self._unit_ends = ends[trainable]
@@ -242,7 +246,9 @@ class DocumentBatcher:
         return _Step(windows, reset, epoch, fraction, self.epoch - epoch)
 
     def _draw_windows(self) -> _Step:
-        draws = np.random.default_rng([self.seed, self._windows_drawn]).integers(self._window_start_ends[-1], size=self.batch_size)
+        draws = np.random.default_rng([self.seed, self._windows_drawn]).integers(
+            self._window_start_ends[-1], size=self.batch_size
+        )
         units = np.searchsorted(self._window_start_ends, draws, side="right")
         starts = self._unit_starts[units] + draws - (self._window_start_ends[units] - self._unit_window_starts[units])
         counts = np.minimum(self.train_ctx, self._unit_ends[units] - 1 - starts)
@@ -274,7 +280,9 @@ class DocumentBatcher:
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             units = np.arange(len(self._unit_starts))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(units) if self.shuffle else units
+            self._orders[epoch] = (
+                np.random.default_rng([self.seed, epoch]).permutation(units) if self.shuffle else units
+            )
         return self._orders[epoch]
 
     # ----- saving and restoring the position -----

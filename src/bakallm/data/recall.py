@@ -23,15 +23,88 @@ from bakallm.data.tokenizers import Tokenizer
 from bakallm.errors import UserError
 
 FIRST_NAMES = (
-    "Mary", "John", "Alice", "Peter", "Clara", "Henry", "Edith", "Walter", "Agnes", "Oscar", "Ruth", "Victor", "Helen", "Arthur",
-    "Nora", "Felix", "Irene", "Hugo", "Martha", "Louis", "Grace", "Simon", "Esther", "Frank", "Lydia", "Owen", "Violet", "Jonas",
-    "Rosa", "Silas", "Ada", "Ralph", "Stella", "Isaac", "Maud", "Elias", "Joan", "Philip", "Hazel", "Carl",
+    "Mary",
+    "John",
+    "Alice",
+    "Peter",
+    "Clara",
+    "Henry",
+    "Edith",
+    "Walter",
+    "Agnes",
+    "Oscar",
+    "Ruth",
+    "Victor",
+    "Helen",
+    "Arthur",
+    "Nora",
+    "Felix",
+    "Irene",
+    "Hugo",
+    "Martha",
+    "Louis",
+    "Grace",
+    "Simon",
+    "Esther",
+    "Frank",
+    "Lydia",
+    "Owen",
+    "Violet",
+    "Jonas",
+    "Rosa",
+    "Silas",
+    "Ada",
+    "Ralph",
+    "Stella",
+    "Isaac",
+    "Maud",
+    "Elias",
+    "Joan",
+    "Philip",
+    "Hazel",
+    "Carl",
 )
 LAST_NAMES = (
-    "Alden", "Brooks", "Carver", "Dalton", "Ellis", "Fenwick", "Garner", "Hale", "Ingram", "Jarvis", "Keller", "Lowell", "Mercer",
-    "Norris", "Oakley", "Porter", "Quinn", "Rhodes", "Sutton", "Thorne", "Upton", "Vance", "Whitaker", "Yates", "Ashford",
-    "Barlow", "Crane", "Dunmore", "Everett", "Fairchild", "Gilmore", "Hollis", "Irving", "Kimball", "Lang", "Marsh", "Nash",
-    "Pruitt", "Radcliffe", "Stroud",
+    "Alden",
+    "Brooks",
+    "Carver",
+    "Dalton",
+    "Ellis",
+    "Fenwick",
+    "Garner",
+    "Hale",
+    "Ingram",
+    "Jarvis",
+    "Keller",
+    "Lowell",
+    "Mercer",
+    "Norris",
+    "Oakley",
+    "Porter",
+    "Quinn",
+    "Rhodes",
+    "Sutton",
+    "Thorne",
+    "Upton",
+    "Vance",
+    "Whitaker",
+    "Yates",
+    "Ashford",
+    "Barlow",
+    "Crane",
+    "Dunmore",
+    "Everett",
+    "Fairchild",
+    "Gilmore",
+    "Hollis",
+    "Irving",
+    "Kimball",
+    "Lang",
+    "Marsh",
+    "Nash",
+    "Pruitt",
+    "Radcliffe",
+    "Stroud",
 )
 CODE_LENGTH = 5  # digits in a fact's code: exact-match chance is 10 ** -CODE_LENGTH
 # A fact is FACT_BEFORE + the answer's tokens + FACT_AFTER: its code is tokenized as the answer is.
@@ -82,7 +155,11 @@ class FactWriter:
         code_texts = [" ".join(map(str, digits)) for digits in codes]
         texts = []
         for name, code in zip(names, code_texts):
-            texts += [FACT_BEFORE.format(name=name), ANSWER_TEMPLATE.format(code=code), QUERY_TEMPLATE.format(name=name)]
+            texts += [
+                FACT_BEFORE.format(name=name),
+                ANSWER_TEMPLATE.format(code=code),
+                QUERY_TEMPLATE.format(name=name),
+            ]
         encoded = [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer.encode_batch(texts)] if texts else []
         after = np.asarray(self.tokenizer.encode(FACT_AFTER), dtype=np.int64)
         facts = []
@@ -93,7 +170,10 @@ class FactWriter:
 
     def first_token_chance(self) -> float:
         """The chance of guessing an answer's first token: one over the first tokens the digits can start with."""
-        first_tokens = {ids[0] for ids in self.tokenizer.encode_batch([ANSWER_TEMPLATE.format(code=digit) for digit in "0123456789"])}
+        first_tokens = {
+            ids[0]
+            for ids in self.tokenizer.encode_batch([ANSWER_TEMPLATE.format(code=digit) for digit in "0123456789"])
+        }
         return 1.0 / len(first_tokens)
 
 
@@ -105,12 +185,16 @@ def parse_distances(text: str) -> tuple[float, ...]:
     try:
         distances = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise UserError(f"--distances {text!r} is not a comma-separated list of numbers; write e.g. --distances 0.5,1,2,4,16.") from None
+        raise UserError(
+            f"--distances {text!r} is not a comma-separated list of numbers; write e.g. --distances 0.5,1,2,4,16."
+        ) from None
     if not distances:
         raise UserError("--distances is empty; give at least one distance in windows, e.g. --distances 1,4,16.")
     for distance in distances:
         if not distance > 0 or distance == float("inf"):
-            raise UserError(f"--distances must all be above zero (a distance in windows of the model), got {distance:g}.")
+            raise UserError(
+                f"--distances must all be above zero (a distance in windows of the model), got {distance:g}."
+            )
     return distances
 
 
@@ -153,10 +237,19 @@ def recall_samples(
         facts = writer.facts(rng, n_facts)
         queried = facts[int(rng.integers(0, n_facts))]
         fact_start = depth + sum(len(fact.statement) for fact in facts[: facts.index(queried)])
-        pieces = [filler[start : start + depth], *(fact.statement for fact in facts),
-                  filler[start + depth : start + depth + distance_tokens], queried.query, queried.answer]
+        pieces = [
+            filler[start : start + depth],
+            *(fact.statement for fact in facts),
+            filler[start + depth : start + depth + distance_tokens],
+            queried.query,
+            queried.answer,
+        ]
         tokens = np.concatenate(pieces)
-        samples.append(RecallSample(tokens, len(tokens) - len(queried.answer), distance_tokens, fact_start, fact_start + queried.code_start))
+        samples.append(
+            RecallSample(
+                tokens, len(tokens) - len(queried.answer), distance_tokens, fact_start, fact_start + queried.code_start
+            )
+        )
     return samples
 
 
@@ -171,18 +264,26 @@ class RecallMix:
     def scored(self, lm_share: float, seed: int) -> np.ndarray:
         """Which tokens are training targets: every answer token, each other token with probability
         `lm_share` (drawn from `seed`), and never a fact's code, whose random digits only teach noise."""
-        ordinary = np.random.default_rng([seed, 1]).random(len(self.answers)) < lm_share if lm_share < 1 else np.ones(len(self.answers), dtype=bool)
+        ordinary = (
+            np.random.default_rng([seed, 1]).random(len(self.answers)) < lm_share
+            if lm_share < 1
+            else np.ones(len(self.answers), dtype=bool)
+        )
         return self.answers | (ordinary & ~self.codes)
 
 
-def mix_recall(corpus: TokenizedCorpus, writer: FactWriter, every: int, max_distance: int, seed: int, overlap: bool = True) -> RecallMix:
+def mix_recall(
+    corpus: TokenizedCorpus, writer: FactWriter, every: int, max_distance: int, seed: int, overlap: bool = True
+) -> RecallMix:
     """The corpus with facts planted about once every `every` tokens of each document, each followed,
     after a distance drawn log-uniformly from [0, max_distance] tokens, by its query and answer (left
     out when the document ends first). Without `overlap`, a fact that would come before the previous
     fact's query is dropped, so that one fact at most waits for its query. Deterministic from `seed`
     and each document's index."""
     if every < 1 or max_distance < 0:
-        raise UserError(f"--recall-every must be at least 1 and --recall-max-distance at least 0, got {every} and {max_distance}.")
+        raise UserError(
+            f"--recall-every must be at least 1 and --recall-max-distance at least 0, got {every} and {max_distance}."
+        )
     documents, answer_masks, code_masks = [], [], []
     for index in range(len(corpus)):
         tokens = np.asarray(corpus.document(index), dtype=np.int64)

@@ -90,7 +90,10 @@ class TokenizedCorpus:
         offsets = np.zeros(n_documents + 1, dtype=np.int64)
         np.cumsum([len(token_list) for token_list in token_lists], out=offsets[1:])
         # One copy per document, not one Python step per token: corpora of arrays hold millions of them.
-        tokens = np.concatenate([np.asarray(token_list, dtype=np.int64).reshape(-1) for token_list in token_lists] or [np.zeros(0, dtype=np.int64)])
+        tokens = np.concatenate(
+            [np.asarray(token_list, dtype=np.int64).reshape(-1) for token_list in token_lists]
+            or [np.zeros(0, dtype=np.int64)]
+        )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
         tokens = tokens.astype(token_dtype(vocab_size))
@@ -135,14 +138,22 @@ def tokenize_corpus(
             return _open_entry(entry, key)
         except DamagedEntry as damage:
             # Never used: rebuilt from the corpus, which costs only the time to tokenize it again.
-            print(f"bakallm: warning: token cache entry {entry} is damaged ({damage}); tokenizing the corpus again.", file=sys.stderr)
+            print(
+                f"bakallm: warning: token cache entry {entry} is damaged ({damage}); tokenizing the corpus again.",
+                file=sys.stderr,
+            )
             shutil.rmtree(entry, ignore_errors=True)
-    with reporting_no_room(f"write the token cache {entry}", "free some space (or pass --cache-dir on another disk) and run the same command again"):
+    with reporting_no_room(
+        f"write the token cache {entry}",
+        "free some space (or pass --cache-dir on another disk) and run the same command again",
+    ):
         _build_entry(corpus, tokenizer, key, entry, progress)
     try:
         return _open_entry(entry, key)
     except DamagedEntry as damage:
-        raise UserError(f"Token cache entry {entry} was damaged as soon as it was written ({damage}); check the disk of --cache-dir.") from None
+        raise UserError(
+            f"Token cache entry {entry} was damaged as soon as it was written ({damage}); check the disk of --cache-dir."
+        ) from None
 
 
 def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, progress: bool) -> None:
@@ -158,7 +169,9 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
             for batch in _document_batches(corpus):
                 encoded = tokenizer.encode_batch([document.text for document in batch])
                 for document, ids in zip(batch, encoded, strict=True):
-                    tokens_file.write(np.asarray(ids, dtype=dtype).tobytes())  # a failed write raises OSError with its errno
+                    tokens_file.write(
+                        np.asarray(ids, dtype=dtype).tobytes()
+                    )  # a failed write raises OSError with its errno
                     offsets.append(offsets[-1] + len(ids))
                     doc_ids.append(document.id)
                     n_bytes.append(count_bytes(document.text))
@@ -182,7 +195,10 @@ def _build_entry(corpus: Corpus, tokenizer: Tokenizer, key: str, entry: Path, pr
             "n_tokens": offsets[-1],
             "doc_ids": doc_ids,
             "content_fingerprint": content_fingerprint(
-                tokenizer.vocab_size, doc_ids, offsets_array, np.memmap(partial / TOKENS_FILE, dtype=dtype, mode="r", shape=(offsets[-1],))
+                tokenizer.vocab_size,
+                doc_ids,
+                offsets_array,
+                np.memmap(partial / TOKENS_FILE, dtype=dtype, mode="r", shape=(offsets[-1],)),
             ),
         }
         (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
@@ -208,7 +224,9 @@ def _open_entry(entry: Path, key: str) -> TokenizedCorpus:
         if meta["key"] != key:
             raise ValueError("its key is another corpus's")
         if tokens_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
-            raise ValueError(f"{TOKENS_FILE} holds {tokens_path.stat().st_size:,} bytes instead of {meta['n_tokens'] * dtype.itemsize:,}")
+            raise ValueError(
+                f"{TOKENS_FILE} holds {tokens_path.stat().st_size:,} bytes instead of {meta['n_tokens'] * dtype.itemsize:,}"
+            )
         tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
         offsets = np.load(entry / OFFSETS_FILE)
         # A checksum of every token (about a second per 100M tokens): same-size damage is caught too.

@@ -108,7 +108,9 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> Tokenizer:
         return _load_tokenizer_file(embedded.tokenizer_file(spec), name=spec)
     if _looks_like_hub_name(spec):
         return _load_hub_tokenizer(spec)
-    raise UserError(f"No tokenizer file at {spec}; pass a tokenizer.json path, a Hub model name, {embedded.TOKENIZER} or `bytes`.")
+    raise UserError(
+        f"No tokenizer file at {spec}; pass a tokenizer.json path, a Hub model name, {embedded.TOKENIZER} or `bytes`."
+    )
 
 
 def _looks_like_hub_name(spec: str) -> bool:

@@ -13,7 +13,9 @@ from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
 
 
-def input_target_pairs(corpus: TokenizedCorpus, article: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def input_target_pairs(
+    corpus: TokenizedCorpus, article: int, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs at positions [start, stop) of an article and the tokens each one predicts."""
     tokens = torch.from_numpy(np.asarray(corpus.document(article)[start : stop + 1], dtype=np.int64))
     return tokens[:-1], tokens[1:]
@@ -23,7 +25,9 @@ def scorable_articles(corpus: TokenizedCorpus) -> np.ndarray:
     """Indices of the articles with something to score (two tokens or more), in corpus order."""
     articles = np.flatnonzero(np.diff(np.asarray(corpus.offsets)) >= 2)
     if articles.size == 0:
-        raise UserError("No article of the corpus has two or more tokens, so there is nothing to score; use a larger corpus.")
+        raise UserError(
+            "No article of the corpus has two or more tokens, so there is nothing to score; use a larger corpus."
+        )
     return articles
 
 
@@ -37,7 +41,9 @@ def scored_token_count(corpus: TokenizedCorpus) -> int:
     return int(np.clip(lengths - 1, 0, None).sum())
 
 
-def require_vocabulary_fits(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_name: str = "of the corpus") -> None:
+def require_vocabulary_fits(
+    tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_name: str = "of the corpus"
+) -> None:
     if tokenizer_vocab_size > model_vocab_size:
         raise UserError(
             f"The tokenizer {tokenizer_name} has {tokenizer_vocab_size} ids but the model's vocabulary holds only "

@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.articles import article_length, input_target_pairs, require_positive, require_vocabulary_fits, scorable_articles, scored_token_count
+from bakallm.evaluation.articles import (
+    article_length,
+    input_target_pairs,
+    require_positive,
+    require_vocabulary_fits,
+    scorable_articles,
+    scored_token_count,
+)
 from bakallm.evaluation.memory import PeakMemory
 from bakallm.evaluation.settings import EvalSettings
 from bakallm.evaluation.tally import ArticleLossTally, EvalResult
@@ -82,10 +89,14 @@ class _RowFeeder:
             article = next(self._articles, None)
             if article is None:
                 return None
-            self._row_windows[row] = bakallm_windows(article, article_length(self._corpus, article), self._n_ctx, self._window)
+            self._row_windows[row] = bakallm_windows(
+                article, article_length(self._corpus, article), self._n_ctx, self._window
+            )
 
 
-def evaluate_bakallm(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None) -> EvalResult:
+def evaluate_bakallm(
+    model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None
+) -> EvalResult:
     """Scores every article of `corpus` with `model` (already on `settings.device`), reading each from its start.
 
     The state is carried through an article and reset every n_ctx tokens (never, when n_ctx is at
@@ -99,14 +110,18 @@ def evaluate_bakallm(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSetti
     return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
 
 
-def score_articles(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None) -> ArticleLossTally:
+def score_articles(
+    model: BakaLM, corpus: TokenizedCorpus, settings: EvalSettings, on_window: WindowHook | None = None
+) -> ArticleLossTally:
     """The token losses of every article, as `evaluate_bakallm` reads them, summed per article.
 
     `on_window`, when given, sees each call's windows (None for an idle row), the state after them and their token losses.
     """
     window, n_ctx, autocast = model.config.window, settings.n_ctx, settings.autocast
     if n_ctx < window:
-        raise UserError(f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}.")
+        raise UserError(
+            f"n_ctx {n_ctx} is smaller than the model's window of {window} tokens; pass an n_ctx of at least {window}."
+        )
     require_positive("The batch size", settings.batch_size)
     require_vocabulary_fits(corpus.vocab_size, model.config.vocab_size)
     device = torch.device(settings.device)
@@ -116,9 +131,18 @@ def score_articles(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSetting
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), precision, tqdm(
-            total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if settings.progress else True, dynamic_ncols=True
-        ) as bar:
+        with (
+            torch.inference_mode(),
+            precision,
+            tqdm(
+                total=scored_token_count(corpus),
+                unit="tok",
+                unit_scale=True,
+                desc="scoring",
+                disable=None if settings.progress else True,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             state = model.init_state(feeder.n_rows, device)
             windows = feeder.next_windows()
             while any(windows):
@@ -126,7 +150,9 @@ def score_articles(model: BakaLM, corpus: TokenizedCorpus, settings: EvalSetting
                 targets = targets.to(device)
                 # The targets' losses only: with the document cache, the full distribution of every
                 # position (its columns over the document's whole vocabulary) costs far more.
-                output = model(input_ids.to(device), state=state, reset=reset.to(device), targets=targets, return_logits=False)
+                output = model(
+                    input_ids.to(device), state=state, reset=reset.to(device), targets=targets, return_logits=False
+                )
                 state = output.state
                 nll, scored = output.token_losses, targets != IGNORE_INDEX
                 busy = [row for row, row_window in enumerate(windows) if row_window is not None]

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 from bakallm.data.corpora import hub_revision
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
-from bakallm.evaluation.articles import article_length, input_target_pairs, require_positive, require_vocabulary_fits, scorable_articles, scored_token_count
+from bakallm.evaluation.articles import (
+    article_length,
+    input_target_pairs,
+    require_positive,
+    require_vocabulary_fits,
+    scorable_articles,
+    scored_token_count,
+)
 from bakallm.evaluation.memory import PeakMemory
 from bakallm.evaluation.settings import EvalSettings
 from bakallm.evaluation.tally import ArticleLossTally, EvalResult, token_nll
@@ -74,7 +81,9 @@ def load_hf_model(name_or_path: str | Path, device: torch.device | str = "cpu") 
     if local.is_dir():
         source, options = str(local), {}
     elif local.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise UserError(f"No model folder at {spec}; {_LOCAL_MODEL_ADVICE}, or a Hub name such as EleutherAI/pythia-70m-deduped.")
+        raise UserError(
+            f"No model folder at {spec}; {_LOCAL_MODEL_ADVICE}, or a Hub name such as EleutherAI/pythia-70m-deduped."
+        )
     else:
         source = spec
         try:
@@ -88,7 +97,9 @@ def load_hf_model(name_or_path: str | Path, device: torch.device | str = "cpu") 
         if hub_unreachable is not None:
             raise hub_unreachable from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"Could not load a causal language model from {spec} ({reason}); {_LOCAL_MODEL_ADVICE}.") from None
+        raise UserError(
+            f"Could not load a causal language model from {spec} ({reason}); {_LOCAL_MODEL_ADVICE}."
+        ) from None
     return model.to(device).eval()
 
 
@@ -112,13 +123,20 @@ def hf_weight_files(folder: Path) -> list[Path]:
 def hf_parameter_counts(model: PreTrainedModel) -> dict[str, int]:
     """Total parameters, and those of the input embedding and output head (counted once when tied)."""
     total = sum(parameter.numel() for parameter in model.parameters())
-    matrices = {id(module.weight): module.weight.numel() for module in (model.get_input_embeddings(), model.get_output_embeddings())}
+    matrices = {
+        id(module.weight): module.weight.numel()
+        for module in (model.get_input_embeddings(), model.get_output_embeddings())
+    }
     return {"total": total, "embedding": sum(matrices.values())}
 
 
 def hf_architecture_hash(model: PreTrainedModel) -> str:
     # Keys starting with _ are loading details such as _name_or_path.
-    values = {key: value for key, value in model.config.to_dict().items() if key not in _CONFIG_KEYS_NOT_ARCHITECTURE and not key.startswith("_")}
+    values = {
+        key: value
+        for key, value in model.config.to_dict().items()
+        if key not in _CONFIG_KEYS_NOT_ARCHITECTURE and not key.startswith("_")
+    }
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -144,23 +162,39 @@ def evaluate_hf(model: str | Path | PreTrainedModel, corpus: TokenizedCorpus, se
         model = load_hf_model(model, device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and n_ctx > max_positions:
-        raise UserError(f"n_ctx {n_ctx} exceeds the {max_positions} positions the model was built for; pass an n_ctx of at most {max_positions}.")
+        raise UserError(
+            f"n_ctx {n_ctx} exceeds the {max_positions} positions the model was built for; pass an n_ctx of at most {max_positions}."
+        )
     require_vocabulary_fits(corpus.vocab_size, hf_vocab_size(model))
     tally = ArticleLossTally(len(corpus), settings.position_buckets)
     windows = (
-        window for article in scorable_articles(corpus).tolist() for window in hf_windows(article, article_length(corpus, article), n_ctx, stride)
+        window
+        for article in scorable_articles(corpus).tolist()
+        for window in hf_windows(article, article_length(corpus, article), n_ctx, stride)
     )
     memory = PeakMemory(device)
     started = time.perf_counter()
-    with torch.inference_mode(), tqdm(
-        total=scored_token_count(corpus), unit="tok", unit_scale=True, desc="scoring", disable=None if settings.progress else True, dynamic_ncols=True
-    ) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=scored_token_count(corpus),
+            unit="tok",
+            unit_scale=True,
+            desc="scoring",
+            disable=None if settings.progress else True,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         while batch := list(islice(windows, batch_size)):
             input_ids, attention_mask, targets = _window_batch(corpus, batch)
             targets = targets.to(device)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             positions = torch.tensor([window.start for window in batch])[:, None] + torch.arange(input_ids.shape[1])
-            bar.update(tally.add([window.article for window in batch], token_nll(logits, targets), targets != IGNORE_INDEX, positions))
+            bar.update(
+                tally.add(
+                    [window.article for window in batch], token_nll(logits, targets), targets != IGNORE_INDEX, positions
+                )
+            )
     return tally.result(corpus, time.perf_counter() - started, memory.peak_bytes())
 
 

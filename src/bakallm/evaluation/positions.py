@@ -34,12 +34,19 @@ class PositionLoss:
         return position_label(self.start, self.stop)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "stop": self.stop, "tokens": self.tokens, "loss": None if math.isnan(self.loss) else self.loss}
+        return {
+            "start": self.start,
+            "stop": self.stop,
+            "tokens": self.tokens,
+            "loss": None if math.isnan(self.loss) else self.loss,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PositionLoss":
         loss = values["loss"]
-        return cls(int(values["start"]), values["stop"], int(values["tokens"]), math.nan if loss is None else float(loss))
+        return cls(
+            int(values["start"]), values["stop"], int(values["tokens"]), math.nan if loss is None else float(loss)
+        )
 
 
 def position_label(start: int, stop: int | None) -> str:

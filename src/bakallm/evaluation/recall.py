@@ -65,12 +65,20 @@ class RecallTally:
         self.answer_tokens += len(answer)
         self.loss_sum += float(-log_probs.gather(1, answer[:, None]).sum())
 
-    def score(self, distance_windows: float, distance_tokens: int, chance: float, first_token_chance: float) -> RecallScore:
+    def score(
+        self, distance_windows: float, distance_tokens: int, chance: float, first_token_chance: float
+    ) -> RecallScore:
         samples = max(self.samples, 1)
         return RecallScore(
-            distance_windows=distance_windows, distance_tokens=distance_tokens, accuracy=self.exact / samples,
-            first_token_accuracy=self.first / samples, answer_loss=self.loss_sum / self.answer_tokens if self.answer_tokens else math.nan,
-            samples=self.samples, answer_tokens=self.answer_tokens, chance=chance, first_token_chance=first_token_chance,
+            distance_windows=distance_windows,
+            distance_tokens=distance_tokens,
+            accuracy=self.exact / samples,
+            first_token_accuracy=self.first / samples,
+            answer_loss=self.loss_sum / self.answer_tokens if self.answer_tokens else math.nan,
+            samples=self.samples,
+            answer_tokens=self.answer_tokens,
+            chance=chance,
+            first_token_chance=first_token_chance,
         )
 
 
@@ -114,7 +122,13 @@ def bakallm_answer_log_probs(
 
 
 def _bakallm_batches(
-    model: BakaLM, samples: Sequence[RecallSample], batch_size: int, device: torch.device, window: int, n_ctx: int | None, keep_document_cache: bool
+    model: BakaLM,
+    samples: Sequence[RecallSample],
+    batch_size: int,
+    device: torch.device,
+    window: int,
+    n_ctx: int | None,
+    keep_document_cache: bool,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for batch in _batches(samples, batch_size):
         length = max(len(sample.tokens) - 1 for sample in batch)
@@ -127,9 +141,13 @@ def _bakallm_batches(
             segment_start = 0 if n_ctx is None else start - start % n_ctx
             segment_stop = length if n_ctx is None else min(segment_start + n_ctx, length)
             if start == segment_start and start > 0:
-                state = state.reset(torch.ones(len(batch), dtype=torch.bool, device=device), keep_document_cache=keep_document_cache)
+                state = state.reset(
+                    torch.ones(len(batch), dtype=torch.bool, device=device), keep_document_cache=keep_document_cache
+                )
             whole_windows = (first_prediction - start) // window * window  # inputs before the first answer position
-            stop = min(segment_stop, start + (min(whole_windows, WINDOWS_PER_CALL * window) if whole_windows > 0 else window))
+            stop = min(
+                segment_stop, start + (min(whole_windows, WINDOWS_PER_CALL * window) if whole_windows > 0 else window)
+            )
             wants_logits = stop > first_prediction
             output = model(inputs[:, start:stop], state=state, return_logits=wants_logits)
             state = output.state
@@ -200,8 +218,14 @@ class RecallSettings:
 
     def extra(self, window: int) -> dict:
         """What a result row records of these settings, with the window that is their unit."""
-        return {"window": window, "seed": self.seed, "samples": self.samples, "facts": self.facts, "depth_windows": self.depth_windows,
-                "keep_document_cache": self.keep_document_cache}
+        return {
+            "window": window,
+            "seed": self.seed,
+            "samples": self.samples,
+            "facts": self.facts,
+            "depth_windows": self.depth_windows,
+            "keep_document_cache": self.keep_document_cache,
+        }
 
 
 @dataclass(frozen=True)
@@ -220,22 +244,40 @@ class RecallTest:
         stream = filler_stream(filler)
         depth = None if settings.depth_windows is None else round(settings.depth_windows * window)
         sample_sets = tuple(
-            (distance, recall_samples(stream, writer, round(distance * window), settings.samples, settings.seed, depth, window, settings.facts))
+            (
+                distance,
+                recall_samples(
+                    stream,
+                    writer,
+                    round(distance * window),
+                    settings.samples,
+                    settings.seed,
+                    depth,
+                    window,
+                    settings.facts,
+                ),
+            )
             for distance in settings.distances
         )
         return cls(settings, window, sample_sets, writer.first_token_chance())
 
-    def score(self, answer_log_probs: AnswerLogProbs, n_ctx: int, batch_size: int, progress: bool = False) -> list[RecallScore]:
+    def score(
+        self, answer_log_probs: AnswerLogProbs, n_ctx: int, batch_size: int, progress: bool = False
+    ) -> list[RecallScore]:
         """The figures of every distance for a model that reads with `answer_log_probs`."""
         total = sum(len(samples) for _, samples in self.sample_sets)
         scores = []
         with tqdm(total=total, unit="sample", desc=f"recall, n_ctx {n_ctx}", disable=None if progress else True) as bar:
             for distance, samples in self.sample_sets:
                 tally = RecallTally()
-                for log_probs, answer in answer_log_probs(samples, n_ctx, batch_size, self.settings.keep_document_cache):
+                for log_probs, answer in answer_log_probs(
+                    samples, n_ctx, batch_size, self.settings.keep_document_cache
+                ):
                     tally.add(log_probs, answer)
                     bar.update()
-                scores.append(tally.score(distance, samples[0].distance_tokens, EXACT_MATCH_CHANCE, self.first_token_chance))
+                scores.append(
+                    tally.score(distance, samples[0].distance_tokens, EXACT_MATCH_CHANCE, self.first_token_chance)
+                )
         return scores
 
     @property
@@ -248,4 +290,10 @@ def recall_figures(scores: Sequence[RecallScore]) -> dict:
     """The result-row fields of a recall measurement: loss, perplexity and tokens are the answers'."""
     answer_tokens = sum(score.answer_tokens for score in scores)
     loss = sum(score.answer_loss * score.answer_tokens for score in scores) / answer_tokens
-    return {"task": "recall", "tokens": answer_tokens, "loss": loss, "ppl": math.exp(loss), "recall": [score.to_dict() for score in scores]}
+    return {
+        "task": "recall",
+        "tokens": answer_tokens,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "recall": [score.to_dict() for score in scores],
+    }

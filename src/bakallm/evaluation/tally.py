@@ -88,7 +88,9 @@ class ArticleLossTally:
         tokens = finite_tokens + int(self.n_nan.sum())
         loss = total_nll / finite_tokens if finite_tokens else math.nan
         with_finite = self.n_finite > 0
-        legacy_loss = float(np.mean(self.nll_sum[with_finite] / self.n_finite[with_finite])) if with_finite.any() else math.nan
+        legacy_loss = (
+            float(np.mean(self.nll_sum[with_finite] / self.n_finite[with_finite])) if with_finite.any() else math.nan
+        )
         n_bytes = int(np.asarray(corpus.n_bytes)[scored].sum())
         n_words = int(np.asarray(corpus.n_words)[scored].sum())
         return EvalResult(

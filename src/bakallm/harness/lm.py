@@ -51,7 +51,9 @@ class BakaLMHarness(LM):
         files = model_files(path)
         spec = tokenizer or files.tokenizer
         if spec is None:
-            raise UserError(f"{path} names no tokenizer; pass the one the model was trained with as model_args tokenizer=...")
+            raise UserError(
+                f"{path} names no tokenizer; pass the one the model was trained with as model_args tokenizer=..."
+            )
         self.tokenizer = load_tokenizer(spec)
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # The harness asks for cuda unless told otherwise; on a machine without it, run on CPU.
@@ -68,7 +70,11 @@ class BakaLMHarness(LM):
         if not any(len(tokens) >= 2 for tokens in token_lists):
             return [0.0] * len(texts)
         corpus = TokenizedCorpus.from_token_lists(token_lists, vocab_size=self.tokenizer.vocab_size, texts=texts)
-        tally = score_articles(self.model, corpus, EvalSettings(n_ctx=self.n_ctx, batch_size=self.batch_size, device=self._device, progress=not disable_tqdm))
+        tally = score_articles(
+            self.model,
+            corpus,
+            EvalSettings(n_ctx=self.n_ctx, batch_size=self.batch_size, device=self._device, progress=not disable_tqdm),
+        )
         return [-float(total) for total in tally.nll_sum]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -109,4 +115,3 @@ class BakaLMHarness(LM):
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer.name
-

@@ -72,7 +72,14 @@ def _write_folder(model, loaded_tokenizer, out_dir: Path) -> None:
         write_text_atomic(out_dir / TOKENIZER_FILE, loaded_tokenizer.backend.to_str(pretty=True))
         write_text_atomic(
             out_dir / TOKENIZER_CONFIG_FILE,
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 60, "clean_up_tokenization_spaces": False}, indent=2),
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": 1 << 60,
+                    "clean_up_tokenization_spaces": False,
+                },
+                indent=2,
+            ),
         )
     else:
         tokenizer_entry = BYTES_TOKENIZER
@@ -111,7 +118,14 @@ def tested_transformers() -> str | None:
         requirements = [Requirement(text) for text in requires("bakallm") or ()]
     except PackageNotFoundError:
         return None
-    extra = next((r for r in requirements if r.name == "transformers" and r.marker is not None and r.marker.evaluate({"extra": "hf"})), None)
+    extra = next(
+        (
+            r
+            for r in requirements
+            if r.name == "transformers" and r.marker is not None and r.marker.evaluate({"extra": "hf"})
+        ),
+        None,
+    )
     return str(extra.specifier) if extra is not None else None
 
 
@@ -120,13 +134,19 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass a folder path.")
-    in_a_run = (out_dir / LATEST_FILE).exists() or (out_dir / CHECKPOINTS_DIR).is_dir() or (
-        (out_dir / MODEL_FILE).is_file() and out_dir.parent.name == CHECKPOINTS_DIR
+    in_a_run = (
+        (out_dir / LATEST_FILE).exists()
+        or (out_dir / CHECKPOINTS_DIR).is_dir()
+        or ((out_dir / MODEL_FILE).is_file() and out_dir.parent.name == CHECKPOINTS_DIR)
     )
     if in_a_run:
-        raise UserError(f"{out_dir} is a run directory or one of its checkpoints, which the export would damage; pass a new folder as OUT_DIR.")
+        raise UserError(
+            f"{out_dir} is a run directory or one of its checkpoints, which the export would damage; pass a new folder as OUT_DIR."
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"{out_dir} already holds files; pass an empty or new folder, or --force to replace the files of the same names.")
+        raise UserError(
+            f"{out_dir} already holds files; pass an empty or new folder, or --force to replace the files of the same names."
+        )
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
@@ -138,7 +158,9 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     api = HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload bakallm model")
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload bakallm model"
+        )
     except Exception as error:  # network, authentication and offline-mode failures alike
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
         raise UserError(

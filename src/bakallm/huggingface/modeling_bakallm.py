@@ -64,5 +64,7 @@ class BakaLMForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.model(input_ids).logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
         return CausalLMOutput(loss=loss, logits=logits)

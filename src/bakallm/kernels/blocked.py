@@ -134,7 +134,11 @@ class _Block:
         carry towards the previous block.
         """
         last = self.chunk - 1
-        local = torch.mul(C[last].unsqueeze(2), grad_y[last].unsqueeze(1), out=self.workspace.get("local_state_grad", self.inputs.shape[1:]))
+        local = torch.mul(
+            C[last].unsqueeze(2),
+            grad_y[last].unsqueeze(1),
+            out=self.workspace.get("local_state_grad", self.inputs.shape[1:]),
+        )
         for position in range(last - 1, -1, -1):
             local.mul_(self.decay[position + 1]).addcmul_(C[position].unsqueeze(2), grad_y[position].unsqueeze(1))
         local = self.by_chunk(local.mul_(self.decay[0]))
@@ -250,7 +254,9 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         workspace = _Workspace(x)
         for index, start in reversed(list(enumerate(range(0, length, block)))):
             end = min(start + block, length)
-            part = _Block(x[:, start:end], dt[:, start:end], B[:, start:end], A_t, block_starts[index], chunk, workspace)
+            part = _Block(
+                x[:, start:end], dt[:, start:end], B[:, start:end], A_t, block_starts[index], chunk, workspace
+            )
             C_rows = part.to_positions(C[:, start:end])
             grad_y_rows = part.to_positions(grad_y[:, start:end])
             states = workspace.get("states", part.decay.shape)

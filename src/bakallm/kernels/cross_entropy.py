@@ -28,15 +28,29 @@ DEFAULT_CHUNK_TOKENS = 1024
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, model_log_weight, other_log_prob, vocab_size: int, chunk_tokens: int, with_gradients: bool):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        model_log_weight,
+        other_log_prob,
+        vocab_size: int,
+        chunk_tokens: int,
+        with_gradients: bool,
+    ):
         head = weight[:vocab_size]
         mixed = model_log_weight is not None
         loss = hidden.new_zeros((), dtype=torch.float32)
         all_token_losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if with_gradients else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_gradients else None
-        grad_model_log_weight = torch.zeros_like(model_log_weight, dtype=torch.float32) if with_gradients and mixed else None
-        grad_other_log_prob = torch.zeros_like(other_log_prob, dtype=torch.float32) if with_gradients and mixed else None
+        grad_model_log_weight = (
+            torch.zeros_like(model_log_weight, dtype=torch.float32) if with_gradients and mixed else None
+        )
+        grad_other_log_prob = (
+            torch.zeros_like(other_log_prob, dtype=torch.float32) if with_gradients and mixed else None
+        )
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start : start + chunk_tokens]
             chunk_targets = targets[start : start + chunk_tokens]
@@ -65,7 +79,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_model_log_weight[start : start + chunk_tokens] = torch.where(scored, -model_share, 0.0)
                     grad_other_log_prob[start : start + chunk_tokens] = torch.where(scored, model_share - 1.0, 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_model_log_weight, grad_other_log_prob)
-        ctx.dtypes = (weight.dtype, None if not mixed else model_log_weight.dtype, None if not mixed else other_log_prob.dtype)
+        ctx.dtypes = (
+            weight.dtype,
+            None if not mixed else model_log_weight.dtype,
+            None if not mixed else other_log_prob.dtype,
+        )
         ctx.mark_non_differentiable(all_token_losses)
         return loss, all_token_losses
 

@@ -71,12 +71,23 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         x, dt, A, B, C, D, starts = ctx.saved_tensors
         block, length = ctx.block, x.shape[1]
         grad_y = grad_y.contiguous()
-        grad_x, grad_dt, grad_B, grad_C = torch.empty_like(x), torch.empty_like(dt), torch.empty_like(B), torch.empty_like(C)
+        grad_x, grad_dt, grad_B, grad_C = (
+            torch.empty_like(x),
+            torch.empty_like(dt),
+            torch.empty_like(B),
+            torch.empty_like(C),
+        )
         grad_A = torch.zeros_like(A)
         carry = grad_h_last  # a[t+1] g[t+1] reaching the last step of the block being processed
         for index, start in reversed(list(enumerate(range(0, length, block)))):
             end = min(start + block, length)
-            x_part, dt_part, B_part, C_part, dy = x[:, start:end], dt[:, start:end], B[:, start:end], C[:, start:end], grad_y[:, start:end]
+            x_part, dt_part, B_part, C_part, dy = (
+                x[:, start:end],
+                dt[:, start:end],
+                B[:, start:end],
+                C[:, start:end],
+                grad_y[:, start:end],
+            )
             entering = starts[index]
             states = _block_states(x_part, dt_part, A, B_part, entering)
             decay = torch.exp(dt_part.unsqueeze(-1) * A)

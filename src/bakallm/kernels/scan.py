@@ -41,7 +41,15 @@ def _self_check(device: torch.device) -> str | None:
     there) and compares it with the reference scan: None if they agree, else what went wrong."""
     generator = torch.Generator().manual_seed(0)
     batch, length, d_inner, d_state = 2, 37, 16, 16
-    shapes = ((batch, length, d_inner), (batch, length, d_inner), (d_inner, d_state), (batch, length, d_state), (batch, length, d_state), (d_inner,), (batch, d_inner, d_state))
+    shapes = (
+        (batch, length, d_inner),
+        (batch, length, d_inner),
+        (d_inner, d_state),
+        (batch, length, d_state),
+        (batch, length, d_state),
+        (d_inner,),
+        (batch, d_inner, d_state),
+    )
     results = []
     try:
         # Evaluation reaches the first scan under inference_mode: the check's tensors must not be
@@ -90,20 +98,27 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
             return "parallel"
         failure = triton_self_check_failure(device)
         if failure is not None:
-            warnings.warn(f"The Triton scan failed its self-check on {device} ({failure}); the log-depth (parallel) scan runs instead.", stacklevel=2)
+            warnings.warn(
+                f"The Triton scan failed its self-check on {device} ({failure}); the log-depth (parallel) scan runs instead.",
+                stacklevel=2,
+            )
             return "parallel"
         return "triton"
     if backend == "triton":
         module = _triton_scan()
         if isinstance(module, str):
-            raise UserError(f"The triton scan backend needs the triton package, which does not import here ({module}); pip install triton, or choose --scan blocked.")
+            raise UserError(
+                f"The triton scan backend needs the triton package, which does not import here ({module}); pip install triton, or choose --scan blocked."
+            )
         if device.type != "cuda" and not (device.type == "cpu" and module.INTERPRETED):
             raise UserError(
                 f"The triton scan backend runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1, for tests), not on {device.type}; choose --scan blocked or auto."
             )
         failure = triton_self_check_failure(device)
         if failure is not None:
-            raise UserError(f"The triton scan backend failed its self-check against the reference scan on {device} ({failure}); choose --scan blocked or auto.")
+            raise UserError(
+                f"The triton scan backend failed its self-check against the reference scan on {device} ({failure}); choose --scan blocked or auto."
+            )
     return backend
 
 
@@ -129,4 +144,3 @@ def selective_scan(
     if backend == "parallel":
         return parallel_selective_scan(x, dt, A, B, C, D, h0)
     return blocked_selective_scan(x, dt, A, B, C, D, h0, block=block, chunk=chunk)
-

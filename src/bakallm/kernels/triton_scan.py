@@ -53,17 +53,34 @@ def _scan_3d(a, b, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.conste
     """The associative scan of the steps (a, b) [TILE, BLOCK_D, BLOCK_N] along time, done on their
     [TILE, BLOCK_D * BLOCK_N] view: the two-dimensional scan along axis 0 is Triton's common case."""
     a_scanned, b_scanned = tl.associative_scan(
-        (tl.reshape(a, (TILE, BLOCK_D * BLOCK_N)), tl.reshape(b, (TILE, BLOCK_D * BLOCK_N))), 0, _linear_recurrence, reverse=REVERSE
+        (tl.reshape(a, (TILE, BLOCK_D * BLOCK_N)), tl.reshape(b, (TILE, BLOCK_D * BLOCK_N))),
+        0,
+        _linear_recurrence,
+        reverse=REVERSE,
     )
     return tl.reshape(a_scanned, (TILE, BLOCK_D, BLOCK_N)), tl.reshape(b_scanned, (TILE, BLOCK_D, BLOCK_N))
 
 
 @triton.jit
 def _scan_forward_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr,
-    y_ptr, h_last_ptr, checkpoints_ptr,
-    length, d_inner, d_state, n_tiles,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    h0_ptr,
+    y_ptr,
+    h_last_ptr,
+    checkpoints_ptr,
+    length,
+    d_inner,
+    d_state,
+    n_tiles,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -104,10 +121,30 @@ def _scan_forward_kernel(
 
 @triton.jit
 def _scan_backward_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, checkpoints_ptr, grad_y_ptr, grad_h_last_ptr,
-    grad_x_ptr, grad_dt_ptr, grad_A_parts_ptr, grad_B_parts_ptr, grad_C_parts_ptr, grad_D_parts_ptr, grad_h0_ptr,
-    length, d_inner, d_state, n_tiles, batch,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    checkpoints_ptr,
+    grad_y_ptr,
+    grad_h_last_ptr,
+    grad_x_ptr,
+    grad_dt_ptr,
+    grad_A_parts_ptr,
+    grad_B_parts_ptr,
+    grad_C_parts_ptr,
+    grad_D_parts_ptr,
+    grad_h0_ptr,
+    length,
+    d_inner,
+    d_state,
+    n_tiles,
+    batch,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     channel_block = tl.program_id(1)
@@ -131,7 +168,9 @@ def _scan_backward_kernel(
     parts = (channel_block * batch + row) * length * d_state
     for reversed_tile in range(n_tiles):
         tile = n_tiles - 1 - reversed_tile
-        h_start = tl.load(checkpoints_ptr + (row * n_tiles + tile) * d_inner * d_state + matrix, mask=matrix_mask, other=0.0)
+        h_start = tl.load(
+            checkpoints_ptr + (row * n_tiles + tile) * d_inner * d_state + matrix, mask=matrix_mask, other=0.0
+        )
         t = tile * TILE + steps
         in_sequence = t < length
         per_channel_mask = in_sequence[:, None] & channel_mask[None, :]
@@ -152,11 +191,24 @@ def _scan_backward_kernel(
         has_after = (steps[:, None] < TILE - 1) & ((t[:, None] + 1) < length) & channel_mask[None, :]
         dt_after = tl.load(dt_ptr + per_channel + d_inner, mask=has_after, other=0.0).to(tl.float32)
         decay_after, grad_from_tile = _scan_3d(
-            tl.exp(dt_after[:, :, None] * A[None, :, :]), grad_y[:, :, None] * C[:, None, :], TILE, BLOCK_D, BLOCK_N, True
+            tl.exp(dt_after[:, :, None] * A[None, :, :]),
+            grad_y[:, :, None] * C[:, None, :],
+            TILE,
+            BLOCK_D,
+            BLOCK_N,
+            True,
         )
         grad_h_tile = grad_from_tile + decay_after * grad_h[None, :, :]  # dL/dh[t]
-        tl.store(grad_C_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(h_after * grad_y[:, :, None], axis=1), mask=per_state_mask)
-        tl.store(grad_B_parts_ptr + parts + t[:, None] * d_state + states[None, :], tl.sum(grad_h_tile * dt_x[:, :, None], axis=1), mask=per_state_mask)
+        tl.store(
+            grad_C_parts_ptr + parts + t[:, None] * d_state + states[None, :],
+            tl.sum(h_after * grad_y[:, :, None], axis=1),
+            mask=per_state_mask,
+        )
+        tl.store(
+            grad_B_parts_ptr + parts + t[:, None] * d_state + states[None, :],
+            tl.sum(grad_h_tile * dt_x[:, :, None], axis=1),
+            mask=per_state_mask,
+        )
         grad_dt_x = tl.sum(grad_h_tile * B[:, None, :], axis=2)
         # dL/d(dt[t] A) = g[t] a[t] h[t-1], and a[t] h[t-1] = h[t] - b[t]: no shifted states needed.
         grad_dt_A = grad_h_tile * (h_after - step_input)
@@ -179,7 +231,13 @@ def _blocks(d_inner: int, d_state: int) -> tuple[int, int]:
 
 @torch.library.custom_op("bakallm::selective_scan_forward", mutates_args=())
 def _forward(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, h0: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    h0: torch.Tensor,
     save_checkpoints: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h_last float32, checkpoints [batch, n_tiles, d_inner, d_state] float32, empty unless saved)."""
@@ -188,13 +246,31 @@ def _forward(
     n_tiles = triton.cdiv(length, TILE)
     y = torch.empty_like(x)
     h_last = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
-    checkpoints = torch.empty(batch, n_tiles if save_checkpoints else 0, d_inner, d_state, device=x.device, dtype=torch.float32)
+    checkpoints = torch.empty(
+        batch, n_tiles if save_checkpoints else 0, d_inner, d_state, device=x.device, dtype=torch.float32
+    )
     block_d, block_n = _blocks(d_inner, d_state)
     _scan_forward_kernel[(batch, triton.cdiv(d_inner, block_d))](
         # Without checkpoints the kernel never touches their pointer; an empty tensor's may be null.
-        x, dt, A, B, C, D, h0, y, h_last, checkpoints if save_checkpoints else h_last,
-        length, d_inner, d_state, n_tiles,
-        BLOCK_D=block_d, BLOCK_N=block_n, TILE=TILE, SAVE_CHECKPOINTS=save_checkpoints, num_warps=NUM_WARPS,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        h0,
+        y,
+        h_last,
+        checkpoints if save_checkpoints else h_last,
+        length,
+        d_inner,
+        d_state,
+        n_tiles,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        TILE=TILE,
+        SAVE_CHECKPOINTS=save_checkpoints,
+        num_warps=NUM_WARPS,
     )
     return y, h_last, checkpoints
 
@@ -213,8 +289,16 @@ def _(x, dt, A, B, C, D, h0, save_checkpoints):
 
 @torch.library.custom_op("bakallm::selective_scan_backward", mutates_args=())
 def _backward(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, h0: torch.Tensor,
-    checkpoints: torch.Tensor, grad_y: torch.Tensor, grad_h_last: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    h0: torch.Tensor,
+    checkpoints: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_h_last: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x, dt, A, B, C, D and h0, each in its input's dtype."""
     batch, length, d_inner = x.shape
@@ -229,10 +313,31 @@ def _backward(
     grad_C_parts = torch.empty(channel_blocks, batch, length, d_state, **float32)
     grad_D_parts = torch.empty(batch, d_inner, **float32)
     _scan_backward_kernel[(batch, channel_blocks)](
-        x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last,
-        grad_x, grad_dt, grad_A_parts, grad_B_parts, grad_C_parts, grad_D_parts, grad_h0,
-        length, d_inner, d_state, checkpoints.shape[1], batch,
-        BLOCK_D=block_d, BLOCK_N=block_n, TILE=TILE, num_warps=NUM_WARPS,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        checkpoints,
+        grad_y,
+        grad_h_last,
+        grad_x,
+        grad_dt,
+        grad_A_parts,
+        grad_B_parts,
+        grad_C_parts,
+        grad_D_parts,
+        grad_h0,
+        length,
+        d_inner,
+        d_state,
+        checkpoints.shape[1],
+        batch,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        TILE=TILE,
+        num_warps=NUM_WARPS,
     )
     return (
         grad_x,

@@ -63,7 +63,9 @@ class ModelKind(ABC):
         """Refuses to resume `run_dir`, whose model was `saved_model`, with a model built otherwise."""
 
     @abstractmethod
-    def load_start_weights(self, model: nn.Module, saved_model: Mapping[str, Any], checkpoint: Path, source: str) -> list[str]:
+    def load_start_weights(
+        self, model: nn.Module, saved_model: Mapping[str, Any], checkpoint: Path, source: str
+    ) -> list[str]:
         """Loads the weights of another run's checkpoint into `model` (--init-from); returns the
         model settings that differ there and here ("name old -> new"), refused when the weights do not fit."""
 
@@ -103,7 +105,13 @@ class ModelKind(ABC):
 
     @abstractmethod
     def answer_log_probs(
-        self, model: nn.Module, samples: Sequence[RecallSample], n_ctx: int, batch_size: int, device: torch.device, keep_document_cache: bool
+        self,
+        model: nn.Module,
+        samples: Sequence[RecallSample],
+        n_ctx: int,
+        batch_size: int,
+        device: torch.device,
+        keep_document_cache: bool,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(log-probabilities at the answer positions, answer) of each recall sample, reading n_ctx tokens of context at most."""
 
@@ -124,7 +132,9 @@ class ModelKind(ABC):
         """A hash of the model's architecture (not its weights), to tell results of the same model apart."""
 
     @abstractmethod
-    def default_tokenizer(self, model: nn.Module, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    def default_tokenizer(
+        self, model: nn.Module, path: str | Path, training: Mapping[str, Any]
+    ) -> tuple[str | None, str | None]:
         """The tokenizer to read text for the model loaded from `path` with (a spec for
         bakallm.data.tokenizers.load_tokenizer, None when unknown), and a note to print when it
         needs saying; `training`: the run's arguments ({} for a folder that is not a run)."""
@@ -139,8 +149,13 @@ def model_record(kind: ModelKind, model: nn.Module, name: str, path: str | Path)
     files = kind.weight_files(model, Path(path))
     counts = model.num_parameters()
     return ModelRecord(
-        kind=kind.name, name=name, checkpoint_path=str(files[0].parent.resolve()) if files else None, checkpoint_hash=sha256_files(files),
-        params_total=counts["total"], params_embedding=counts["embedding"], arch_hash=kind.architecture_hash(model),
+        kind=kind.name,
+        name=name,
+        checkpoint_path=str(files[0].parent.resolve()) if files else None,
+        checkpoint_hash=sha256_files(files),
+        params_total=counts["total"],
+        params_embedding=counts["embedding"],
+        arch_hash=kind.architecture_hash(model),
     )
 
 
@@ -179,7 +194,9 @@ def read_model_overrides(path: str | None) -> dict[str, Any]:
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise UserError(f"Model config file {file} is not valid JSON ({error.msg} at line {error.lineno}); fix it.") from None
+        raise UserError(
+            f"Model config file {file} is not valid JSON ({error.msg} at line {error.lineno}); fix it."
+        ) from None
     if not isinstance(values, dict):
         raise UserError(f"Model config file {file} must hold a JSON object of model config fields.")
     return values

@@ -42,7 +42,15 @@ from bakallm.runs import CHECKPOINTS_DIR, MODEL_FILE, resolve_checkpoint
 
 HF_FOLDER = "hf"  # each checkpoint's model as a transformers folder, readable by `bakallm bench --hf`
 # Fields of a transformers config that decide the shapes of its weights.
-SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
 
 
 class HFCausalLM(nn.Module):
@@ -73,7 +81,9 @@ class HFCausalLM(nn.Module):
         loss = n_targets = None
         if targets is not None:
             n_targets = (targets != IGNORE_INDEX).sum()
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             loss = loss / n_targets.clamp(min=1)
         return ModelOutput(logits=logits if return_logits else None, loss=loss, state=None, n_targets=n_targets)
 
@@ -82,7 +92,10 @@ class HFCausalLM(nn.Module):
         bias-free linear map, no logit scaling or soft-capping), else None."""
         head = self.hf.get_output_embeddings()
         config = self.hf.config
-        scaled = any(getattr(config, name, None) not in (None, 1.0) for name in ("logit_scale", "final_logit_softcapping", "logits_scaling"))
+        scaled = any(
+            getattr(config, name, None) not in (None, 1.0)
+            for name in ("logit_scale", "final_logit_softcapping", "logits_scaling")
+        )
         return head if isinstance(head, nn.Linear) and head.bias is None and not scaled else None
 
     def config_dict(self) -> dict[str, Any]:
@@ -96,7 +109,10 @@ class HFCausalLM(nn.Module):
         """Writes the transformers folder of this module's whole state dict `weights` (gathered when
         its own parameters are shards under FSDP2, which transformers cannot save)."""
         prefix = "hf."
-        self.hf.save_pretrained(folder, state_dict={name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)})
+        self.hf.save_pretrained(
+            folder,
+            state_dict={name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)},
+        )
 
 
 def build_hf_model(config_path: str, overrides: dict[str, Any], vocab_size: int) -> HFCausalLM:
@@ -106,7 +122,9 @@ def build_hf_model(config_path: str, overrides: dict[str, Any], vocab_size: int)
     path = Path(config_path).expanduser()
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"--hf-config {config_path} is not a config.json file or a folder holding one; pass the path of a transformers config.")
+        raise UserError(
+            f"--hf-config {config_path} is not a config.json file or a folder holding one; pass the path of a transformers config."
+        )
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
         model_type = values.pop("model_type")
@@ -115,11 +133,14 @@ def build_hf_model(config_path: str, overrides: dict[str, Any], vocab_size: int)
         values.pop("dtype", None)
         config = AutoConfig.for_model(model_type, **{**values, **overrides})
     except (json.JSONDecodeError, KeyError, ValueError) as error:
-        raise UserError(f"--hf-config {file} is not a usable transformers config ({error}); check its model_type and fields.") from None
+        raise UserError(
+            f"--hf-config {file} is not a usable transformers config ({error}); check its model_type and fields."
+        ) from None
     if config.vocab_size < vocab_size:
-        raise UserError(f"The HF config's vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; raise it with --model-config.")
+        raise UserError(
+            f"The HF config's vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}; raise it with --model-config."
+        )
     return HFCausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), vocab_size)
-
 
 
 class TransformersKind(ModelKind):
@@ -141,10 +162,16 @@ class TransformersKind(ModelKind):
     def config_values(self, model: HFCausalLM) -> dict[str, Any]:
         return model.config_dict()
 
-    def load_start_weights(self, model: HFCausalLM, saved_model: Mapping[str, Any], checkpoint: Path, source: str) -> list[str]:
-        changed = sorted(key for key, value in saved_model.items() if model.config_dict().get(key) != value and key in SHAPE_FIELDS)
+    def load_start_weights(
+        self, model: HFCausalLM, saved_model: Mapping[str, Any], checkpoint: Path, source: str
+    ) -> list[str]:
+        changed = sorted(
+            key for key, value in saved_model.items() if model.config_dict().get(key) != value and key in SHAPE_FIELDS
+        )
         if changed:
-            raise UserError(f"Cannot start from {source}: its transformers config differs in {', '.join(changed)}; use the same --hf-config and --model-config.")
+            raise UserError(
+                f"Cannot start from {source}: its transformers config differs in {', '.join(changed)}; use the same --hf-config and --model-config."
+            )
         load_weights(model, checkpoint / MODEL_FILE)
         return []
 
@@ -182,10 +209,18 @@ class TransformersKind(ModelKind):
         return evaluate_hf(model.hf, corpus, settings)
 
     def answer_log_probs(
-        self, model: HFCausalLM, samples: Sequence[RecallSample], n_ctx: int, batch_size: int, device: torch.device, keep_document_cache: bool
+        self,
+        model: HFCausalLM,
+        samples: Sequence[RecallSample],
+        n_ctx: int,
+        batch_size: int,
+        device: torch.device,
+        keep_document_cache: bool,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if keep_document_cache:
-            raise UserError("--keep-document-cache applies only to our models; a transformers model has no document cache.")
+            raise UserError(
+                "--keep-document-cache applies only to our models; a transformers model has no document cache."
+            )
         return hf_answer_log_probs(model.hf, samples, n_ctx, batch_size, device)
 
     def window(self, model: HFCausalLM) -> None:
@@ -200,7 +235,9 @@ class TransformersKind(ModelKind):
     def architecture_hash(self, model: HFCausalLM) -> str:
         return hf_architecture_hash(model.hf)
 
-    def default_tokenizer(self, model: HFCausalLM, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    def default_tokenizer(
+        self, model: HFCausalLM, path: str | Path, training: Mapping[str, Any]
+    ) -> tuple[str | None, str | None]:
         if training:
             return training.get("tokenizer"), None
         folder = hf_model_folder(model.hf)

@@ -28,9 +28,13 @@ def build_model_config(training: Mapping[str, Any], vocab_size: int) -> ModelCon
     """The preset, with the fields of the --model-config file over it, sized for the tokenizer."""
     overrides = read_model_overrides(training.get("model_config"))
     if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
-        raise UserError(f"The model's vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}; raise it or use another tokenizer.")
+        raise UserError(
+            f"The model's vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}; raise it or use another tokenizer."
+        )
     try:
-        return ModelConfig.preset(training["preset"], **{**overrides, "vocab_size": max(vocab_size, overrides.get("vocab_size", 0))})
+        return ModelConfig.preset(
+            training["preset"], **{**overrides, "vocab_size": max(vocab_size, overrides.get("vocab_size", 0))}
+        )
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -79,7 +83,9 @@ class OurKind(ModelKind):
                 f"{getattr(model.config, changed[0])} now); drop the flags that change it."
             )
 
-    def load_start_weights(self, model: BakaLM, saved_model: Mapping[str, Any], checkpoint: Path, source: str) -> list[str]:
+    def load_start_weights(
+        self, model: BakaLM, saved_model: Mapping[str, Any], checkpoint: Path, source: str
+    ) -> list[str]:
         saved = ModelConfig.from_dict(dict(saved_model))
         changed = saved.differences(model.config)
         # Fields that change no parameter (carrying a part of the state, say) may differ: a staged
@@ -88,8 +94,14 @@ class OurKind(ModelKind):
             load_weights(model, checkpoint / MODEL_FILE)
         except (UserError, RuntimeError):
             field = changed[0] if changed else None
-            because = f": model field {field} differs ({getattr(saved, field)} there, {getattr(model.config, field)} here)" if field else ""
-            raise UserError(f"Cannot start from {source}{because}; its weights do not fit this model, so use the same preset and tokenizer.") from None
+            because = (
+                f": model field {field} differs ({getattr(saved, field)} there, {getattr(model.config, field)} here)"
+                if field
+                else ""
+            )
+            raise UserError(
+                f"Cannot start from {source}{because}; its weights do not fit this model, so use the same preset and tokenizer."
+            ) from None
         return [f"{name} {getattr(saved, name)} -> {getattr(model.config, name)}" for name in changed]
 
     def prepare(self, model: BakaLM, scan: str) -> BakaLM:
@@ -114,10 +126,18 @@ class OurKind(ModelKind):
         return evaluate_bakallm(model, corpus, settings)
 
     def answer_log_probs(
-        self, model: BakaLM, samples: Sequence[RecallSample], n_ctx: int, batch_size: int, device: torch.device, keep_document_cache: bool
+        self,
+        model: BakaLM,
+        samples: Sequence[RecallSample],
+        n_ctx: int,
+        batch_size: int,
+        device: torch.device,
+        keep_document_cache: bool,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if keep_document_cache and not model.config.document_cache:
-            raise UserError("--keep-document-cache applies to models with the document cache, and this one has none; drop the flag.")
+            raise UserError(
+                "--keep-document-cache applies to models with the document cache, and this one has none; drop the flag."
+            )
         return bakallm_answer_log_probs(model, samples, batch_size, device, n_ctx, keep_document_cache)
 
     def window(self, model: BakaLM) -> int:
@@ -132,8 +152,12 @@ class OurKind(ModelKind):
     def architecture_hash(self, model: BakaLM) -> str:
         return hashlib.sha256(model.config.to_json().encode("utf-8")).hexdigest()
 
-    def default_tokenizer(self, model: BakaLM, path: str | Path, training: Mapping[str, Any]) -> tuple[str | None, str | None]:
-        return training.get("tokenizer") if training else model_files(path).tokenizer, None  # an exported folder names its own
+    def default_tokenizer(
+        self, model: BakaLM, path: str | Path, training: Mapping[str, Any]
+    ) -> tuple[str | None, str | None]:
+        return training.get("tokenizer") if training else model_files(
+            path
+        ).tokenizer, None  # an exported folder names its own
 
     def weight_files(self, model: BakaLM, path: Path) -> list[Path]:
         return [model_files(path).weights]

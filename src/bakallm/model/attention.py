@@ -89,9 +89,15 @@ class KeyValueCache(NamedTuple):
         total = self.length + length
         if self.capacity is None:
             keys, values = torch.cat((keys, rotated_key), 2), torch.cat((values, value), 2)
-            return keys, values, self._replace(length=total, keys=keys, values=values, window_keys=torch.cat((window_keys, key), 2))
+            return (
+                keys,
+                values,
+                self._replace(length=total, keys=keys, values=values, window_keys=torch.cat((window_keys, key), 2)),
+            )
         if total > self.capacity:
-            raise ValueError(f"A window holds {self.capacity} positions; {self.length} are read and {length} more do not fit.")
+            raise ValueError(
+                f"A window holds {self.capacity} positions; {self.length} are read and {length} more do not fit."
+            )
         start = past + self.length
         keys[:, :, start : past + total] = rotated_key
         values[:, :, start : past + total] = value
@@ -140,7 +146,11 @@ class XLAttention(nn.Module):
         batch, length, d_model = x.shape
         # Linear layers on rows [B * L, d]: on a 3-D input they reshape to 2-D and back, three more
         # operator calls each, which token-by-token decoding notices. The same products.
-        qkv = self.qkv(x.reshape(batch * length, d_model)).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x.reshape(batch * length, d_model))
+            .view(batch, length, 3, self.n_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
         start = cache.position
         # Queries and keys sit at the same positions: one rotation for both.
         query, rotated_key = apply_rotary(qkv[:2], cos[start : start + length], sin[start : start + length]).unbind(0)

@@ -131,7 +131,16 @@ class ModelConfig:
     # ----- validation -----
     def validate(self) -> None:
         positive = (
-            "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_every",
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+            "window",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "mamba_every",
             "document_cache_order",
         )
         for name in positive:
@@ -145,29 +154,47 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must divide d_model ({self.d_model}).")
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig head size d_model/n_heads ({self.head_dim}) must be even for rotary positions.")
+            raise ValueError(
+                f"ModelConfig head size d_model/n_heads ({self.head_dim}) must be even for rotary positions."
+            )
         if self.n_pauses and self.window % self.n_pauses:
             raise ValueError(
                 f"ModelConfig.window ({self.window}) must be divisible by n_pauses ({self.n_pauses}) so that pauses sit at fixed spacing."
             )
         for name, choices in (
-            ("norm", NORMS), ("pause_embedding", PAUSE_EMBEDDINGS), ("pause_placement", PAUSE_PLACEMENTS),
-            ("memory_layout", MEMORY_LAYOUTS), ("memory_readout", MEMORY_READOUTS), ("init", INIT_SCHEMES),
+            ("norm", NORMS),
+            ("pause_embedding", PAUSE_EMBEDDINGS),
+            ("pause_placement", PAUSE_PLACEMENTS),
+            ("memory_layout", MEMORY_LAYOUTS),
+            ("memory_readout", MEMORY_READOUTS),
+            ("init", INIT_SCHEMES),
         ):
             if getattr(self, name) not in choices:
-                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+                raise ValueError(
+                    f"ModelConfig.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}."
+                )
         if self.n_pauses and self.pause_placement == "window_slots" and self.pause_spacing < 2:
-            raise ValueError("ModelConfig.pause_placement window_slots needs at least two tokens per pause (window >= 2 * n_pauses).")
+            raise ValueError(
+                "ModelConfig.pause_placement window_slots needs at least two tokens per pause (window >= 2 * n_pauses)."
+            )
         if self.n_pauses > self.window:
             raise ValueError(f"ModelConfig.n_pauses ({self.n_pauses}) cannot exceed window ({self.window}).")
         if not 0 < self.mamba_dt_min < 0.1:
-            raise ValueError(f"ModelConfig.mamba_dt_min must lie between 0 and 0.1 (the largest initial step size), got {self.mamba_dt_min!r}.")
+            raise ValueError(
+                f"ModelConfig.mamba_dt_min must lie between 0 and 0.1 (the largest initial step size), got {self.mamba_dt_min!r}."
+            )
         if not self.elephant_a > 0 or not self.elephant_d > 0:
-            raise ValueError(f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}.")
+            raise ValueError(
+                f"ModelConfig.elephant_a and elephant_d must be positive, got {self.elephant_a} and {self.elephant_d}."
+            )
         if not self.carry_memory and self.memory_layout != "learned_slots":
-            raise ValueError("ModelConfig.carry_memory false needs memory_layout learned_slots, whose fresh windows read the initial memory.")
+            raise ValueError(
+                "ModelConfig.carry_memory false needs memory_layout learned_slots, whose fresh windows read the initial memory."
+            )
         if self.document_cache_order > 1 and not self.document_cache:
-            raise ValueError("ModelConfig.document_cache_order above 1 needs document_cache: true; turn the cache on or set the order to 1.")
+            raise ValueError(
+                "ModelConfig.document_cache_order above 1 needs document_cache: true; turn the cache on or set the order to 1."
+            )
         if self.vocab_size**self.document_cache_order >= 2**63 - 1:
             raise ValueError(
                 f"ModelConfig.document_cache_order {self.document_cache_order} is too high for a vocabulary of {self.vocab_size}: "
@@ -188,7 +215,9 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown ModelConfig field(s): {', '.join(unknown)}; valid fields are {', '.join(sorted(known))}.")
+            raise ValueError(
+                f"Unknown ModelConfig field(s): {', '.join(unknown)}; valid fields are {', '.join(sorted(known))}."
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +238,9 @@ class ModelConfig:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"Model config is not valid JSON ({error.msg} at line {error.lineno}); fix the file.") from None
+            raise ValueError(
+                f"Model config is not valid JSON ({error.msg} at line {error.lineno}); fix the file."
+            ) from None
         if not isinstance(values, dict):
             raise ValueError("Model config JSON must be an object of field names to values.")
         return cls.from_dict(values)

@@ -56,7 +56,9 @@ def run_keys(tokens: torch.Tensor, length: int, vocab_size: int) -> torch.Tensor
     return (tokens.unfold(1, length, 1) * powers).sum(-1)
 
 
-def merge_ngrams(keys: torch.Tensor, counts: torch.Tensor, new_keys: torch.Tensor, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_ngrams(
+    keys: torch.Tensor, counts: torch.Tensor, new_keys: torch.Tensor, new_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A table of sorted keys [B, P] and counts [B, P] plus one count of each valid key of
     new_keys [B, n]: sorted again, equal keys merged, as wide as its fullest row.
 
@@ -72,7 +74,9 @@ def merge_ngrams(keys: torch.Tensor, counts: torch.Tensor, new_keys: torch.Tenso
     group = starts.cumsum(1) - 1
     # The window's distinct keys [B, n] (padding after them) and how often each occurred.
     unique_keys = torch.full_like(window_keys, PADDING_KEY).scatter_(1, group, window_keys)
-    unique_counts = counts.new_zeros(window_keys.shape).scatter_add_(1, group, (window_keys != PADDING_KEY).to(counts.dtype))
+    unique_counts = counts.new_zeros(window_keys.shape).scatter_add_(
+        1, group, (window_keys != PADDING_KEY).to(counts.dtype)
+    )
     present = unique_counts > 0
     position = torch.searchsorted(old_keys, unique_keys)  # width: after every old entry
     existing = position.clamp(max=width - 1)
@@ -81,7 +85,9 @@ def merge_ngrams(keys: torch.Tensor, counts: torch.Tensor, new_keys: torch.Tenso
     inserted = present & ~found
     # An inserted key goes before the old entry at its search position, so never after a padding
     # entry: old entry i moves right by the number inserted at positions <= i.
-    before = torch.zeros(batch, width + 1, dtype=torch.long, device=keys.device).scatter_add_(1, position, inserted.long())
+    before = torch.zeros(batch, width + 1, dtype=torch.long, device=keys.device).scatter_add_(
+        1, position, inserted.long()
+    )
     old_target = torch.arange(width, device=keys.device) + before[:, :width].cumsum(1)
     new_target = position + inserted.long().cumsum(1) - 1
     dump = width + new_keys.shape[1]  # a last column that collects the window keys not inserted
@@ -130,12 +136,16 @@ class DocumentCache(nn.Module):
             "token_counts": torch.zeros(batch_size, self.vocab_size, device=device),
             "ngram_keys": tuple(torch.zeros(batch_size, 1, dtype=torch.long, device=device) for _ in contexts),
             "ngram_counts": tuple(torch.zeros(batch_size, 1, device=device) for _ in contexts),
-            "recent_tokens": torch.zeros(batch_size, self.order - 1, dtype=torch.long, device=device) if self.order > 1 else None,
+            "recent_tokens": torch.zeros(batch_size, self.order - 1, dtype=torch.long, device=device)
+            if self.order > 1
+            else None,
         }
 
     def read(self, state: RecurrentState, input_ids: torch.Tensor) -> RecurrentState:
         """The state after its rows read input_ids [B, n] (only the cache's fields change)."""
-        token_counts = state.token_counts.scatter_add(1, input_ids, torch.ones(input_ids.shape, dtype=state.token_counts.dtype, device=input_ids.device))
+        token_counts = state.token_counts.scatter_add(
+            1, input_ids, torch.ones(input_ids.shape, dtype=state.token_counts.dtype, device=input_ids.device)
+        )
         if self.order == 1:
             return dataclasses.replace(state, token_counts=token_counts)
         tables = []
@@ -150,14 +160,18 @@ class DocumentCache(nn.Module):
             recent_tokens=torch.cat((state.recent_tokens, input_ids), 1)[:, -(self.order - 1) :],
         )
 
-    def _contexts(self, state: RecurrentState, input_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contexts(
+        self, state: RecurrentState, input_ids: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys [B, n + 1] of the `length` tokens before each input m (m = n: after the last
         one), and whether the row had read that many tokens by then."""
         tokens = torch.cat((state.recent_tokens[:, state.recent_tokens.shape[1] - length :], input_ids), 1)
         read = state.token_counts.sum(1, keepdim=True) + torch.arange(input_ids.shape[1] + 1, device=input_ids.device)
         return run_keys(tokens, length, self.vocab_size), read >= length
 
-    def _window_matches(self, state: RecurrentState, input_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _window_matches(
+        self, state: RecurrentState, input_ids: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For each position i of the window: the key [B, n] of the context it predicts from, whether
         it exists [B, n], and which inputs m <= i of the window followed the same context [B, n, n]."""
         contexts, valid = self._contexts(state, input_ids, length)
@@ -180,7 +194,9 @@ class DocumentCache(nn.Module):
         # Occurrences of each target among the inputs read so far: before the window, and in the
         # window up to and including the position (a [n, n] comparison per row, not [n, V] counts).
         in_window = ((safe_targets.unsqueeze(2) == input_ids.unsqueeze(1)) & causal).sum(2)
-        read = before.token_counts.sum(1, keepdim=True) + torch.arange(1, length + 1, device=input_ids.device)  # by each position
+        read = before.token_counts.sum(1, keepdim=True) + torch.arange(
+            1, length + 1, device=input_ids.device
+        )  # by each position
         probabilities = [(before.token_counts.gather(1, safe_targets) + in_window) / read]
         context_counts = []
         for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
@@ -189,14 +205,18 @@ class DocumentCache(nn.Module):
             cumulative = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
             n_context = torch.where(valid, cumulative.gather(1, high) - cumulative.gather(1, low) + matches.sum(2), 0.0)
             followed_by_target = matches & (input_ids.unsqueeze(1) == safe_targets.unsqueeze(2))
-            n_pair = torch.where(valid, lookup(keys, counts, query * self.vocab_size + safe_targets) + followed_by_target.sum(2), 0.0)
+            n_pair = torch.where(
+                valid, lookup(keys, counts, query * self.vocab_size + safe_targets) + followed_by_target.sum(2), 0.0
+            )
             probabilities.append(n_pair / n_context.clamp(min=1))
             context_counts.append(n_context)
         log_weights = self._log_weights(hidden, context_counts)
         terms = log_weights[..., 1:] + torch.stack(probabilities, -1).to(log_weights.dtype).log()
         return log_weights[..., 0].flatten(), terms.clamp(min=LOG_FLOOR).logsumexp(-1).flatten()
 
-    def window_log_probs(self, hidden: torch.Tensor, logits: torch.Tensor, before: RecurrentState, input_ids: torch.Tensor) -> torch.Tensor:
+    def window_log_probs(
+        self, hidden: torch.Tensor, logits: torch.Tensor, before: RecurrentState, input_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Log-probabilities [B, n, V] of the mixture at every position of a window, from hidden
         [B, n, d], the model's logits [B, n, V], the state before the window and its inputs [B, n]."""
         batch, length = input_ids.shape
@@ -204,13 +224,17 @@ class DocumentCache(nn.Module):
         used[input_ids.flatten()] = True
         columns = used.nonzero().squeeze(1)
         column_of_input = torch.searchsorted(columns, input_ids.contiguous())
-        arrivals = before.token_counts.new_zeros(batch, length, len(columns)).scatter_(2, column_of_input.unsqueeze(2), 1.0)
+        arrivals = before.token_counts.new_zeros(batch, length, len(columns)).scatter_(
+            2, column_of_input.unsqueeze(2), 1.0
+        )
         tables = [arrivals.cumsum_(1).add_(before.token_counts[:, columns].unsqueeze(1))]
         for context_length, keys, counts in zip(range(1, self.order), before.ngram_keys, before.ngram_counts):
             query, valid, matches = self._window_matches(before, input_ids, context_length)
             table = self._continuations(keys, counts, query, columns)
             row, position, earlier = matches.nonzero(as_tuple=True)
-            table.index_put_((row, position, column_of_input[row, earlier]), torch.ones_like(row, dtype=table.dtype), accumulate=True)
+            table.index_put_(
+                (row, position, column_of_input[row, earlier]), torch.ones_like(row, dtype=table.dtype), accumulate=True
+            )
             tables.append(table * valid.unsqueeze(-1))
         return self._mixture(hidden, logits, columns, tables)
 
@@ -226,22 +250,32 @@ class DocumentCache(nn.Module):
             tables.append(self._continuations(keys, table_counts, query, columns)[:, 0] * (read >= length))
         return self._mixture(hidden, logits, columns, tables)
 
-    def _continuations(self, keys: torch.Tensor, counts: torch.Tensor, query: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    def _continuations(
+        self, keys: torch.Tensor, counts: torch.Tensor, query: torch.Tensor, columns: torch.Tensor
+    ) -> torch.Tensor:
         """How often each token of `columns` [K] followed the context query [B, n] in the table
         (keys, counts) [B, P]: [B, n, K]. The table's entries of a context are one sorted span."""
         batch, length = query.shape
         low, high = self._spans(keys, query)
         low, spans = low.flatten(), (high - low).flatten()
         owner = torch.repeat_interleave(torch.arange(batch * length, device=query.device), spans)
-        entry = low[owner] + torch.arange(len(owner), device=query.device) - torch.repeat_interleave(spans.cumsum(0) - spans, spans)
+        entry = (
+            low[owner]
+            + torch.arange(len(owner), device=query.device)
+            - torch.repeat_interleave(spans.cumsum(0) - spans, spans)
+        )
         row = owner // length
         next_column = torch.searchsorted(columns, keys[row, entry] % self.vocab_size).clamp(max=len(columns) - 1)
-        table = counts.new_zeros(batch * length, len(columns)).index_put_((owner, next_column), counts[row, entry], accumulate=True)
+        table = counts.new_zeros(batch * length, len(columns)).index_put_(
+            (owner, next_column), counts[row, entry], accumulate=True
+        )
         return table.view(batch, length, len(columns))
 
     def _spans(self, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the entries of each context query [B, n] begin and end in the sorted keys [B, P]."""
-        return torch.searchsorted(keys, query * self.vocab_size), torch.searchsorted(keys, (query + 1) * self.vocab_size)
+        return torch.searchsorted(keys, query * self.vocab_size), torch.searchsorted(
+            keys, (query + 1) * self.vocab_size
+        )
 
     def _log_weights(self, hidden: torch.Tensor, context_counts: list[torch.Tensor]) -> torch.Tensor:
         """The log-weights [..., 2 + len(context_counts)] of the softmax, the unigram term and each
@@ -251,11 +285,17 @@ class DocumentCache(nn.Module):
         gates = [hidden @ self.gate_weight.to(hidden.dtype) + self.gate_bias.to(hidden.dtype)]
         for c, n_context in enumerate(context_counts):
             n_context = n_context.to(hidden.dtype)
-            gate = hidden @ self.ngram_gate_weight[c].to(hidden.dtype) + self.ngram_count_weight[c] * n_context.log1p() + self.ngram_gate_bias[c]
+            gate = (
+                hidden @ self.ngram_gate_weight[c].to(hidden.dtype)
+                + self.ngram_count_weight[c] * n_context.log1p()
+                + self.ngram_gate_bias[c]
+            )
             gates.append(gate.masked_fill(n_context == 0, -torch.inf))
         return torch.stack([torch.zeros_like(gates[0]), *gates], -1).log_softmax(-1)
 
-    def _mixture(self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
+    def _mixture(
+        self, hidden: torch.Tensor, logits: torch.Tensor, columns: torch.Tensor, tables: list[torch.Tensor]
+    ) -> torch.Tensor:
         """The softmax's share of every token, plus the cache terms' shares of the tokens in
         `columns` [K] (those the document has used: elsewhere the cache gives nothing), from each
         term's counts [..., K] over them: the unigram counts, then each n-gram context's
@@ -266,8 +306,13 @@ class DocumentCache(nn.Module):
         distributions = [table / total.clamp(min=1).unsqueeze(-1) for table, total in zip(tables, totals)]
         log_weights = self._log_weights(hidden, totals[1:])
         log_probs = at_least_float32(logits).log_softmax(-1) + log_weights[..., :1]
-        cache = sum(weight.unsqueeze(-1) * distribution for weight, distribution in zip(log_weights[..., 1:].exp().unbind(-1), distributions))
+        cache = sum(
+            weight.unsqueeze(-1) * distribution
+            for weight, distribution in zip(log_weights[..., 1:].exp().unbind(-1), distributions)
+        )
         model_part = log_probs.index_select(-1, columns)
         # where, not log(0) = -inf: that would make the gradient of the weights NaN.
-        mixed = torch.where(cache > 0, torch.logaddexp(model_part, torch.where(cache > 0, cache, 1.0).log()), model_part)
+        mixed = torch.where(
+            cache > 0, torch.logaddexp(model_part, torch.where(cache > 0, cache, 1.0).log()), model_part
+        )
         return log_probs.index_copy(-1, columns, mixed)

@@ -80,7 +80,9 @@ class _FusedElephantGate(torch.autograd.Function):
         return grad_up.to(up.dtype), grad_gate.to(gate.dtype), None, None
 
 
-def elephant_gate(up: torch.Tensor, gate: torch.Tensor, a: float = 1.0, d: float = 8.0, fused: bool = True) -> torch.Tensor:
+def elephant_gate(
+    up: torch.Tensor, gate: torch.Tensor, a: float = 1.0, d: float = 8.0, fused: bool = True
+) -> torch.Tensor:
     """`up * elephant(gate)`; `fused=False` runs the plain formula through autograd."""
     if fused:
         if not (torch.is_grad_enabled() and (up.requires_grad or gate.requires_grad)):

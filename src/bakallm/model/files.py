@@ -58,13 +58,23 @@ def model_files(path: str | Path) -> ModelFiles:
         tokenizer = values.get(HF_TOKENIZER_KEY)
         if isinstance(tokenizer, str) and (path / tokenizer).is_file():
             tokenizer = str(path / tokenizer)
-        return ModelFiles(path.resolve().name, _model_config(values.get(HF_CONFIG_KEY), path), path / MODEL_FILE, HF_WEIGHT_PREFIX,
-                          tokenizer if isinstance(tokenizer, str) else None)
+        return ModelFiles(
+            path.resolve().name,
+            _model_config(values.get(HF_CONFIG_KEY), path),
+            path / MODEL_FILE,
+            HF_WEIGHT_PREFIX,
+            tokenizer if isinstance(tokenizer, str) else None,
+        )
     run_dir, checkpoint = resolve_checkpoint(path)  # the run directory's layout is bakallm.runs'
     values = checkpoint_config(run_dir, checkpoint)
     tokenizer = values.get("training", {}).get("tokenizer")
-    return ModelFiles(run_dir.resolve().name, _model_config(values["model"], run_dir), checkpoint / MODEL_FILE, "",
-                      tokenizer if isinstance(tokenizer, str) else None)
+    return ModelFiles(
+        run_dir.resolve().name,
+        _model_config(values["model"], run_dir),
+        checkpoint / MODEL_FILE,
+        "",
+        tokenizer if isinstance(tokenizer, str) else None,
+    )
 
 
 def _model_config(values: Any, folder: Path) -> ModelConfig:
@@ -82,7 +92,9 @@ def load_weights(model: torch.nn.Module, weights: Path, prefix: str = "") -> Non
     try:
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{weights} is corrupted or unreadable ({str(error).splitlines()[0]}); use another checkpoint of the run.") from None
+        raise UserError(
+            f"{weights} is corrupted or unreadable ({str(error).splitlines()[0]}); use another checkpoint of the run."
+        ) from None
     state = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
     unexpected = sorted(set(tensors) - {prefix + name for name in state})
     missing, unknown = model.load_state_dict(state, strict=False)

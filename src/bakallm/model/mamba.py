@@ -28,7 +28,9 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Mamba(nn.Module):
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3):
+    def __init__(
+        self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3
+    ):
         super().__init__()
         self.dt_min = dt_min
         self.d_inner = expand * d_model
@@ -56,7 +58,9 @@ class Mamba(nn.Module):
         with torch.no_grad():
             bound = self.dt_rank**-0.5
             self.dt_proj.weight.uniform_(-bound, bound)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+            dt = torch.exp(
+                torch.rand(self.d_inner) * (math.log(dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+            )
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +88,9 @@ class Mamba(nn.Module):
             if sequential:
                 y, new_ssm_state = selective_scan_reference(*args)
             else:
-                y, new_ssm_state = selective_scan(*args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk)
+                y, new_ssm_state = selective_scan(
+                    *args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk
+                )
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 
@@ -104,17 +110,25 @@ class Mamba(nn.Module):
         hidden, gate = projected[:, :d_inner], projected[:, d_inner:]
         dtype = hidden.dtype
         conv_window = torch.cat((_cast(conv_state, dtype), hidden.unsqueeze(-1)), dim=-1)  # [B, d_inner, d_conv]
-        hidden = F.silu(torch.linalg.vecdot(conv_window, _cast(self.conv.weight[:, 0], dtype)) + _cast(self.conv.bias, dtype))
+        hidden = F.silu(
+            torch.linalg.vecdot(conv_window, _cast(self.conv.weight[:, 0], dtype)) + _cast(self.conv.bias, dtype)
+        )
         new_conv_state = _float(conv_window[:, :, 1:])
         projected = F.linear(hidden, self.x_proj.weight)
         dt = F.softplus(_float(F.linear(projected[:, :rank], self.dt_proj.weight, self.dt_proj.bias)))
         B, C = projected[:, rank : rank + d_state], projected[:, rank + d_state :]
         A = -torch.exp(_float(self.A_log))
-        with torch.autocast(device_type=x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
+        with (
+            torch.autocast(device_type=x.device.type, enabled=False)
+            if torch.is_autocast_enabled(x.device.type)
+            else contextlib.nullcontext()
+        ):
             hidden = _float(hidden)
             decay = torch.exp(dt.unsqueeze(-1) * A)
             # addcmul: a product and a sum in one operator call (fused, so its last bit may differ).
-            new_ssm_state = torch.addcmul(decay * _float(ssm_state), (dt * hidden).unsqueeze(-1), _float(B).unsqueeze(1))
+            new_ssm_state = torch.addcmul(
+                decay * _float(ssm_state), (dt * hidden).unsqueeze(-1), _float(B).unsqueeze(1)
+            )
             y = torch.addcmul(torch.linalg.vecdot(new_ssm_state, _float(C).unsqueeze(1)), _float(self.D), hidden)
         y = _cast(y, gate.dtype) * F.silu(gate)
         return F.linear(y, self.out_proj.weight).unsqueeze(1), new_conv_state, new_ssm_state

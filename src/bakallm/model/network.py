@@ -42,7 +42,9 @@ class ModelOutput:
     token_losses: torch.Tensor | None = None  # [B, T] each target's loss (0 where -100), without gradient
 
 
-def scored_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def scored_positions(
+    hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """hidden [N, d] and targets [N] at the scored positions only, and those positions (None: all
     are kept). On a CPU only: where most positions are not targets (a sparse recall recipe, padding)
     the output layer then runs on far fewer rows, and finding them needs the host, which on a CPU
@@ -67,14 +69,23 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or weight is None or weight.dtype != torch.float32 or self.eps is None:
+        if (
+            torch.is_grad_enabled()
+            or x.dtype != torch.float32
+            or weight is None
+            or weight.dtype != torch.float32
+            or self.eps is None
+        ):
             return super().forward(x)
         if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return super().forward(x)
         # The width and eps as float32 tensors: Python numbers would be wrapped and cast at every call.
         constants = self._constants.get(x.device)
         if constants is None:
-            constants = self._constants[x.device] = (torch.tensor(float(x.shape[-1]), device=x.device), torch.tensor(self.eps, device=x.device))
+            constants = self._constants[x.device] = (
+                torch.tensor(float(x.shape[-1]), device=x.device),
+                torch.tensor(self.eps, device=x.device),
+            )
         width, eps = constants
         return x * torch.rsqrt((x * x).sum(-1, keepdim=True).div_(width).add_(eps)) * weight
 
@@ -99,12 +110,21 @@ class Block(nn.Module):
         self.mlp = GatedMLP(config.d_model, config.d_ff, config.elephant_a, config.elephant_d)
         self.mamba_norm = make_norm(config) if with_mamba else None
         self.mamba = (
-            Mamba(config.d_model, config.mamba_d_state, config.mamba_d_conv, config.mamba_expand, config.dt_rank, config.mamba_dt_min)
+            Mamba(
+                config.d_model,
+                config.mamba_d_state,
+                config.mamba_d_conv,
+                config.mamba_expand,
+                config.dt_rank,
+                config.mamba_dt_min,
+            )
             if with_mamba
             else None
         )
 
-    def forward(self, x: torch.Tensor, *, state: LayerState, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+    def forward(
+        self, x: torch.Tensor, *, state: LayerState, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, LayerState]:
         """Positions x [B, L, d] of a window after those `state` holds (model/window.py): the layer's
         output, and its state with these positions read. `mask` [B, 1, L, cached + L] says which
         keys each position sees; cos/sin are the rotary tables."""
@@ -120,7 +140,9 @@ class Block(nn.Module):
                 # A few positions of a window read in pieces (decoding: a pause and its token, the
                 # read memory, the write slots) scan token by token; whole windows use the fast scan.
                 sequential = state.attention.capacity is not None and length <= SEQUENTIAL_SCAN_MAX
-                mixed, conv_state, ssm_state = self.mamba(self.mamba_norm(x), conv_state, ssm_state, sequential=sequential)
+                mixed, conv_state, ssm_state = self.mamba(
+                    self.mamba_norm(x), conv_state, ssm_state, sequential=sequential
+                )
             x = x + mixed
         return x, LayerState(attention, conv_state, ssm_state)
 
@@ -134,12 +156,16 @@ class BakaLM(nn.Module):
         n_pause_vectors = min(config.n_pauses, 1) if config.pause_embedding == "shared" else config.n_pauses
         self.pause = nn.Parameter(torch.zeros(n_pause_vectors, d_model))
         # The reference layout has no read slots in a fresh window, so it learns no initial memory.
-        self.initial_memory = nn.Parameter(torch.zeros(config.n_memory, d_model)) if config.memory_layout == "learned_slots" else None
+        self.initial_memory = (
+            nn.Parameter(torch.zeros(config.n_memory, d_model)) if config.memory_layout == "learned_slots" else None
+        )
         self.write_slots = nn.Parameter(torch.zeros(config.n_memory, d_model))
         self.layers = nn.ModuleList(Block(config, config.has_mamba(index)) for index in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(d_model, config.padded_vocab_size, bias=False)
-        self.document_cache = DocumentCache(d_model, config.vocab_size, config.document_cache_order) if config.document_cache else None
+        self.document_cache = (
+            DocumentCache(d_model, config.vocab_size, config.document_cache_order) if config.document_cache else None
+        )
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rotary_tables(2 * config.layout_length, config.head_dim, config.rope_base, torch.device("cpu"))
@@ -209,7 +235,9 @@ class BakaLM(nn.Module):
         config = self.config
         device = device if device is not None else self.embed.weight.device
         cache_shape = (batch_size, config.n_heads, config.cache_length, config.head_dim)
-        mamba_states = [layer.mamba.initial_state(batch_size, device) for layer in self.layers if layer.mamba is not None]
+        mamba_states = [
+            layer.mamba.initial_state(batch_size, device) for layer in self.layers if layer.mamba is not None
+        ]
         return RecurrentState(
             memory=torch.zeros(batch_size, config.n_memory, config.d_model, device=device),
             keys=tuple(torch.zeros(cache_shape, device=device) for _ in self.layers),
@@ -256,7 +284,9 @@ class BakaLM(nn.Module):
                 mixture = None
                 if self.document_cache is not None:
                     mixture = self.document_cache.target_mixture(hidden, before, window_ids, window_targets)
-                window_loss, token_losses = self._window_cross_entropy(hidden.flatten(0, 1), window_targets.flatten(), mixture)
+                window_loss, token_losses = self._window_cross_entropy(
+                    hidden.flatten(0, 1), window_targets.flatten(), mixture
+                )
                 loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
                 window_token_losses.append(token_losses.view(window_targets.shape))
             if return_logits:
@@ -269,7 +299,11 @@ class BakaLM(nn.Module):
             n_targets = (targets != IGNORE_INDEX).sum()
             loss = loss_sum / n_targets.clamp(min=1)
             token_losses = torch.cat(window_token_losses, dim=1)
-        all_logits = (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1)) if return_logits else None
+        all_logits = (
+            (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1))
+            if return_logits
+            else None
+        )
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets, token_losses=token_losses)
 
     def _window_cross_entropy(
@@ -342,12 +376,20 @@ class BakaLM(nn.Module):
                 )
         else:
             # No host synchronisation on accelerators: a device-side assert instead.
-            torch._assert_async(((input_ids >= 0) & (input_ids < vocab)).all(), "input_ids outside the model's vocabulary")
-        if reset is not None and (not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or tuple(reset.shape) != (batch,)):
+            torch._assert_async(
+                ((input_ids >= 0) & (input_ids < vocab)).all(), "input_ids outside the model's vocabulary"
+            )
+        if reset is not None and (
+            not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool or tuple(reset.shape) != (batch,)
+        ):
             got = f"{tuple(reset.shape)} {reset.dtype}" if isinstance(reset, torch.Tensor) else type(reset).__name__
             raise ValueError(f"reset must be a bool tensor of shape [{batch}] (one flag per row), got {got}.")
         if state is not None and state.batch_size != batch:
-            raise ValueError(f"state holds {state.batch_size} rows but input_ids has {batch}; pass a state from init_state({batch}).")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(input_ids.shape)):
+            raise ValueError(
+                f"state holds {state.batch_size} rows but input_ids has {batch}; pass a state from init_state({batch})."
+            )
+        if targets is not None and (
+            not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(input_ids.shape)
+        ):
             got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {got}.")

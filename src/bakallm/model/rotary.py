@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def rotary_tables(n_positions: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    n_positions: int, head_dim: int, base: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape [n_positions, head_dim], in float32."""
     inverse_frequency = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inverse_frequency)

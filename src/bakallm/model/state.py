@@ -59,17 +59,27 @@ class RecurrentState:
         with `keep_document_cache`, only the network's state is cleared and the document cache's
         counts stay (to show what the network itself carries)."""
         if rows.dtype != torch.bool or rows.shape != (self.batch_size,):
-            raise ValueError(f"reset must be a bool tensor of shape [{self.batch_size}], got {tuple(rows.shape)} {rows.dtype}.")
+            raise ValueError(
+                f"reset must be a bool tensor of shape [{self.batch_size}], got {tuple(rows.shape)} {rows.dtype}."
+            )
         keep = ~rows.to(self.has_past.device)
 
         def clear(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.dtype == torch.bool:
                 return tensor & keep
             # where, not multiplication: a stale NaN must not survive the reset.
-            return torch.where(keep.view(-1, *([1] * (tensor.dim() - 1))), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+            return torch.where(
+                keep.view(-1, *([1] * (tensor.dim() - 1))),
+                tensor,
+                torch.zeros((), dtype=tensor.dtype, device=tensor.device),
+            )
 
         cleared = self._map(clear)
-        return replace(cleared, **{name: getattr(self, name) for name in DOCUMENT_CACHE_FIELDS}) if keep_document_cache else cleared
+        return (
+            replace(cleared, **{name: getattr(self, name) for name in DOCUMENT_CACHE_FIELDS})
+            if keep_document_cache
+            else cleared
+        )
 
     def part_sizes(self) -> dict[str, torch.Tensor]:
         """The root-mean-square value of each part of the network's state, per row [B] (float32):
@@ -110,7 +120,9 @@ class RecurrentState:
     @classmethod
     def from_dict(cls, flat: dict[str, torch.Tensor]) -> "RecurrentState":
         if "memory" not in flat or "has_past" not in flat:
-            raise ValueError("A recurrent state dict needs 'memory' and 'has_past' entries; it may come from another program.")
+            raise ValueError(
+                "A recurrent state dict needs 'memory' and 'has_past' entries; it may come from another program."
+            )
         values = {}
         for entry in fields(cls):
             if entry.metadata.get("per_layer"):

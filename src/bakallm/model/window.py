@@ -71,11 +71,15 @@ class WindowReader:
         config, model = self.config, self.model
         length = input_ids.shape[1]
         if length > config.window - self.tokens_in_window:
-            raise ValueError(f"{length} tokens do not fit in what is left of the window ({config.window - self.tokens_in_window}).")
+            raise ValueError(
+                f"{length} tokens do not fit in what is left of the window ({config.window - self.tokens_in_window})."
+            )
         if ends_window and self.tokens_in_window:
             raise ValueError("ends_window reads a whole window in one piece; this window is already partly read.")
         body, token_positions = model.embed_window_tokens(input_ids, first=self.tokens_in_window)
-        only_tokens = body.shape[1] == length and self.tokens_in_window > 0  # no pause, no slot: x holds just the tokens
+        only_tokens = (
+            body.shape[1] == length and self.tokens_in_window > 0
+        )  # no pause, no slot: x holds just the tokens
         if self.tokens_in_window == 0:
             x, offset, hidden_keys = self._begin(body, ends_window)
             token_positions = token_positions + offset
@@ -207,5 +211,9 @@ class WindowReader:
         length, past_length = x.shape[1], state.keys[0].shape[2]
         key_positions = torch.arange(past_length + length, device=x.device)
         query_positions = torch.arange(length, device=x.device).view(-1, 1)
-        hidden_slot = (key_positions >= past_length) & (key_positions < past_length + n_memory) & (key_positions != query_positions + past_length)
+        hidden_slot = (
+            (key_positions >= past_length)
+            & (key_positions < past_length + n_memory)
+            & (key_positions != query_positions + past_length)
+        )
         return x, n_memory, hidden_slot & ~state.has_past.view(batch, 1, 1, 1)

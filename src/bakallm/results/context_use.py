@@ -47,7 +47,14 @@ def context_uses(rows: Iterable[ResultRow]) -> list[ContextUse]:
     groups: dict[tuple, dict[int, ResultRow]] = {}
     for row in rows:  # id order: a newer row at the same n_ctx replaces the older one
         if row.position_losses:
-            key = (row.model_name, row.checkpoint_hash, row.model_kind, row.stride is not None, row.benchmark, row.split)
+            key = (
+                row.model_name,
+                row.checkpoint_hash,
+                row.model_kind,
+                row.stride is not None,
+                row.benchmark,
+                row.split,
+            )
             groups.setdefault(key, {})[row.n_ctx] = row
     uses = []
     for (model_name, _, _, _, benchmark, split), by_n_ctx in groups.items():
@@ -56,8 +63,13 @@ def context_uses(rows: Iterable[ResultRow]) -> list[ContextUse]:
         kept = {n_ctx: row for n_ctx, row in sorted(by_n_ctx.items()) if _spans(row) == spans}
         uses.append(
             ContextUse(
-                model_name, benchmark, split,
-                {n_ctx: tuple(PositionLoss.from_dict(bucket) for bucket in row.position_losses) for n_ctx, row in kept.items()},
+                model_name,
+                benchmark,
+                split,
+                {
+                    n_ctx: tuple(PositionLoss.from_dict(bucket) for bucket in row.position_losses)
+                    for n_ctx, row in kept.items()
+                },
                 {n_ctx: row.loss for n_ctx, row in kept.items()},
             )
         )
@@ -77,7 +89,12 @@ def format_context_use(uses: Sequence[ContextUse]) -> str:
         compare = len(contexts) > 1
         if compare:
             header.append(f"{count_label(use.longest)} vs {count_label(use.shortest)}")
-        lines = [f"{use.model_name} on {use.benchmark}/{use.split}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            f"{use.model_name} on {use.benchmark}/{use.split}:",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         buckets = use.losses_by_n_ctx[use.longest]
         for index, bucket in enumerate(buckets):
             losses = [use.losses_by_n_ctx[n_ctx][index].loss for n_ctx in contexts]
@@ -101,7 +118,15 @@ def format_context_gains(uses: Sequence[ContextUse]) -> str:
     if not uses:
         return ""
     buckets = uses[0].losses_by_n_ctx[uses[0].longest]
-    header = ["model", "benchmark", "contexts", "loss (longest)", "loss (shortest)", *[f"gain {bucket.label}" for bucket in buckets], "gain all"]
+    header = [
+        "model",
+        "benchmark",
+        "contexts",
+        "loss (longest)",
+        "loss (shortest)",
+        *[f"gain {bucket.label}" for bucket in buckets],
+        "gain all",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for use in uses:
         longest, shortest = use.losses_by_n_ctx[use.longest], use.losses_by_n_ctx[use.shortest]
@@ -109,9 +134,15 @@ def format_context_gains(uses: Sequence[ContextUse]) -> str:
         if [bucket.label for bucket in longest] != [bucket.label for bucket in buckets]:
             gains = [math.nan] * len(buckets)  # other buckets than the first model's: no column fits
         overall = relative_gain(use.loss_by_n_ctx[use.shortest], use.loss_by_n_ctx[use.longest])
-        cells = [use.model_name, use.benchmark, f"{count_label(use.longest)} vs {count_label(use.shortest)}",
-                 _loss_cell(use.loss_by_n_ctx[use.longest]), _loss_cell(use.loss_by_n_ctx[use.shortest]),
-                 *[_percent_cell(gain) for gain in gains], _percent_cell(overall)]
+        cells = [
+            use.model_name,
+            use.benchmark,
+            f"{count_label(use.longest)} vs {count_label(use.shortest)}",
+            _loss_cell(use.loss_by_n_ctx[use.longest]),
+            _loss_cell(use.loss_by_n_ctx[use.shortest]),
+            *[_percent_cell(gain) for gain in gains],
+            _percent_cell(overall),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -189,9 +189,13 @@ class ResultsDB:
             if connection is not None:
                 connection.close()
             if isinstance(error, sqlite3.DatabaseError) and no_room_reason(error) is not None:
-                raise UserError(f"Could not write {self.path}: {no_room_reason(error)}; free some space and run the same command again.") from None
+                raise UserError(
+                    f"Could not write {self.path}: {no_room_reason(error)}; free some space and run the same command again."
+                ) from None
             if isinstance(error, sqlite3.DatabaseError):
-                raise UserError(f"{self.path} is not a readable results database ({error}): pass --db with the right file.") from error
+                raise UserError(
+                    f"{self.path} is not a readable results database ({error}): pass --db with the right file."
+                ) from error
             raise
         self._connection = connection
 
@@ -207,17 +211,30 @@ class ResultsDB:
                 values[name] = json.dumps(values[name], sort_keys=True)
         names = ", ".join(values)
         placeholders = ", ".join(f":{name}" for name in values)
-        with reporting_no_room(f"add a row to {self.path}", "the rows stored before are unchanged; free some space and run the same command again"):
+        with reporting_no_room(
+            f"add a row to {self.path}",
+            "the rows stored before are unchanged; free some space and run the same command again",
+        ):
             cursor = self._connection.execute(f"INSERT INTO results ({names}) VALUES ({placeholders})", values)
         return int(cursor.lastrowid)
 
     def rows(
-        self, benchmark: str | None = None, split: str | None = None, since_id: int | None = None, study: str | None = None,
+        self,
+        benchmark: str | None = None,
+        split: str | None = None,
+        since_id: int | None = None,
+        study: str | None = None,
         task: str | None = None,
     ) -> list[ResultRow]:
         """Rows in insertion order, optionally only those of a benchmark, a split, a study, a task, or with an id above `since_id`."""
         conditions, parameters = [], []
-        filters = (("benchmark = ?", benchmark), ("split = ?", split), ("id > ?", since_id), ("study = ?", study), ("task = ?", task))
+        filters = (
+            ("benchmark = ?", benchmark),
+            ("split = ?", split),
+            ("id > ?", since_id),
+            ("study = ?", study),
+            ("task = ?", task),
+        )
         for condition, value in filters:
             if value is not None:
                 conditions.append(condition)
@@ -265,7 +282,9 @@ def _upgrade(connection: sqlite3.Connection, path: Path) -> None:
                 f"understands ({SCHEMA_VERSION}): upgrade bakallm."
             )
         if version == 0 and connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise UserError(f"{path} is an SQLite database of something else, not of bakallm results: pass --db with the right file.")
+            raise UserError(
+                f"{path} is an SQLite database of something else, not of bakallm results: pass --db with the right file."
+            )
         for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in statements:
                 connection.execute(statement)

@@ -41,20 +41,48 @@ def sha256_files(paths: list[Path]) -> str | None:
 def lm_figures(result: EvalResult) -> dict[str, Any]:
     """The row fields of a language-modelling result."""
     return {
-        "tokens": result.tokens, "loss": result.loss, "ppl": result.ppl, "bpb": result.bpb, "word_ppl": result.word_ppl,
-        "legacy_loss": result.legacy_loss, "nan_count": result.nan_count, "tokens_per_s": result.tokens_per_s,
-        "peak_memory_bytes": result.peak_memory_bytes, "position_losses": [bucket.to_dict() for bucket in result.position_losses],
+        "tokens": result.tokens,
+        "loss": result.loss,
+        "ppl": result.ppl,
+        "bpb": result.bpb,
+        "word_ppl": result.word_ppl,
+        "legacy_loss": result.legacy_loss,
+        "nan_count": result.nan_count,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "position_losses": [bucket.to_dict() for bucket in result.position_losses],
     }
 
 
 def result_row(
-    model: ModelRecord, benchmark: str, split: str, n_ctx: int, stride: int | None, tokenizer: str, figures: dict[str, Any],
-    extra: dict[str, Any], note: str = "", study: str | None = None,
+    model: ModelRecord,
+    benchmark: str,
+    split: str,
+    n_ctx: int,
+    stride: int | None,
+    tokenizer: str,
+    figures: dict[str, Any],
+    extra: dict[str, Any],
+    note: str = "",
+    study: str | None = None,
 ) -> ResultRow:
     """The row of one measurement: what was measured (`figures`: the measured fields, from
     `lm_figures` or bakallm.evaluation.recall.recall_figures) of which model, and how."""
     return ResultRow(
-        model_kind=model.kind, model_name=model.name, benchmark=benchmark, split=split, n_ctx=n_ctx, stride=stride,
-        checkpoint_path=model.checkpoint_path, checkpoint_hash=model.checkpoint_hash, params_total=model.params_total,
-        params_embedding=model.params_embedding, arch_hash=model.arch_hash, tokenizer=tokenizer, note=note, study=study, extra=extra, **figures,
+        model_kind=model.kind,
+        model_name=model.name,
+        benchmark=benchmark,
+        split=split,
+        n_ctx=n_ctx,
+        stride=stride,
+        checkpoint_path=model.checkpoint_path,
+        checkpoint_hash=model.checkpoint_hash,
+        params_total=model.params_total,
+        params_embedding=model.params_embedding,
+        arch_hash=model.arch_hash,
+        tokenizer=tokenizer,
+        note=note,
+        study=study,
+        extra=extra,
+        **figures,
     )

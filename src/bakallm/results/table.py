@@ -129,7 +129,11 @@ def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
     for row in rows:
         variant = variants.setdefault(
             row.extra.get("variant", row.model_name),
-            {"params": row.params_total, "train_tokens": row.extra.get("train_tokens"), "train_s": row.extra.get("train_seconds")},
+            {
+                "params": row.params_total,
+                "train_tokens": row.extra.get("train_tokens"),
+                "train_s": row.extra.get("train_seconds"),
+            },
         )
         figure = f"{row.benchmark} @{row.extra.get('context', row.n_ctx)}"
         if figure not in figures:
@@ -138,21 +142,33 @@ def study_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
     first = next(iter(variants.values()), {})
     records = []
     for name, values in variants.items():
-        record: dict[str, Any] = {"variant": name, "params": values["params"], "train_tokens": values["train_tokens"], "train_s": values["train_s"]}
+        record: dict[str, Any] = {
+            "variant": name,
+            "params": values["params"],
+            "train_tokens": values["train_tokens"],
+            "train_s": values["train_s"],
+        }
         for figure in figures:
             loss, reference = values.get(figure), first.get(figure)
             record[figure] = loss
             record[f"{figure} delta"] = loss - reference if loss is not None and reference is not None else None
         records.append(record)
     if fmt == "json":
-        return json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2) + "\n"
+        return (
+            json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2)
+            + "\n"
+        )
     if fmt == "csv":
         return _records_csv(records, ["variant"])
     header = ["variant", "params", "train tokens", "train min", *[f"loss {figure} (delta)" for figure in figures]]
     lines = [_markdown_line(header), "|---|" + "---:|" * (len(header) - 1)]
     for record in records:
-        cells = [record["variant"], _count(record["params"]), _count(record["train_tokens"]),
-                 "" if record["train_s"] is None else f"{record['train_s'] / 60:.1f}"]
+        cells = [
+            record["variant"],
+            _count(record["params"]),
+            _count(record["train_tokens"]),
+            "" if record["train_s"] is None else f"{record['train_s'] / 60:.1f}",
+        ]
         for figure in figures:
             loss, delta = record[figure], record[f"{figure} delta"]
             cells.append("" if loss is None else f"{loss:.4f} ({delta:+.4f})")
@@ -184,12 +200,22 @@ def format_recall_scores(row: ResultRow) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for score in row.recall or []:
-        lines.append(_markdown_line([
-            f"{score['distance_windows']:g}", f"{score['distance_tokens']:,}", f"{score['accuracy']:.1%}", f"{score['first_token_accuracy']:.1%}",
-            f"{score['answer_loss']:.3f}", str(score["samples"]),
-        ]))
+        lines.append(
+            _markdown_line(
+                [
+                    f"{score['distance_windows']:g}",
+                    f"{score['distance_tokens']:,}",
+                    f"{score['accuracy']:.1%}",
+                    f"{score['first_token_accuracy']:.1%}",
+                    f"{score['answer_loss']:.3f}",
+                    str(score["samples"]),
+                ]
+            )
+        )
     if row.recall:
-        lines.append(f"chance: exact {row.recall[0]['chance']:.3%}, first token {row.recall[0]['first_token_chance']:.1%}")
+        lines.append(
+            f"chance: exact {row.recall[0]['chance']:.3%}, first token {row.recall[0]['first_token_chance']:.1%}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +228,14 @@ def recall_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
     distances = sorted({score["distance_windows"] for row in rows for score in row.recall or []})
     records = []
     for row in rows:
-        record: dict[str, Any] = {"id": row.id, "model_name": row.model_name, "benchmark": row.benchmark, "n_ctx": row.n_ctx,
-                                  "window": row.extra.get("window"), "note": row.note}
+        record: dict[str, Any] = {
+            "id": row.id,
+            "model_name": row.model_name,
+            "benchmark": row.benchmark,
+            "n_ctx": row.n_ctx,
+            "window": row.extra.get("window"),
+            "note": row.note,
+        }
         by_distance = {score["distance_windows"]: score for score in row.recall or []}
         for distance in distances:
             score = by_distance.get(distance)
@@ -211,13 +243,22 @@ def recall_table(rows: Iterable[ResultRow], fmt: str = "markdown") -> str:
             record[f"first@{distance:g}"] = score["first_token_accuracy"] if score else None
         records.append(record)
     if fmt == "json":
-        return json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2) + "\n"
+        return (
+            json.dumps([{key: json_value(value) for key, value in record.items()} for record in records], indent=2)
+            + "\n"
+        )
     if fmt == "csv":
         return _records_csv(records, ["id"])
     header = ["id", "model", "filler", "n_ctx", "window", *[f"{distance:g} w" for distance in distances], "note"]
     lines = [_markdown_line(header), "|" + "---|" * 5 + "---:|" * len(distances) + "---|"]
     for record in records:
-        cells = [str(record["id"]), record["model_name"], record["benchmark"], str(record["n_ctx"]), str(record["window"] or "")]
+        cells = [
+            str(record["id"]),
+            record["model_name"],
+            record["benchmark"],
+            str(record["n_ctx"]),
+            str(record["window"] or ""),
+        ]
         for distance in distances:
             exact, first = record[f"exact@{distance:g}"], record[f"first@{distance:g}"]
             cells.append("" if exact is None else f"{exact:.0%} ({first:.0%})")

@@ -67,7 +67,9 @@ def savable_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | N
     first_name: dict[int, str] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         first_name.setdefault(id(parameter), name)
-    tied_copies = {name for name, parameter in model.named_parameters(remove_duplicate=False) if first_name[id(parameter)] != name}
+    tied_copies = {
+        name for name, parameter in model.named_parameters(remove_duplicate=False) if first_name[id(parameter)] != name
+    }
     return {name: tensor for name, tensor in weights.items() if name not in tied_copies}
 
 
@@ -94,14 +96,25 @@ def save_checkpoint(
     temporary = checkpoints / f".tmp-{name}-{os.getpid()}"
     final = checkpoints / name
     previous = latest_checkpoint(run_dir)
-    kept = f"the last complete checkpoint, {previous.name}, is unchanged" if previous is not None else "no checkpoint was saved before"
+    kept = (
+        f"the last complete checkpoint, {previous.name}, is unchanged"
+        if previous is not None
+        else "no checkpoint was saved before"
+    )
     try:
-        with reporting_no_room(f"save checkpoint {final}", f"{kept}; free some space and continue with `bakallm train --resume {run_dir}`"):
+        with reporting_no_room(
+            f"save checkpoint {final}", f"{kept}; free some space and continue with `bakallm train --resume {run_dir}`"
+        ):
             temporary.mkdir()
-            save_file({key: value.detach().contiguous().cpu() for key, value in weights.items()}, temporary / MODEL_FILE)
+            save_file(
+                {key: value.detach().contiguous().cpu() for key, value in weights.items()}, temporary / MODEL_FILE
+            )
             _torch_save(optimizer_state, temporary / OPTIMIZER_FILE)
             if recurrent_state is not None:
-                save_file({key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()}, temporary / RECURRENT_STATE_FILE)
+                save_file(
+                    {key: value.detach().contiguous().cpu() for key, value in recurrent_state.items()},
+                    temporary / RECURRENT_STATE_FILE,
+                )
             _torch_save(rng_state, temporary / RNG_FILE)
             (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
             if (run_dir / CONFIG_FILE).is_file():
@@ -148,7 +161,9 @@ def _prune(checkpoints: Path, keep_last: int, protect: str) -> None:
 
 def write_run_config(run_dir: Path, model: dict[str, Any], training: dict[str, Any]) -> None:
     """config.json of a run: the model's fields (a ModelConfig's, or a transformers config's) and the training arguments."""
-    write_text_atomic(run_dir / CONFIG_FILE, json.dumps({"model": model, "training": training}, indent=2, sort_keys=True))
+    write_text_atomic(
+        run_dir / CONFIG_FILE, json.dumps({"model": model, "training": training}, indent=2, sort_keys=True)
+    )
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -181,11 +196,21 @@ def resumable_checkpoint(run_dir: Path, warn) -> Path | None:
     the newest complete one before it (`warn` is told which, and why). None when there is none."""
     named = latest_checkpoint(run_dir)
     candidates = [] if named is None else [named]
-    folders = [folder for folder in (run_dir / CHECKPOINTS_DIR).glob("*") if folder.is_dir() and not folder.name.startswith(".")] if (run_dir / CHECKPOINTS_DIR).is_dir() else []
+    folders = (
+        [
+            folder
+            for folder in (run_dir / CHECKPOINTS_DIR).glob("*")
+            if folder.is_dir() and not folder.name.startswith(".")
+        ]
+        if (run_dir / CHECKPOINTS_DIR).is_dir()
+        else []
+    )
     candidates += sorted((folder for folder in folders if folder != named), key=_saved_step, reverse=True)
     problems = []
     if named is None and (run_dir / LATEST_FILE).is_file():
-        problems.append(f"{LATEST_FILE} names {(run_dir / LATEST_FILE).read_text(encoding='utf-8', errors='replace').strip()!r}, which is missing")
+        problems.append(
+            f"{LATEST_FILE} names {(run_dir / LATEST_FILE).read_text(encoding='utf-8', errors='replace').strip()!r}, which is missing"
+        )
     for candidate in candidates:
         damage = checkpoint_damage(candidate)
         if damage is None:
@@ -194,7 +219,9 @@ def resumable_checkpoint(run_dir: Path, warn) -> Path | None:
             return candidate
         problems.append(f"{candidate.name} is damaged ({damage})")
     if problems:
-        raise UserError(f"{run_dir} holds no complete checkpoint: {'; '.join(problems)}; start a new run with --run-dir.")
+        raise UserError(
+            f"{run_dir} holds no complete checkpoint: {'; '.join(problems)}; start a new run with --run-dir."
+        )
     return None
 
 

@@ -72,7 +72,9 @@ class Distributed:
         Build the optimizer after this call: FSDP2 replaces the parameters with sharded ones.
         """
         if fsdp and not self.launched:
-            raise UserError("--fsdp shards the model across the ranks of a torchrun launch; start with `torchrun --nproc-per-node N -m bakallm train ...` or drop --fsdp.")
+            raise UserError(
+                "--fsdp shards the model across the ranks of a torchrun launch; start with `torchrun --nproc-per-node N -m bakallm train ...` or drop --fsdp."
+            )
         if not self.launched:
             return model
         if fsdp:
@@ -87,7 +89,11 @@ class Distributed:
         # The carried state is passed to forward, never registered; the only buffers, the rotary tables, are
         # the same on every rank, so DDP need not broadcast them before each forward.
         ddp = nn.parallel.DistributedDataParallel
-        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers": False}
+        no_buffer_sync = {
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else "broadcast_buffers": False
+        }
         return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
     @staticmethod
@@ -124,7 +130,9 @@ class Distributed:
             return {name: tensor.cpu() for name, tensor in tensors.items()}
         gathered = {}
         for name, tensor in tensors.items():
-            local = tensor.detach().cpu().contiguous()  # CPU: the rows go to disk, and rank 0's GPU need not hold them all
+            local = (
+                tensor.detach().cpu().contiguous()
+            )  # CPU: the rows go to disk, and rank 0's GPU need not hold them all
             parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.is_main else None
             torch.distributed.gather(local, parts, dst=0)
             if self.is_main:
@@ -155,13 +163,17 @@ class Distributed:
             return optimizer.state_dict() if self.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        by_name = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if not self.is_main:
             return None
         index = {name: number for number, name in enumerate(_parameter_names(model, optimizer))}
         return {
             "state": {index[name]: value for name, value in by_name["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in by_name["param_groups"]],
+            "param_groups": [
+                {**group, "params": [index[name] for name in group["params"]]} for group in by_name["param_groups"]
+            ],
         }
 
     @staticmethod
@@ -175,7 +187,9 @@ class Distributed:
         names = _parameter_names(model, optimizer)
         by_name = {
             "state": {names[number]: value for number, value in state["state"].items()},
-            "param_groups": [{**group, "params": [names[number] for number in group["params"]]} for group in state["param_groups"]],
+            "param_groups": [
+                {**group, "params": [names[number] for number in group["params"]]} for group in state["param_groups"]
+            ],
         }
         set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
@@ -188,9 +202,14 @@ def launch() -> Iterator[Distributed]:
         return
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not; start the ranks with torchrun, which sets them all.")
+        raise UserError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; start the ranks with torchrun, which sets them all."
+        )
     world = Distributed(
-        world_size=int(os.environ["WORLD_SIZE"]), rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]), launched=True
+        world_size=int(os.environ["WORLD_SIZE"]),
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        launched=True,
     )
     # NCCL for CUDA tensors; gloo for CPU tensors (CPU training, and the state rows gathered for checkpoints).
     nccl = torch.cuda.is_available() and torch.distributed.is_nccl_available()
@@ -205,7 +224,9 @@ def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise UserError(f"--fsdp needs FSDP2's fully_shard from PyTorch 2.6 or newer, and this is PyTorch {torch.__version__}; upgrade torch or drop --fsdp to train with DDP.") from None
+        raise UserError(
+            f"--fsdp needs FSDP2's fully_shard from PyTorch 2.6 or newer, and this is PyTorch {torch.__version__}; upgrade torch or drop --fsdp to train with DDP."
+        ) from None
     return fully_shard
 
 

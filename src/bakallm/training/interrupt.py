@@ -36,7 +36,15 @@ class GracefulInterrupt:
 
     def _handle(self, number: int, frame: object) -> None:
         if self.requested:
-            print(f"\nbakallm: second {signal.Signals(number).name}, stopping now; the last complete checkpoint is kept.", file=sys.stderr, flush=True)
+            print(
+                f"\nbakallm: second {signal.Signals(number).name}, stopping now; the last complete checkpoint is kept.",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(INTERRUPTED_EXIT_STATUS)
         self.requested = True
-        print(f"\nbakallm: {signal.Signals(number).name} received; {self.message} (send it again to stop at once).", file=sys.stderr, flush=True)
+        print(
+            f"\nbakallm: {signal.Signals(number).name} received; {self.message} (send it again to stop at once).",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -66,7 +66,9 @@ class MetricsLog:
         for statement in _SCHEMA:
             self._connection.execute(statement)
         if "padding" not in {record["name"] for record in self._connection.execute("PRAGMA table_info(steps)")}:
-            self._connection.execute("ALTER TABLE steps ADD COLUMN padding REAL")  # a log written before the column existed
+            self._connection.execute(
+                "ALTER TABLE steps ADD COLUMN padding REAL"
+            )  # a log written before the column existed
         self._mirrors: list[_Mirror] = []
         if summary_writer_class is not None:
             self._mirrors.append(_TensorBoardMirror(summary_writer_class, self.run_dir / "tensorboard"))
@@ -102,7 +104,10 @@ class MetricsLog:
             f"INSERT OR REPLACE INTO steps ({', '.join(STEP_COLUMNS)}) VALUES ({', '.join(':' + name for name in STEP_COLUMNS)})",
             values,
         )
-        scalars = {f"train/{name}": values[name] for name in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens", "epoch", "padding")}
+        scalars = {
+            f"train/{name}": values[name]
+            for name in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens", "epoch", "padding")
+        }
         self._mirror(values["step"], scalars)
 
     def log_eval(self, step: int, tokens: int, loss: float, ppl: float, bpb: float | None, data: str) -> None:
@@ -176,7 +181,9 @@ def _import_summary_writer() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("TensorBoard logging needs the tensorboard package: run `pip install tensorboard`, or drop the TensorBoard option.") from None
+        raise UserError(
+            "TensorBoard logging needs the tensorboard package: run `pip install tensorboard`, or drop the TensorBoard option."
+        ) from None
     return SummaryWriter
 
 
@@ -184,7 +191,9 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise UserError("Weights & Biases logging needs the wandb package: run `pip install wandb`, or drop the W&B project option.") from None
+        raise UserError(
+            "Weights & Biases logging needs the wandb package: run `pip install wandb`, or drop the W&B project option."
+        ) from None
     return wandb
 
 

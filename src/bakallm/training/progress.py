@@ -20,7 +20,9 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReport:
-    def __init__(self, total_steps: int, first_step: int, show_bar: bool, stream: TextIO | None = None, enabled: bool = True):
+    def __init__(
+        self, total_steps: int, first_step: int, show_bar: bool, stream: TextIO | None = None, enabled: bool = True
+    ):
         """`enabled=False` shows nothing (the ranks of a torchrun launch other than rank 0)."""
         from tqdm.auto import tqdm
 
@@ -29,7 +31,11 @@ class ProgressReport:
         self._first_step = first_step
         self._started = time.perf_counter()
         self.enabled = enabled
-        self._bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True) if show_bar and enabled else None
+        self._bar = (
+            tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+            if show_bar and enabled
+            else None
+        )
 
     def step_done(self) -> None:
         if self._bar is not None:
@@ -45,7 +51,9 @@ class ProgressReport:
     def log(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float, padding: float) -> None:
         """The state of the run every --log-every steps: bar postfix, or one text line."""
         if self._bar is not None:
-            self._bar.set_postfix(epoch=f"{epoch:.3f}", loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", pad=f"{padding:.1%}")
+            self._bar.set_postfix(
+                epoch=f"{epoch:.3f}", loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", pad=f"{padding:.1%}"
+            )
             return
         eta = self.eta_seconds(step)
         self.message(

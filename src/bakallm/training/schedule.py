@@ -57,11 +57,19 @@ class Schedule:
         """This schedule up to `first_step`, then a warm-up from the rate reached there and a decay ending at `end_step`."""
         reached = self.learning_rate(first_step - 1) if first_step else 0.0
         kept = tuple(segment for segment in self.segments if segment.first_step < first_step)
-        return Schedule(self.kind, self.lr, self.min_lr_ratio, self.warmup_steps, kept + (Segment(first_step, end_step, reached),))
+        return Schedule(
+            self.kind, self.lr, self.min_lr_ratio, self.warmup_steps, kept + (Segment(first_step, end_step, reached),)
+        )
 
     def segments_as_lists(self) -> list[list[float]]:
         """The segments as JSON values, for the trainer state of a checkpoint."""
         return [[segment.first_step, segment.end_step, segment.start_lr] for segment in self.segments]
 
     def with_segments(self, saved: list[list[float]]) -> Schedule:
-        return Schedule(self.kind, self.lr, self.min_lr_ratio, self.warmup_steps, tuple(Segment(int(a), int(b), float(c)) for a, b, c in saved))
+        return Schedule(
+            self.kind,
+            self.lr,
+            self.min_lr_ratio,
+            self.warmup_steps,
+            tuple(Segment(int(a), int(b), float(c)) for a, b, c in saved),
+        )

@@ -94,11 +94,17 @@ def _restore_rng(saved: dict[str, Any], rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, explicit: Collection[str] | None = None, distributed: Distributed | None = None):
+    def __init__(
+        self, config: TrainConfig, explicit: Collection[str] | None = None, distributed: Distributed | None = None
+    ):
         """`explicit`: the arguments given by the user (a mapping to where each came from, for error
         messages, or just their names); `distributed`: the ranks of a torchrun launch
         (bakallm.training.distributed.launch); default one process."""
-        explicit = explicit if isinstance(explicit, Mapping) else {name: "--" + name.replace("_", "-") for name in explicit or ()}
+        explicit = (
+            explicit
+            if isinstance(explicit, Mapping)
+            else {name: "--" + name.replace("_", "-") for name in explicit or ()}
+        )
         config = config.with_resolved_paths()
         saved_facts: dict[str, Any] = {}
         if config.resume:
@@ -111,7 +117,9 @@ class Trainer:
         self.device = self.distributed.device(config.device)
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
-        self.run_dir = Path(config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+        self.run_dir = Path(
+            config.run_dir or config.resume or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        ).resolve()
         # Held until train() ends: a second process on this run directory is refused (rank 0 holds it for all ranks).
         self._lock = RunLock(self.run_dir) if self.distributed.is_main else None
         try:
@@ -124,14 +132,18 @@ class Trainer:
     def _set_up(self, config: TrainConfig, saved_facts: dict[str, Any]) -> None:
         """The rest of __init__, run while the run directory's lock is held."""
         if not config.resume and ckpt.latest_checkpoint(self.run_dir) is not None:
-            raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir.")
+            raise UserError(
+                f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it or choose another --run-dir."
+            )
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         self._require_same_source("tokenizer", saved_facts.get("tokenizer_fingerprint"), self.tokenizer.fingerprint())
         self.kind = kind_of_run(config.to_dict())
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model = self.kind.build(config.to_dict(), self.tokenizer.vocab_size, quiet=not (config.progress and sys.stderr.isatty()))
+        self.model = self.kind.build(
+            config.to_dict(), self.tokenizer.vocab_size, quiet=not (config.progress and sys.stderr.isatty())
+        )
         self.warnings = self.kind.training_warnings(config.to_dict(), self.model)
         for warning in self.warnings:
             self._warn(warning)
@@ -139,7 +151,9 @@ class Trainer:
             self.kind.check_resume(ckpt.read_run_config(self.run_dir)["model"], self.model, self.run_dir)
         checkpoint = ckpt.resumable_checkpoint(self.run_dir, self._warn) if config.resume else None
         if config.resume and checkpoint is None:
-            raise UserError(f"{self.run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
+            raise UserError(
+                f"{self.run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir."
+            )
         if checkpoint is not None:
             self._check_resumed_rows(checkpoint)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -151,15 +165,32 @@ class Trainer:
             self.corpus: TokenizedCorpus = tokenize_corpus(source, self.tokenizer, cache_dir, progress=show_progress)
             self._require_same_source("data", saved_facts.get("corpus_fingerprint"), self.corpus.fingerprint)
             if config.eval_data:
-                self.eval_corpus = tokenize_corpus(load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir)
+                self.eval_corpus = tokenize_corpus(
+                    load_corpus(config.eval_data, config.eval_split), self.tokenizer, cache_dir
+                )
         corpus_fingerprint = self.corpus.fingerprint  # of the source, before any recall facts are planted
         scored = None
         if config.recall_every is not None:
-            mix = mix_recall(self.corpus, FactWriter(self.tokenizer), config.recall_every, config.recall_max_distance, config.seed, config.recall_overlap)
+            mix = mix_recall(
+                self.corpus,
+                FactWriter(self.tokenizer),
+                config.recall_every,
+                config.recall_max_distance,
+                config.seed,
+                config.recall_overlap,
+            )
             self.corpus, scored = mix.corpus, mix.scored(config.recall_lm_share, config.seed)
         self.batcher = DocumentBatcher(
-            self.corpus, self.global_rows, config.train_ctx, mode=config.batching, shuffle=config.shuffle, seed=config.seed,
-            max_epochs=self.max_epochs, max_doc_tokens=config.max_doc_tokens, rows=self.distributed.rows(config.batch_size), scored=scored,
+            self.corpus,
+            self.global_rows,
+            config.train_ctx,
+            mode=config.batching,
+            shuffle=config.shuffle,
+            seed=config.seed,
+            max_epochs=self.max_epochs,
+            max_doc_tokens=config.max_doc_tokens,
+            rows=self.distributed.rows(config.batch_size),
+            scored=scored,
         )
 
         if config.init_from:
@@ -175,8 +206,10 @@ class Trainer:
         model = compile_layers(self.model) if config.compile else self.model
         self.forward_model = self.distributed.wrap(model, self.device, config.fsdp, self.kind.blocks(model))
         self.optimizer = torch.optim.AdamW(
-            _parameter_groups(self.model, config.weight_decay, config.weight_decay_scope), lr=config.lr,
-            betas=(config.beta1, config.beta2), fused=self.device.type == "cuda",
+            _parameter_groups(self.model, config.weight_decay, config.weight_decay_scope),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            fused=self.device.type == "cuda",
         )
         self.step = 0
         self.skipped_steps = 0  # steps whose gradients were not finite: no update (see _skip_step)
@@ -189,7 +222,9 @@ class Trainer:
         self.state: RecurrentState | None = None
         self.planned_steps = self._planned_steps()
         if checkpoint is not None:
-            self.schedule = planned_schedule(config, config.decay_steps or self.planned_steps)  # for runs saved without one
+            self.schedule = planned_schedule(
+                config, config.decay_steps or self.planned_steps
+            )  # for runs saved without one
             self._restore(checkpoint)
             if config.new_decay:
                 self.schedule = self.schedule.with_new_decay(self.step, self.planned_steps)
@@ -198,15 +233,25 @@ class Trainer:
             self.config.decay_steps = config.decay_steps or self.planned_steps
             self.schedule = planned_schedule(config, self.config.decay_steps)
             if self.distributed.is_main:
-                facts = {"version": __version__, "corpus_fingerprint": corpus_fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint()}
-                ckpt.write_run_config(self.run_dir, self.kind.config_values(self.model), {**config.to_dict(), "run_dir": str(self.run_dir), **facts})
+                facts = {
+                    "version": __version__,
+                    "corpus_fingerprint": corpus_fingerprint,
+                    "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+                }
+                ckpt.write_run_config(
+                    self.run_dir,
+                    self.kind.config_values(self.model),
+                    {**config.to_dict(), "run_dir": str(self.run_dir), **facts},
+                )
         self.metrics: MetricsLog | None = None  # only rank 0 writes metrics
         if self.distributed.is_main:
             self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
             self.metrics.truncate_after(self.step)
         self._pending: list[dict[str, Any]] = []
         # Known on every rank alike, unlike the checkpoint folder that only rank 0 writes.
-        self._step_saved: int | None = self.step if checkpoint is not None and checkpoint.name == ckpt.step_name(self.step) else None
+        self._step_saved: int | None = (
+            self.step if checkpoint is not None and checkpoint.name == ckpt.step_name(self.step) else None
+        )
         self._smoothed_loss: float | None = None
 
     # ----- setup -----
@@ -219,7 +264,9 @@ class Trainer:
         """The saved run's arguments with the allowed changes, and the facts saved about its sources."""
         run_dir = Path(config.resume)
         if not (run_dir / ckpt.CHECKPOINTS_DIR).is_dir():
-            raise UserError(f"{run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir.")
+            raise UserError(
+                f"{run_dir} holds no checkpoint to resume from; check the path or start a new run with --run-dir."
+            )
         saved = ckpt.read_run_config(run_dir)["training"]
         facts = {name: saved.pop(name) for name in RUN_FACTS if name in saved}
         current = config.to_dict()
@@ -233,7 +280,9 @@ class Trainer:
         merged = {**saved, **{name: current[name] for name in changes}, "resume": str(run_dir), "run_dir": str(run_dir)}
         data = Path(str(merged["data"])).expanduser()
         if data.is_absolute() and not data.exists():
-            raise UserError(f"The corpus of {run_dir}, {data}, is gone; pass --data with its new location (its content is checked).")
+            raise UserError(
+                f"The corpus of {run_dir}, {data}, is gone; pass --data with its new location (its content is checked)."
+            )
         return train_config_from_values(merged), facts
 
     def _require_same_source(self, name: str, saved_fingerprint: str | None, fingerprint: str) -> None:
@@ -248,10 +297,15 @@ class Trainer:
         saved = ckpt.read_run_config(source_run)
         source_kind = kind_of_run(saved.get("training", {}))
         if source_kind.name != self.kind.name:
-            raise UserError(f"Cannot start from {source}: it trained {source_kind.noun} and this run trains {self.kind.noun}; start from a run of the same kind.")
+            raise UserError(
+                f"Cannot start from {source}: it trained {source_kind.noun} and this run trains {self.kind.noun}; start from a run of the same kind."
+            )
         changed = self.kind.load_start_weights(self.model, saved["model"], checkpoint, source)
         if changed and self.distributed.is_main:
-            print(f"bakallm train: starting from {source} with model fields changed: {', '.join(changed)}", file=sys.stderr)
+            print(
+                f"bakallm train: starting from {source} with model fields changed: {', '.join(changed)}",
+                file=sys.stderr,
+            )
 
     def _planned_steps(self) -> int:
         """Steps the run will take: --max-steps, or the steps the batcher really needs for --epochs
@@ -298,8 +352,14 @@ class Trainer:
         if not self.distributed.is_main:
             return None
         path = ckpt.save_checkpoint(
-            self.run_dir, name or ckpt.step_name(self.step), ckpt.savable_weights(self.model, weights), optimizer_state, self._trainer_state(),
-            recurrent, {f"rank{rank}": state for rank, state in enumerate(rng_states)}, self.config.keep_last,
+            self.run_dir,
+            name or ckpt.step_name(self.step),
+            ckpt.savable_weights(self.model, weights),
+            optimizer_state,
+            self._trainer_state(),
+            recurrent,
+            {f"rank{rank}": state for rank, state in enumerate(rng_states)},
+            self.config.keep_last,
             write_extras=lambda folder: self.kind.save_extras(self.model, folder, weights),
         )
         return path
@@ -348,7 +408,9 @@ class Trainer:
         targets = batch.targets.to(device, non_blocking=True)
         state, reset = (self.state, batch.reset.to(device, non_blocking=True)) if self.carry_state else (None, None)
         with self._autocast():
-            output = self.forward_model(input_ids, state=state, reset=reset if state is not None else None, targets=targets, return_logits=False)
+            output = self.forward_model(
+                input_ids, state=state, reset=reset if state is not None else None, targets=targets, return_logits=False
+            )
         (output.loss * weight).backward()
         if self.carry_state:
             self.state = output.state.detach()
@@ -359,10 +421,14 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         self.model.train()
-        batches = [batch for batch in (self.batcher.next_batch() for _ in range(config.grad_accum)) if batch is not None]
+        batches = [
+            batch for batch in (self.batcher.next_batch() for _ in range(config.grad_accum)) if batch is not None
+        ]
         if not batches:
             return []
-        n_targets = sum(batch.total_targets for batch in batches)  # over all ranks' rows: every rank knows the global batch
+        n_targets = sum(
+            batch.total_targets for batch in batches
+        )  # over all ranks' rows: every rank knows the global batch
         n_inputs = sum(batch.total_inputs for batch in batches)  # tokens read, scored or not
         n_positions = sum(batch.targets.numel() for batch in batches) * self.distributed.world_size
         # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that average into the
@@ -396,9 +462,17 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.elapsed += seconds
         self._pending.append(
-            {"step": self.step, "epoch": batches[-1].epoch, "tokens": self.tokens_seen, "loss": loss_sum / max(n_targets, 1),
-             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_inputs / seconds, "time": self.elapsed,
-             "padding": 1 - n_inputs / n_positions}
+            {
+                "step": self.step,
+                "epoch": batches[-1].epoch,
+                "tokens": self.tokens_seen,
+                "loss": loss_sum / max(n_targets, 1),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": n_inputs / seconds,
+                "time": self.elapsed,
+                "padding": 1 - n_inputs / n_positions,
+            }
         )
         return batches
 
@@ -417,15 +491,21 @@ class Trainer:
                 f"The gradients were not finite (norm {float(grad_norm)}) in {self.skipped_in_a_row} steps in a row ({first}-{self.step + 1}), "
                 f"which were skipped; {kept}. Lower --lr, try --precision float32 or check the data, then resume."
             )
-        self._warn(f"step {self.step + 1}: the gradients are not finite (norm {float(grad_norm)}); step skipped, state reset "
-                   f"({self.skipped_steps} skipped in all)")
+        self._warn(
+            f"step {self.step + 1}: the gradients are not finite (norm {float(grad_norm)}); step skipped, state reset "
+            f"({self.skipped_steps} skipped in all)"
+        )
 
     def _flush_metrics(self) -> list[dict[str, Any]]:
         """Writes pending step metrics and returns them; the one host synchronisation, so done only every log_every steps."""
         if not self._pending:
             return []
         # Each rank's loss is its own token losses over all ranks' targets: their sum is the step's loss.
-        losses = self.distributed.sum(torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float()).cpu().tolist()
+        losses = (
+            self.distributed.sum(torch.stack([torch.as_tensor(entry["loss"]) for entry in self._pending]).float())
+            .cpu()
+            .tolist()
+        )
         norms = torch.stack([torch.as_tensor(entry["grad_norm"]) for entry in self._pending]).float().cpu().tolist()
         logged = []
         for entry, loss, norm in zip(self._pending, losses, norms):
@@ -440,20 +520,38 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         # Every rank evaluates the whole corpus (FSDP2 needs all ranks in each forward); rank 0 logs.
         n_ctx, stride = self.kind.reading(self.config.eval_n_ctx, reach=self.config.train_ctx)
-        settings = EvalSettings(n_ctx=n_ctx, stride=stride, batch_size=self.config.batch_size, device=self.device, autocast=self.autocast_dtype)
+        settings = EvalSettings(
+            n_ctx=n_ctx,
+            stride=stride,
+            batch_size=self.config.batch_size,
+            device=self.device,
+            autocast=self.autocast_dtype,
+        )
         self.model.eval()
         try:
             result = self.kind.evaluate(self.model, self.eval_corpus, settings)
         finally:
             self.model.train()
         if self.metrics is not None:
-            self.metrics.log_eval(step=self.step, tokens=self.tokens_seen, loss=result.loss, ppl=result.ppl, bpb=result.bpb, data=self.config.eval_data)
+            self.metrics.log_eval(
+                step=self.step,
+                tokens=self.tokens_seen,
+                loss=result.loss,
+                ppl=result.ppl,
+                bpb=result.bpb,
+                data=self.config.eval_data,
+            )
         return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb}
 
     def train(self) -> dict[str, Any]:
         """Trains to the end of the run, or until the first SIGINT/SIGTERM (then `summary["interrupted"]`)."""
         config = self.config
-        report = ProgressReport(self.planned_steps, self.step, show_bar=config.progress and sys.stdout.isatty(), enabled=self.distributed.is_main)
+        report = ProgressReport(
+            self.planned_steps,
+            self.step,
+            show_bar=config.progress and sys.stdout.isatty(),
+            enabled=self.distributed.is_main,
+        )
         last_eval: dict[str, float] | None = None
         interrupt = GracefulInterrupt("finishing this step, then saving a checkpoint")
         report.message(self.startup_summary())
@@ -476,7 +574,9 @@ class Trainer:
                 if self._step_saved != self.step:  # known on every rank alike, unlike the folder only rank 0 writes
                     self.save()
             if interrupt.requested:
-                report.message(f"Interrupted: saved step {self.step}; continue with `bakallm train --resume {self.run_dir}`.")
+                report.message(
+                    f"Interrupted: saved step {self.step}; continue with `bakallm train --resume {self.run_dir}`."
+                )
             elif self.eval_corpus is not None and not (config.eval_every and self.step % config.eval_every == 0):
                 last_eval = self.evaluate()
         finally:
@@ -485,8 +585,15 @@ class Trainer:
                 self.metrics.close()
             if self._lock is not None:
                 self._lock.release()
-        summary = {"run_dir": str(self.run_dir), "steps": self.step, "skipped_steps": self.skipped_steps, "epochs_done": self.epochs_done, "tokens": self.tokens_seen,
-                   "loss": self._smoothed_loss, "padding": 1 - self.tokens_seen / max(self.positions_seen, 1)}
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "epochs_done": self.epochs_done,
+            "tokens": self.tokens_seen,
+            "loss": self._smoothed_loss,
+            "padding": 1 - self.tokens_seen / max(self.positions_seen, 1),
+        }
         if interrupt.requested:
             summary["interrupted"] = True
         if last_eval:
@@ -499,8 +606,14 @@ class Trainer:
         config = self.config
         counts = self.model.num_parameters()
         kind = self.kind.describe(config.to_dict())
-        precision = {"pure-bfloat16": "pure bfloat16"}.get(config.precision) or ("bfloat16 autocast" if self.autocast_dtype is not None else "float32")
-        threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if self.device.type == "cpu" else ""
+        precision = {"pure-bfloat16": "pure bfloat16"}.get(config.precision) or (
+            "bfloat16 autocast" if self.autocast_dtype is not None else "float32"
+        )
+        threads = (
+            f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+            if self.device.type == "cpu"
+            else ""
+        )
         ranks = f" x {self.distributed.world_size} ranks" if self.distributed.world_size > 1 else ""
         tokens_per_step = self.global_rows * config.train_ctx * config.grad_accum
         steps_left = self.planned_steps - self.step
@@ -509,24 +622,28 @@ class Trainer:
         decay = self.config.decay_steps or self.planned_steps
         final_lr = config.lr * (1.0 if config.schedule == "constant" else config.min_lr_ratio)
         start = f"resuming from step {self.step}: {steps_left:,} steps to go" if self.step else "starting a new run"
-        return "\n".join([
-            f"bakallm train: {start}",
-            f"  model       {kind}: {counts['total'] / 1e6:.2f}M parameters, {counts['embedding'] / 1e6:.2f}M of them in embeddings "
-            f"and {(counts['total'] - counts['embedding']) / 1e6:.2f}M in the rest",
-            f"  device      {self.device.type}{ranks}, {precision}{threads}",
-            f"  corpus      {self.corpus_name}: {len(self.corpus):,} documents, {self.corpus.n_tokens:,} tokens of {self.tokenizer.name} "
-            f"({self.tokenizer.vocab_size:,} token types)",
-            f"  plan        {self.planned_steps:,} steps of {self.global_rows} rows x {config.train_ctx:,} tokens{accumulation} = {tokens_per_step:,} tokens each: "
-            f"{share:.2f} passes over the corpus",
-            f"  lr          {config.schedule} from {config.lr:g} to {final_lr:g} over {decay:,} steps, after {config.warmup_steps} warm-up steps",
-            f"  saved in    {self.run_dir} (every {config.save_every:,} steps and at the end, the last {config.keep_last} kept)",
-        ])
+        return "\n".join(
+            [
+                f"bakallm train: {start}",
+                f"  model       {kind}: {counts['total'] / 1e6:.2f}M parameters, {counts['embedding'] / 1e6:.2f}M of them in embeddings "
+                f"and {(counts['total'] - counts['embedding']) / 1e6:.2f}M in the rest",
+                f"  device      {self.device.type}{ranks}, {precision}{threads}",
+                f"  corpus      {self.corpus_name}: {len(self.corpus):,} documents, {self.corpus.n_tokens:,} tokens of {self.tokenizer.name} "
+                f"({self.tokenizer.vocab_size:,} token types)",
+                f"  plan        {self.planned_steps:,} steps of {self.global_rows} rows x {config.train_ctx:,} tokens{accumulation} = {tokens_per_step:,} tokens each: "
+                f"{share:.2f} passes over the corpus",
+                f"  lr          {config.schedule} from {config.lr:g} to {final_lr:g} over {decay:,} steps, after {config.warmup_steps} warm-up steps",
+                f"  saved in    {self.run_dir} (every {config.save_every:,} steps and at the end, the last {config.keep_last} kept)",
+            ]
+        )
 
     def _report(self, report: ProgressReport, batch: Batch) -> None:
         logged = self._flush_metrics()
         padding = sum(entry["padding"] for entry in logged) / len(logged)
         tokens_per_s = sum(entry["tokens_per_s"] for entry in logged) / len(logged)
-        report.log(self.step, batch.epoch + batch.epoch_fraction, self._smoothed_loss, logged[-1]["lr"], tokens_per_s, padding)
+        report.log(
+            self.step, batch.epoch + batch.epoch_fraction, self._smoothed_loss, logged[-1]["lr"], tokens_per_s, padding
+        )
 
     def _end_epoch(self, report: ProgressReport) -> None:
         self.epochs_done += 1

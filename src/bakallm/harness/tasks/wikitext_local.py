@@ -28,7 +28,9 @@ logging.getLogger("lm_eval.api.task").addFilter(_MetadataAdvice())
 
 def load_articles(path: str | None = None, max_articles: int | None = None, **unused) -> datasets.DatasetDict:
     if path is None:
-        raise UserError('The bakallm_wikitext task needs the WikiText file: pass --metadata \'{"path": "PATH/wiki.valid.raw"}\'.')
+        raise UserError(
+            'The bakallm_wikitext task needs the WikiText file: pass --metadata \'{"path": "PATH/wiki.valid.raw"}\'.'
+        )
     rows = []
     for document in load_corpus(path, "test"):
         if max_articles is not None and len(rows) >= int(max_articles):
@@ -44,4 +46,8 @@ def article_text(doc: dict) -> str:
 def process_results(doc: dict, results: list[float]) -> dict:
     (loglikelihood,) = results
     words, n_bytes = count_words(doc["text"]), count_bytes(doc["text"])
-    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, n_bytes), "bits_per_byte": (loglikelihood, n_bytes)}
+    return {
+        "word_perplexity": (loglikelihood, words),
+        "byte_perplexity": (loglikelihood, n_bytes),
+        "bits_per_byte": (loglikelihood, n_bytes),
+    }
