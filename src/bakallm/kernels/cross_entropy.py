@@ -97,8 +97,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 (grad_model_log_weight * grad_loss).to(model_log_weight_dtype),
                 (grad_other_log_prob * grad_loss).to(other_log_prob_dtype),
             )
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        return grad_hidden, (grad_weight * grad_loss).to(weight_dtype), None, *mixture_grads, None, None, None
+        # In place: the head's gradient is as large as the head, and a fresh copy of it costs more
+        # than the multiplication (new pages). Autograd refuses a second backward through this call.
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        return grad_hidden, grad_weight.mul_(grad_loss).to(weight_dtype), None, *mixture_grads, None, None, None
 
 
 def linear_cross_entropy(

@@ -268,27 +268,26 @@ class BakaLM(nn.Module):
         if reset is not None:
             state = state.reset(reset)
         window = self.config.window
-        window_logits, window_token_losses = [], []
-        loss_sum = None
+        window_logits, window_hidden, window_mixtures = [], [], []
         reader = WindowReader(self, state)
+        # Every token of the call embedded at once: the embedding's gradient, a tensor the size of the
+        # vocabulary's table, is then built once per call rather than once per window.
+        embedded = self.embed(input_ids)
         for start in range(0, length, window):
             window_ids = input_ids[:, start : start + window]
             before = reader.state
-            hidden = reader.read(window_ids, ends_window=True)
+            hidden = reader.read(window_ids, ends_window=True, embedded=embedded[:, start : start + window])
             state = reader.commit()
             if targets is None and not return_logits:
                 continue
             hidden = self.final_norm(hidden)
             if targets is not None:
-                window_targets = targets[:, start : start + window]
-                mixture = None
+                window_hidden.append(hidden)
                 if self.document_cache is not None:
-                    mixture = self.document_cache.target_mixture(hidden, before, window_ids, window_targets)
-                window_loss, token_losses = self._window_cross_entropy(
-                    hidden.flatten(0, 1), window_targets.flatten(), mixture
-                )
-                loss_sum = window_loss if loss_sum is None else loss_sum + window_loss
-                window_token_losses.append(token_losses.view(window_targets.shape))
+                    mixture = self.document_cache.target_mixture(
+                        hidden, before, window_ids, targets[:, start : start + window]
+                    )
+                    window_mixtures.append(tuple(part.view(batch, -1) for part in mixture))
             if return_logits:
                 logits = self.lm_head(hidden)[..., : self.config.vocab_size]
                 if self.document_cache is not None:
@@ -296,9 +295,17 @@ class BakaLM(nn.Module):
                 window_logits.append(logits)
         loss = n_targets = token_losses = None
         if targets is not None:
+            # One loss over every window of the call: the head's weight gradient is built once per
+            # call rather than once per window (each a float32 tensor the size of the head).
+            mixture = (
+                tuple(torch.cat(parts, dim=1).flatten() for parts in zip(*window_mixtures)) if window_mixtures else None
+            )
+            loss_sum, token_losses = self._cross_entropy(
+                torch.cat(window_hidden, dim=1).flatten(0, 1), targets.flatten(), mixture
+            )
             n_targets = (targets != IGNORE_INDEX).sum()
             loss = loss_sum / n_targets.clamp(min=1)
-            token_losses = torch.cat(window_token_losses, dim=1)
+            token_losses = token_losses.view(targets.shape)
         all_logits = (
             (window_logits[0] if len(window_logits) == 1 else torch.cat(window_logits, dim=1))
             if return_logits
@@ -306,11 +313,11 @@ class BakaLM(nn.Module):
         )
         return ModelOutput(logits=all_logits, loss=loss, state=state, n_targets=n_targets, token_losses=token_losses)
 
-    def _window_cross_entropy(
+    def _cross_entropy(
         self, hidden: torch.Tensor, targets: torch.Tensor, mixture: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed loss of a window's targets [N] from its final hidden states [N, d], and each
-        target's loss [N], in chunks of tokens: the window's float32 logits never all exist at once."""
+        """The summed loss of targets [N] from their final hidden states [N, d], and each target's
+        loss [N], in chunks of tokens: the float32 logits never all exist at once."""
         n_positions = len(targets)
         hidden, targets, scored = scored_positions(hidden, targets)
         if scored is not None and mixture is not None:
@@ -323,15 +330,17 @@ class BakaLM(nn.Module):
         return loss, token_losses
 
     # ----- the pieces of a window that the window runtime (model/window.py) asks for -----
-    def embed_window_tokens(self, input_ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeds tokens `first`, `first`+1, ... of a window and puts pause k before token
-        k * pause_step (k < n_pauses).
+    def embed_window_tokens(
+        self, input_ids: torch.Tensor, first: int, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeds tokens `first`, `first`+1, ... of a window (or takes their embeddings `tokens`)
+        and puts pause k before token k * pause_step (k < n_pauses).
 
         Returns the body [B, n, d] (these tokens and the pauses that fall among them, starting
         with the pause before token `first` if there is one) and each token's index in it.
         """
         config = self.config
-        tokens = self.embed(input_ids)
+        tokens = self.embed(input_ids) if tokens is None else tokens
         batch, length, d_model = tokens.shape
         indices = torch.arange(first, first + length, device=tokens.device)
         if config.n_pauses == 0:

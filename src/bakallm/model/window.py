@@ -61,12 +61,15 @@ class WindowReader:
         return self.tokens_in_window == self.config.window
 
     # ----- the two steps -----
-    def read(self, input_ids: torch.Tensor, ends_window: bool = False) -> torch.Tensor:
+    def read(
+        self, input_ids: torch.Tensor, ends_window: bool = False, embedded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Reads input_ids [B, n], the next tokens of the window in progress (n at most what is left
         of it); returns the last layer's output at them [B, n, d_model] (before the final norm).
 
         `ends_window`: these tokens are the whole window (or the last, partial one of a forward
-        call); its write slots run in the same pass, and `commit` follows.
+        call); its write slots run in the same pass, and `commit` follows. `embedded`: the tokens'
+        embeddings [B, n, d_model] when the caller has them (default: looked up here).
         """
         config, model = self.config, self.model
         length = input_ids.shape[1]
@@ -76,7 +79,7 @@ class WindowReader:
             )
         if ends_window and self.tokens_in_window:
             raise ValueError("ends_window reads a whole window in one piece; this window is already partly read.")
-        body, token_positions = model.embed_window_tokens(input_ids, first=self.tokens_in_window)
+        body, token_positions = model.embed_window_tokens(input_ids, first=self.tokens_in_window, tokens=embedded)
         only_tokens = (
             body.shape[1] == length and self.tokens_in_window > 0
         )  # no pause, no slot: x holds just the tokens
