@@ -386,6 +386,9 @@ def test_torchrun_starts_python_m_bakallm_as_the_readme_says(workspace, single_p
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2  # the summary, printed once, by rank 0
-    assert len(result.stdout.strip().splitlines()) == 1
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-1])["steps"] == 2  # the summary, last
+    # Printed by rank 0 only: the start-up summary once, the final summary once.
+    assert sum(line.startswith("bakallm train: starting a new run") for line in lines) == 1
+    assert sum(line.startswith('{"run_dir"') for line in lines) == 1
     assert max(abs(a - b) for a, b in zip(step_losses(single_process_run), step_losses(run_dir))) <= TOLERANCE

@@ -459,12 +459,12 @@ def test_resume_across_an_epoch_end_with_gradient_accumulation_and_evaluation(
 KILL_AT_STAGE = {
     "weights": """
 from bakallm.training import checkpoint
-real_save_model = checkpoint.save_model
-def save_model(model, path, *a, **k):
-    if "step-00000004" in path:
+real_save_file = checkpoint.save_file
+def save_file(tensors, path, *a, **k):
+    if "step-00000004" in str(path) and str(path).endswith("model.safetensors"):
         half_written_then_killed(path)
-    return real_save_model(model, path, *a, **k)
-checkpoint.save_model = save_model
+    return real_save_file(tensors, path, *a, **k)
+checkpoint.save_file = save_file
 """,
     "optimizer": """
 real_save = torch.save
