@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from bakallm.data.token_cache import TokenizedCorpus
+    from bakallm.evaluation.settings import EvalSettings
     from bakallm.evaluation.tally import EvalResult
     from bakallm.kinds import ModelKind
     from bakallm.results.db import ResultRow
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from bakallm.evaluation.settings import EvalSettings
     from bakallm.results.context_use import context_uses, format_context_use
     from bakallm.results.db import ResultsDB, default_db_path, utc_now_iso
-    from bakallm.results.rows import lm_figures, result_row
+    from bakallm.results.rows import result_row
     from bakallm.results.table import json_value
 
     if args.split not in HUB_WIKITEXT_SPLITS:
@@ -193,13 +194,11 @@ def run(args: argparse.Namespace) -> int:
         corpus = tokenize_corpus(
             load_corpus(args.data, args.split), tokenizer, cache_dir=args.cache_dir, progress=args.progress
         )
-        stride = None
         if args.task == "recall":
             measurements = _recall_measurements(args, subject, corpus, tokenizer, contexts, batch_size, device)
         else:
-            measurements = []
-            for context in contexts:
-                settings = EvalSettings(
+            settings = [
+                EvalSettings(
                     n_ctx=context,
                     stride=args.stride,
                     batch_size=batch_size,
@@ -207,13 +206,11 @@ def run(args: argparse.Namespace) -> int:
                     progress=args.progress,
                     position_buckets=position_buckets,
                 )
-                result = kind.evaluate(model, corpus, settings)
-                stride = kind.stride(settings)
-                measurements.append(
-                    (context, (lm_figures(result), {"n_articles": result.n_articles}, _lm_summary(result)))
-                )
+                for context in contexts
+            ]
+            measurements = (_lm_measurement(kind, model, corpus, each) for each in settings)  # each stored once scored
         stored = []
-        for context, (figures, extra, describe) in measurements:
+        for context, stride, (figures, extra, describe) in measurements:
             row = result_row(
                 subject.record,
                 args.data,
@@ -259,8 +256,15 @@ def _check_task_flags(args: argparse.Namespace) -> None:
 Describe = Callable[["ResultRow", Path], str]
 
 
-def _lm_summary(result: EvalResult) -> Describe:
-    return lambda row, db_path: _summary(row, result, db_path)
+def _lm_measurement(
+    kind: ModelKind, model: torch.nn.Module, corpus: TokenizedCorpus, settings: EvalSettings
+) -> tuple[int, int | None, tuple[dict, dict, Describe]]:
+    """(context, stride, (the row's figures, its extra facts, its printed summary)) of one scoring."""
+    from bakallm.results.rows import lm_figures
+
+    result = kind.evaluate(model, corpus, settings)
+    summary = lambda row, db_path: _summary(row, result, db_path)
+    return settings.n_ctx, kind.stride(settings), (lm_figures(result), {"n_articles": result.n_articles}, summary)
 
 
 def _recall_measurements(
@@ -271,8 +275,8 @@ def _recall_measurements(
     contexts: list[int],
     batch_size: int,
     device: torch.device,
-) -> Iterator[tuple[int, tuple[dict, dict, Describe]]]:
-    """Per context: the figures of every distance (all samples drawn before anything is scored)."""
+) -> Iterator[tuple[int, None, tuple[dict, dict, Describe]]]:
+    """Per context: (context, no stride, the figures of every distance); all samples are drawn before anything is scored."""
     import time
 
     from bakallm.data.recall import parse_distances
@@ -302,6 +306,7 @@ def _recall_measurements(
         figures["tokens_per_s"] = test.read_tokens / (time.perf_counter() - started)
         yield (
             context,
+            None,
             (figures, extra, lambda row, db_path: format_recall_scores(row) + f"saved as row {row.id} of {db_path}"),
         )
 
