@@ -111,3 +111,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A one-layer tiny model: small enough that a training step takes milliseconds.
+SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}
+
+
+@pytest.fixture(scope="session")
+def small_train_args() -> Callable[..., list[str]]:
+    """`small_train_args(folder, corpus, *extra)`: the `bakallm train` arguments of SMALL_MODEL on
+    `corpus` in bytes (2 rows x 64 tokens, one thread, no progress bar), its model config and token
+    cache kept in `folder`, with `extra` after them."""
+    import json
+
+    def build(folder: Path, corpus: Path, *extra: str) -> list[str]:
+        model_file = folder / "small.json"
+        model_file.write_text(json.dumps(SMALL_MODEL))
+        return [
+            "train", "--preset", "tiny", "--model-config", str(model_file), "--data", str(corpus), "--tokenizer", "bytes",
+            "--batch-size", "2", "--train-ctx", "64", "--warmup-steps", "1", "--no-progress", "--threads", "1",
+            "--cache-dir", str(folder / "cache"), *extra,
+        ]  # fmt: skip
+
+    return build

@@ -19,56 +19,24 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def _train(corpus, run_dir, *extra):
-    model_file = run_dir.parent / "small.json"
-    model_file.write_text(
-        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
-    )
+def _train(train_args, corpus, run_dir, *extra):
     return main(
-        [
-            "train",
-            "--preset",
-            "tiny",
-            "--model-config",
-            str(model_file),
-            "--data",
-            str(corpus),
-            "--tokenizer",
-            "bytes",
-            "--batch-size",
-            "2",
-            "--train-ctx",
-            "64",
-            "--warmup-steps",
-            "1",
-            "--save-every",
-            "2",
-            "--keep-last",
-            "3",
-            "--no-progress",
-            "--threads",
-            "1",
-            "--cache-dir",
-            str(run_dir.parent / "cache"),
-            "--run-dir",
-            str(run_dir),
-            *extra,
-        ]
+        train_args(run_dir.parent, corpus, "--save-every", "2", "--keep-last", "3", "--run-dir", str(run_dir), *extra)
     )
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def uninterrupted(corpus, tmp_path_factory, small_train_args):
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert _train(corpus, run_dir, "--max-steps", "6") == 0
+    assert _train(small_train_args, corpus, run_dir, "--max-steps", "6") == 0
     return run_dir
 
 
 @pytest.fixture
-def run(corpus, tmp_path, capsys):
+def run(corpus, tmp_path, capsys, small_train_args):
     """A run saved at steps 2 and 4 (LATEST), planned for 6."""
     run_dir = tmp_path / "run"
-    assert _train(corpus, run_dir, "--max-steps", "4", "--decay-steps", "6") == 0
+    assert _train(small_train_args, corpus, run_dir, "--max-steps", "4", "--decay-steps", "6") == 0
     capsys.readouterr()
     return run_dir
 

@@ -45,47 +45,20 @@ def corpus(tmp_path):
     return folder
 
 
-def _train_args(corpus, tmp_path, *extra):
-    model_file = tmp_path / "small.json"
-    model_file.write_text(
-        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
-    )
-    return [
-        "train",
-        "--preset",
-        "tiny",
-        "--model-config",
-        str(model_file),
-        "--data",
-        str(corpus),
-        "--tokenizer",
-        "bytes",
-        "--batch-size",
-        "2",
-        "--train-ctx",
-        "64",
-        "--warmup-steps",
-        "1",
-        "--save-every",
-        "2",
-        "--no-progress",
-        "--threads",
-        "1",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        *extra,
-    ]
-
-
 def _one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
     return lines[0]
 
 
-def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_the_run_resumes(corpus, tmp_path, capsys):
+def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_the_run_resumes(
+    corpus, tmp_path, capsys, small_train_args
+):
     run_dir = tmp_path / "run"
-    assert main(_train_args(corpus, tmp_path, "--max-steps", "2", "--run-dir", str(run_dir))) == 0
+    assert (
+        main(small_train_args(tmp_path, corpus, "--save-every", "2", "--max-steps", "2", "--run-dir", str(run_dir)))
+        == 0
+    )
     before = {path.name: path.read_bytes() for path in (ckpt.latest_checkpoint(run_dir)).iterdir()}
     weights_size = len(before[ckpt.MODEL_FILE])
     capsys.readouterr()
@@ -107,8 +80,10 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_the_run_resu
     assert (run_dir / ckpt.LATEST_FILE).read_text().strip() == "step-00000004"
 
 
-def test_a_token_cache_that_does_not_fit_is_not_left_half_written(corpus, tmp_path, capsys):
-    args = _train_args(corpus, tmp_path, "--max-steps", "1", "--run-dir", str(tmp_path / "run"))
+def test_a_token_cache_that_does_not_fit_is_not_left_half_written(corpus, tmp_path, capsys, small_train_args):
+    args = small_train_args(
+        tmp_path, corpus, "--save-every", "2", "--max-steps", "1", "--run-dir", str(tmp_path / "run")
+    )
     with file_size_limit(2000):  # the corpus is 19 kB of tokens
         assert main(args) == 2
     error = _one_error_line(capsys)

@@ -81,44 +81,13 @@ def test_the_plain_transformer_has_the_size_of_the_preset_outside_its_embeddings
     assert not fields["mamba"] and not fields["xl_cache"] and fields["n_memory"] == 0 and fields["window"] == 512
 
 
-def test_train_prints_what_the_run_will_do_and_resume_says_where_it_starts(tmp_path, capsys):
+def test_train_prints_what_the_run_will_do_and_resume_says_where_it_starts(tmp_path, capsys, small_train_args):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("abcdefgh " * 300, encoding="utf-8")  # 2,700 bytes
-    model_file = tmp_path / "small.json"
-    model_file.write_text(
-        '{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}'
+    args = small_train_args(
+        tmp_path, corpus, "--max-steps", "3", "--lr", "0.001", "--save-every", "2", "--run-dir", str(tmp_path / "run")
     )
-    args = [
-        "train",
-        "--preset",
-        "tiny",
-        "--model-config",
-        str(model_file),
-        "--data",
-        str(corpus),
-        "--tokenizer",
-        "bytes",
-        "--batch-size",
-        "2",
-        "--train-ctx",
-        "64",
-        "--max-steps",
-        "3",
-        "--lr",
-        "0.001",
-        "--warmup-steps",
-        "1",
-        "--save-every",
-        "2",
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--no-progress",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--threads",
-        "1",
-    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     counts = BakaLM(

@@ -8,42 +8,6 @@ import pytest
 
 from bakallm.cli import main
 
-SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "window": 32, "n_memory": 2, "n_pauses": 2}
-
-
-def _train(tmp_path, corpus, *extra):
-    model_file = tmp_path / "small.json"
-    model_file.write_text(json.dumps(SMALL_MODEL))
-    return main(
-        [
-            "train",
-            "--preset",
-            "tiny",
-            "--model-config",
-            str(model_file),
-            "--data",
-            str(corpus),
-            "--tokenizer",
-            "bytes",
-            "--batch-size",
-            "2",
-            "--train-ctx",
-            "64",
-            "--max-steps",
-            "2",
-            "--warmup-steps",
-            "1",
-            "--no-progress",
-            "--threads",
-            "1",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--run-dir",
-            str(tmp_path / "run"),
-            *extra,
-        ]
-    )
-
 
 def _files(folder):
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
@@ -54,12 +18,14 @@ def _files(folder):
     [b"plain\x00text with\x00NUL bytes " * 200, b" \n\t \r\n" * 500, b"one line without any newline " * 400_000],
     ids=["NUL bytes", "whitespace only", "a 12 MB line"],
 )
-def test_odd_text_is_trained_on_and_nothing_lands_outside_the_run(tmp_path, content, capsys):
+def test_odd_text_is_trained_on_and_nothing_lands_outside_the_run(tmp_path, content, capsys, small_train_args):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "odd.txt").write_bytes(content)
     before = _files(tmp_path)
-    assert _train(tmp_path, corpus) == 0, capsys.readouterr().err
+    assert main(small_train_args(tmp_path, corpus, "--max-steps", "2", "--run-dir", str(tmp_path / "run"))) == 0, (
+        capsys.readouterr().err
+    )
     new = [
         path for path in _files(tmp_path) if path not in before and path != "small.json"
     ]  # the test's own model file
@@ -69,11 +35,11 @@ def test_odd_text_is_trained_on_and_nothing_lands_outside_the_run(tmp_path, cont
     )
 
 
-def test_invalid_utf8_is_refused_naming_the_file(tmp_path, capsys):
+def test_invalid_utf8_is_refused_naming_the_file(tmp_path, capsys, small_train_args):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "bad.txt").write_bytes(b"fine text " * 50 + b"\xff\xfe broken " * 10)
-    assert _train(tmp_path, corpus) == 2
+    assert main(small_train_args(tmp_path, corpus, "--max-steps", "2", "--run-dir", str(tmp_path / "run"))) == 2
     error = capsys.readouterr().err.strip()
     assert (
         error
@@ -83,20 +49,24 @@ def test_invalid_utf8_is_refused_naming_the_file(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_100_mb_line_is_trained_on(tmp_path, capsys):
+def test_a_100_mb_line_is_trained_on(tmp_path, capsys, small_train_args):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "huge.txt").write_bytes(b"one line without any newline " * (100 * 2**20 // 29))
-    assert _train(tmp_path, corpus) == 0, capsys.readouterr().err
+    assert main(small_train_args(tmp_path, corpus, "--max-steps", "2", "--run-dir", str(tmp_path / "run"))) == 0, (
+        capsys.readouterr().err
+    )
 
 
-def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_by_bench_and_resume(tmp_path, capsys):
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_by_bench_and_resume(
+    tmp_path, capsys, small_train_args
+):
     from bakallm.data import embedded
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("the cat sat on the mat. " * 100, encoding="utf-8")
-    assert _train(tmp_path, corpus) == 0
+    assert main(small_train_args(tmp_path, corpus, "--max-steps", "2", "--run-dir", str(tmp_path / "run"))) == 0
     capsys.readouterr()
     assert (
         main(

@@ -95,6 +95,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def _is_run_config(path: Path) -> bool:
     try:
-        return "model" in read_json_object(path) and "training" in read_json_object(path)
+        values = read_json_object(path)
     except UserError:
         return False
+    return "model" in values and "training" in values

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument(
         "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories written by `bakallm train`"
     )
-    runs.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    _add_output(runs)
     runs.add_argument(
         "--smooth",
         type=float,
@@ -25,21 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exponential smoothing of the training loss, 0 (none) to below 1 (default: 0.9)",
     )
     context = modes.add_parser("context", help="benchmark loss against context length, one line per model")
-    options.add_db(context)
-    context.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="NAME",
-        help="a model_name to plot; repeat for several (default: all)",
-    )
-    context.add_argument("--benchmark", help="only rows of this benchmark")
-    context.add_argument("--split", help="only rows of this split")
-    context.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    _add_result_filters(context, "only rows of this benchmark")
     study = modes.add_parser("study", help="training loss of every variant of a `bakallm ablate` study")
     study.add_argument("study", metavar="STUDY", help="the study name, as in its study file")
     options.add_db(study)
-    study.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    _add_output(study)
     study.add_argument(
         "--smooth", type=float, default=0.9, help="exponential smoothing of the training loss (default: 0.9)"
     )
@@ -47,32 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "positions",
         help="benchmark loss by position in the article, one line per model and context length (whole vs reset)",
     )
-    options.add_db(positions)
-    positions.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="NAME",
-        help="a model_name to plot; repeat for several (default: all)",
-    )
-    positions.add_argument("--benchmark", help="only rows of this benchmark")
-    positions.add_argument("--split", help="only rows of this split")
-    positions.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    _add_result_filters(positions, "only rows of this benchmark")
     recall = modes.add_parser(
         "recall",
         help="recall accuracy against the distance between fact and query (`bench --task recall`), one line per model and context",
     )
-    options.add_db(recall)
-    recall.add_argument(
+    _add_result_filters(recall, "only rows whose filler is this corpus")
+
+
+def _add_result_filters(mode: argparse.ArgumentParser, benchmark_help: str) -> None:
+    """The flags of a plot drawn from the results database: which rows, and where the PNG goes."""
+    options.add_db(mode)
+    mode.add_argument(
         "--model",
         action="append",
         dest="models",
         metavar="NAME",
         help="a model_name to plot; repeat for several (default: all)",
     )
-    recall.add_argument("--benchmark", help="only rows whose filler is this corpus")
-    recall.add_argument("--split", help="only rows of this split")
-    recall.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    mode.add_argument("--benchmark", help=benchmark_help)
+    mode.add_argument("--split", help="only rows of this split")
+    _add_output(mode)
+
+
+def _add_output(mode: argparse.ArgumentParser) -> None:
+    mode.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
@@ -54,3 +55,15 @@ def require_vocabulary_fits(
 def require_positive(name: str, value: int) -> None:
     if value < 1:
         raise UserError(f"{name} must be at least 1, got {value}.")
+
+
+def scoring_progress(corpus: TokenizedCorpus, shown: bool) -> tqdm:
+    """The progress bar of scoring `corpus`, counted in scored tokens (silent unless `shown`)."""
+    return tqdm(
+        total=scored_token_count(corpus),
+        unit="tok",
+        unit_scale=True,
+        desc="scoring",
+        disable=None if shown else True,
+        dynamic_ncols=True,
+    )

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from bakallm.data.token_cache import TokenizedCorpus
 from bakallm.errors import UserError
@@ -24,7 +23,7 @@ from bakallm.evaluation.articles import (
     require_positive,
     require_vocabulary_fits,
     scorable_articles,
-    scored_token_count,
+    scoring_progress,
 )
 from bakallm.evaluation.memory import PeakMemory
 from bakallm.evaluation.settings import EvalSettings
@@ -134,14 +133,7 @@ def score_articles(
         with (
             torch.inference_mode(),
             precision,
-            tqdm(
-                total=scored_token_count(corpus),
-                unit="tok",
-                unit_scale=True,
-                desc="scoring",
-                disable=None if settings.progress else True,
-                dynamic_ncols=True,
-            ) as bar,
+            scoring_progress(corpus, settings.progress) as bar,
         ):
             state = model.init_state(feeder.n_rows, device)
             windows = feeder.next_windows()

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from bakallm.data.corpora import hub_revision
 from bakallm.data.token_cache import TokenizedCorpus
@@ -30,7 +29,7 @@ from bakallm.evaluation.articles import (
     require_positive,
     require_vocabulary_fits,
     scorable_articles,
-    scored_token_count,
+    scoring_progress,
 )
 from bakallm.evaluation.memory import PeakMemory
 from bakallm.evaluation.settings import EvalSettings
@@ -176,14 +175,7 @@ def evaluate_hf(model: str | Path | PreTrainedModel, corpus: TokenizedCorpus, se
     started = time.perf_counter()
     with (
         torch.inference_mode(),
-        tqdm(
-            total=scored_token_count(corpus),
-            unit="tok",
-            unit_scale=True,
-            desc="scoring",
-            disable=None if settings.progress else True,
-            dynamic_ncols=True,
-        ) as bar,
+        scoring_progress(corpus, settings.progress) as bar,
     ):
         while batch := list(islice(windows, batch_size)):
             input_ids, attention_mask, targets = _window_batch(corpus, batch)
