@@ -126,7 +126,7 @@ def build_case(
 
         return evaluate
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as the trainer's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
 
     def train_step():
         loss_of_batch().backward()
