@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bakallm.kernels import SCAN_BACKENDS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     add_device_arguments,
@@ -236,7 +238,7 @@ def main() -> None:
     parser.add_argument(
         "--scan",
         default="auto",
-        choices=["auto", "triton", "parallel", "blocked", "reference"],
+        choices=SCAN_BACKENDS,
         help="our models' selective scan backend",
     )
     parser.add_argument(

@@ -1,5 +1,7 @@
 """Choosing the selective scan's backend: "auto" by device, forced backends that cannot run refused."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,20 +16,51 @@ def triton_missing(monkeypatch):
     monkeypatch.setattr(scan, "_triton", {"module": "No module named 'triton'"})
 
 
-def test_auto_picks_the_blocked_scan_on_cpu():
-    assert scan.resolve_scan_backend("auto", torch.device("cpu")) == "blocked"
+def test_auto_picks_the_compiled_scan_on_cpu_and_falls_back_to_the_blocked_one_with_one_warning(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(scan, "_self_checks", {("cpu", cpu): None})  # as if it had built and passed
+    assert scan.resolve_scan_backend("auto", cpu) == "cpu"
+    monkeypatch.setattr(scan, "_self_checks", {("cpu", cpu): "it could not be built here (OSError: no compiler)"})
+    monkeypatch.setattr(scan, "_warned", set())
+    with pytest.warns(
+        UserWarning,
+        match=r"The compiled CPU scan is not used: it could not be built here \(OSError: no compiler\); the blocked scan runs instead\.",
+    ):
+        assert scan.resolve_scan_backend("auto", cpu) == "blocked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: every Mamba block resolves its backend at every call
+        assert scan.resolve_scan_backend("auto", cpu) == "blocked"
+
+
+def test_a_cpu_scan_that_cannot_be_built_says_why(monkeypatch):
+    monkeypatch.setattr(scan, "_self_checks", {})
+    monkeypatch.setattr(scan, "compiled_module", lambda: "CalledProcessError: Command 'c++' returned 1")
+    assert scan.self_check_failure("cpu", torch.device("cpu")) == (
+        "it could not be built here (CalledProcessError: Command 'c++' returned 1)"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"The cpu scan backend cannot run: it could not be built here .*; choose --scan blocked or auto\.$",
+    ):
+        scan.resolve_scan_backend("cpu", torch.device("cpu"))
+
+
+def test_forced_cpu_scan_off_the_cpu_is_refused():
+    with pytest.raises(UserError, match="The cpu scan backend runs on the CPU, not on meta; choose --scan auto."):
+        scan.resolve_scan_backend("cpu", torch.device("meta"))
 
 
 def test_auto_picks_triton_on_cuda_only_when_triton_imports(monkeypatch, triton_missing):
     assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "parallel"
     monkeypatch.setattr(scan, "_triton", {"module": object()})
-    monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): None})  # as if it had passed there
+    monkeypatch.setattr(scan, "_self_checks", {("triton", torch.device("cuda")): None})  # as if it had passed there
     assert scan.resolve_scan_backend("auto", torch.device("cuda")) == "triton"
 
 
 def test_auto_falls_back_to_the_log_depth_scan_with_a_warning_when_the_self_check_fails(monkeypatch):
     monkeypatch.setattr(scan, "_triton", {"module": object()})
-    monkeypatch.setattr(scan, "_triton_self_checks", {torch.device("cuda"): "CompilationError: at 12:4"})
+    monkeypatch.setattr(scan, "_self_checks", {("triton", torch.device("cuda")): "CompilationError: at 12:4"})
+    monkeypatch.setattr(scan, "_warned", set())
     with pytest.warns(
         UserWarning,
         match=r"The Triton scan failed its self-check on cuda \(CompilationError: at 12:4\); the log-depth \(parallel\) scan runs instead\.",
@@ -48,13 +81,16 @@ def test_self_check_reports_a_kernel_that_does_not_run_or_gives_wrong_results(mo
             return y * 1.01, h
 
     monkeypatch.setattr(scan, "_triton", {"module": Broken()})
-    assert scan._self_check(torch.device("cpu")) == "RuntimeError: PTX compilation failed"
+    assert scan._self_check("triton", torch.device("cpu")) == "RuntimeError: PTX compilation failed"
     monkeypatch.setattr(scan, "_triton", {"module": Wrong()})
-    assert scan._self_check(torch.device("cpu")) == "its results differ from the reference scan's by 1.0e-02 (relative)"
+    assert (
+        scan._self_check("triton", torch.device("cpu"))
+        == "its results differ from the reference scan's by 1.0e-02 (relative)"
+    )
     monkeypatch.setattr(scan, "_triton", {"module": scan})  # the reference itself under the Triton name
     monkeypatch.setattr(scan, "selective_scan_triton", scan.selective_scan_reference, raising=False)
     with torch.inference_mode():  # evaluation calls the scan there; the check still takes gradients
-        assert scan._self_check(torch.device("cpu")) is None
+        assert scan._self_check("triton", torch.device("cpu")) is None
 
 
 def test_forced_backends_are_kept():
@@ -74,7 +110,7 @@ def test_forced_triton_off_cuda_is_refused():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(
-        UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, parallel, blocked, reference"
+        UserError, match="Unknown scan backend 'fast'; choose one of auto, triton, cpu, parallel, blocked, reference"
     ):
         scan.resolve_scan_backend("fast", torch.device("cpu"))
 

@@ -153,11 +153,13 @@ def test_forced_triton_passes_its_self_check_and_is_refused_when_it_would_fail(m
     from bakallm.errors import UserError
     from bakallm.kernels import scan
 
-    monkeypatch.setattr(scan, "_triton_self_checks", {})
+    monkeypatch.setattr(scan, "_self_checks", {})
     assert scan.resolve_scan_backend("triton", DEVICE) == "triton"
-    assert scan._triton_self_checks == {DEVICE: None}
+    assert scan._self_checks == {("triton", DEVICE): None}
     monkeypatch.setattr(
-        scan, "_triton_self_checks", {DEVICE: "its results differ from the reference scan's by 3.0e-01 (relative)"}
+        scan,
+        "_self_checks",
+        {("triton", DEVICE): "its results differ from the reference scan's by 3.0e-01 (relative)"},
     )
     with pytest.raises(
         UserError, match=r"failed its self-check against the reference scan on .*; choose --scan blocked or auto\.$"

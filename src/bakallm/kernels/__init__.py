@@ -1,9 +1,10 @@
 """Fast kernels, each with a pure-PyTorch reference beside it and a parity test.
 
-The selective scan has four backends (reference.py, blocked.py, parallel.py, triton_scan.py);
-scan.py picks one. Kept free of torch imports so that argument parsing can read the backend names.
+The selective scan has five backends (reference.py, blocked.py, parallel.py, triton_scan.py and
+cpu_scan.py with its C++ source); scan.py picks one. Kept free of torch imports so that argument parsing can read the backend names.
 """
 
 # "auto": the Triton scan on CUDA when triton imports and passes its self-check, else the
-# log-depth (parallel) scan on CUDA; the blocked scan elsewhere.
-SCAN_BACKENDS = ("auto", "triton", "parallel", "blocked", "reference")
+# log-depth (parallel) scan on CUDA; on a CPU the compiled C++ scan ("cpu") when it builds and
+# passes its self-check, else the blocked scan.
+SCAN_BACKENDS = ("auto", "triton", "cpu", "parallel", "blocked", "reference")

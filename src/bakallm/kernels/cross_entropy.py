@@ -106,7 +106,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_other_log_prob[start : start + size] = torch.where(scored, model_share - 1.0, 0.0)
         grad_weight = None
         if with_gradients:
-            del logits_buffer, log_probs_buffer, logits, log_probs, grad_logits
+            # The chunk buffers (and the views of them) go before the head-sized gradient is made.
+            logits_buffer = log_probs_buffer = logits = log_probs = grad_logits = None
             grad_weight = weight.new_empty(weight.shape, dtype=torch.float32)
             grad_weight[:vocab_size].copy_(grad_head_t.t())
             grad_weight[vocab_size:].zero_()

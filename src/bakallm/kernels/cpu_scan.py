@@ -1,0 +1,95 @@
+"""The selective scan as one compiled C++ loop per block of channels, for CPUs (cpu_scan.cpp).
+
+The blocked scan (blocked.py) runs thousands of small PyTorch operations per window; on a CPU
+each costs microseconds of dispatch and a pass through memory. This kernel keeps each channel's
+state in a local array and does a step in a few vector instructions; forward keeps the state
+entering every 16th step, backward recomputes each 16-step segment from it and runs the adjoint
+recurrence through it (the maths is in the .cpp file's comments; the reference is reference.py).
+
+It is compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension`, about
+half a minute, then cached under `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) for this
+CPU's instruction set. `build_failure()` says why it cannot run here (no compiler, a failed build,
+results that differ from the reference scan's), and the scan backend "auto" then falls back to
+the blocked scan (kernels/scan.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_scan.cpp")
+# -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
+# the parity tests hold the results to the reference scan's in float64.
+COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+
+_built: dict[str, ModuleType | str] = {}
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides its source: -march=native ties it to this CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    text = f"{platform.machine()} {flags} {' '.join(COMPILER_FLAGS)} {SOURCE.read_text()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def compiled_module() -> ModuleType | str:
+    """The compiled extension, or why it could not be built (built once per process)."""
+    if not _built:
+        try:
+            from torch.utils.cpp_extension import load
+
+            _built["module"] = load(
+                name=f"bakallm_cpu_scan_{_cpu_signature()}",
+                sources=[str(SOURCE)],
+                extra_cflags=COMPILER_FLAGS,
+                verbose=False,
+            )
+        except Exception as error:  # no compiler, no ninja, a compiler error: the blocked scan runs instead
+            _built["module"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return _built["module"]
+
+
+class _CpuSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0):
+        kernel = compiled_module()
+        needs_gradients = any(ctx.needs_input_grad)
+        y, h_last, checkpoints = kernel.forward(x, dt, A, B, C, D, h0, needs_gradients)
+        if needs_gradients:
+            ctx.save_for_backward(x, dt, A, B, C, D, checkpoints)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_last):
+        x, dt, A, B, C, D, checkpoints = ctx.saved_tensors
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous().to(x.dtype)
+        grad_h_last = (
+            torch.zeros(x.shape[0], *A.shape, dtype=x.dtype) if grad_h_last is None else grad_h_last.contiguous()
+        )
+        return tuple(compiled_module().backward(x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last.to(x.dtype)))
+
+
+# Runs eagerly inside compiled models, as the blocked scan does.
+@torch.compiler.disable
+def selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled scan with the reference's signature; computes in float32, or float64 for
+    float64 inputs. Call `compiled_module()` first where a failed build must be handled."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    return _CpuSelectiveScan.apply(*tensors)
