@@ -6,8 +6,11 @@
                                      [--peak-tflops X] [--profile MODEL]
 
 A training step is: forward with targets (our model with return_logits=False), backward, gradient
-clipping to norm 1, AdamW step. Every model trains on the same random token ids; step times are
-medians of interleaved steps after one warm-up step.
+clipping to norm 1, AdamW step. Every model trains on the same random token ids. On a CPU each
+model is timed in fresh processes of its own, alternating between models (--rounds processes per
+model, --steps steps each after a warm-up step): in one shared process a model's freed memory slows
+the next model's steps. Step times are medians; --same-process interleaves steps in this process
+instead (always so on CUDA).
 
 Model FLOPs per input token (docs/performance.md):
 
@@ -46,6 +49,7 @@ from common import (
     cpu_peak_memory,
     format_bytes,
     interleaved_times,
+    isolated_times,
     machine_description,
     markdown_table,
     median,
@@ -220,6 +224,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--ctx", type=int, default=2048, help="tokens per row and step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model, after one warm-up step")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="on a CPU, fresh processes per model, alternating between models (each: a warm-up and --steps steps)",
+    )
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="on a CPU, time every model in this one process instead (interleaved steps; models then share a heap)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the models (ours: each layer, the scan staying eager)"
@@ -278,21 +293,35 @@ def main() -> None:
     print(f"Peak matmul: {peak / 1e12:.3f} TFLOP/s ({peak_source})")
 
     modes = ["train"] + ([CHECKPOINTED] if args.activation_checkpointing else []) + (["eval"] if args.eval else [])
-    cases = {
-        (name, mode): build_case(name, args.batch_size, args.ctx, device, dtype, mode, args.compile, args.scan)
+    case_arguments = {
+        (name, mode): {
+            "name": name,
+            "batch": args.batch_size,
+            "ctx": args.ctx,
+            "device": device,
+            "dtype": dtype,
+            "mode": mode,
+            "compile_model": args.compile,
+            "scan": args.scan,
+        }
         for name in models
         for mode in modes
     }
     peaks = {}
-    times = {key: median(values) for key, values in interleaved_times(cases, args.steps, device, peaks=peaks).items()}
-    if args.sync_check and device.type == "cuda":
-        for (name, mode), step in cases.items():
-            if mode == "train":
-                found = host_synchronisations(step)
-                print(
-                    f"{name}: {len(found)} host synchronisations in one training step{': ' + found[0] if found else ''}"
-                )
-    del cases
+    if device.type == "cpu" and not args.same_process:
+        steps = isolated_times("bench_train:build_case", case_arguments, args.steps, args.rounds)
+    else:
+        cases = {key: build_case(**kwargs) for key, kwargs in case_arguments.items()}
+        steps = interleaved_times(cases, args.steps, device, peaks=peaks)
+        if args.sync_check and device.type == "cuda":
+            for (name, mode), step in cases.items():
+                if mode == "train":
+                    found = host_synchronisations(step)
+                    print(
+                        f"{name}: {len(found)} host synchronisations in one training step{': ' + found[0] if found else ''}"
+                    )
+        del cases
+    times = {key: median(values) for key, values in steps.items()}
     with torch.device("meta"):
         flops = {name: flops_per_token(name, build_model(name, torch.device("meta")), args.ctx) for name in models}
 
@@ -300,17 +329,7 @@ def main() -> None:
     tokens = args.batch_size * args.ctx
     for (name, mode), seconds in times.items():
         if device.type == "cpu" and not args.no_memory:
-            kwargs = {
-                "name": name,
-                "batch": args.batch_size,
-                "ctx": args.ctx,
-                "device": device,
-                "dtype": dtype,
-                "mode": mode,
-                "compile_model": args.compile,
-                "scan": args.scan,
-            }
-            _, peaks[name, mode] = cpu_peak_memory("bench_train:build_case", kwargs)
+            _, peaks[name, mode] = cpu_peak_memory("bench_train:build_case", case_arguments[name, mode])
         per_token = flops[name]["total"] / (3 if mode == "eval" else 1)
         rate = tokens / seconds
         mfu[name, mode] = per_token * rate / peak
@@ -347,7 +366,12 @@ def main() -> None:
         )
     )
     print(
-        f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; median of {args.steps} interleaved steps after a warm-up step."
+        f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; "
+        + (
+            f"median of {args.steps * args.rounds} steps, {args.steps} in each of {args.rounds} fresh processes per model (rounds alternating between models), each after a warm-up step."
+            if device.type == "cpu" and not args.same_process
+            else f"median of {args.steps} interleaved steps after a warm-up step."
+        )
     )
     for (name, mode), seconds in times.items():
         if mode == "train":
