@@ -126,3 +126,33 @@ def test_use_scan_backend_sets_every_mamba_block_and_checks_the_device(triton_mi
     with pytest.raises(UserError, match="needs the triton package"):
         use_scan_backend(model, "triton")
     assert [layer.mamba.scan for layer in model.layers] == ["reference", "reference"]
+
+
+def test_building_the_cpu_scan_is_announced_only_when_it_is_not_cached(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from bakallm.kernels import cpu_scan
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **options: f"module {options['name']}")
+    monkeypatch.setattr(cpu_scan, "_built", {})
+    assert cpu_scan.compiled_module().startswith("module bakallm_cpu_scan_")
+    assert capsys.readouterr().err == "bakallm: building the CPU scan kernel for this machine (once, about 30 s)\n"
+    (tmp_path / f"{cpu_scan.compiled_module().split()[1]}.so").write_bytes(b"")
+    monkeypatch.setattr(cpu_scan, "_built", {})
+    cpu_scan.compiled_module()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failed_build_is_reported_in_one_line(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from bakallm.kernels import cpu_scan
+
+    def no_compiler(**options):
+        raise RuntimeError("Error building extension 'bakallm_cpu_scan': c++: not found\nmore output")
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: "/nonexistent")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_scan, "_built", {})
+    assert cpu_scan.compiled_module() == "RuntimeError: Error building extension 'bakallm_cpu_scan': c++: not found"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -43,11 +44,15 @@ def _cpu_signature() -> str:
 def compiled_module() -> ModuleType | str:
     """The compiled extension, or why it could not be built (built once per process)."""
     if not _built:
+        name = f"bakallm_cpu_scan_{_cpu_signature()}"
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import _get_build_directory, load
 
+            if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
+                # Half a minute of silence would look like a hang, at the start of a user's first run.
+                print("bakallm: building the CPU scan kernel for this machine (once, about 30 s)", file=sys.stderr)
             _built["module"] = load(
-                name=f"bakallm_cpu_scan_{_cpu_signature()}",
+                name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=COMPILER_FLAGS,
                 verbose=False,
