@@ -112,3 +112,14 @@ def test_auto_runs_it_in_a_model_on_the_cpu():
     for layer in model.layers:
         layer.mamba.scan = "reference"
     assert torch.allclose(got, model(ids, targets=ids).loss, rtol=1e-5)
+
+
+def test_non_finite_inputs_stay_non_finite_despite_fast_math():
+    # Built with -ffast-math; the trainer finds a diverged step by its non-finite gradient norm.
+    values = scan_inputs(1, 20, 40, 16, torch.float32)
+    values[0][0, 3, 5] = float("nan")
+    y, h, *gradients = outputs_and_gradients(selective_scan, values)
+    assert y.isnan().any() and h.isnan().any() and gradients[1].isnan().any() and gradients[2].isnan().any()
+    values = scan_inputs(1, 20, 40, 16, torch.float32)
+    values[1][0, 2, 1] = float("inf")
+    assert not selective_scan(*values)[0].isfinite().all()

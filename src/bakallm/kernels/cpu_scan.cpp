@@ -27,7 +27,6 @@ namespace {
 constexpr int64_t CHECKPOINT = 16;  // steps per stored state in forward, recomputed in backward
 constexpr int64_t CHANNELS = 32;    // channels per task
 
-template <typename scalar_t>
 struct Views {
   // Row-major [rows, steps, channels] for x, dt, y and their gradients; [rows, steps, states] for B, C.
   int64_t steps, channels, states;
@@ -40,7 +39,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& h0, at::Tensor& y,
                     at::Tensor& h_last, at::Tensor* checkpoints) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
-  const Views<scalar_t> view{steps, channels, states};
+  const Views view{steps, channels, states};
   const scalar_t *x_ = x.data_ptr<scalar_t>(), *dt_ = dt.data_ptr<scalar_t>(), *A_ = A.data_ptr<scalar_t>();
   const scalar_t *B_ = B.data_ptr<scalar_t>(), *C_ = C.data_ptr<scalar_t>(), *D_ = D.data_ptr<scalar_t>();
   const scalar_t* h0_ = h0.data_ptr<scalar_t>();
@@ -89,7 +88,7 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
                      at::Tensor& grad_dt, at::Tensor& grad_A_parts, at::Tensor& grad_B_parts,
                      at::Tensor& grad_C_parts, at::Tensor& grad_D_parts, at::Tensor& grad_h0) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
-  const Views<scalar_t> view{steps, channels, states};
+  const Views view{steps, channels, states};
   const scalar_t *x_ = x.data_ptr<scalar_t>(), *dt_ = dt.data_ptr<scalar_t>(), *A_ = A.data_ptr<scalar_t>();
   const scalar_t *B_ = B.data_ptr<scalar_t>(), *C_ = C.data_ptr<scalar_t>(), *D_ = D.data_ptr<scalar_t>();
   const scalar_t *saved = checkpoints.data_ptr<scalar_t>(), *gy_ = grad_y.data_ptr<scalar_t>();
