@@ -116,8 +116,7 @@ def isolated_times(factory: str, cases: dict, repeats: int, rounds: int = 2) -> 
 
 def _timed_calls(factory: str, kwargs: dict, repeats: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
-    module_name, function_name = factory.split(":")
-    case = getattr(importlib.import_module(module_name), function_name)(**kwargs)
+    case = _build_case(factory, kwargs)
     case()
     times = []
     for _ in range(repeats):
@@ -139,9 +138,14 @@ def cpu_peak_memory(factory: str, kwargs: dict) -> tuple[float, int]:
         return pool.apply(_first_call_peak, (factory, kwargs))
 
 
-def _first_call_peak(factory: str, kwargs: dict) -> tuple[float, int]:
+def _build_case(factory: str, kwargs: dict):
+    """The callable that `factory` ("module:function", importable from this folder) builds from `kwargs`."""
     module_name, function_name = factory.split(":")
-    case = getattr(importlib.import_module(module_name), function_name)(**kwargs)
+    return getattr(importlib.import_module(module_name), function_name)(**kwargs)
+
+
+def _first_call_peak(factory: str, kwargs: dict) -> tuple[float, int]:
+    case = _build_case(factory, kwargs)
     gc.collect()
     before = _resident_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size

@@ -38,6 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bakallm.kernels.reference import scan_operands
+
 DEFAULT_BLOCK = 64
 DEFAULT_CHUNK = 16
 
@@ -303,6 +305,5 @@ def selective_scan(
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast scan with the reference's signature; computes in float32, or float64 for float64 inputs."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    tensors = scan_operands(x, dt, A, B, C, D, h0)
     return _BlockedSelectiveScan.apply(*tensors, block, min(chunk, block))

@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from bakallm.kernels.reference import scan_operands
+
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 # -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
 # the parity tests hold the results to the reference scan's in float64.
@@ -95,6 +97,5 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The compiled scan with the reference's signature; computes in float32, or float64 for
     float64 inputs. Call `compiled_module()` first where a failed build must be handled."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    tensors = scan_operands(x, dt, A, B, C, D, h0)
     return _CpuSelectiveScan.apply(*tensors)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from bakallm.kernels.reference import scan_operands
+
 # Positions per block: a whole window of the reference layout (552 positions) in one block, so a
 # window costs one scan of about 10 rounds; memory is a few [rows, block, d_inner, d_state] tensors.
 DEFAULT_BLOCK = 1024
@@ -130,6 +132,5 @@ def selective_scan(
     block: int = DEFAULT_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-depth scan with the reference's signature; computes in float32, or float64 for float64 inputs."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    tensors = [t.to(dtype).contiguous() for t in (x, dt, A, B, C, D, h0)]
+    tensors = scan_operands(x, dt, A, B, C, D, h0)
     return _ParallelSelectiveScan.apply(*tensors, block)

@@ -24,3 +24,10 @@ def selective_scan_reference(
         outputs.append((h * C[:, t, None, :]).sum(-1))
     y = torch.stack(outputs, dim=1) + D * x
     return y, h
+
+
+def scan_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The fast scans' inputs as they compute on them: contiguous, in float32, or float64 when the
+    first (x) is float64."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [tensor.to(dtype).contiguous() for tensor in tensors]
