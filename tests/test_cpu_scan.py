@@ -70,6 +70,17 @@ def test_without_gradients_it_gives_the_same_outputs_and_keeps_nothing():
     assert compiled_module().forward(*values, False)[2].numel() == 0  # no checkpoints kept
 
 
+def test_the_tasks_run_on_all_of_pytorchs_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert compiled_module().threads_used(64) == 2
+        torch.set_num_threads(1)
+        assert compiled_module().threads_used(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     values = scan_inputs(3, 100, 96, 16, torch.float32)
     threads = torch.get_num_threads()

@@ -34,6 +34,27 @@ struct Views {
   int64_t at_state(int64_t row, int64_t step, int64_t state) const { return (row * steps + step) * states + state; }
 };
 
+// One step of a block of `width` channels. Not inlined, so that forward with and without kept
+// checkpoints runs the same machine code: under -ffast-math the compiler may otherwise vectorise
+// the two loops' sums in different orders, and results with and without gradients would differ.
+template <typename scalar_t>
+__attribute__((noinline)) void forward_step(const scalar_t* x, const scalar_t* dt, const scalar_t* A,
+                                            const scalar_t* B_t, const scalar_t* C_t, const scalar_t* D,
+                                            scalar_t* y, scalar_t* h, int64_t width, int64_t states) {
+  for (int64_t c = 0; c < width; ++c) {
+    const scalar_t step = dt[c], input = step * x[c];
+    const scalar_t* A_c = A + c * states;
+    scalar_t* h_c = h + c * states;
+    scalar_t out = 0;
+#pragma omp simd reduction(+ : out)
+    for (int64_t n = 0; n < states; ++n) {
+      h_c[n] = std::exp(step * A_c[n]) * h_c[n] + input * B_t[n];
+      out += C_t[n] * h_c[n];
+    }
+    y[c] = out + D[c] * x[c];
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& h0, at::Tensor& y,
@@ -59,21 +80,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
           scalar_t* out = saved + ((row * n_checkpoints + t / CHECKPOINT) * channels + d0) * states;
           std::copy(h.begin(), h.begin() + width * states, out);
         }
-        const scalar_t* B_t = B_ + view.at_state(row, t, 0);
-        const scalar_t* C_t = C_ + view.at_state(row, t, 0);
-        for (int64_t c = 0; c < width; ++c) {
-          const int64_t i = view.at(row, t, d0 + c);
-          const scalar_t step = dt_[i], input = step * x_[i];
-          const scalar_t* A_d = A_ + (d0 + c) * states;
-          scalar_t* h_c = h.data() + c * states;
-          scalar_t out = 0;
-#pragma omp simd reduction(+ : out)
-          for (int64_t n = 0; n < states; ++n) {
-            h_c[n] = std::exp(step * A_d[n]) * h_c[n] + input * B_t[n];
-            out += C_t[n] * h_c[n];
-          }
-          y_[i] = out + D_[d0 + c] * x_[i];
-        }
+        const int64_t i = view.at(row, t, d0);
+        forward_step(x_ + i, dt_ + i, A_ + d0 * states, B_ + view.at_state(row, t, 0),
+                     C_ + view.at_state(row, t, 0), D_ + d0, y_ + i, h.data(), width, states);
       }
       for (int64_t c = 0; c < width; ++c)
         for (int64_t n = 0; n < states; ++n) last_[(row * channels + d0 + c) * states + n] = h[c * states + n];
@@ -202,9 +211,18 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& x, const at::Tensor& dt,
           grad_h0};
 }
 
+// How many of PyTorch's threads the kernels' tasks run on: 1 when the build lost OpenMP, whatever
+// torch.set_num_threads says.
+int64_t threads_used(int64_t tasks) {
+  std::vector<char> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &scan_forward, "selective scan forward (y, last state, checkpoints)");
   module.def("backward", &scan_backward, "selective scan backward (dx, ddt, dA, dB, dC, dD, dh0)");
+  module.def("threads_used", &threads_used, "threads that ran `tasks` one-item tasks");
 }

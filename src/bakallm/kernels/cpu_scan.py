@@ -27,8 +27,11 @@ from bakallm.kernels.reference import scan_operands
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 # -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
-# the parity tests hold the results to the reference scan's in float64.
-COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+# the parity tests hold the results to the reference scan's in float64. -fopenmp makes
+# at::parallel_for (inline in ATen's headers) run its tasks on PyTorch's threads; without it they
+# run one after another. The extension links to the libgomp.so.1 that torch has already loaded.
+COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+LINKER_FLAGS = ["-fopenmp"]
 
 _built: dict[str, ModuleType | str] = {}
 
@@ -39,7 +42,7 @@ def _cpu_signature() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    text = f"{platform.machine()} {flags} {' '.join(COMPILER_FLAGS)} {SOURCE.read_text()}"
+    text = f"{platform.machine()} {flags} {' '.join(COMPILER_FLAGS + LINKER_FLAGS)} {SOURCE.read_text()}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -57,6 +60,7 @@ def compiled_module() -> ModuleType | str:
                 name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=COMPILER_FLAGS,
+                extra_ldflags=LINKER_FLAGS,
                 verbose=False,
             )
         except Exception as error:  # no compiler, no ninja, a compiler error: the blocked scan runs instead
