@@ -95,9 +95,15 @@ def build_case(
     mode: str,
     compile_model: bool,
     scan: str = "auto",
+    keep_host_memory: bool = False,
 ):
     """A callable running one training step (mode "train"; "train-checkpointed" with activation
-    checkpointing per block) or one evaluation forward ("eval")."""
+    checkpointing per block) or one evaluation forward ("eval"). keep_host_memory applies
+    bakallm.acceleration.keep_freed_host_memory to this process on a CPU, as `bakallm train` does."""
+    if keep_host_memory and device.type == "cpu":
+        from bakallm.acceleration import keep_freed_host_memory
+
+        keep_freed_host_memory()
     torch.manual_seed(0)
     model = build_model(name, device, scan)
     if mode == CHECKPOINTED:
@@ -251,6 +257,13 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     parser.add_argument(
+        "--no-keep-host-memory",
+        dest="keep_host_memory",
+        action="store_false",
+        help="on a CPU, leave glibc's default of unmapping freed large blocks (bakallm train's --no-keep-host-memory); "
+        "by default every model's process keeps them for reuse, as bakallm train does",
+    )
+    parser.add_argument(
         "--scan",
         default="auto",
         choices=SCAN_BACKENDS,
@@ -281,7 +294,10 @@ def main() -> None:
         models.remove(PYTHIA)
     if args.profile:
         profile_step(
-            build_case(args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan), device
+            build_case(
+                args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan, args.keep_host_memory
+            ),
+            device,
         )
         return
 
@@ -303,6 +319,7 @@ def main() -> None:
             "mode": mode,
             "compile_model": args.compile,
             "scan": args.scan,
+            "keep_host_memory": args.keep_host_memory,
         }
         for name in models
         for mode in modes
@@ -366,7 +383,9 @@ def main() -> None:
         )
     )
     print(
-        f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}; "
+        f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}"
+        + (f", freed host memory {'kept' if args.keep_host_memory else 'unmapped'}" if device.type == "cpu" else "")
+        + "; "
         + (
             f"median of {args.steps * args.rounds} steps, {args.steps} in each of {args.rounds} fresh processes per model (rounds alternating between models), each after a warm-up step."
             if device.type == "cpu" and not args.same_process

@@ -942,3 +942,12 @@ def test_the_resume_rules_and_path_kinds_are_field_metadata():
     } <= RESUMABLE_CHANGES and "lr" not in RESUMABLE_CHANGES
     assert RELOCATABLE_ARGUMENTS == {"data", "tokenizer", "model_config"}
     assert set(ALWAYS_LOCAL) == {"run_dir", "resume", "cache_dir"} and set(ALWAYS_LOCAL) < set(PATH_ARGUMENTS)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_training_on_a_cpu_keeps_freed_host_memory_unless_told_not_to(corpus_dir, tmp_path, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr("bakallm.training.trainer.keep_freed_host_memory", lambda: calls.append(True))
+    config = TrainConfig(**_config_values(corpus_dir, tmp_path / "run"), keep_host_memory=keep, device="cpu")
+    Trainer(config)
+    assert calls == ([True] if keep else [])

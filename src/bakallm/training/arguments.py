@@ -151,6 +151,13 @@ class TrainConfig:
         on_resume=MAY_CHANGE,
     )
     scan: str = option("auto", choices=SCAN_BACKENDS, on_resume=MAY_CHANGE, shared=True)
+    keep_host_memory: bool = option(
+        True,
+        help="on a CPU, glibc keeps freed memory in the process for the next step instead of mapping large blocks afresh "
+        "(faster steps, a little more peak memory: docs/performance.md); this turns that off",
+        flag="--no-keep-host-memory",
+        on_resume=MAY_CHANGE,
+    )
     fsdp: bool = option(
         False,
         help="under torchrun, shard the model per block with FSDP2 instead of replicating it with DDP",

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 
 from bakallm import __version__
-from bakallm.acceleration import autocast_dtype, checkpoint_layers, compile_layers, use_threads
+from bakallm.acceleration import (
+    autocast_dtype,
+    checkpoint_layers,
+    compile_layers,
+    keep_freed_host_memory,
+    use_threads,
+)
 from bakallm.data.batching import Batch, DocumentBatcher
 from bakallm.data.corpora import load_corpus
 from bakallm.data.recall import FactWriter, mix_recall
@@ -115,6 +121,8 @@ class Trainer:
         self.distributed = distributed or Distributed()
         self.global_rows = config.batch_size * self.distributed.world_size
         self.device = self.distributed.device(config.device)
+        if config.keep_host_memory and self.device.type == "cpu":
+            keep_freed_host_memory()
         resolve_scan_backend(config.scan, self.device)  # a forced backend that cannot run fails before the data is read
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         self.run_dir = Path(
