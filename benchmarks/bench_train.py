@@ -8,9 +8,9 @@
 A training step is: forward with targets (our model with return_logits=False), backward, gradient
 clipping to norm 1, AdamW step. Every model trains on the same random token ids. On a CPU each
 model is timed in fresh processes of its own, alternating between models (--rounds processes per
-model, --steps steps each after a warm-up step): in one shared process a model's freed memory slows
-the next model's steps. Step times are medians; --same-process interleaves steps in this process
-instead (always so on CUDA).
+model, --steps steps each after --warmup-steps untimed ones): in one shared process a model's
+freed memory slows the next model's steps. Step times are medians; --same-process interleaves
+steps in this process instead (always so on CUDA).
 
 Model FLOPs per input token (docs/performance.md):
 
@@ -229,12 +229,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "celp18", PYTHIA])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--ctx", type=int, default=2048, help="tokens per row and step")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per model, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per model, after the warm-up steps")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=2,
+        help="untimed steps first: the first step allocates AdamW's state, and on a CPU the step after it still runs "
+        "up to 1.5x slower while the heap settles (docs/performance.md)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
         default=2,
-        help="on a CPU, fresh processes per model, alternating between models (each: a warm-up and --steps steps)",
+        help="on a CPU, fresh processes per model, alternating between models (each: the warm-up and --steps steps)",
     )
     parser.add_argument(
         "--same-process",
@@ -295,7 +302,15 @@ def main() -> None:
     if args.profile:
         profile_step(
             build_case(
-                args.profile, args.batch_size, args.ctx, device, dtype, "train", args.compile, args.scan, args.keep_host_memory
+                args.profile,
+                args.batch_size,
+                args.ctx,
+                device,
+                dtype,
+                "train",
+                args.compile,
+                args.scan,
+                args.keep_host_memory,
             ),
             device,
         )
@@ -326,10 +341,10 @@ def main() -> None:
     }
     peaks = {}
     if device.type == "cpu" and not args.same_process:
-        steps = isolated_times("bench_train:build_case", case_arguments, args.steps, args.rounds)
+        steps = isolated_times("bench_train:build_case", case_arguments, args.steps, args.rounds, args.warmup_steps)
     else:
         cases = {key: build_case(**kwargs) for key, kwargs in case_arguments.items()}
-        steps = interleaved_times(cases, args.steps, device, peaks=peaks)
+        steps = interleaved_times(cases, args.steps, device, warmup=args.warmup_steps, peaks=peaks)
         if args.sync_check and device.type == "cuda":
             for (name, mode), step in cases.items():
                 if mode == "train":
@@ -387,9 +402,9 @@ def main() -> None:
         + (f", freed host memory {'kept' if args.keep_host_memory else 'unmapped'}" if device.type == "cpu" else "")
         + "; "
         + (
-            f"median of {args.steps * args.rounds} steps, {args.steps} in each of {args.rounds} fresh processes per model (rounds alternating between models), each after a warm-up step."
+            f"median of {args.steps * args.rounds} steps, {args.steps} in each of {args.rounds} fresh processes per model (rounds alternating between models), each after {args.warmup_steps} warm-up steps."
             if device.type == "cpu" and not args.same_process
-            else f"median of {args.steps} interleaved steps after a warm-up step."
+            else f"median of {args.steps} interleaved steps after {args.warmup_steps} warm-up steps."
         )
     )
     for (name, mode), seconds in times.items():

@@ -99,25 +99,28 @@ def interleaved_times(
     return times
 
 
-def isolated_times(factory: str, cases: dict, repeats: int, rounds: int = 2) -> dict[object, list[float]]:
+def isolated_times(
+    factory: str, cases: dict, repeats: int, rounds: int = 2, warmup: int = 1
+) -> dict[object, list[float]]:
     """Seconds per call of every case, each case timed in fresh processes: `rounds` processes per
     case, one round of all cases after the other, each process building its case (`factory`, as
-    for `cpu_peak_memory`, called with the case's kwargs), warming it up once and timing `repeats`
-    calls. On a CPU, cases sharing one process share its heap: glibc keeps the pages one model freed
+    for `cpu_peak_memory`, called with the case's kwargs), calling it `warmup` times untimed and
+    timing `repeats` calls. On a CPU, cases sharing one process share its heap: glibc keeps the pages one model freed
     in the layout that model used, and another model's steps then run up to 1.7x slower than in a
     process of their own (docs/performance.md, "Training throughput and MFU")."""
     times: dict[object, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, kwargs in cases.items():
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                times[name] += pool.apply(_timed_calls, (factory, kwargs, repeats, torch.get_num_threads()))
+                times[name] += pool.apply(_timed_calls, (factory, kwargs, repeats, warmup, torch.get_num_threads()))
     return times
 
 
-def _timed_calls(factory: str, kwargs: dict, repeats: int, threads: int) -> list[float]:
+def _timed_calls(factory: str, kwargs: dict, repeats: int, warmup: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     case = _build_case(factory, kwargs)
-    case()
+    for _ in range(warmup):
+        case()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
