@@ -105,9 +105,10 @@ def isolated_times(
     """Seconds per call of every case, each case timed in fresh processes: `rounds` processes per
     case, one round of all cases after the other, each process building its case (`factory`, as
     for `cpu_peak_memory`, called with the case's kwargs), calling it `warmup` times untimed and
-    timing `repeats` calls. On a CPU, cases sharing one process share its heap: glibc keeps the pages one model freed
-    in the layout that model used, and another model's steps then run up to 1.7x slower than in a
-    process of their own (docs/performance.md, "Training throughput and MFU")."""
+    timing `repeats` calls. On a CPU, cases sharing one process share its heap: glibc keeps the
+    pages one model freed in the layout that model used, and another model's steps then run up to
+    1.7x slower than in a process of their own (docs/performance.md, "Training throughput and
+    MFU")."""
     times: dict[object, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, kwargs in cases.items():

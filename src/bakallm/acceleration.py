@@ -65,12 +65,12 @@ def keep_freed_host_memory() -> bool:
     whether it did (Linux with glibc, and the user set no MALLOC_* or GLIBC_TUNABLES of their own).
 
     By default glibc maps each block over 32 MB afresh and unmaps it when freed, so every training
-    step on a CPU faults in its large buffers (the output layer's chunk of logits, its gradients)
-    page by page again, and gives back heap tops it will grow again within the step. Measured on
-    2 cores (docs/performance.md): 10% off tiny's step, 4-15% off celp18's and 5-10% off
-    GPT-NeoX's, for 0% (celp18), 7% (tiny) and 46% (GPT-NeoX, whose whole logits vary in size as
-    they are freed) more peak memory. PyTorch's own CPU launcher gets the same by preloading
-    tcmalloc or jemalloc. Applies to the whole process, from the next allocation on.
+    step on a CPU faults its large buffers (the output layer's chunk of logits, its gradients) in
+    again page by page. Measured on 2 cores (docs/performance.md): steps 7-19% shorter for our
+    presets and GPT-NeoX alike; peak memory 0-11% higher for our presets and 43% for GPT-NeoX,
+    whose whole logits, freed in blocks of differing sizes, fragment the kept heap. PyTorch's own
+    CPU launcher gets the same by preloading tcmalloc or jemalloc. Applies to the whole process,
+    from the next allocation on.
     """
     if platform.libc_ver()[0] != "glibc" or "GLIBC_TUNABLES" in os.environ:
         return False
