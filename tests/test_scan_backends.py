@@ -144,6 +144,23 @@ def test_building_the_cpu_scan_is_announced_only_when_it_is_not_cached(monkeypat
     assert capsys.readouterr().err == ""
 
 
+def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from bakallm.kernels import cpu_scan
+
+    def no_openmp(**options):
+        if "-fopenmp" in options["extra_cflags"]:
+            raise RuntimeError("Error building extension: ld: cannot find -lgomp")
+        return f"serial module, {' '.join(options['extra_cflags'])}"
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    monkeypatch.setattr(cpu_scan, "_built", {})
+    assert cpu_scan.compiled_module() == "serial module, -O3 -march=native -ffast-math -fopenmp-simd"
+    assert capsys.readouterr().err.count("building the CPU scan kernel") == 1
+
+
 def test_a_failed_build_is_reported_in_one_line(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 

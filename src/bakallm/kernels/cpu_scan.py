@@ -27,44 +27,47 @@ from bakallm.kernels.reference import scan_operands
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 # -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
-# the parity tests hold the results to the reference scan's in float64. -fopenmp makes
-# at::parallel_for (inline in ATen's headers) run its tasks on PyTorch's threads; without it they
-# run one after another. The extension links to the libgomp.so.1 that torch has already loaded.
-COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-LINKER_FLAGS = ["-fopenmp"]
+# the parity tests hold the results to the reference scan's in float64.
+COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp makes at::parallel_for (inline in ATen's headers) run the tasks on PyTorch's threads,
+# linked to the libgomp.so.1 that torch has already loaded. Where OpenMP cannot be built (clang
+# without libomp), the second build's tasks run one after another: same results, one thread.
+THREADING_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 
 _built: dict[str, ModuleType | str] = {}
 
 
-def _cpu_signature() -> str:
+def _cpu_signature(flags: list[str]) -> str:
     """What the compiled code depends on besides its source: -march=native ties it to this CPU."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = platform.processor()
-    text = f"{platform.machine()} {flags} {' '.join(COMPILER_FLAGS + LINKER_FLAGS)} {SOURCE.read_text()}"
+        cpu = platform.processor()
+    text = f"{platform.machine()} {cpu} {' '.join(flags)} {SOURCE.read_text()}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def compiled_module() -> ModuleType | str:
     """The compiled extension, or why it could not be built (built once per process)."""
     if not _built:
-        name = f"bakallm_cpu_scan_{_cpu_signature()}"
-        try:
-            from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-            if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
-                # Half a minute of silence would look like a hang, at the start of a user's first run.
-                print("bakallm: building the CPU scan kernel for this machine (once, about 30 s)", file=sys.stderr)
-            _built["module"] = load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=COMPILER_FLAGS,
-                extra_ldflags=LINKER_FLAGS,
-                verbose=False,
-            )
-        except Exception as error:  # no compiler, no ninja, a compiler error: the blocked scan runs instead
-            _built["module"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        failures = []
+        for threading in THREADING_FLAGS:
+            flags = COMPILER_FLAGS + threading
+            name = f"bakallm_cpu_scan_{_cpu_signature(flags)}"
+            try:
+                if not failures and not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
+                    # Half a minute of silence would look like a hang, at the start of a user's first run.
+                    print("bakallm: building the CPU scan kernel for this machine (once, about 30 s)", file=sys.stderr)
+                _built["module"] = load(
+                    name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=threading, verbose=False
+                )
+                break
+            except Exception as error:  # no compiler, no ninja, a compiler error: the blocked scan runs instead
+                failures.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+        else:
+            _built["module"] = failures[0]
     return _built["module"]
 
 
