@@ -66,8 +66,9 @@ def keep_freed_host_memory() -> bool:
 
     By default glibc maps each block over 32 MB afresh and unmaps it when freed, so every training
     step on a CPU faults its large buffers (the output layer's chunk of logits, its gradients) in
-    again page by page. Measured on 2 cores (docs/performance.md): steps 7-19% shorter for our
-    presets and GPT-NeoX alike; peak memory 0-11% higher for our presets and 43% for GPT-NeoX,
+    again page by page. Measured on 2 cores (docs/performance.md): benchmark steps 7-19% shorter
+    for our presets and GPT-NeoX alike, celp18's steps in `bakallm train` about 5%; peak memory
+    0-11% higher for our presets and 43% for GPT-NeoX,
     whose whole logits, freed in blocks of differing sizes, fragment the kept heap. PyTorch's own
     CPU launcher gets the same by preloading tcmalloc or jemalloc. Applies to the whole process,
     from the next allocation on.
