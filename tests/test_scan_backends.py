@@ -1,6 +1,7 @@
 """Choosing the selective scan's backend: "auto" by device, forced backends that cannot run refused."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,13 +153,36 @@ def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tm
     def no_openmp(**options):
         if "-fopenmp" in options["extra_cflags"]:
             raise RuntimeError("Error building extension: ld: cannot find -lgomp")
-        return f"serial module, {' '.join(options['extra_cflags'])}"
+        return SimpleNamespace(flags=options["extra_cflags"])
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", no_openmp)
     monkeypatch.setattr(cpu_scan, "_built", {})
-    assert cpu_scan.compiled_module() == "serial module, -O3 -march=native -ffast-math -fopenmp-simd"
+    assert cpu_scan.compiled_module().flags == ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
     assert capsys.readouterr().err.count("building the CPU scan kernel") == 1
+    assert cpu_scan.openmp_failure() == "RuntimeError: Error building extension: ld: cannot find -lgomp"
+
+
+def test_a_cpu_scan_on_one_thread_is_said_once_when_pytorch_has_more(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(scan, "_self_checks", {("cpu", cpu): None})
+    monkeypatch.setattr(scan, "openmp_failure", lambda: "RuntimeError: ld: cannot find -lgomp")
+    monkeypatch.setattr(scan, "_warned", set())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match=r"runs on one thread: it could not be built with OpenMP here \(Runtime"):
+            assert scan.resolve_scan_backend("auto", cpu) == "cpu"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert scan.resolve_scan_backend("cpu", cpu) == "cpu"
+        torch.set_num_threads(1)
+        monkeypatch.setattr(scan, "_warned", set())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one thread asked for: nothing is lost
+            assert scan.resolve_scan_backend("auto", cpu) == "cpu"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_failed_build_is_reported_in_one_line(monkeypatch):

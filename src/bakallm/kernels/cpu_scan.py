@@ -68,7 +68,14 @@ def compiled_module() -> ModuleType | str:
                 failures.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
         else:
             _built["module"] = failures[0]
+        _built["openmp_failure"] = failures[0] if failures else None
     return _built["module"]
+
+
+def openmp_failure() -> str | None:
+    """Why the kernel that was built runs its tasks on one thread (None: on PyTorch's threads, or
+    nothing could be built)."""
+    return None if isinstance(compiled_module(), str) else _built["openmp_failure"]
 
 
 class _CpuSelectiveScan(torch.autograd.Function):

@@ -11,7 +11,7 @@ from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.blocked import selective_scan as blocked_selective_scan
-from bakallm.kernels.cpu_scan import compiled_module
+from bakallm.kernels.cpu_scan import compiled_module, openmp_failure
 from bakallm.kernels.cpu_scan import selective_scan as cpu_selective_scan
 from bakallm.kernels.parallel import selective_scan as parallel_selective_scan
 from bakallm.kernels.reference import selective_scan_reference
@@ -101,6 +101,12 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _warn_if_serial() -> None:
+    reason = openmp_failure()
+    if reason is not None and torch.get_num_threads() > 1:
+        _warn_once(f"The compiled CPU scan runs on one thread: it could not be built with OpenMP here ({reason}).")
+
+
 def resolve_scan_backend(backend: str, device: torch.device) -> str:
     """The backend that runs a scan of tensors on `device`: "auto" becomes "triton" on CUDA when
     triton imports and the kernels pass their self-check there (else "parallel", with a warning when
@@ -114,6 +120,7 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
             if failure is not None:
                 _warn_once(f"The compiled CPU scan is not used: {failure}; the blocked scan runs instead.")
                 return "blocked"
+            _warn_if_serial()
             return "cpu"
         # On a GPU the blocked scan's thousands of small operations per window are as many kernel
         # launches: without a working Triton scan, the log-depth scan (a few hundred) runs instead.
@@ -134,6 +141,7 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
         failure = self_check_failure("cpu", device)
         if failure is not None:
             raise UserError(f"The cpu scan backend cannot run: {failure}; choose --scan blocked or auto.")
+        _warn_if_serial()
     if backend == "triton":
         module = _triton_scan()
         if isinstance(module, str):
