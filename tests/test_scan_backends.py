@@ -145,6 +145,12 @@ def test_building_the_cpu_scan_is_announced_only_when_it_is_not_cached(monkeypat
     assert capsys.readouterr().err == ""
 
 
+def build_directory(root, name):
+    """What torch.utils.cpp_extension gives each extension: a folder of its own, made if missing."""
+    (root / name).mkdir(exist_ok=True)
+    return str(root / name)
+
+
 def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tmp_path, capsys):
     import torch.utils.cpp_extension as cpp_extension
 
@@ -155,12 +161,36 @@ def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tm
             raise RuntimeError("Error building extension: ld: cannot find -lgomp")
         return SimpleNamespace(flags=options["extra_cflags"])
 
-    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: build_directory(tmp_path, name))
     monkeypatch.setattr(cpp_extension, "load", no_openmp)
     monkeypatch.setattr(cpu_scan, "_built", {})
     assert cpu_scan.compiled_module().flags == ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
     assert capsys.readouterr().err.count("building the CPU scan kernel") == 1
     assert cpu_scan.openmp_failure() == "RuntimeError: Error building extension: ld: cannot find -lgomp"
+
+
+def test_a_failed_build_is_not_tried_again_in_the_next_process(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from bakallm.kernels import cpu_scan
+
+    tried = []
+
+    def no_openmp(**options):
+        tried.append(options["extra_cflags"][-1])
+        if "-fopenmp" in options["extra_cflags"]:
+            raise RuntimeError("Error building extension: ld: cannot find -lgomp")
+        return SimpleNamespace()
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: build_directory(tmp_path, name))
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    for _process in range(2):
+        monkeypatch.setattr(cpu_scan, "_built", {})
+        cpu_scan.compiled_module()
+    assert tried == ["-fopenmp", "-fopenmp-simd", "-fopenmp-simd"]
+    assert cpu_scan.openmp_failure().startswith(
+        "RuntimeError: Error building extension: ld: cannot find -lgomp (when last tried; delete "
+    )
 
 
 def test_a_cpu_scan_on_one_thread_is_said_once_when_pytorch_has_more(monkeypatch):

@@ -15,6 +15,7 @@ the blocked scan (kernels/scan.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import sys
@@ -28,13 +29,16 @@ from bakallm.kernels.reference import scan_operands
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 # -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
 # the parity tests hold the results to the reference scan's in float64.
-COMPILER_FLAGS = ["-O3", "-march=native", "-ffast-math"]
+COMPILER_FLAGS = ("-O3", "-march=native", "-ffast-math")
 # -fopenmp makes at::parallel_for (inline in ATen's headers) run the tasks on PyTorch's threads,
 # linked to the libgomp.so.1 that torch has already loaded. Where OpenMP cannot be built (clang
 # without libomp), the second build's tasks run one after another: same results, one thread.
-THREADING_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
+THREADING_FLAGS = (("-fopenmp",), ("-fopenmp-simd",))
 
-_built: dict[str, ModuleType | str] = {}
+_built: dict[str, ModuleType | str | None] = {}
+# Left in a build's directory when it failed: the next process reports it at once instead of
+# spending another half minute failing (a machine without OpenMP would pay it at every start).
+FAILED_BUILD = "bakallm-build-failed.txt"
 
 
 def _cpu_signature(flags: list[str]) -> str:
@@ -54,18 +58,32 @@ def compiled_module() -> ModuleType | str:
 
         failures = []
         for threading in THREADING_FLAGS:
-            flags = COMPILER_FLAGS + threading
+            flags = [*COMPILER_FLAGS, *threading]
             name = f"bakallm_cpu_scan_{_cpu_signature(flags)}"
+            directory = None
             try:
-                if not failures and not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
+                directory = Path(_get_build_directory(name, verbose=False))
+                if (directory / FAILED_BUILD).exists():
+                    reason = (directory / FAILED_BUILD).read_text().strip()
+                    failures.append(f"{reason} (when last tried; delete {directory} to try again)")
+                    continue
+                if not failures and not any(directory.glob(f"{name}*.so")):
                     # Half a minute of silence would look like a hang, at the start of a user's first run.
                     print("bakallm: building the CPU scan kernel for this machine (once, about 30 s)", file=sys.stderr)
+                # Fresh lists: load() appends its own flags to them.
                 _built["module"] = load(
-                    name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=threading, verbose=False
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=list(flags),
+                    extra_ldflags=list(threading),
+                    verbose=False,
                 )
                 break
             except Exception as error:  # no compiler, no ninja, a compiler error: the blocked scan runs instead
                 failures.append(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+                if directory is not None:
+                    with contextlib.suppress(OSError):
+                        (directory / FAILED_BUILD).write_text(failures[-1])
         else:
             _built["module"] = failures[0]
         _built["openmp_failure"] = failures[0] if failures else None
