@@ -8,9 +8,9 @@ recurrence through it (the maths is in the .cpp file's comments; the reference i
 
 It is compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension`, about
 half a minute, then cached under `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) for this
-CPU's instruction set. `build_failure()` says why it cannot run here (no compiler, a failed build,
-results that differ from the reference scan's), and the scan backend "auto" then falls back to
-the blocked scan (kernels/scan.py).
+CPU's instruction set. Where it cannot be built, `compiled_module()` returns why (no compiler, a
+compiler error), and the scan backend "auto" falls back to the blocked scan, as it does when the
+kernel's results differ from the reference scan's (kernels/scan.py, `self_check_failure`).
 """
 
 from __future__ import annotations
