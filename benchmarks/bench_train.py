@@ -73,7 +73,9 @@ def build_model(name: str, device: torch.device, scan: str = "auto") -> nn.Modul
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         config = GPTNeoXConfig(**json.loads(pythia_config_path().read_text()))
-        return GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+        # float32 weights, as ours: the config says float16 (the released checkpoint's dtype), and
+        # transformers builds a model in its config's dtype.
+        return GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(device)
     from bakallm.acceleration import use_scan_backend
     from bakallm.model.config import ModelConfig
     from bakallm.model.network import BakaLM

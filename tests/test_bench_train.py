@@ -1,0 +1,30 @@
+"""benchmarks/bench_train.py: the GPT-NeoX it measures ours against."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbour `common`
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", BENCHMARKS / "bench_train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_gpt_neox_is_built_in_float32_although_its_config_says_float16(shared_file, monkeypatch):
+    config = shared_file("configs/pythia-70m-deduped/config.json")
+    assert '"torch_dtype": "float16"' in config.read_text()  # what made the baseline train in float16
+    monkeypatch.setenv("BAKALLM_PYTHIA_CONFIG", str(config))
+    bench = load_script()
+    with torch.device("meta"):
+        model = bench.build_model(bench.PYTHIA, torch.device("meta"))
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
