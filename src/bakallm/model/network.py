@@ -98,7 +98,8 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 # Up to this many positions, a piece of a window read in pieces runs Mamba's recurrence token by
 # token: on one CPU thread that is 3 to 12 times faster than the blocked scan for 2 to 18 positions
-# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256.
+# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256. The
+# compiled CPU scan beats the recurrence from 2 positions, so it runs them where it runs (Mamba.forward).
 SEQUENTIAL_SCAN_MAX = 20
 
 
@@ -138,7 +139,7 @@ class Block(nn.Module):
                 mixed, conv_state, ssm_state = self.mamba.step(self.mamba_norm(x), conv_state, ssm_state)
             else:
                 # A few positions of a window read in pieces (decoding: a pause and its token, the
-                # read memory, the write slots) scan token by token; whole windows use the fast scan.
+                # read memory, the write slots): see SEQUENTIAL_SCAN_MAX.
                 sequential = state.attention.capacity is not None and length <= SEQUENTIAL_SCAN_MAX
                 mixed, conv_state, ssm_state = self.mamba(
                     self.mamba_norm(x), conv_state, ssm_state, sequential=sequential
