@@ -109,9 +109,7 @@ def test_a_few_positions_of_a_decoding_step_run_the_compiled_cpu_scan_else_token
     monkeypatch.setattr(
         mamba_module, "selective_scan_reference", lambda *a: used.append("reference") or real_reference(*a)
     )
-    monkeypatch.setattr(
-        mamba_module, "selective_scan", lambda *a, **k: used.append(k["backend"]) or real_fast(*a, **k)
-    )
+    monkeypatch.setattr(mamba_module, "selective_scan", lambda *a, **k: used.append(k["backend"]) or real_fast(*a, **k))
     mamba = Mamba(16, d_state=4, d_conv=4, expand=2)
     mamba.scan = scan
     x = torch.randn(1, 3, 16)

@@ -47,8 +47,8 @@ def add_scan(parser: argparse.ArgumentParser, ours_only: bool = False) -> None:
         "--scan",
         choices=SCAN_BACKENDS,
         help=("our models only: " if ours_only else "")
-        + "selective scan backend; auto: triton on CUDA when it imports and passes its "
-        "self-check, else the log-depth parallel scan on CUDA and the blocked scan elsewhere (default auto)",
+        + "selective scan backend; auto: triton on CUDA when it imports and passes its self-check, else the "
+        "log-depth parallel scan; on a CPU the compiled C++ scan, else the blocked scan (default auto)",
     )
 
 
