@@ -97,30 +97,6 @@ def test_mamba_block_carries_state_across_calls(scan):
     torch.testing.assert_close(conv2.double(), conv_whole.double())
 
 
-@pytest.mark.parametrize("scan", ["cpu", "blocked"])
-def test_a_few_positions_of_a_decoding_step_run_the_compiled_cpu_scan_else_token_by_token(scan, monkeypatch):
-    from bakallm.kernels.cpu_scan import compiled_module
-    from bakallm.model import mamba as mamba_module
-
-    if scan == "cpu" and isinstance(compiled_module(), str):
-        pytest.skip(f"the compiled CPU scan does not build here ({compiled_module()})")
-    used = []
-    real_reference, real_fast = mamba_module.selective_scan_reference, mamba_module.selective_scan
-    monkeypatch.setattr(
-        mamba_module, "selective_scan_reference", lambda *a: used.append("reference") or real_reference(*a)
-    )
-    monkeypatch.setattr(mamba_module, "selective_scan", lambda *a, **k: used.append(k["backend"]) or real_fast(*a, **k))
-    mamba = Mamba(16, d_state=4, d_conv=4, expand=2)
-    mamba.scan = scan
-    x = torch.randn(1, 3, 16)
-    conv, ssm = mamba.initial_state(1)
-    pieces, _, ssm_pieces = mamba(x, conv, ssm, sequential=True)
-    whole, _, ssm_whole = mamba(x, conv, ssm)
-    assert used == (["cpu", "cpu"] if scan == "cpu" else ["reference", "blocked"])
-    torch.testing.assert_close(pieces, whole)
-    torch.testing.assert_close(ssm_pieces, ssm_whole)
-
-
 def test_fast_and_reference_mamba_blocks_agree_with_gradients():
     mamba = Mamba(16, d_state=4)
     x = torch.randn(2, 40, 16, requires_grad=True)

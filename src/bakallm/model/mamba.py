@@ -15,7 +15,7 @@ from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.reference import selective_scan_reference
-from bakallm.kernels.scan import resolve_scan_backend, selective_scan
+from bakallm.kernels.scan import selective_scan
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,10 +74,9 @@ class Mamba(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, d_model] -> (y [B, L, d_model], new conv_state, new ssm_state).
 
-        `sequential`: these are the few positions of a decoding step (a pause and its token, a
-        window's read memory, its write slots), where the blocked and log-depth scans' fixed cost is
-        many times the work: they then run token by token (the reference recurrence). The compiled
-        CPU scan still runs them, 2x faster than the recurrence for 2 positions and 4x for 10."""
+        `sequential`: scan token by token (the reference recurrence) instead of with the chosen
+        backend; for the few positions of a decoding step (a pause and its token, a window's read
+        memory, its write slots), where a fast scan's fixed cost is many times the work."""
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
         hidden, new_conv_state = self._causal_conv(hidden, conv_state)
         hidden = F.silu(hidden)
@@ -86,11 +85,12 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
-            backend = resolve_scan_backend(self.scan, x.device)
-            if sequential and backend != "cpu":
+            if sequential:
                 y, new_ssm_state = selective_scan_reference(*args)
             else:
-                y, new_ssm_state = selective_scan(*args, backend=backend, block=self.scan_block, chunk=self.scan_chunk)
+                y, new_ssm_state = selective_scan(
+                    *args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk
+                )
         y = y.to(gate.dtype) * F.silu(gate)
         return self.out_proj(y), new_conv_state, new_ssm_state
 

@@ -98,8 +98,7 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 # Up to this many positions, a piece of a window read in pieces runs Mamba's recurrence token by
 # token: on one CPU thread that is 3 to 12 times faster than the blocked scan for 2 to 18 positions
-# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256. The
-# compiled CPU scan beats the recurrence from 2 positions, so it runs them where it runs (Mamba.forward).
+# (d_inner 256 and 1536), and the blocked scan wins from about 24 positions at d_inner 256.
 SEQUENTIAL_SCAN_MAX = 20
 
 
@@ -139,7 +138,7 @@ class Block(nn.Module):
                 mixed, conv_state, ssm_state = self.mamba.step(self.mamba_norm(x), conv_state, ssm_state)
             else:
                 # A few positions of a window read in pieces (decoding: a pause and its token, the
-                # read memory, the write slots): see SEQUENTIAL_SCAN_MAX.
+                # read memory, the write slots) scan token by token; whole windows use the fast scan.
                 sequential = state.attention.capacity is not None and length <= SEQUENTIAL_SCAN_MAX
                 mixed, conv_state, ssm_state = self.mamba(
                     self.mamba_norm(x), conv_state, ssm_state, sequential=sequential
