@@ -312,6 +312,52 @@ def test_scan_flag_errors_are_one_sentence(tmp_path, run_dir, text_folder, capsy
     assert stored_rows(db_path) == []
 
 
+@pytest.mark.parametrize("task_options", [[], ["--task", "recall", "--distances", "1", "--samples", "2"]])
+def test_precision_bfloat16_scores_under_autocast_and_is_stored(tmp_path, run_dir, text_folder, capsys, task_options):
+    autocast_seen = []
+    real_forward = BakaLM.forward
+
+    def recording_forward(self, *args, **kwargs):
+        autocast_seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_forward(self, *args, **kwargs)
+
+    db_path = tmp_path / "results.sqlite3"
+    figures = {}
+    for precision in ("float32", "bfloat16"):
+        autocast_seen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(BakaLM, "forward", recording_forward)
+            status, out, err = bench(
+                capsys,
+                run_dir,
+                "--data",
+                text_folder,
+                "--db",
+                db_path,
+                "--cache-dir",
+                tmp_path / "cache",
+                "--precision",
+                precision,
+                "--json",
+                *task_options,
+            )
+        assert status == 0, err
+        assert autocast_seen and set(autocast_seen) == {precision == "bfloat16"}
+        figures[precision] = json.loads(out[-1])
+    assert [row.extra["precision"] for row in stored_rows(db_path)] == ["float32", "bfloat16"]
+    if not task_options:
+        assert figures["bfloat16"]["loss"] == pytest.approx(figures["float32"]["loss"], rel=0.01)
+
+
+def test_precision_flag_is_refused_for_hugging_face_models(tmp_path, text_folder, capsys):
+    db_path = tmp_path / "results.sqlite3"
+    status, _, err = bench(
+        capsys, "--hf", "EleutherAI/pythia-70m", "--precision", "bfloat16", "--data", text_folder, "--db", db_path
+    )
+    assert status == 2 and len(err) == 1 and "--precision applies only to our models" in err[0], err
+    assert stored_rows(db_path) == []
+
+
 def test_reset_every_stores_both_rows_and_prints_the_loss_by_position(tmp_path, run_dir, text_folder, capsys):
     db_path = tmp_path / "results.sqlite3"
     status, out, err = bench(

@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the stored row as one JSON object on the last line")
     options.add_device(parser)
     options.add_scan(parser, ours_only=True)
+    options.add_eval_precision(parser)
     options.add_threads(parser)
     options.add_cache_dir(parser)
     options.add_progress(parser)
@@ -139,6 +140,8 @@ class ModelUnderTest:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from bakallm.acceleration import resolve_device, use_threads
     from bakallm.data.corpora import HUB_WIKITEXT_SPLITS, load_corpus
     from bakallm.data.token_cache import tokenize_corpus
@@ -163,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     if args.scan is not None and args.hf is not None:
         raise UserError("--scan applies only to our models; a Hugging Face model (--hf) runs its own code.")
+    if args.precision is not None and args.hf is not None:
+        raise UserError("--precision applies only to our models; a Hugging Face model (--hf) is scored in float32.")
+    precision = args.precision or "float32"
     if args.reset_every is not None:
         if args.hf is not None:
             raise UserError(
@@ -210,22 +216,24 @@ def run(args: argparse.Namespace) -> int:
             ]
             measurements = (_lm_measurement(kind, model, corpus, each) for each in settings)  # each stored once scored
         stored = []
-        for context, stride, (figures, extra, describe) in measurements:
-            row = result_row(
-                subject.record,
-                args.data,
-                args.split,
-                context,
-                stride,
-                tokenizer.name,
-                figures,
-                {**extra, "batch_size": batch_size, "device": str(device)},
-                note=args.note,
-            )
-            row.created_at = utc_now_iso()
-            row.id = db.add(row)
-            stored.append(row)
-            print(describe(row, db.path))
+        # Measurements are computed as the loop asks for them: one autocast covers the scoring of either task.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            for context, stride, (figures, extra, describe) in measurements:
+                row = result_row(
+                    subject.record,
+                    args.data,
+                    args.split,
+                    context,
+                    stride,
+                    tokenizer.name,
+                    figures,
+                    {**extra, "batch_size": batch_size, "device": str(device), "precision": precision},
+                    note=args.note,
+                )
+                row.created_at = utc_now_iso()
+                row.id = db.add(row)
+                stored.append(row)
+                print(describe(row, db.path))
     if len(stored) > 1 and args.task == "lm":
         print(format_context_use(context_uses(stored)), end="")
     if args.json:
