@@ -1,8 +1,9 @@
 """The selective scan as one compiled C++ loop per block of channels, for CPUs (cpu_scan.cpp).
 
 The blocked scan (blocked.py) runs thousands of small PyTorch operations per window; on a CPU
-each costs microseconds of dispatch and a pass through memory. This kernel keeps each channel's
-state in a local array and does a step in a few vector instructions; forward keeps the state
+each costs microseconds of dispatch and a pass through memory. This kernel keeps a block of
+channels' states in a local array, one channel per vector lane, and does a step in a few vector
+instructions per state; forward keeps the state
 entering every 16th step, backward recomputes each 16-step segment from it and runs the adjoint
 recurrence through it (the maths is in the .cpp file's comments; the reference is reference.py).
 
@@ -27,7 +28,7 @@ import torch
 from bakallm.kernels.reference import scan_operands
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
-# -ffast-math lets the compiler vectorise exp over the 16 states (glibc's vector math library);
+# -ffast-math lets the compiler vectorise exp over a block's channels (glibc's vector math library);
 # the parity tests hold the results to the reference scan's in float64.
 COMPILER_FLAGS = ("-O3", "-march=native", "-ffast-math")
 # -fopenmp makes at::parallel_for (inline in ATen's headers) run the tasks on PyTorch's threads,
