@@ -83,11 +83,43 @@ def test_reading_token_by_token_gives_the_forward_logits_and_states(changes):
                             )
 
 
+@pytest.mark.parametrize("memory_layout", ["learned_slots", "copy_memory"])
+def test_a_fresh_state_s_first_window_attends_causally_to_itself_with_the_masked_read_s_results(
+    memory_layout, monkeypatch
+):
+    model = model_of(
+        memory_layout=memory_layout, **({"memory_readout": "first_slots"} if memory_layout == "copy_memory" else {})
+    )
+    ids = torch.randint(0, VOCAB, (2, 2 * WINDOW + 5), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_attention(query, key, value, attn_mask=None, is_causal=False):
+        calls.append((is_causal, attn_mask is None, query.shape[2], key.shape[2]))
+        return real_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
+    with torch.no_grad():
+        fresh = model(ids)  # no state given: the model knows no row has a past
+        fresh_calls, calls[:] = list(calls), []
+        masked = model(ids, state=model.init_state(2))  # the same zero state, read with its past block masked
+    layout = model.config.layout_length
+    first = layout - (model.config.n_memory if memory_layout == "copy_memory" else 0)  # no read slots there when fresh
+    n_layers = model.config.n_layers
+    assert fresh_calls[:n_layers] == [(True, True, first, first)] * n_layers
+    assert all(not causal and not unmasked for causal, unmasked, _, _ in fresh_calls[n_layers:] + calls)
+    assert calls[0][3] == model.config.cache_length + first  # the masked read attends over the past block too
+    torch.testing.assert_close(fresh.logits, masked.logits, rtol=0, atol=2e-5)
+    for name in ("memory", "keys", "values", "conv", "ssm"):
+        for got, want in zip(getattr(fresh.state, name), getattr(masked.state, name), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_a_whole_window_read_in_one_piece_commits_the_forward_state_exactly():
     model = model_of()
     ids = torch.randint(0, VOCAB, (2, 2 * WINDOW), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        reader = WindowReader(model, model.init_state(2))
+        reader = WindowReader(model, model.init_state(2), fresh=True)  # as a forward call without a state
         for start in (0, WINDOW):
             reader.read(ids[:, start : start + WINDOW], ends_window=True)
             reader.commit()

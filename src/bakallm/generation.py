@@ -40,7 +40,7 @@ class IncrementalReader:
                 f"this model uses {config.memory_layout} with {config.memory_readout}, so score it with a forward call instead."
             )
         self.model = model
-        self.window = WindowReader(model, model.init_state(batch_size, device))
+        self.window = WindowReader(model, model.init_state(batch_size, device), fresh=True)
 
     @property
     def state(self) -> RecurrentState:

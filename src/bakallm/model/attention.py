@@ -5,7 +5,8 @@ Keys and values of the previous window are cached unrotated (that is what the re
 holds); when a window begins they are rotated once from position 0, and each position of the window
 is rotated at its place after them, queries and keys alike, so relative distances are the same
 whether or not a past exists. Rows without a past (fresh documents) are masked from the whole past
-block, so they never see a stale key.
+block, so they never see a stale key; a window whose rows are all known to have none reads no past
+block at all and attends causally (model/window.py, `fresh`).
 """
 
 from __future__ import annotations
@@ -138,11 +139,13 @@ class XLAttention(nn.Module):
         return (output, *cache.window_key_values())
 
     def attend(
-        self, x: torch.Tensor, cache: KeyValueCache, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cache: KeyValueCache, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, KeyValueCache]:
         """Positions x [B, L, d] after those `cache` holds, which they attend to where `mask`
-        [B, 1, L, cached + L] allows; returns their output and the cache with their keys and
-        values added. cos/sin: tables covering the positions up to these."""
+        [B, 1, L, cached + L] allows (None: each sees every key up to itself, that is all of them
+        for one position, and causally when the cache holds nothing before these positions);
+        returns their output and the cache with their keys and values added. cos/sin: tables
+        covering the positions up to these."""
         batch, length, d_model = x.shape
         # Linear layers on rows [B * L, d]: on a 3-D input they reshape to 2-D and back, three more
         # operator calls each, which token-by-token decoding notices. The same products.
@@ -155,5 +158,8 @@ class XLAttention(nn.Module):
         # Queries and keys sit at the same positions: one rotation for both.
         query, rotated_key = apply_rotary(qkv[:2], cos[start : start + length], sin[start : start + length]).unbind(0)
         keys, values, cache = cache.add(qkv[1], rotated_key, qkv[2], cos, sin)
-        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+        causal = mask is None and length > 1
+        if causal and keys.shape[2] != length:
+            raise ValueError(f"Without a mask, {length} positions after {keys.shape[2] - length} cached ones need one.")
+        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal)
         return self.out(attended.transpose(1, 2).reshape(batch * length, d_model)).view(batch, length, d_model), cache

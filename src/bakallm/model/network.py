@@ -123,11 +123,12 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, *, state: LayerState, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, *, state: LayerState, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, LayerState]:
         """Positions x [B, L, d] of a window after those `state` holds (model/window.py): the layer's
         output, and its state with these positions read. `mask` [B, 1, L, cached + L] says which
-        keys each position sees; cos/sin are the rotary tables."""
+        keys each position sees (None: every key up to itself, XLAttention.attend); cos/sin are the
+        rotary tables."""
         normed = self.norm(x)
         attended, attention = self.attn.attend(normed, state.attention, mask, cos, sin)
         x = x + attended + self.mlp(normed)
@@ -263,13 +264,14 @@ class BakaLM(nn.Module):
         """
         self._check_inputs(input_ids, state, reset, targets)
         batch, length = input_ids.shape
-        if state is None:
+        fresh = state is None
+        if fresh:
             state = self.init_state(batch, input_ids.device)
         if reset is not None:
             state = state.reset(reset)
         window = self.config.window
         window_logits, window_hidden, window_mixtures = [], [], []
-        reader = WindowReader(self, state)
+        reader = WindowReader(self, state, fresh=fresh)
         # Every token of the call embedded at once: the embedding's gradient, a tensor the size of the
         # vocabulary's table, is then built once per call rather than once per window.
         embedded = self.embed(input_ids)

@@ -43,14 +43,23 @@ class WindowReader:
     `state` is the RecurrentState committed by the last full window (its document-cache counts, when
     the model has them, include every token read); `tokens_in_window` how many tokens of the window
     in progress have been read. `model` is a `BakaLM` (not imported here: the network imports this module).
+
+    `fresh`: no row of `state` has a past (a state just made by `init_state`, which the caller
+    knows without asking the device). The first window then leaves out the cache's past block,
+    which every position would have to skip: read whole, it attends causally to its own positions
+    only, which the attention kernel does in half the work of the masked [past | window] block.
+    Its rotary positions start at 0 instead of after the past block; scores depend only on the
+    distances between positions, so the results are those of the masked read, to rounding.
     """
 
-    def __init__(self, model: Any, state: RecurrentState):
+    def __init__(self, model: Any, state: RecurrentState, fresh: bool = False):
         self.model = model
         self.config = model.config
         self.state = state
+        self.fresh = fresh
         self.tokens_in_window = 0
         self._layers: list[LayerState] = []
+        self._past_length = 0  # of the window in progress: the cache's past block (0 when fresh)
         self._positions = 0  # positions of the window's layout read so far (memory, pauses and tokens)
         self._mask: torch.Tensor | None = None  # the whole window's attention mask, when read in pieces
         self._every_row_has_past = False  # then a single position sees every key before it: no mask
@@ -126,6 +135,7 @@ class WindowReader:
             has_past=torch.ones_like(self.state.has_past),
         )
         self.tokens_in_window, self._positions, self._layers, self._mask, self._memory = 0, 0, [], None, None
+        self.fresh = False
         return self.state
 
     # ----- inside a window -----
@@ -144,9 +154,11 @@ class WindowReader:
             convs, ssms = iter(state.conv), iter(state.ssm)
         else:
             convs, ssms = iter(tuple(map(torch.zeros_like, state.conv))), iter(tuple(map(torch.zeros_like, state.ssm)))
+        self._past_length = 0 if self.fresh or not state.keys else state.keys[0].shape[2]
+        past = self._past_length
         self._layers = [
             LayerState(
-                KeyValueCache(key, value, capacity),
+                KeyValueCache(key[:, :, :past], value[:, :, :past], capacity),
                 next(convs) if layer.mamba is not None else None,
                 next(ssms) if layer.mamba is not None else None,
             )
@@ -156,20 +168,22 @@ class WindowReader:
             return self._memory_layout(body)
         read = self._read_memory(body.dtype)
         # The whole window's mask, of which each piece takes its rows.
-        self._mask = xl_attention_mask(state.has_past, state.keys[0].shape[2], config.layout_length)
+        self._mask = xl_attention_mask(state.has_past, past, config.layout_length)
         self._every_row_has_past = bool(state.has_past.all())  # one host synchronisation per window
         return torch.cat((read, body), dim=1), config.n_memory, None
 
     def _attention_mask(self, length: int, hidden_keys: torch.Tensor | None) -> torch.Tensor | None:
         """The mask of the next `length` positions: [B, 1, length, past + positions so far + length],
-        or None when they see every key before them (one position, in a window whose rows all have
-        a past: what decoding reads)."""
-        past = self.state.keys[0].shape[2] if self.state.keys else 0
+        or None when each sees every key up to itself: one position in a window whose rows all have
+        a past (what decoding reads), or a fresh state's first window read whole (causal)."""
+        past = self._past_length
         if self._mask is not None:
             if length == 1 and self._every_row_has_past:
                 return None
             start = self._positions
             return self._mask[:, :, start : start + length, : past + start + length]
+        if self.fresh and hidden_keys is None:
+            return None
         mask = xl_attention_mask(self.state.has_past, past, length, self._positions)
         return mask if hidden_keys is None else mask & ~hidden_keys
 
@@ -211,7 +225,7 @@ class WindowReader:
         # Rows of both kinds share one call: fresh rows get zero read slots that none of their
         # positions but the slot itself attends to (see docs/architecture.md on this approximation).
         x = torch.cat((torch.where(has_past, memory, 0.0), body, torch.where(has_past, memory, write)), dim=1)
-        length, past_length = x.shape[1], state.keys[0].shape[2]
+        length, past_length = x.shape[1], self._past_length
         key_positions = torch.arange(past_length + length, device=x.device)
         query_positions = torch.arange(length, device=x.device).view(-1, 1)
         hidden_slot = (
