@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from bakallm.kernels import SCAN_BACKENDS
-from bakallm.openmp import shorten_openmp_spin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -274,14 +273,6 @@ def main() -> None:
         "by default every model's process keeps them for reuse, as bakallm train does",
     )
     parser.add_argument(
-        "--default-openmp-spin",
-        dest="short_openmp_spin",
-        action="store_false",
-        help="on a CPU, leave libgomp's barrier spin (300,000) to every model's process; by default they spin "
-        "100,000 iterations before sleeping, as bakallm's commands do (bakallm.openmp), unless GOMP_SPINCOUNT "
-        "or OMP_WAIT_POLICY is set",
-    )
-    parser.add_argument(
         "--scan",
         default="auto",
         choices=SCAN_BACKENDS,
@@ -304,8 +295,6 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args)
     dtype = getattr(torch, args.dtype)
-    if args.short_openmp_spin and device.type == "cpu":
-        shorten_openmp_spin()  # for the fresh processes each model is timed in; this one has loaded torch
     print(f"Machine: {machine_description(device)}")
 
     models = list(args.models)
@@ -412,13 +401,7 @@ def main() -> None:
     )
     print(
         f"\n{args.dtype}{', compiled' if args.compile else ''}, scan {args.scan}"
-        + (
-            f", freed host memory {'kept' if args.keep_host_memory else 'unmapped'}, GOMP_SPINCOUNT "
-            + os.environ.get("GOMP_SPINCOUNT", "unset")
-            + (f", OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else "")
-            if device.type == "cpu"
-            else ""
-        )
+        + (f", freed host memory {'kept' if args.keep_host_memory else 'unmapped'}" if device.type == "cpu" else "")
         + "; "
         + (
             f"median of {args.steps * args.rounds} steps, {args.steps} in each of {args.rounds} fresh processes per model (rounds alternating between models), each after {args.warmup_steps} warm-up steps."

@@ -15,7 +15,6 @@ import threading
 
 from bakallm import __version__
 from bakallm.errors import UserError
-from bakallm.openmp import shorten_openmp_spin
 
 COMMANDS = {
     "first-run": (
@@ -53,8 +52,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "torch" not in sys.modules:  # libgomp reads it when torch loads; later it would change nothing
-        shorten_openmp_spin()
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
         # Past a file-size limit (ulimit -f) the write fails with EFBIG, which we report in one
         # sentence, instead of the signal killing the process mid-save.
