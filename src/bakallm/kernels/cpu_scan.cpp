@@ -8,9 +8,9 @@
 // Each task owns a block of 64 channels of one row and walks the window once, the states of its
 // channels in a small local array laid out [state][channel]: the inner loops run over channels,
 // one channel per vector lane, so a step is a few vector instructions per state with no sum across
-// lanes, instead of a handful of PyTorch operations over the whole block. Forward keeps the state entering every
-// CHECKPOINT-th step; backward walks the checkpoint segments from the last, recomputes a
-// segment's states from its checkpoint, then runs the adjoint recurrence through it.
+// lanes, instead of a handful of PyTorch operations over the whole block. Forward keeps the state
+// entering every CHECKPOINT-th step; backward walks the checkpoint segments from the last,
+// recomputes a segment's states from its checkpoint, then runs the adjoint recurrence through it.
 //
 // dB and dC sum over channels: each channel block writes its own part, and the caller sums the
 // parts (deterministic, whatever the thread count). dA sums over rows the same way.
@@ -240,10 +240,11 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& x, const at::Tensor& dt,
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
   const int64_t blocks = (channels + CHANNELS - 1) / CHANNELS;
   at::Tensor grad_x = at::empty_like(x), grad_dt = at::empty_like(dt), grad_h0 = at::empty_like(grad_h_last);
-  at::Tensor grad_A_parts = at::zeros({rows, channels, states}, x.options());
+  // Every task writes its channels' dA and dD whole; dB and dC parts are summed into.
+  at::Tensor grad_A_parts = at::empty({rows, channels, states}, x.options());
   at::Tensor grad_B_parts = at::zeros({blocks, rows, steps, states}, x.options());
   at::Tensor grad_C_parts = at::zeros({blocks, rows, steps, states}, x.options());
-  at::Tensor grad_D_parts = at::zeros({rows, channels}, x.options());
+  at::Tensor grad_D_parts = at::empty({rows, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_cpu_scan_backward", [&] {
     backward_kernel<scalar_t>(x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last, grad_x, grad_dt, grad_A_parts,
                               grad_B_parts, grad_C_parts, grad_D_parts, grad_h0);
