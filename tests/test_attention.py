@@ -12,7 +12,7 @@ import torch
 
 from bakallm import BakaLM, ModelConfig, RecurrentState
 from bakallm.model.attention import XLAttention, xl_attention_mask
-from bakallm.model.rotary import rotary_tables
+from bakallm.model.rotary import apply_rotary, rotary_tables
 
 VOCAB = 300
 BASE = 10000.0
@@ -55,6 +55,26 @@ def naive_xl_attention(attention: XLAttention, x, past_key, past_value, has_past
                 weights = torch.softmax(scores, dim=0)
                 output[b, i, h] = sum(w * v for w, (_, _, v) in zip(weights, visible))
     return output.reshape(batch, length, d_model) @ attention.out.weight.double().t()
+
+
+def test_rotation_and_its_gradient_equal_the_half_split_formula():
+    """Against x * cos + [-x2, x1] * sin through autograd, with tables whose halves differ, so that a
+    backward rotating the wrong way or by the wrong half's angles fails."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    cos, sin = (torch.randn(7, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    grad = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=generator)
+    got = apply_rotary(x, cos, sin)
+    want = x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(apply_rotary(x, cos, sin), want)
+    # Under bfloat16 autocast the rotation runs in the tables' float32 and returns x's dtype.
+    low = x.detach().to(torch.bfloat16).requires_grad_()
+    rotated = apply_rotary(low, cos.float(), sin.float())
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.double(), want.detach(), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("past_length", [0, 5])

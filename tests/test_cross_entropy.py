@@ -16,10 +16,12 @@ def head_inputs(tokens=23, d_model=8, padded_vocab=40, dtype=torch.float64):
     return hidden, weight, targets
 
 
-# Chunks of one token, chunks that do not divide the 23 tokens, one chunk larger than all of them.
+# Chunks of one token, chunks that do not divide the 23 tokens, one chunk larger than all of them;
+# a narrow head (its gradient summed transposed) and a wide one (summed in the weight's layout).
+@pytest.mark.parametrize("d_model", [8, 256])
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 23, 64])
-def test_chunked_loss_and_gradients_equal_cross_entropy_on_the_whole_logits(chunk_tokens):
-    hidden, weight, targets = head_inputs()
+def test_chunked_loss_and_gradients_equal_cross_entropy_on_the_whole_logits(chunk_tokens, d_model):
+    hidden, weight, targets = head_inputs(d_model=d_model)
     vocab = 37  # the weight's last 3 rows are padding, outside the vocabulary
     want = F.cross_entropy(F.linear(hidden, weight[:vocab]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     want_grads = torch.autograd.grad(want * 0.7, (hidden, weight))

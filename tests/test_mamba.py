@@ -68,6 +68,27 @@ def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
     torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
 
 
+@pytest.mark.parametrize("length", [11, 2])  # a window longer than the carried inputs, and shorter
+def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length):
+    mamba = Mamba(8, d_state=4, d_conv=4, expand=2).double()
+    generator = torch.Generator().manual_seed(length)
+    hidden = torch.randn(2, length, mamba.d_inner, dtype=torch.float64, generator=generator, requires_grad=True)
+    conv_state = torch.randn(2, mamba.d_inner, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    out, new_state = mamba._causal_conv(hidden, conv_state)
+    grad_out, grad_state = (
+        torch.randn(out.shape, dtype=torch.float64, generator=generator),
+        torch.randn(new_state.shape, generator=generator),
+    )
+    inputs = (hidden, conv_state, mamba.conv.weight, mamba.conv.bias)
+    got = torch.autograd.grad((out * grad_out).sum() + (new_state * grad_state).sum(), inputs)
+    conv_input = torch.cat((conv_state, hidden.transpose(1, 2)), dim=2)
+    expected_out = F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
+    expected_state = conv_input[:, :, -3:]
+    want = torch.autograd.grad((expected_out * grad_out).sum() + (expected_state * grad_state).sum(), inputs)
+    for name, g, w in zip(("hidden", "conv state", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_one_position_steps_equal_the_full_forward():
     mamba = Mamba(16, d_state=4, d_conv=4, expand=2).double()
     x = torch.randn(2, 13, 16, dtype=torch.float64)

@@ -154,10 +154,13 @@ class XLAttention(nn.Module):
             .view(batch, length, 3, self.n_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
         )
+        # unbind, not indexing: its backward stacks the three gradients in one pass, where each index's
+        # backward would fill a zero tensor the size of all three.
+        query, key, value = qkv.unbind(0)
         start = cache.position
-        # Queries and keys sit at the same positions: one rotation for both.
-        query, rotated_key = apply_rotary(qkv[:2], cos[start : start + length], sin[start : start + length]).unbind(0)
-        keys, values, cache = cache.add(qkv[1], rotated_key, qkv[2], cos, sin)
+        window_cos, window_sin = cos[start : start + length], sin[start : start + length]
+        query, rotated_key = apply_rotary(query, window_cos, window_sin), apply_rotary(key, window_cos, window_sin)
+        keys, values, cache = cache.add(key, rotated_key, value, cos, sin)
         causal = mask is None and length > 1
         if causal and keys.shape[2] != length:
             raise ValueError(f"Without a mask, {length} positions after {keys.shape[2] - length} cached ones need one.")

@@ -27,6 +27,51 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
     return _cast(tensor, torch.float32)
 
 
+def _convolve(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution of padded [B, k-1 + L, d] (k-1 carried inputs, then L new ones)
+    with weight [d, k] and bias [d], as k shifted multiply-adds: the same result as F.conv1d on
+    [B, d, k-1 + L] without the transposes to and from that layout, which cost more than the
+    convolution itself on a CPU. Returns the output [B, L, d] and the last k-1 inputs, the next
+    conv state [B, d, k-1] in float32."""
+    taps = weight.shape[1]
+    length = padded.shape[1] - taps + 1
+    out = torch.addcmul(bias, padded[:, :length], weight[:, 0])
+    for tap in range(1, taps):
+        out.addcmul_(padded[:, tap : tap + length], weight[:, tap])
+    # A copy, so that the carried state does not keep the whole window's activations alive.
+    return out, padded[:, length:].transpose(1, 2).float().contiguous()
+
+
+class _CausalConvolution(torch.autograd.Function):
+    """`_convolve` with its backward written out: autograd's own fills a zero tensor the size of
+    `padded` for each of the k shifted slices and for the state's, then adds them up; this one
+    multiply-adds every slice's gradient into one."""
+
+    @staticmethod
+    def forward(ctx, padded, weight, bias):
+        ctx.save_for_backward(padded, weight)
+        return _convolve(padded, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_state):
+        padded, weight = ctx.saved_tensors
+        taps, length = weight.shape[1], grad_out.shape[1]
+        grad_padded = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_padded = torch.zeros_like(padded)
+            if grad_state is not None:
+                grad_padded[:, length:] = grad_state.transpose(1, 2)
+            for tap in range(taps):
+                grad_padded[:, tap : tap + length].addcmul_(grad_out, weight[:, tap])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack(
+                [(grad_out * padded[:, tap : tap + length]).sum((0, 1)) for tap in range(taps)], dim=1
+            )
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 1))
+        return grad_padded, grad_weight, grad_bias
+
+
 class Mamba(nn.Module):
     def __init__(
         self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3
@@ -134,17 +179,11 @@ class Mamba(nn.Module):
         return F.linear(y, self.out_proj.weight).unsqueeze(1), new_conv_state, new_ssm_state
 
     def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Depthwise causal convolution of hidden [B, L, d_inner] as d_conv shifted multiply-adds.
-
-        Same result as F.conv1d on [B, d_inner, L], without the transposes to and from that
-        layout, which cost more than the convolution itself on CPU.
-        """
-        length = hidden.shape[1]
+        """Depthwise causal convolution of hidden [B, L, d_inner] after the carried inputs
+        conv_state [B, d_inner, d_conv-1]; returns it and the next conv state."""
         padded = torch.cat((conv_state.transpose(1, 2).to(hidden.dtype), hidden), dim=1)
         weight = self.conv.weight.squeeze(1).to(hidden.dtype)
-        out = torch.addcmul(self.conv.bias.to(hidden.dtype), padded[:, :length], weight[:, 0])
-        for tap in range(1, self.d_conv):
-            out.addcmul_(padded[:, tap : tap + length], weight[:, tap])
-        # A copy, so that the carried state does not keep the whole window's activations alive.
-        new_conv_state = padded[:, length:].transpose(1, 2).float().contiguous()
-        return out, new_conv_state
+        bias = self.conv.bias.to(hidden.dtype)
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (padded, weight, bias)):
+            return _CausalConvolution.apply(padded, weight, bias)
+        return _convolve(padded, weight, bias)

@@ -1,4 +1,12 @@
-"""Rotary position embedding (half-split form) for absolute positions 0..n-1."""
+"""Rotary position embedding (half-split form) for absolute positions 0..n-1.
+
+x [..., n, head_dim] turns pair (x[i], x[i + half]) by the angle of its position and frequency:
+x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x[half:], x[:half]]. Written with autograd's
+own operations, that is three slices, a negation and a concatenation whose backward fills a zero
+tensor per slice and adds them up; here forward and backward are one product and two in-place
+multiply-adds each. In a celp18 training step on one CPU thread the rotations' operations took
+0.14 s against 0.40 s written with autograd's (per-operation timings, docs/performance.md).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +23,35 @@ def rotary_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [..., n, head_dim] by the tables' rows [n, head_dim]."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in the tables' precision, or with `inverse` the transposed
+    rotation x * cos + rotate_half(x * sin)^T, which is the gradient's; returned in x's dtype."""
     half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    rotated = x * cos + rotated_half * sin
+    first, second = x[..., :half], x[..., half:]
+    rotated = x * cos
+    if inverse:
+        rotated[..., :half].addcmul_(second, sin[..., half:])
+        rotated[..., half:].addcmul_(first, sin[..., :half], value=-1)
+    else:
+        rotated[..., :half].addcmul_(second, sin[..., :half], value=-1)
+        rotated[..., half:].addcmul_(first, sin[..., half:])
     return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
+
+
+class _Rotation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [..., n, head_dim] by the tables' rows [n, head_dim] (no gradient to the tables)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotation.apply(x, cos, sin)
+    return _rotate(x, cos, sin, inverse=False)
