@@ -68,12 +68,16 @@ def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
     torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
 
 
-@pytest.mark.parametrize("length", [11, 2])  # a window longer than the carried inputs, and shorter
-def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length):
-    mamba = Mamba(8, d_state=4, d_conv=4, expand=2).double()
+# A window longer than the carried inputs and one shorter; one carried input in one row, where the
+# state's slice of the padded inputs is contiguous already (the state must still be a copy).
+@pytest.mark.parametrize(("length", "d_conv", "rows"), [(11, 4, 2), (2, 4, 2), (5, 2, 1)])
+def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length, d_conv, rows):
+    mamba = Mamba(8, d_state=4, d_conv=d_conv, expand=2).double()
     generator = torch.Generator().manual_seed(length)
-    hidden = torch.randn(2, length, mamba.d_inner, dtype=torch.float64, generator=generator, requires_grad=True)
-    conv_state = torch.randn(2, mamba.d_inner, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    hidden = torch.randn(rows, length, mamba.d_inner, dtype=torch.float64, generator=generator, requires_grad=True)
+    conv_state = torch.randn(
+        rows, mamba.d_inner, d_conv - 1, dtype=torch.float64, generator=generator, requires_grad=True
+    )
     out, new_state = mamba._causal_conv(hidden, conv_state)
     grad_out, grad_state = (
         torch.randn(out.shape, dtype=torch.float64, generator=generator),
@@ -83,10 +87,13 @@ def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length):
     got = torch.autograd.grad((out * grad_out).sum() + (new_state * grad_state).sum(), inputs)
     conv_input = torch.cat((conv_state, hidden.transpose(1, 2)), dim=2)
     expected_out = F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
-    expected_state = conv_input[:, :, -3:]
+    expected_state = conv_input[:, :, 1 - d_conv :]
     want = torch.autograd.grad((expected_out * grad_out).sum() + (expected_state * grad_state).sum(), inputs)
     for name, g, w in zip(("hidden", "conv state", "weight", "bias"), got, want):
         torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
+    single = Mamba(8, d_state=4, d_conv=d_conv, expand=2)
+    _, state = single._causal_conv(hidden.detach().float().requires_grad_(), conv_state.detach().float())
+    assert state._base is None  # in float32 too a copy, not a view of the padded inputs
 
 
 def test_one_position_steps_equal_the_full_forward():

@@ -38,8 +38,10 @@ def _convolve(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     out = torch.addcmul(bias, padded[:, :length], weight[:, 0])
     for tap in range(1, taps):
         out.addcmul_(padded[:, tap : tap + length], weight[:, tap])
-    # A copy, so that the carried state does not keep the whole window's activations alive.
-    return out, padded[:, length:].transpose(1, 2).float().contiguous()
+    # Always a copy (never a view of `padded`, whatever its dtype and shape), so that the carried
+    # state does not keep the whole window's activations alive.
+    state = padded[:, length:].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return out, state
 
 
 class _CausalConvolution(torch.autograd.Function):

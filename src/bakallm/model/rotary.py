@@ -24,8 +24,9 @@ def rotary_tables(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin in the tables' precision, or with `inverse` the transposed
-    rotation x * cos + rotate_half(x * sin)^T, which is the gradient's; returned in x's dtype."""
+    """x * cos + rotate_half(x) * sin in the tables' precision, or with `inverse` the gradient's
+    transposed rotation x * cos + R^T (x * sin), R^T [y1, y2] = [y2, -y1] the transpose of
+    rotate_half; returned in x's dtype."""
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
     rotated = x * cos
