@@ -422,9 +422,10 @@ def main() -> None:
             print(
                 f"{name} with activation checkpointing: {memory_ratio}step time {times[name, CHECKPOINTED] / times[name, 'train']:.2f}x of without."
             )
-    if ("celp18", "train") in mfu and (PYTHIA, "train") in mfu:
-        ratio = mfu["celp18", "train"] / mfu[PYTHIA, "train"]
-        print(f"celp18 / GPT-NeoX training MFU: {ratio:.2f}")
+    if (PYTHIA, "train") in mfu:
+        for name in models:
+            if name != PYTHIA and (name, "train") in mfu:
+                print(f"{name} / GPT-NeoX training MFU: {mfu[name, 'train'] / mfu[PYTHIA, 'train']:.2f}")
 
 
 if __name__ == "__main__":
