@@ -1,6 +1,7 @@
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import settings
@@ -134,3 +135,25 @@ def small_train_args() -> Callable[..., list[str]]:
         ]  # fmt: skip
 
     return build
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def cpu_kernels(request, monkeypatch) -> SimpleNamespace:
+    """Runs a test through the compiled CPU passes (kernels/cpu_fused.py), and again through the
+    PyTorch operations they replace. `.calls` counts the model's requests for the compiled kernels,
+    given on the first run and refused on the second, so a test can check the kernels were asked for."""
+    from bakallm.kernels import cpu_fused
+
+    built = "turned off by the test"
+    if request.param == "compiled":
+        built = cpu_fused.compiled_module()
+        if isinstance(built, str):
+            pytest.skip(f"the CPU kernels do not build here: {built}")
+    state = SimpleNamespace(compiled=request.param == "compiled", calls=0)
+
+    def counted():
+        state.calls += 1
+        return built
+
+    monkeypatch.setattr(cpu_fused, "compiled_module", counted)
+    return state

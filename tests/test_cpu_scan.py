@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bakallm import BakaLM, ModelConfig
-from bakallm.kernels.cpu_scan import compiled_module, openmp_failure, selective_scan
+from bakallm.kernels.cpu_build import compiled_module, openmp_failure
+from bakallm.kernels.cpu_scan import selective_scan
 from bakallm.kernels.reference import selective_scan_reference
 from bakallm.model.mamba import Mamba
 
@@ -67,7 +68,7 @@ def test_without_gradients_it_gives_the_same_outputs_and_keeps_nothing():
         y, h = selective_scan(*values)
     want_y, want_h = outputs_and_gradients(selective_scan, values)[:2]
     assert torch.equal(y, want_y) and torch.equal(h, want_h)
-    assert compiled_module().forward(*values, False)[2].numel() == 0  # no checkpoints kept
+    assert compiled_module().scan_forward(*values, False)[2].numel() == 0  # no checkpoints kept
 
 
 def test_the_tasks_run_on_all_of_pytorchs_threads():

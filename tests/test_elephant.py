@@ -13,8 +13,9 @@ def test_elephant_values_follow_the_formula():
 
 
 # d = 2, 4, 8, 16 take the repeated-squaring path; 3.5 and 3 the general one.
+# Both through the compiled CPU kernel and through PyTorch operations.
 @pytest.mark.parametrize("a, d", [(1.0, 8.0), (2.0, 3.5), (0.5, 4.0), (1.0, 2.0), (0.7, 16.0), (1.3, 3.0)])
-def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d):
+def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d, cpu_kernels):
     up = torch.randn(4, 33, 64, dtype=torch.float64, requires_grad=True)
     gate = (torch.randn(4, 33, 64, dtype=torch.float64) * 1.5).requires_grad_()
     grad = torch.randn(4, 33, 64, dtype=torch.float64)
@@ -25,12 +26,15 @@ def test_fused_gate_matches_plain_formula_in_values_and_gradients(a, d):
     torch.testing.assert_close(fused, plain)
     for got, want in zip(fused_grads, plain_grads):
         torch.testing.assert_close(got, want)
+    assert cpu_kernels.calls == 2  # forward and backward
 
 
-def test_fused_gate_without_gradients_matches_plain_formula():
-    up, gate = torch.randn(4, 33, 64, dtype=torch.float64), torch.randn(4, 33, 64, dtype=torch.float64) * 1.5
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_gate_without_gradients_matches_plain_formula(dtype, cpu_kernels):
+    up, gate = torch.randn(4, 33, 64, dtype=dtype), torch.randn(4, 33, 64, dtype=dtype) * 1.5
     with torch.no_grad():
         torch.testing.assert_close(elephant_gate(up, gate), elephant_gate(up, gate, fused=False))
+    assert cpu_kernels.calls == 1  # the fused call; the plain formula does not ask
 
 
 def test_fused_gate_in_bfloat16_returns_bfloat16_close_to_float32():

@@ -57,22 +57,26 @@ def test_fast_scan_keeps_no_state_tensor_for_the_whole_sequence():
     (y.sum() + h.sum()).backward()
 
 
-def test_causal_conv_equals_conv1d_with_the_carried_inputs_in_front():
-    mamba = Mamba(8, d_state=4, d_conv=4, expand=2).double()
+# d_inner 16 and 80: one channel block of the compiled kernel, partly filled, and two.
+@pytest.mark.parametrize("d_model", [8, 40])
+def test_causal_conv_is_silu_of_conv1d_with_the_carried_inputs_in_front(d_model, cpu_kernels):
+    mamba = Mamba(d_model, d_state=4, d_conv=4, expand=2).double()
     hidden = torch.randn(2, 11, mamba.d_inner, dtype=torch.float64)
     conv_state = torch.randn(2, mamba.d_inner, 3, dtype=torch.float64)
     out, new_state = mamba._causal_conv(hidden, conv_state)
     conv_input = torch.cat((conv_state, hidden.transpose(1, 2)), dim=2)
     expected = F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, F.silu(expected))
     torch.testing.assert_close(new_state, conv_input[:, :, -3:].float())
+    assert cpu_kernels.calls == 1
 
 
 # A window longer than the carried inputs and one shorter; one carried input in one row, where the
 # state's slice of the padded inputs is contiguous already (the state must still be a copy).
-@pytest.mark.parametrize(("length", "d_conv", "rows"), [(11, 4, 2), (2, 4, 2), (5, 2, 1)])
-def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length, d_conv, rows):
-    mamba = Mamba(8, d_state=4, d_conv=d_conv, expand=2).double()
+# d_model 40: two channel blocks of the compiled kernel, the second partly filled.
+@pytest.mark.parametrize(("length", "d_conv", "rows", "d_model"), [(11, 4, 2, 8), (2, 4, 2, 40), (5, 2, 1, 8)])
+def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length, d_conv, rows, d_model, cpu_kernels):
+    mamba = Mamba(d_model, d_state=4, d_conv=d_conv, expand=2).double()
     generator = torch.Generator().manual_seed(length)
     hidden = torch.randn(rows, length, mamba.d_inner, dtype=torch.float64, generator=generator, requires_grad=True)
     conv_state = torch.randn(
@@ -86,12 +90,15 @@ def test_causal_conv_gradients_equal_conv1d_s_through_output_and_state(length, d
     inputs = (hidden, conv_state, mamba.conv.weight, mamba.conv.bias)
     got = torch.autograd.grad((out * grad_out).sum() + (new_state * grad_state).sum(), inputs)
     conv_input = torch.cat((conv_state, hidden.transpose(1, 2)), dim=2)
-    expected_out = F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
+    expected_out = F.silu(
+        F.conv1d(conv_input, mamba.conv.weight, mamba.conv.bias, groups=mamba.d_inner).transpose(1, 2)
+    )
     expected_state = conv_input[:, :, 1 - d_conv :]
     want = torch.autograd.grad((expected_out * grad_out).sum() + (expected_state * grad_state).sum(), inputs)
     for name, g, w in zip(("hidden", "conv state", "weight", "bias"), got, want):
         torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
-    single = Mamba(8, d_state=4, d_conv=d_conv, expand=2)
+    assert cpu_kernels.calls == 1  # backward takes the path forward took
+    single = Mamba(d_model, d_state=4, d_conv=d_conv, expand=2)
     _, state = single._causal_conv(hidden.detach().float().requires_grad_(), conv_state.detach().float())
     assert state._base is None  # in float32 too a copy, not a view of the padded inputs
 

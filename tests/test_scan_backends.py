@@ -129,19 +129,19 @@ def test_use_scan_backend_sets_every_mamba_block_and_checks_the_device(triton_mi
     assert [layer.mamba.scan for layer in model.layers] == ["reference", "reference"]
 
 
-def test_building_the_cpu_scan_is_announced_only_when_it_is_not_cached(monkeypatch, tmp_path, capsys):
+def test_building_the_cpu_kernels_is_announced_only_when_it_is_not_cached(monkeypatch, tmp_path, capsys):
     import torch.utils.cpp_extension as cpp_extension
 
-    from bakallm.kernels import cpu_scan
+    from bakallm.kernels import cpu_build
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", lambda **options: f"module {options['name']}")
-    monkeypatch.setattr(cpu_scan, "_built", {})
-    assert cpu_scan.compiled_module().startswith("module bakallm_cpu_scan_")
-    assert capsys.readouterr().err == "bakallm: building the CPU scan kernel for this machine (once, about 30 s)\n"
-    (tmp_path / f"{cpu_scan.compiled_module().split()[1]}.so").write_bytes(b"")
-    monkeypatch.setattr(cpu_scan, "_built", {})
-    cpu_scan.compiled_module()
+    monkeypatch.setattr(cpu_build, "_built", {})
+    assert cpu_build.compiled_module().startswith("module bakallm_cpu_kernels_")
+    assert capsys.readouterr().err == "bakallm: building the CPU kernels for this machine (once, about 30 s)\n"
+    (tmp_path / f"{cpu_build.compiled_module().split()[1]}.so").write_bytes(b"")
+    monkeypatch.setattr(cpu_build, "_built", {})
+    cpu_build.compiled_module()
     assert capsys.readouterr().err == ""
 
 
@@ -154,7 +154,7 @@ def build_directory(root, name):
 def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tmp_path, capsys):
     import torch.utils.cpp_extension as cpp_extension
 
-    from bakallm.kernels import cpu_scan
+    from bakallm.kernels import cpu_build
 
     def no_openmp(**options):
         if "-fopenmp" in options["extra_cflags"]:
@@ -163,16 +163,16 @@ def test_without_openmp_the_kernel_is_built_to_run_on_one_thread(monkeypatch, tm
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: build_directory(tmp_path, name))
     monkeypatch.setattr(cpp_extension, "load", no_openmp)
-    monkeypatch.setattr(cpu_scan, "_built", {})
-    assert cpu_scan.compiled_module().flags == ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
-    assert capsys.readouterr().err.count("building the CPU scan kernel") == 1
-    assert cpu_scan.openmp_failure() == "RuntimeError: Error building extension: ld: cannot find -lgomp"
+    monkeypatch.setattr(cpu_build, "_built", {})
+    assert cpu_build.compiled_module().flags == ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+    assert capsys.readouterr().err.count("building the CPU kernels") == 1
+    assert cpu_build.openmp_failure() == "RuntimeError: Error building extension: ld: cannot find -lgomp"
 
 
 def test_a_failed_build_is_not_tried_again_in_the_next_process(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp_extension
 
-    from bakallm.kernels import cpu_scan
+    from bakallm.kernels import cpu_build
 
     tried = []
 
@@ -185,10 +185,10 @@ def test_a_failed_build_is_not_tried_again_in_the_next_process(monkeypatch, tmp_
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: build_directory(tmp_path, name))
     monkeypatch.setattr(cpp_extension, "load", no_openmp)
     for _process in range(2):
-        monkeypatch.setattr(cpu_scan, "_built", {})
-        cpu_scan.compiled_module()
+        monkeypatch.setattr(cpu_build, "_built", {})
+        cpu_build.compiled_module()
     assert tried == ["-fopenmp", "-fopenmp-simd", "-fopenmp-simd"]
-    assert cpu_scan.openmp_failure().startswith(
+    assert cpu_build.openmp_failure().startswith(
         "RuntimeError: Error building extension: ld: cannot find -lgomp (when last tried; delete "
     )
 
@@ -218,12 +218,12 @@ def test_a_cpu_scan_on_one_thread_is_said_once_when_pytorch_has_more(monkeypatch
 def test_a_failed_build_is_reported_in_one_line(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 
-    from bakallm.kernels import cpu_scan
+    from bakallm.kernels import cpu_build
 
     def no_compiler(**options):
         raise RuntimeError("Error building extension 'bakallm_cpu_scan': c++: not found\nmore output")
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: "/nonexistent")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_scan, "_built", {})
-    assert cpu_scan.compiled_module() == "RuntimeError: Error building extension 'bakallm_cpu_scan': c++: not found"
+    monkeypatch.setattr(cpu_build, "_built", {})
+    assert cpu_build.compiled_module() == "RuntimeError: Error building extension 'bakallm_cpu_scan': c++: not found"

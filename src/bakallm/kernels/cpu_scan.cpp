@@ -1,6 +1,6 @@
 // Mamba-1 selective scan for CPUs, forward and backward, one fused loop per channel block.
 //
-// Built at first use by bakallm/kernels/cpu_scan.py (torch.utils.cpp_extension), which documents
+// Built with the other CPU kernels by bakallm/kernels/cpu_build.py; kernels/cpu_scan.py documents
 // the interface; the reference is kernels/reference.py. For row b, channel d and state n:
 //
 //     h[t] = exp(dt[t] A) h[t-1] + dt[t] x[t] B[t],   y[t] = C[t] . h[t] + D x[t]
@@ -263,8 +263,8 @@ int64_t threads_used(int64_t tasks) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("forward", &scan_forward, "selective scan forward (y, last state, checkpoints)");
-  module.def("backward", &scan_backward, "selective scan backward (dx, ddt, dA, dB, dC, dD, dh0)");
+void bind_scan(pybind11::module_& module) {
+  module.def("scan_forward", &scan_forward, "selective scan forward (y, last state, checkpoints)");
+  module.def("scan_backward", &scan_backward, "selective scan backward (dx, ddt, dA, dB, dC, dD, dh0)");
   module.def("threads_used", &threads_used, "threads that ran `tasks` one-item tasks");
 }

@@ -11,7 +11,7 @@ from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.blocked import selective_scan as blocked_selective_scan
-from bakallm.kernels.cpu_scan import compiled_module, openmp_failure
+from bakallm.kernels.cpu_build import compiled_module, openmp_failure
 from bakallm.kernels.cpu_scan import selective_scan as cpu_selective_scan
 from bakallm.kernels.parallel import selective_scan as parallel_selective_scan
 from bakallm.kernels.reference import selective_scan_reference

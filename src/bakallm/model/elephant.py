@@ -4,12 +4,16 @@ The plain formula keeps several [tokens, d_ff] intermediates alive for backward 
 the reciprocal) and goes through `pow`, several times slower than a multiplication. The fused gate
 keeps only its two inputs, recomputes the rest in backward, and builds every intermediate inside
 its output buffers with in-place operations, so it allocates nothing beyond its results. When d is
-a power of two (the preset d = 8), powers come from repeated squaring instead of `pow`.
+a power of two (the preset d = 8), powers come from repeated squaring instead of `pow`. On a CPU,
+forward and backward each run as one compiled pass where they can (kernels/cpu_fused.py); these
+PyTorch operations are its reference.
 """
 
 from __future__ import annotations
 
 import torch
+
+from bakallm.kernels.cpu_fused import cpu_kernels_for
 
 
 def elephant(x: torch.Tensor, a: float = 1.0, d: float = 8.0) -> torch.Tensor:
@@ -47,6 +51,9 @@ def _signed_power_below(x: torch.Tensor, d: float, out: torch.Tensor, scratch: t
 
 def _fused_gate_values(up: torch.Tensor, gate: torch.Tensor, a: float, d: float) -> torch.Tensor:
     """`up * elephant(gate)` built in its output buffer."""
+    kernel = cpu_kernels_for(up, gate)
+    if kernel is not None:
+        return kernel.elephant_gate_forward(up, gate, a, d)
     out = _power(gate, d, out=torch.empty_like(gate, dtype=torch.promote_types(up.dtype, gate.dtype)))
     if a != 1.0:
         out.mul_(a**-d)
@@ -64,6 +71,10 @@ class _FusedElephantGate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         up, gate = ctx.saved_tensors
         a, d = ctx.a, ctx.d
+        kernel = cpu_kernels_for(grad_out, up, gate)
+        if kernel is not None:
+            grad_up, grad_gate = kernel.elephant_gate_backward(grad_out, up, gate, a, d)
+            return grad_up, grad_gate, None, None
         # At least float32 even under autocast: the slope has a large dynamic range.
         dtype = torch.promote_types(gate.dtype, torch.float32)
         x = gate.to(dtype)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
+from bakallm.kernels.cpu_fused import cpu_kernels_for
 from bakallm.kernels.reference import selective_scan_reference
 from bakallm.kernels.scan import selective_scan
 
@@ -27,51 +28,78 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
     return _cast(tensor, torch.float32)
 
 
-def _convolve(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _convolve(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise causal convolution of padded [B, k-1 + L, d] (k-1 carried inputs, then L new ones)
     with weight [d, k] and bias [d], as k shifted multiply-adds: the same result as F.conv1d on
     [B, d, k-1 + L] without the transposes to and from that layout, which cost more than the
-    convolution itself on a CPU. Returns the output [B, L, d] and the last k-1 inputs, the next
-    conv state [B, d, k-1] in float32."""
+    convolution itself on a CPU. Returns [B, L, d]."""
     taps = weight.shape[1]
     length = padded.shape[1] - taps + 1
     out = torch.addcmul(bias, padded[:, :length], weight[:, 0])
     for tap in range(1, taps):
         out.addcmul_(padded[:, tap : tap + length], weight[:, tap])
-    # Always a copy (never a view of `padded`, whatever its dtype and shape), so that the carried
-    # state does not keep the whole window's activations alive.
-    state = padded[:, length:].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    return out, state
+    return out
+
+
+def _next_conv_state(padded: torch.Tensor, taps: int) -> torch.Tensor:
+    """The last k-1 inputs, the next conv state [B, d, k-1] in float32. Always a copy (never a view
+    of `padded`, whatever its dtype and shape), so that the carried state does not keep the whole
+    window's activations alive."""
+    return (
+        padded[:, padded.shape[1] - taps + 1 :]
+        .transpose(1, 2)
+        .to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    )
+
+
+def _convolve_and_activate(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SiLU(_convolve(...)): one compiled pass on a CPU where it can (kernels/cpu_fused.py)."""
+    kernel = cpu_kernels_for(padded, weight, bias)
+    if kernel is not None:
+        return kernel.conv_silu_forward(padded, weight, bias)
+    return F.silu(_convolve(padded, weight, bias))
 
 
 class _CausalConvolution(torch.autograd.Function):
-    """`_convolve` with its backward written out: autograd's own fills a zero tensor the size of
-    `padded` for each of the k shifted slices and for the state's, then adds them up; this one
-    multiply-adds every slice's gradient into one."""
+    """`_convolve_and_activate` and the next conv state, with backward written out. The compiled
+    CPU kernel recomputes the convolution in backward, in the same pass as its adjoint; the PyTorch
+    path keeps it, and multiply-adds every shifted slice's gradient into one tensor (autograd's own
+    fills a zero tensor the size of `padded` for each of the k slices and for the state's, then
+    adds them up)."""
 
     @staticmethod
     def forward(ctx, padded, weight, bias):
-        ctx.save_for_backward(padded, weight)
-        return _convolve(padded, weight, bias)
+        kernel = cpu_kernels_for(padded, weight, bias)
+        if kernel is not None:
+            out, before_activation = kernel.conv_silu_forward(padded, weight, bias), None
+        else:
+            before_activation = _convolve(padded, weight, bias)
+            out = F.silu(before_activation)
+        ctx.kernel = kernel
+        ctx.save_for_backward(padded, weight, bias, before_activation)
+        return out, _next_conv_state(padded, weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out, grad_state):
-        padded, weight = ctx.saved_tensors
+        padded, weight, bias, before_activation = ctx.saved_tensors
         taps, length = weight.shape[1], grad_out.shape[1]
-        grad_padded = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_padded = torch.zeros_like(padded)
-            if grad_state is not None:
-                grad_padded[:, length:] = grad_state.transpose(1, 2)
-            for tap in range(taps):
-                grad_padded[:, tap : tap + length].addcmul_(grad_out, weight[:, tap])
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.stack(
-                [(grad_out * padded[:, tap : tap + length]).sum((0, 1)) for tap in range(taps)], dim=1
+        if ctx.kernel is not None:
+            grad_padded, grad_weight, grad_bias = ctx.kernel.conv_silu_backward(
+                grad_out.contiguous(), padded, weight, bias
             )
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum((0, 1))
-        return grad_padded, grad_weight, grad_bias
+        else:
+            grad = torch.ops.aten.silu_backward(grad_out, before_activation)
+            grad_padded = torch.zeros_like(padded)
+            for tap in range(taps):
+                grad_padded[:, tap : tap + length].addcmul_(grad, weight[:, tap])
+            grad_weight = torch.stack(
+                [(grad * padded[:, tap : tap + length]).sum((0, 1)) for tap in range(taps)], dim=1
+            )
+            grad_bias = grad.sum((0, 1))
+        if grad_state is not None:
+            grad_padded[:, length:] += grad_state.transpose(1, 2)
+        needs = ctx.needs_input_grad
+        return tuple(grad if need else None for grad, need in zip((grad_padded, grad_weight, grad_bias), needs))
 
 
 class Mamba(nn.Module):
@@ -126,7 +154,6 @@ class Mamba(nn.Module):
         memory, its write slots), where a fast scan's fixed cost is many times the work."""
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
         hidden, new_conv_state = self._causal_conv(hidden, conv_state)
-        hidden = F.silu(hidden)
         dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
         dt = F.softplus(self.dt_proj(dt_low_rank).float())
         A = -torch.exp(self.A_log.float())
@@ -181,11 +208,11 @@ class Mamba(nn.Module):
         return F.linear(y, self.out_proj.weight).unsqueeze(1), new_conv_state, new_ssm_state
 
     def _causal_conv(self, hidden: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Depthwise causal convolution of hidden [B, L, d_inner] after the carried inputs
-        conv_state [B, d_inner, d_conv-1]; returns it and the next conv state."""
+        """SiLU of the depthwise causal convolution of hidden [B, L, d_inner] after the carried
+        inputs conv_state [B, d_inner, d_conv-1]; returns it and the next conv state."""
         padded = torch.cat((conv_state.transpose(1, 2).to(hidden.dtype), hidden), dim=1)
         weight = self.conv.weight.squeeze(1).to(hidden.dtype)
         bias = self.conv.bias.to(hidden.dtype)
         if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (padded, weight, bias)):
             return _CausalConvolution.apply(padded, weight, bias)
-        return _convolve(padded, weight, bias)
+        return _convolve_and_activate(padded, weight, bias), _next_conv_state(padded, self.d_conv)

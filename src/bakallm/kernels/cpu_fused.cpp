@@ -1,0 +1,248 @@
+// Fused elementwise passes for CPUs, forward and backward, each one pass through memory where
+// PyTorch's operations take several. Built with the other CPU kernels by
+// bakallm/kernels/cpu_build.py; kernels/cpu_fused.py documents the interface, and the PyTorch
+// operations they replace (model/elephant.py, model/mamba.py) are their references.
+//
+// On a CPU these passes are bound by memory traffic (about 10 GB/s on one core of the machine in
+// docs/performance.md), so the time saved is the passes saved: the Elephant gate's backward reads
+// three tensors and writes two once, where it took twelve in-place PyTorch operations.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t GRAIN = 16384;  // elements per task of the elementwise loops
+constexpr int64_t LANES = 64;     // channels per task of the convolution, one per vector lane
+
+// Elephant gate: f(x) = 1 / (1 + |x/a|^d), out = up * f(gate). For d = 2^k (POWER_OF_TWO, k =
+// `squarings`), the powers are repeated squaring: s^(d-1) = s * s^2 * s^4 * ..., s^d = s^(d-1) * s;
+// any other d goes through pow.
+template <bool POWER_OF_TWO, typename scalar_t>
+inline void elephant_powers(scalar_t s, scalar_t d, int64_t squarings, scalar_t& signed_below, scalar_t& full) {
+  if constexpr (POWER_OF_TWO) {
+    scalar_t product = s, square = s;
+    for (int64_t i = 1; i < squarings; ++i) {
+      square *= square;
+      product *= square;
+    }
+    signed_below = product;  // s^(d-1), an odd power: its sign is s's
+    full = product * s;      // s^d = |s|^d, d even
+  } else {
+    signed_below = std::copysign(std::pow(std::abs(s), d - 1), s);
+    full = std::pow(std::abs(s), d);
+  }
+}
+
+template <bool POWER_OF_TWO, typename scalar_t>
+void elephant_forward_kernel(const scalar_t* up, const scalar_t* gate, scalar_t* out, int64_t size, double a,
+                             double d, int64_t squarings) {
+  const scalar_t inverse_a = 1.0 / a, power = d;
+  at::parallel_for(0, size, GRAIN, [&](int64_t first, int64_t end) {
+#pragma omp simd
+    for (int64_t i = first; i < end; ++i) {
+      scalar_t signed_below, full;
+      elephant_powers<POWER_OF_TWO>(gate[i] * inverse_a, power, squarings, signed_below, full);
+      out[i] = up[i] / (scalar_t(1) + full);
+    }
+  });
+}
+
+// d out / d up = f; d out / d gate = up * f'(gate), f'(x) = -(d/a) sign(s) |s|^(d-1) f(x)^2, s = x/a.
+template <bool POWER_OF_TWO, typename scalar_t>
+void elephant_backward_kernel(const scalar_t* grad, const scalar_t* up, const scalar_t* gate, scalar_t* grad_up,
+                              scalar_t* grad_gate, int64_t size, double a, double d, int64_t squarings) {
+  const scalar_t inverse_a = 1.0 / a, power = d, slope = -d / a;
+  at::parallel_for(0, size, GRAIN, [&](int64_t first, int64_t end) {
+#pragma omp simd
+    for (int64_t i = first; i < end; ++i) {
+      scalar_t signed_below, full;
+      elephant_powers<POWER_OF_TWO>(gate[i] * inverse_a, power, squarings, signed_below, full);
+      const scalar_t value = scalar_t(1) / (scalar_t(1) + full);
+      const scalar_t through_up = grad[i] * value;
+      grad_up[i] = through_up;
+      grad_gate[i] = slope * through_up * up[i] * signed_below * value;
+    }
+  });
+}
+
+// k with d = 2^k (k >= 1), else 0.
+int64_t squarings_of(double d) {
+  for (int64_t k = 1; k <= 8; ++k)
+    if (d == double(int64_t(1) << k)) return k;
+  return 0;
+}
+
+at::Tensor elephant_gate_forward(const at::Tensor& up, const at::Tensor& gate, double a, double d) {
+  at::Tensor out = at::empty_like(up);
+  AT_DISPATCH_FLOATING_TYPES(up.scalar_type(), "bakallm_elephant_gate_forward", [&] {
+    const int64_t squarings = squarings_of(d);
+    auto kernel = squarings ? elephant_forward_kernel<true, scalar_t> : elephant_forward_kernel<false, scalar_t>;
+    kernel(up.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), up.numel(), a, d, squarings);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> elephant_gate_backward(const at::Tensor& grad, const at::Tensor& up, const at::Tensor& gate,
+                                               double a, double d) {
+  at::Tensor grad_up = at::empty_like(up), grad_gate = at::empty_like(gate);
+  AT_DISPATCH_FLOATING_TYPES(up.scalar_type(), "bakallm_elephant_gate_backward", [&] {
+    const int64_t squarings = squarings_of(d);
+    auto kernel = squarings ? elephant_backward_kernel<true, scalar_t> : elephant_backward_kernel<false, scalar_t>;
+    kernel(grad.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), grad_up.data_ptr<scalar_t>(),
+           grad_gate.data_ptr<scalar_t>(), up.numel(), a, d, squarings);
+  });
+  return {grad_up, grad_gate};
+}
+
+// Mamba's causal depthwise convolution and its SiLU: for padded inputs x [rows, k-1 + L, channels]
+// (k-1 carried ones, then L new ones), weight w [channels, k] and bias b [channels],
+//
+//     pre[t, c] = b[c] + sum_j x[t + j, c] w[c, j],   out[t, c] = silu(pre[t, c]).
+//
+// Each task owns a block of LANES channels of one row and walks the window once, one channel per
+// vector lane; backward recomputes pre instead of keeping it, and sums the weight's and bias's
+// gradients in local arrays per task (rows' parts are summed by the caller: deterministic, whatever
+// the thread count).
+struct ConvShape {
+  int64_t rows, padded, channels, taps, length, blocks;
+  explicit ConvShape(const at::Tensor& x, const at::Tensor& weight)
+      : rows(x.size(0)),
+        padded(x.size(1)),
+        channels(x.size(2)),
+        taps(weight.size(1)),
+        length(x.size(1) - weight.size(1) + 1),
+        blocks((x.size(2) + LANES - 1) / LANES) {}
+};
+
+// The weight of a block's channels as [taps][LANES].
+template <typename scalar_t>
+void weight_lanes(const scalar_t* weight, scalar_t* lanes, int64_t first, int64_t width, int64_t taps) {
+  for (int64_t j = 0; j < taps; ++j)
+    for (int64_t c = 0; c < width; ++c) lanes[j * LANES + c] = weight[(first + c) * taps + j];
+}
+
+// pre-activation of step t of a block: x points at the block's first channel of row's step 0.
+template <typename scalar_t>
+inline void convolve_step(const scalar_t* x, const scalar_t* lanes, const scalar_t* bias, scalar_t* pre, int64_t t,
+                          int64_t width, int64_t taps, int64_t channels) {
+#pragma omp simd
+  for (int64_t c = 0; c < width; ++c) pre[c] = bias[c];
+  for (int64_t j = 0; j < taps; ++j) {
+    const scalar_t* input = x + (t + j) * channels;
+    const scalar_t* w = lanes + j * LANES;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) pre[c] += input[c] * w[c];
+  }
+}
+
+template <typename scalar_t>
+void conv_silu_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
+  const ConvShape shape(x, weight);
+  const scalar_t *x_ = x.data_ptr<scalar_t>(), *w_ = weight.data_ptr<scalar_t>(), *b_ = bias.data_ptr<scalar_t>();
+  scalar_t* out_ = out.data_ptr<scalar_t>();
+  at::parallel_for(0, shape.rows * shape.blocks, 1, [&](int64_t first, int64_t end) {
+    std::vector<scalar_t> lanes(shape.taps * LANES);
+    for (int64_t task = first; task < end; ++task) {
+      const int64_t row = task / shape.blocks, c0 = (task % shape.blocks) * LANES;
+      const int64_t width = std::min(LANES, shape.channels - c0);
+      weight_lanes(w_, lanes.data(), c0, width, shape.taps);
+      const scalar_t* x_row = x_ + row * shape.padded * shape.channels + c0;
+      scalar_t* out_row = out_ + row * shape.length * shape.channels + c0;
+      for (int64_t t = 0; t < shape.length; ++t) {
+        scalar_t pre[LANES];
+        convolve_step(x_row, lanes.data(), b_ + c0, pre, t, width, shape.taps, shape.channels);
+        scalar_t* o = out_row + t * shape.channels;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) o[c] = pre[c] / (scalar_t(1) + std::exp(-pre[c]));
+      }
+    }
+  });
+}
+
+// silu'(p) = s (1 + p (1 - s)), s = sigmoid(p); then the convolution's adjoint: each step's
+// gradient goes to its k inputs (grad_x[t + j] += g[t] w[j]), to w (g[t] x[t + j]) and to b.
+template <typename scalar_t>
+void conv_silu_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, at::Tensor& grad_x, at::Tensor& grad_weight_parts,
+                               at::Tensor& grad_bias_parts) {
+  const ConvShape shape(x, weight);
+  const scalar_t *x_ = x.data_ptr<scalar_t>(), *w_ = weight.data_ptr<scalar_t>(), *b_ = bias.data_ptr<scalar_t>();
+  const scalar_t* grad_ = grad.data_ptr<scalar_t>();
+  scalar_t *gx_ = grad_x.data_ptr<scalar_t>(), *gw_ = grad_weight_parts.data_ptr<scalar_t>();
+  scalar_t* gb_ = grad_bias_parts.data_ptr<scalar_t>();
+  at::parallel_for(0, shape.rows * shape.blocks, 1, [&](int64_t first, int64_t end) {
+    std::vector<scalar_t> lanes(shape.taps * LANES), grad_lanes(shape.taps * LANES);
+    for (int64_t task = first; task < end; ++task) {
+      const int64_t row = task / shape.blocks, c0 = (task % shape.blocks) * LANES;
+      const int64_t width = std::min(LANES, shape.channels - c0);
+      weight_lanes(w_, lanes.data(), c0, width, shape.taps);
+      std::fill(grad_lanes.begin(), grad_lanes.end(), scalar_t(0));
+      scalar_t grad_b[LANES] = {};
+      const scalar_t* x_row = x_ + row * shape.padded * shape.channels + c0;
+      const scalar_t* grad_row = grad_ + row * shape.length * shape.channels + c0;
+      scalar_t* gx_row = gx_ + row * shape.padded * shape.channels + c0;
+      for (int64_t s = 0; s < shape.padded; ++s) std::fill_n(gx_row + s * shape.channels, width, scalar_t(0));
+      for (int64_t t = 0; t < shape.length; ++t) {
+        scalar_t pre[LANES], grad_pre[LANES];
+        convolve_step(x_row, lanes.data(), b_ + c0, pre, t, width, shape.taps, shape.channels);
+        const scalar_t* g = grad_row + t * shape.channels;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) {
+          const scalar_t sigmoid = scalar_t(1) / (scalar_t(1) + std::exp(-pre[c]));
+          grad_pre[c] = g[c] * sigmoid * (scalar_t(1) + pre[c] * (scalar_t(1) - sigmoid));
+          grad_b[c] += grad_pre[c];
+        }
+        for (int64_t j = 0; j < shape.taps; ++j) {
+          const scalar_t* input = x_row + (t + j) * shape.channels;
+          const scalar_t* w = lanes.data() + j * LANES;
+          scalar_t* grad_w = grad_lanes.data() + j * LANES;
+          scalar_t* grad_input = gx_row + (t + j) * shape.channels;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) {
+            grad_w[c] += grad_pre[c] * input[c];
+            grad_input[c] += grad_pre[c] * w[c];
+          }
+        }
+      }
+      for (int64_t j = 0; j < shape.taps; ++j)
+        for (int64_t c = 0; c < width; ++c)
+          gw_[(row * shape.channels + c0 + c) * shape.taps + j] = grad_lanes[j * LANES + c];
+      std::copy_n(grad_b, width, gb_ + row * shape.channels + c0);
+    }
+  });
+}
+
+at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const ConvShape shape(x, weight);
+  at::Tensor out = at::empty({shape.rows, shape.length, shape.channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_conv_silu_forward",
+                             [&] { conv_silu_forward_kernel<scalar_t>(x, weight, bias, out); });
+  return out;
+}
+
+std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& bias) {
+  const ConvShape shape(x, weight);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight_parts = at::empty({shape.rows, shape.channels, shape.taps}, x.options());
+  at::Tensor grad_bias_parts = at::empty({shape.rows, shape.channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_conv_silu_backward", [&] {
+    conv_silu_backward_kernel<scalar_t>(grad, x, weight, bias, grad_x, grad_weight_parts, grad_bias_parts);
+  });
+  return {grad_x, grad_weight_parts.sum(0), grad_bias_parts.sum(0)};
+}
+
+}  // namespace
+
+void bind_fused(pybind11::module_& module) {
+  module.def("elephant_gate_forward", &elephant_gate_forward, "up * elephant(gate)");
+  module.def("elephant_gate_backward", &elephant_gate_backward, "(d up, d gate) of up * elephant(gate)");
+  module.def("conv_silu_forward", &conv_silu_forward, "silu(causal depthwise convolution)");
+  module.def("conv_silu_backward", &conv_silu_backward, "(d inputs, d weight, d bias) of conv_silu_forward");
+}
