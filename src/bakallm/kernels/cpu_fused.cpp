@@ -238,6 +238,82 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
   return {grad_x, grad_weight_parts.sum(0), grad_bias_parts.sum(0)};
 }
 
+// RMSNorm over the last dimension: y = x r w, r = 1 / sqrt(mean(x^2) + eps), one row at a time;
+// forward keeps r per row for backward:
+//
+//     dx = r g w - x r^3 (sum_k g_k w_k x_k) / width,   dw = sum over rows of g x r.
+//
+// dw is summed per part of NORM_ROWS rows, then the parts in order (deterministic, whatever the
+// thread count).
+constexpr int64_t NORM_ROWS = 64;
+
+template <typename scalar_t>
+void rms_norm_forward_kernel(const scalar_t* x, const scalar_t* weight, scalar_t* y, scalar_t* rstd, int64_t rows,
+                             int64_t width, double eps) {
+  at::parallel_for(0, rows, NORM_ROWS, [&](int64_t first, int64_t end) {
+    for (int64_t row = first; row < end; ++row) {
+      const scalar_t* x_row = x + row * width;
+      scalar_t* y_row = y + row * width;
+      scalar_t squares = 0;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t c = 0; c < width; ++c) squares += x_row[c] * x_row[c];
+      const scalar_t r = scalar_t(1) / std::sqrt(squares / scalar_t(width) + scalar_t(eps));
+      rstd[row] = r;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) y_row[c] = x_row[c] * r * weight[c];
+    }
+  });
+}
+
+template <typename scalar_t>
+void rms_norm_backward_kernel(const scalar_t* grad, const scalar_t* x, const scalar_t* weight, const scalar_t* rstd,
+                              scalar_t* grad_x, scalar_t* grad_weight_parts, int64_t rows, int64_t width) {
+  const int64_t parts = (rows + NORM_ROWS - 1) / NORM_ROWS;
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t end) {
+    for (int64_t part = first; part < end; ++part) {
+      scalar_t* grad_w = grad_weight_parts + part * width;
+      std::fill_n(grad_w, width, scalar_t(0));
+      for (int64_t row = part * NORM_ROWS; row < std::min(rows, (part + 1) * NORM_ROWS); ++row) {
+        const scalar_t *g = grad + row * width, *x_row = x + row * width;
+        scalar_t* gx = grad_x + row * width;
+        const scalar_t r = rstd[row];
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < width; ++c) dot += g[c] * weight[c] * x_row[c];
+        const scalar_t through_r = r * r * r * dot / scalar_t(width);
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) {
+          gx[c] = r * g[c] * weight[c] - x_row[c] * through_r;
+          grad_w[c] += g[c] * x_row[c] * r;
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  at::Tensor y = at::empty_like(x), rstd = at::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_rms_norm_forward", [&] {
+    rms_norm_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                      rstd.data_ptr<scalar_t>(), rows, width, eps);
+  });
+  return {y, rstd};
+}
+
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& rstd) {
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight_parts = at::empty({(rows + NORM_ROWS - 1) / NORM_ROWS, width}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_rms_norm_backward", [&] {
+    rms_norm_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                       rstd.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                                       grad_weight_parts.data_ptr<scalar_t>(), rows, width);
+  });
+  return {grad_x, grad_weight_parts.sum(0)};
+}
+
 }  // namespace
 
 void bind_fused(pybind11::module_& module) {
@@ -245,4 +321,6 @@ void bind_fused(pybind11::module_& module) {
   module.def("elephant_gate_backward", &elephant_gate_backward, "(d up, d gate) of up * elephant(gate)");
   module.def("conv_silu_forward", &conv_silu_forward, "silu(causal depthwise convolution)");
   module.def("conv_silu_backward", &conv_silu_backward, "(d inputs, d weight, d bias) of conv_silu_forward");
+  module.def("rms_norm_forward", &rms_norm_forward, "RMSNorm over the last dimension (y, 1/rms per row)");
+  module.def("rms_norm_backward", &rms_norm_backward, "(d x, d weight) of rms_norm_forward");
 }

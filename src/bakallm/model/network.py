@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bakallm.kernels.cpu_fused import cpu_kernels_for
 from bakallm.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from bakallm.model.attention import XLAttention
 from bakallm.model.config import ModelConfig
@@ -57,11 +58,30 @@ def scored_positions(
     return hidden.index_select(0, scored), targets.index_select(0, scored), scored
 
 
+class _CompiledRMSNorm(torch.autograd.Function):
+    """RMSNorm through the compiled CPU kernels (kernels/cpu_fused.py): one pass forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, kernel):
+        y, rstd = kernel.rms_norm_forward(x, weight, eps)
+        ctx.kernel = kernel
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = ctx.kernel.rms_norm_backward(grad.contiguous(), x, weight, rstd)
+        return grad_x, grad_weight, None, None
+
+
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameter, same values) that computes a float32 input without gradients as
-    the plain formula: the fused operator's CPU path makes 24 operator calls where the formula
-    makes 8 and takes three quarters of its time, which shows in token-by-token decoding. Bitwise the same result (tests/test_model.py);
-    with gradients or other dtypes it is nn.RMSNorm's own."""
+    """nn.RMSNorm (same parameter, same values within rounding) computed, where it can, by the
+    compiled CPU kernels (kernels/cpu_fused.py): nn.RMSNorm's CPU path is a composite of PyTorch
+    operations forward and backward. Elsewhere, a float32 input without gradients takes the plain
+    formula: the composite makes 24 operator calls where the formula makes 8 and takes three
+    quarters of its time, which shows in token-by-token decoding; bitwise the same result
+    (tests/test_window.py). With gradients or other dtypes, off the CPU, it is nn.RMSNorm's own."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,15 +89,19 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        if weight is None or self.eps is None or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        kernel = cpu_kernels_for(x, weight)
+        if kernel is not None:
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                return _CompiledRMSNorm.apply(x, weight, self.eps, kernel)
+            return kernel.rms_norm_forward(x, weight, self.eps)[0]
         if (
             torch.is_grad_enabled()
             or x.dtype != torch.float32
-            or weight is None
             or weight.dtype != torch.float32
-            or self.eps is None
+            or torch.compiler.is_compiling()
         ):
-            return super().forward(x)
-        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return super().forward(x)
         # The width and eps as float32 tensors: Python numbers would be wrapped and cast at every call.
         constants = self._constants.get(x.device)
