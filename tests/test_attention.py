@@ -57,17 +57,19 @@ def naive_xl_attention(attention: XLAttention, x, past_key, past_value, has_past
     return output.reshape(batch, length, d_model) @ attention.out.weight.double().t()
 
 
-def test_rotation_and_its_gradient_equal_the_half_split_formula():
+def test_rotation_and_its_gradient_equal_the_half_split_formula(cpu_kernels):
     """Against x * cos + [-x2, x1] * sin through autograd, with tables whose halves differ, so that a
-    backward rotating the wrong way or by the wrong half's angles fails."""
+    backward rotating the wrong way or by the wrong half's angles fails; x is a permuted view, as
+    the attention's query and key are."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    base = torch.randn(2, 7, 3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    x = base.permute(0, 2, 1, 3)
     cos, sin = (torch.randn(7, 8, dtype=torch.float64, generator=generator) for _ in range(2))
     grad = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=generator)
     got = apply_rotary(x, cos, sin)
     want = x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    torch.testing.assert_close(torch.autograd.grad(got, base, grad)[0], torch.autograd.grad(want, base, grad)[0])
     with torch.no_grad():
         torch.testing.assert_close(apply_rotary(x, cos, sin), want)
     # Under bfloat16 autocast the rotation runs in the tables' float32 and returns x's dtype.
@@ -75,6 +77,7 @@ def test_rotation_and_its_gradient_equal_the_half_split_formula():
     rotated = apply_rotary(low, cos.float(), sin.float())
     assert rotated.dtype == torch.bfloat16
     torch.testing.assert_close(rotated.double(), want.detach(), atol=0.05, rtol=0.02)
+    assert cpu_kernels.calls == 4  # forward, backward, without gradients, bfloat16 (not taken)
 
 
 @pytest.mark.parametrize("past_length", [0, 5])

@@ -314,6 +314,42 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tens
   return {grad_x, grad_weight_parts.sum(0)};
 }
 
+// Rotary embedding, half-split form, of x [B, H, n, head_dim] (any strides but the last, which is
+// 1: the query and key are views of the attention's fused projection) by tables cos, sin
+// [n, head_dim]: out = x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]; with `inverse`, the
+// transposed rotation (the gradient's), out = x cos + [x2 sin2, -x1 sin1]. out is contiguous.
+constexpr int64_t ROTARY_ROWS = 256;  // rows of head_dim per task
+
+template <typename scalar_t>
+void rotate_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse, at::Tensor& out) {
+  const int64_t batch = x.size(0), heads = x.size(1), positions = x.size(2), width = x.size(3), half = width / 2;
+  const int64_t stride_b = x.stride(0), stride_h = x.stride(1), stride_n = x.stride(2);
+  const scalar_t *x_ = x.data_ptr<scalar_t>(), *cos_ = cos.data_ptr<scalar_t>(), *sin_ = sin.data_ptr<scalar_t>();
+  scalar_t* out_ = out.data_ptr<scalar_t>();
+  // Forward: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; inverse: out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1.
+  const scalar_t sign = inverse ? scalar_t(-1) : scalar_t(1);
+  const int64_t first_sin = inverse ? half : 0, second_sin = inverse ? 0 : half;
+  at::parallel_for(0, batch * heads * positions, ROTARY_ROWS, [&](int64_t first, int64_t end) {
+    for (int64_t row = first; row < end; ++row) {
+      const int64_t position = row % positions, head = (row / positions) % heads, b = row / (positions * heads);
+      const scalar_t* in = x_ + b * stride_b + head * stride_h + position * stride_n;
+      const scalar_t *c = cos_ + position * width, *s = sin_ + position * width;
+      scalar_t* o = out_ + row * width;
+#pragma omp simd
+      for (int64_t k = 0; k < half; ++k) {
+        o[k] = in[k] * c[k] - sign * in[half + k] * s[first_sin + k];
+        o[half + k] = in[half + k] * c[half + k] + sign * in[k] * s[second_sin + k];
+      }
+    }
+  });
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_rotate", [&] { rotate_kernel<scalar_t>(x, cos, sin, inverse, out); });
+  return out;
+}
+
 }  // namespace
 
 void bind_fused(pybind11::module_& module) {
@@ -323,4 +359,5 @@ void bind_fused(pybind11::module_& module) {
   module.def("conv_silu_backward", &conv_silu_backward, "(d inputs, d weight, d bias) of conv_silu_forward");
   module.def("rms_norm_forward", &rms_norm_forward, "RMSNorm over the last dimension (y, 1/rms per row)");
   module.def("rms_norm_backward", &rms_norm_backward, "(d x, d weight) of rms_norm_forward");
+  module.def("rotate", &rotate, "rotary embedding (half-split) of x [B, H, n, head_dim], or its transpose");
 }

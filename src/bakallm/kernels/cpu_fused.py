@@ -1,5 +1,5 @@
 """Fused passes for CPUs (cpu_fused.cpp): the Elephant gate, Mamba's causal convolution with its
-SiLU, and RMSNorm, each one pass through memory forward and one backward, where PyTorch's operations take
+SiLU, RMSNorm and the rotary embedding, each one pass through memory forward and one backward, where PyTorch's operations take
 several. The model's modules call them where `cpu_kernels_for` allows, and run their PyTorch
 operations (the references, and what a GPU runs) otherwise.
 
@@ -11,6 +11,8 @@ Functions of the compiled module (all tensors contiguous, of one dtype, float32 
   `conv_silu_backward(grad, padded, weight, bias)` -> (grad_padded, grad_weight, grad_bias).
 - `rms_norm_forward(x, weight, eps)` -> (y, 1/rms of each row), over x's last dimension,
   model/network.py; `rms_norm_backward(grad, x, weight, rstd)` -> (grad_x, grad_weight).
+- `rotate(x, cos, sin, inverse)` -> x [B, H, n, head_dim] (last stride 1) rotated by the tables
+  [n, head_dim], or by the transposed rotation, contiguous, model/rotary.py.
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@ x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x[half:], x[:half]]. Wri
 own operations, that is three slices, a negation and a concatenation whose backward fills a zero
 tensor per slice and adds them up; here forward and backward are one product and two in-place
 multiply-adds each. In a celp18 training step on one CPU thread the rotations' operations took
-0.14 s against 0.40 s written with autograd's (per-operation timings, docs/performance.md).
+0.14 s against 0.40 s written with autograd's (per-operation timings, docs/performance.md). On a
+CPU a rotation runs as one compiled pass where it can (kernels/cpu_fused.py); these operations are
+its reference.
 """
 
 from __future__ import annotations
 
 import torch
+
+from bakallm.kernels.cpu_fused import cpu_kernels_for
 
 
 def rotary_tables(
@@ -27,6 +31,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     """x * cos + rotate_half(x) * sin in the tables' precision, or with `inverse` the gradient's
     transposed rotation x * cos + R^T (x * sin), R^T [y1, y2] = [y2, -y1] the transpose of
     rotate_half; returned in x's dtype."""
+    kernel = cpu_kernels_for(cos, sin)
+    if kernel is not None and x.dtype == cos.dtype and x.dim() == 4 and x.stride(-1) == 1 and x.device == cos.device:
+        return kernel.rotate(x, cos, sin, inverse)
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
     rotated = x * cos
