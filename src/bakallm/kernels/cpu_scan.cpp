@@ -14,12 +14,6 @@
 //
 // dB and dC sum over channels: each channel block writes its own part, and the caller sums the
 // parts (deterministic, whatever the thread count). dA sums over rows the same way.
-//
-// Mamba's two elementwise steps around the scan run inside its loops when asked (as mamba_ssm's
-// kernels do): with `softplus`, dt holds softplus's inputs and the step is softplus(dt); with a
-// gate z, the output is y * silu(z), forward keeping y for backward. Each would otherwise be a
-// pass of PyTorch operations over the window forward and more backward. (log1p and exp vectorise
-// through glibc's vector math library from glibc 2.35; older ones call them one lane at a time.)
 
 #include <torch/extension.h>
 
@@ -60,30 +54,17 @@ void from_lanes(const scalar_t* lanes, scalar_t* block, int64_t width, int64_t s
     for (int64_t n = 0; n < states; ++n) block[c * states + n] = lanes[n * CHANNELS + c];
 }
 
-// The steps of a block's channels at one position: dt, or softplus(dt) as torch's (linear above 20).
+// One step of a block of `width` channels. Not inlined, so that forward with and without kept
+// checkpoints runs the same machine code: under -ffast-math the compiler may otherwise vectorise
+// the two loops differently, and results with and without gradients would differ.
 template <typename scalar_t>
-inline void step_sizes(const scalar_t* dt, bool softplus, scalar_t* step, int64_t width) {
-  if (softplus) {
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) step[c] = dt[c] > scalar_t(20) ? dt[c] : std::log1p(std::exp(dt[c]));
-  } else {
-    std::copy_n(dt, width, step);
-  }
-}
-
-// One step of a block of `width` channels; `gate` null: no gate. Not inlined, so that forward with
-// and without kept checkpoints runs the same machine code: under -ffast-math the compiler may
-// otherwise vectorise the two loops differently, and results with and without gradients would differ.
-template <typename scalar_t>
-__attribute__((noinline)) void forward_step(const scalar_t* x, const scalar_t* dt, bool softplus, const scalar_t* A,
+__attribute__((noinline)) void forward_step(const scalar_t* x, const scalar_t* dt, const scalar_t* A,
                                             const scalar_t* B_t, const scalar_t* C_t, const scalar_t* D,
-                                            const scalar_t* gate, scalar_t* y, scalar_t* ungated, scalar_t* h,
-                                            int64_t width, int64_t states) {
-  scalar_t step[CHANNELS], input[CHANNELS], out[CHANNELS];
-  step_sizes(dt, softplus, step, width);
+                                            scalar_t* y, scalar_t* h, int64_t width, int64_t states) {
+  scalar_t input[CHANNELS], out[CHANNELS];
 #pragma omp simd
   for (int64_t c = 0; c < width; ++c) {
-    input[c] = step[c] * x[c];
+    input[c] = dt[c] * x[c];
     out[c] = D[c] * x[c];
   }
   for (int64_t n = 0; n < states; ++n) {
@@ -92,23 +73,18 @@ __attribute__((noinline)) void forward_step(const scalar_t* x, const scalar_t* d
     scalar_t* h_n = h + n * CHANNELS;
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c) {
-      h_n[c] = std::exp(step[c] * A_n[c]) * h_n[c] + input[c] * b;
+      h_n[c] = std::exp(dt[c] * A_n[c]) * h_n[c] + input[c] * b;
       out[c] += read * h_n[c];
     }
   }
-  if (gate == nullptr) {
-    std::copy_n(out, width, y);
-    return;
-  }
-  if (ungated != nullptr) std::copy_n(out, width, ungated);
 #pragma omp simd
-  for (int64_t c = 0; c < width; ++c) y[c] = out[c] * gate[c] / (scalar_t(1) + std::exp(-gate[c]));
+  for (int64_t c = 0; c < width; ++c) y[c] = out[c];
 }
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                    const at::Tensor& C, const at::Tensor& D, const at::Tensor& h0, const at::Tensor& gate,
-                    bool softplus, at::Tensor& y, at::Tensor& h_last, at::Tensor* checkpoints, at::Tensor& ungated) {
+                    const at::Tensor& C, const at::Tensor& D, const at::Tensor& h0, at::Tensor& y,
+                    at::Tensor& h_last, at::Tensor* checkpoints) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
   const Views view{steps, channels, states};
   const scalar_t *x_ = x.data_ptr<scalar_t>(), *dt_ = dt.data_ptr<scalar_t>(), *A_ = A.data_ptr<scalar_t>();
@@ -116,8 +92,6 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
   const scalar_t* h0_ = h0.data_ptr<scalar_t>();
   scalar_t *y_ = y.data_ptr<scalar_t>(), *last_ = h_last.data_ptr<scalar_t>();
   scalar_t* saved = checkpoints ? checkpoints->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* gate_ = gate.numel() ? gate.data_ptr<scalar_t>() : nullptr;
-  scalar_t* ungated_ = ungated.numel() ? ungated.data_ptr<scalar_t>() : nullptr;
   const int64_t n_checkpoints = (steps + CHECKPOINT - 1) / CHECKPOINT;
   const int64_t blocks = (channels + CHANNELS - 1) / CHANNELS;
   at::parallel_for(0, rows * blocks, 1, [&](int64_t first, int64_t end) {
@@ -134,9 +108,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
           for (int64_t n = 0; n < states; ++n) std::copy_n(h.data() + n * CHANNELS, width, out + n * width);
         }
         const int64_t i = view.at(row, t, d0);
-        forward_step(x_ + i, dt_ + i, softplus, A_lanes.data(), B_ + view.at_state(row, t, 0),
-                     C_ + view.at_state(row, t, 0), D_ + d0, gate_ ? gate_ + i : nullptr, y_ + i,
-                     ungated_ ? ungated_ + i : nullptr, h.data(), width, states);
+        forward_step(x_ + i, dt_ + i, A_lanes.data(), B_ + view.at_state(row, t, 0), C_ + view.at_state(row, t, 0),
+                     D_ + d0, y_ + i, h.data(), width, states);
       }
       from_lanes(h.data(), last_ + (row * channels + d0) * states, width, states);
     }
@@ -145,11 +118,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& checkpoints, const at::Tensor& gate,
-                     const at::Tensor& ungated, bool softplus, const at::Tensor& grad_y,
-                     const at::Tensor& grad_h_last, at::Tensor& grad_x, at::Tensor& grad_dt,
-                     at::Tensor& grad_A_parts, at::Tensor& grad_B_parts, at::Tensor& grad_C_parts,
-                     at::Tensor& grad_D_parts, at::Tensor& grad_h0, at::Tensor& grad_gate) {
+                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& checkpoints,
+                     const at::Tensor& grad_y, const at::Tensor& grad_h_last, at::Tensor& grad_x,
+                     at::Tensor& grad_dt, at::Tensor& grad_A_parts, at::Tensor& grad_B_parts,
+                     at::Tensor& grad_C_parts, at::Tensor& grad_D_parts, at::Tensor& grad_h0) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
   const Views view{steps, channels, states};
   const scalar_t *x_ = x.data_ptr<scalar_t>(), *dt_ = dt.data_ptr<scalar_t>(), *A_ = A.data_ptr<scalar_t>();
@@ -160,9 +132,6 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
   scalar_t *gA_ = grad_A_parts.data_ptr<scalar_t>(), *gB_ = grad_B_parts.data_ptr<scalar_t>();
   scalar_t *gC_ = grad_C_parts.data_ptr<scalar_t>(), *gD_ = grad_D_parts.data_ptr<scalar_t>();
   scalar_t* gh0_ = grad_h0.data_ptr<scalar_t>();
-  const scalar_t* gate_ = gate.numel() ? gate.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* ungated_ = gate.numel() ? ungated.data_ptr<scalar_t>() : nullptr;
-  scalar_t* ggate_ = gate.numel() ? grad_gate.data_ptr<scalar_t>() : nullptr;
   const int64_t n_checkpoints = (steps + CHECKPOINT - 1) / CHECKPOINT;
   const int64_t blocks = (channels + CHANNELS - 1) / CHANNELS;
   const int64_t lanes = states * CHANNELS;  // one step's states of a block
@@ -187,9 +156,8 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
         for (int64_t n = 0; n < states; ++n) std::copy_n(entering + n * width, width, segment.data() + n * CHANNELS);
         for (int64_t t = start; t < stop; ++t) {
           const int64_t k = t - start, i = view.at(row, t, d0);
-          const scalar_t *xv = x_ + i, *B_t = B_ + view.at_state(row, t, 0);
-          scalar_t step[CHANNELS], input[CHANNELS];
-          step_sizes(dt_ + i, softplus, step, width);
+          const scalar_t *step = dt_ + i, *xv = x_ + i, *B_t = B_ + view.at_state(row, t, 0);
+          scalar_t input[CHANNELS];
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) input[c] = step[c] * xv[c];
           for (int64_t n = 0; n < states; ++n) {
@@ -207,25 +175,12 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
         }
         for (int64_t t = stop - 1; t >= start; --t) {
           const int64_t k = t - start, i = view.at(row, t, d0);
-          const scalar_t* xv = x_ + i;
+          const scalar_t *step = dt_ + i, *xv = x_ + i, *dy = gy_ + i;
           const scalar_t *B_t = B_ + view.at_state(row, t, 0), *C_t = C_ + view.at_state(row, t, 0);
           scalar_t *gB_t = gB_part + t * states, *gC_t = gC_part + t * states;
-          scalar_t step[CHANNELS], input[CHANNELS], dy[CHANNELS], grad_input[CHANNELS] = {}, grad_step[CHANNELS] = {};
-          step_sizes(dt_ + i, softplus, step, width);
+          scalar_t input[CHANNELS], grad_input[CHANNELS] = {}, grad_step[CHANNELS] = {};
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) input[c] = step[c] * xv[c];
-          if (gate_ == nullptr) {
-            std::copy_n(gy_ + i, width, dy);
-          } else {
-            // out = y silu(z): dL/dy = g silu(z), dL/dz = g y silu'(z), silu'(z) = s (1 + z (1 - s)).
-            const scalar_t *grad_out = gy_ + i, *z = gate_ + i, *y = ungated_ + i;
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c) {
-              const scalar_t sigmoid = scalar_t(1) / (scalar_t(1) + std::exp(-z[c]));
-              dy[c] = grad_out[c] * z[c] * sigmoid;
-              ggate_[i + c] = grad_out[c] * y[c] * sigmoid * (scalar_t(1) + z[c] * (scalar_t(1) - sigmoid));
-            }
-          }
           for (int64_t n = 0; n < states; ++n) {
             const scalar_t b = B_t[n], read = C_t[n];
             const scalar_t* A_n = A_lanes.data() + n * CHANNELS;
@@ -255,12 +210,6 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
             gdt_[i + c] = grad_step[c] + grad_input[c] * xv[c];
             grad_D[c] += dy[c] * xv[c];
           }
-          if (softplus) {  // softplus'(v) = sigmoid(v), 1 above 20 as forward's
-            const scalar_t* raw = dt_ + i;
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c)
-              gdt_[i + c] *= raw[c] > scalar_t(20) ? scalar_t(1) : scalar_t(1) / (scalar_t(1) + std::exp(-raw[c]));
-          }
         }
       }
       from_lanes(grad_A.data(), gA_ + (row * channels + d0) * states, width, states);
@@ -270,47 +219,38 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor
   });
 }
 
-// `gate` empty: no gate. Returns y (gated when there is a gate), the last state, the checkpoints
-// and the ungated y (empty unless there is a gate and checkpoints are kept: backward needs it).
 std::vector<at::Tensor> scan_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                     const at::Tensor& h0, const at::Tensor& gate, bool softplus,
-                                     bool keep_checkpoints) {
+                                     const at::Tensor& h0, bool keep_checkpoints) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
   at::Tensor y = at::empty_like(x), h_last = at::empty_like(h0);
   at::Tensor checkpoints = keep_checkpoints
                                ? at::empty({rows, (steps + CHECKPOINT - 1) / CHECKPOINT, channels, states}, x.options())
                                : at::empty({0}, x.options());
-  at::Tensor ungated = keep_checkpoints && gate.numel() ? at::empty_like(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_cpu_scan_forward", [&] {
-    forward_kernel<scalar_t>(x, dt, A, B, C, D, h0, gate, softplus, y, h_last,
-                             keep_checkpoints ? &checkpoints : nullptr, ungated);
+    forward_kernel<scalar_t>(x, dt, A, B, C, D, h0, y, h_last, keep_checkpoints ? &checkpoints : nullptr);
   });
-  return {y, h_last, checkpoints, ungated};
+  return {y, h_last, checkpoints};
 }
 
-// Returns (dx, ddt, dA, dB, dC, dD, dh0, dgate), dgate empty without a gate; ddt is the gradient of
-// softplus's inputs with `softplus`.
 std::vector<at::Tensor> scan_backward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                       const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
-                                      const at::Tensor& checkpoints, const at::Tensor& gate,
-                                      const at::Tensor& ungated, bool softplus, const at::Tensor& grad_y,
+                                      const at::Tensor& checkpoints, const at::Tensor& grad_y,
                                       const at::Tensor& grad_h_last) {
   const int64_t rows = x.size(0), steps = x.size(1), channels = x.size(2), states = A.size(1);
   const int64_t blocks = (channels + CHANNELS - 1) / CHANNELS;
   at::Tensor grad_x = at::empty_like(x), grad_dt = at::empty_like(dt), grad_h0 = at::empty_like(grad_h_last);
-  at::Tensor grad_gate = gate.numel() ? at::empty_like(gate) : at::empty({0}, x.options());
   // Every task writes its channels' dA and dD whole; dB and dC parts are summed into.
   at::Tensor grad_A_parts = at::empty({rows, channels, states}, x.options());
   at::Tensor grad_B_parts = at::zeros({blocks, rows, steps, states}, x.options());
   at::Tensor grad_C_parts = at::zeros({blocks, rows, steps, states}, x.options());
   at::Tensor grad_D_parts = at::empty({rows, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_cpu_scan_backward", [&] {
-    backward_kernel<scalar_t>(x, dt, A, B, C, D, checkpoints, gate, ungated, softplus, grad_y, grad_h_last, grad_x,
-                              grad_dt, grad_A_parts, grad_B_parts, grad_C_parts, grad_D_parts, grad_h0, grad_gate);
+    backward_kernel<scalar_t>(x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last, grad_x, grad_dt, grad_A_parts,
+                              grad_B_parts, grad_C_parts, grad_D_parts, grad_h0);
   });
   return {grad_x, grad_dt, grad_A_parts.sum(0), grad_B_parts.sum(0), grad_C_parts.sum(0), grad_D_parts.sum(0),
-          grad_h0, grad_gate};
+          grad_h0};
 }
 
 // How many of PyTorch's threads the kernels' tasks run on: 1 when the build lost OpenMP, whatever
@@ -324,7 +264,7 @@ int64_t threads_used(int64_t tasks) {
 }  // namespace
 
 void bind_scan(pybind11::module_& module) {
-  module.def("scan_forward", &scan_forward, "selective scan forward (y, last state, checkpoints, ungated y)");
-  module.def("scan_backward", &scan_backward, "selective scan backward (dx, ddt, dA, dB, dC, dD, dh0, dgate)");
+  module.def("scan_forward", &scan_forward, "selective scan forward (y, last state, checkpoints)");
+  module.def("scan_backward", &scan_backward, "selective scan backward (dx, ddt, dA, dB, dC, dD, dh0)");
   module.def("threads_used", &threads_used, "threads that ran `tasks` one-item tasks");
 }

@@ -22,26 +22,22 @@ from bakallm.kernels.reference import scan_operands
 
 class _CpuSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0, gate, dt_softplus):
+    def forward(ctx, x, dt, A, B, C, D, h0):
         kernel = compiled_module()
         needs_gradients = any(ctx.needs_input_grad)
-        y, h_last, checkpoints, ungated = kernel.scan_forward(x, dt, A, B, C, D, h0, gate, dt_softplus, needs_gradients)
+        y, h_last, checkpoints = kernel.scan_forward(x, dt, A, B, C, D, h0, needs_gradients)
         if needs_gradients:
-            ctx.dt_softplus = dt_softplus
-            ctx.save_for_backward(x, dt, A, B, C, D, checkpoints, gate, ungated)
+            ctx.save_for_backward(x, dt, A, B, C, D, checkpoints)
         return y, h_last
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
-        x, dt, A, B, C, D, checkpoints, gate, ungated = ctx.saved_tensors
+        x, dt, A, B, C, D, checkpoints = ctx.saved_tensors
         grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous().to(x.dtype)
         grad_h_last = (
             torch.zeros(x.shape[0], *A.shape, dtype=x.dtype) if grad_h_last is None else grad_h_last.contiguous()
         )
-        *grads, grad_gate = compiled_module().scan_backward(
-            x, dt, A, B, C, D, checkpoints, gate, ungated, ctx.dt_softplus, grad_y, grad_h_last.to(x.dtype)
-        )
-        return (*grads, grad_gate if gate.numel() else None, None)
+        return tuple(compiled_module().scan_backward(x, dt, A, B, C, D, checkpoints, grad_y, grad_h_last.to(x.dtype)))
 
 
 # Runs eagerly inside compiled models, as the blocked scan does.
@@ -54,13 +50,8 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     h0: torch.Tensor,
-    gate: torch.Tensor | None = None,
-    dt_softplus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled scan with the reference's signature, and Mamba's steps around it inside its
-    loops: with `dt_softplus` the step is softplus(dt), with a `gate` z the output is y * silu(z).
-    Computes in float32, or float64 for float64 inputs. Call `compiled_module()` first where a
-    failed build must be handled."""
+    """The compiled scan with the reference's signature; computes in float32, or float64 for
+    float64 inputs. Call `compiled_module()` first where a failed build must be handled."""
     tensors = scan_operands(x, dt, A, B, C, D, h0)
-    gate = tensors[0].new_empty(0) if gate is None else scan_operands(gate.to(tensors[0].dtype))[0]
-    return _CpuSelectiveScan.apply(*tensors, gate, dt_softplus)
+    return _CpuSelectiveScan.apply(*tensors)

@@ -6,7 +6,6 @@ import warnings
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from bakallm.errors import UserError
 from bakallm.kernels import SCAN_BACKENDS
@@ -172,27 +171,16 @@ def selective_scan(
     backend: str = "auto",
     block: int = DEFAULT_BLOCK,
     chunk: int = DEFAULT_CHUNK,
-    gate: torch.Tensor | None = None,
-    dt_softplus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, final state) of the Mamba-1 recurrence from h0 (shapes in reference.py) with the chosen
-    backend; `block` and `chunk` size the blocked scan's work and change no result.
-
-    Mamba's elementwise steps around the scan, as mamba_ssm's `selective_scan_fn` takes them: with
-    `dt_softplus`, dt holds softplus's inputs and the step is softplus(dt); with a `gate` z (shaped
-    as x), y is multiplied by silu(z). The cpu backend runs them inside its loops; the others as
-    PyTorch operations before and after the scan."""
+    backend; `block` and `chunk` size the blocked scan's work and change no result."""
     backend = resolve_scan_backend(backend, x.device)
-    if backend == "cpu":
-        return cpu_selective_scan(x, dt, A, B, C, D, h0, gate=gate, dt_softplus=dt_softplus)
-    if dt_softplus:
-        dt = F.softplus(dt)
     if backend == "triton":
-        y, h = _triton_scan().selective_scan_triton(x, dt, A, B, C, D, h0)
-    elif backend == "reference":
-        y, h = selective_scan_reference(x, dt, A, B, C, D, h0)
-    elif backend == "parallel":
-        y, h = parallel_selective_scan(x, dt, A, B, C, D, h0)
-    else:
-        y, h = blocked_selective_scan(x, dt, A, B, C, D, h0, block=block, chunk=chunk)
-    return (y if gate is None else y * F.silu(gate)), h
+        return _triton_scan().selective_scan_triton(x, dt, A, B, C, D, h0)
+    if backend == "cpu":
+        return cpu_selective_scan(x, dt, A, B, C, D, h0)
+    if backend == "reference":
+        return selective_scan_reference(x, dt, A, B, C, D, h0)
+    if backend == "parallel":
+        return parallel_selective_scan(x, dt, A, B, C, D, h0)
+    return blocked_selective_scan(x, dt, A, B, C, D, h0, block=block, chunk=chunk)

@@ -15,6 +15,7 @@ from torch import nn
 
 from bakallm.kernels.blocked import DEFAULT_BLOCK, DEFAULT_CHUNK
 from bakallm.kernels.cpu_fused import cpu_kernels_for
+from bakallm.kernels.reference import selective_scan_reference
 from bakallm.kernels.scan import selective_scan
 
 
@@ -154,24 +155,18 @@ class Mamba(nn.Module):
         hidden, gate = self.in_proj(x).chunk(2, dim=-1)
         hidden, new_conv_state = self._causal_conv(hidden, conv_state)
         dt_low_rank, B, C = self.x_proj(hidden).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        dt = self.dt_proj(dt_low_rank).float()  # softplus inside the scan
+        dt = F.softplus(self.dt_proj(dt_low_rank).float())
         A = -torch.exp(self.A_log.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y, new_ssm_state = selective_scan(
-                hidden.float(),
-                dt,
-                A,
-                B.float(),
-                C.float(),
-                self.D.float(),
-                ssm_state.float(),
-                backend="reference" if sequential else self.scan,
-                block=self.scan_block,
-                chunk=self.scan_chunk,
-                gate=gate,
-                dt_softplus=True,
-            )
-        return self.out_proj(y.to(gate.dtype)), new_conv_state, new_ssm_state
+            args = (hidden.float(), dt, A, B.float(), C.float(), self.D.float(), ssm_state.float())
+            if sequential:
+                y, new_ssm_state = selective_scan_reference(*args)
+            else:
+                y, new_ssm_state = selective_scan(
+                    *args, backend=self.scan, block=self.scan_block, chunk=self.scan_chunk
+                )
+        y = y.to(gate.dtype) * F.silu(gate)
+        return self.out_proj(y), new_conv_state, new_ssm_state
 
     def step(
         self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
