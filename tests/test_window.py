@@ -176,7 +176,7 @@ def test_the_layer_state_is_named():
     assert layer.attention.length == model.config.n_memory + 2 + 1  # read memory, two tokens, the pause before token 0
 
 
-def test_the_decoding_rms_norm_is_bitwise_nn_rms_norm(cpu_kernels):
+def test_the_rms_norm_is_nn_rms_norm_bitwise_or_within_rounding_through_the_compiled_kernels(cpu_kernels):
     """Without the compiled kernels; with them, forward with and without gradients give the same
     bits, and values and gradients equal nn.RMSNorm's within rounding (three rows up to 130, across
     the kernel's parts of 64 rows for the weight's gradient)."""

@@ -1,8 +1,9 @@
 """Fast kernels, each with a pure-PyTorch reference beside it and a parity test.
 
 The selective scan has five backends (reference.py, blocked.py, parallel.py, triton_scan.py and
-cpu_scan.py with its C++ source); scan.py picks one. Kept free of torch imports so that argument
-parsing can read the backend names.
+cpu_scan.py with its C++ source); scan.py picks one. cpu_fused.py gives the model's modules fused
+CPU passes (C++, built with the CPU scan by cpu_build.py) beside their PyTorch operations. Kept
+free of torch imports so that argument parsing can read the backend names.
 """
 
 # "auto": the Triton scan on CUDA when triton imports and passes its self-check, else the
