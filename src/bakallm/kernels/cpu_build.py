@@ -1,7 +1,7 @@
 """Building the C++ CPU kernels (cpu_scan.cpp, cpu_fused.cpp) into one extension for this machine.
 
 They are compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension`,
-about half a minute, then cached under `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) for
+about 40 s on two cores, then cached under `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) for
 this CPU's instruction set. Where they cannot be built, `compiled_module()` returns why (no
 compiler, a compiler error): the scan backend "auto" then falls back to the blocked scan
 (kernels/scan.py), and the fused passes (kernels/cpu_fused.py) to their PyTorch operations.
@@ -61,7 +61,7 @@ def compiled_module() -> ModuleType | str:
                     continue
                 if not failures and not any(directory.glob(f"{name}*.so")):
                     # Half a minute of silence would look like a hang, at the start of a user's first run.
-                    print("bakallm: building the CPU kernels for this machine (once, about 30 s)", file=sys.stderr)
+                    print("bakallm: building the CPU kernels for this machine (once, about 40 s)", file=sys.stderr)
                 # Fresh lists: load() appends its own flags to them.
                 _built["module"] = load(
                     name=name,
