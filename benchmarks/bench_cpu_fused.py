@@ -7,7 +7,7 @@ Each pass runs through the model's own function, once with the compiled kernels 
 them turned off (the PyTorch path, which is their reference and what a GPU runs), interleaved.
 "per step" multiplies the saving by the pass's calls in a celp18 training step at 1 x 2048 tokens
 (4 windows x 8 layers; the rotation turns the query, the key and, from the second window, the
-previous window's keys; the output head's loss runs once per chunk of 1024 tokens).
+previous window's keys).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bakallm.kernels import cpu_fused
 from bakallm.kernels.cpu_build import compiled_module
-from bakallm.kernels.cross_entropy import linear_cross_entropy
 from bakallm.model.elephant import elephant_gate
 from bakallm.model.mamba import Mamba
 from bakallm.model.network import RMSNorm
@@ -76,19 +75,12 @@ def rotation_case():
     return lambda: backward(apply_rotary(query, cos, sin), [qkv])
 
 
-def cross_entropy_case():
-    hidden, head = leaf(1024, 768), leaf(50304, 768, scale=0.02)
-    targets = torch.randint(0, 50277, (1024,))
-    return lambda: backward(linear_cross_entropy(hidden, head, targets, 50277), [hidden, head])
-
-
 # name, shape, case factory, calls per celp18 step
 PASSES = [
     ("Elephant gate", "552 x 3072", elephant_case, LAYER_WINDOWS),
     ("Mamba convolution + SiLU", "1 x 552 x 1536, 4 taps", convolution_case, LAYER_WINDOWS),
     ("RMSNorm", "1 x 552 x 768", norm_case, 2 * LAYER_WINDOWS + 4),
     ("rotary embedding", "1 x 12 x 552 x 64 (a view)", rotation_case, 2 * LAYER_WINDOWS + 24),
-    ("output head's cross-entropy (with its products)", "1024 x 768 @ 768 x 50277", cross_entropy_case, 2),
 ]
 
 

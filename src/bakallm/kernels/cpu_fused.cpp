@@ -350,44 +350,6 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
-// Cross-entropy of each row of logits [rows, vocab] against its target: loss = logsumexp(x) - x[t].
-// With `gradient`, the logits are overwritten by the loss's gradient, softmax(x) - onehot(t). A row
-// (201 KB at a 50K vocabulary) stays in the core's cache across the three passes (max, sum of
-// exponentials, then softmax written in place), so the logits go through memory once each way; PyTorch's
-// log_softmax writes a second [rows, vocab] tensor and the softmax's exp reads and writes it again.
-template <typename scalar_t>
-void softmax_cross_entropy_kernel(scalar_t* logits, const int64_t* targets, scalar_t* losses, int64_t rows,
-                                  int64_t vocab, bool gradient) {
-  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t end) {
-    for (int64_t row = first; row < end; ++row) {
-      scalar_t* x = logits + row * vocab;
-      scalar_t largest = x[0];
-#pragma omp simd reduction(max : largest)
-      for (int64_t v = 0; v < vocab; ++v) largest = std::max(largest, x[v]);
-      scalar_t total = 0;
-#pragma omp simd reduction(+ : total)
-      for (int64_t v = 0; v < vocab; ++v) total += std::exp(x[v] - largest);
-      const int64_t target = targets[row];
-      losses[row] = largest + std::log(total) - x[target];
-      if (!gradient) continue;
-      const scalar_t inverse_total = scalar_t(1) / total;
-#pragma omp simd
-      for (int64_t v = 0; v < vocab; ++v) x[v] = std::exp(x[v] - largest) * inverse_total;
-      x[target] -= scalar_t(1);
-    }
-  });
-}
-
-at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, bool gradient) {
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  at::Tensor losses = at::empty({rows}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "bakallm_softmax_cross_entropy", [&] {
-    softmax_cross_entropy_kernel<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
-                                           losses.data_ptr<scalar_t>(), rows, vocab, gradient);
-  });
-  return losses;
-}
-
 }  // namespace
 
 void bind_fused(pybind11::module_& module) {
@@ -398,6 +360,4 @@ void bind_fused(pybind11::module_& module) {
   module.def("rms_norm_forward", &rms_norm_forward, "RMSNorm over the last dimension (y, 1/rms per row)");
   module.def("rms_norm_backward", &rms_norm_backward, "(d x, d weight) of rms_norm_forward");
   module.def("rotate", &rotate, "rotary embedding (half-split) of x [B, H, n, head_dim], or its transpose");
-  module.def("softmax_cross_entropy_", &softmax_cross_entropy_,
-             "each row's cross-entropy; with gradient, logits overwritten by softmax - onehot");
 }

@@ -1,5 +1,5 @@
 """Fused passes for CPUs (cpu_fused.cpp): the Elephant gate, Mamba's causal convolution with its
-SiLU, RMSNorm, the rotary embedding and the output head's softmax cross-entropy, each one pass through memory forward and one backward, where PyTorch's operations take
+SiLU, RMSNorm and the rotary embedding, each one pass through memory forward and one backward, where PyTorch's operations take
 several. The model's modules call them where `cpu_kernels_for` allows, and run their PyTorch
 operations (the references, and what a GPU runs) otherwise.
 
@@ -13,9 +13,6 @@ Functions of the compiled module (all tensors contiguous, of one dtype, float32 
   model/network.py; `rms_norm_backward(grad, x, weight, rstd)` -> (grad_x, grad_weight).
 - `rotate(x, cos, sin, inverse)` -> x [B, H, n, head_dim] (last stride 1) rotated by the tables
   [n, head_dim], or by the transposed rotation, contiguous, model/rotary.py.
-- `softmax_cross_entropy_(logits, targets, gradient)` -> each row's cross-entropy against its
-  target (int64, in range), kernels/cross_entropy.py; with `gradient`, the logits [rows, vocab]
-  are overwritten by softmax - onehot(target).
 """
 
 from __future__ import annotations

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from bakallm.kernels.cpu_fused import cpu_kernels_for
-
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
 _NARROW_HEAD = 256  # d_model below which the head's gradient is summed transposed
@@ -81,10 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # for 1024 x 50277 float32) costs more in page faults than the pass that fills it.
         rows = min(chunk_tokens, hidden.shape[0])
         logits_buffer = hidden.new_empty(rows, vocab_size, dtype=compute_dtype)
-        # On a CPU in float32 the compiled pass (kernels/cpu_fused.py) turns the logits into the
-        # loss and its gradient in place; otherwise log_softmax needs a buffer of its own.
-        kernel = cpu_kernels_for(logits_buffer)
-        log_probs_buffer = None if kernel else hidden.new_empty(rows, vocab_size, dtype=torch.float32)
+        log_probs_buffer = hidden.new_empty(rows, vocab_size, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start : start + chunk_tokens].to(compute_dtype)
             size = chunk.shape[0]
@@ -92,13 +87,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             scored = chunk_targets != IGNORE_INDEX
             safe_targets = torch.where(scored, chunk_targets, 0).unsqueeze(1)
             logits = torch.mm(chunk, head.t(), out=logits_buffer[:size])
-            if kernel is not None:
-                token_losses = kernel.softmax_cross_entropy_(logits, safe_targets.view(-1), with_gradients)
-            else:
-                # log_softmax, not logits - logsumexp(logits): one fused pass, and on a CPU 22% faster
-                # for the loss alone and 30% with the softmax that the gradient needs (1024 x 50277).
-                log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32, out=log_probs_buffer[:size])
-                token_losses = -log_probs.gather(1, safe_targets).squeeze(1)
+            # log_softmax, not logits - logsumexp(logits): one fused pass, and on a CPU 22% faster
+            # for the loss alone and 30% with the softmax that the gradient needs (1024 x 50277).
+            log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32, out=log_probs_buffer[:size])
+            token_losses = -log_probs.gather(1, safe_targets).squeeze(1)
             if mixed:
                 model_term = model_log_weight[start : start + size].float() - token_losses
                 log_mixture = torch.logaddexp(model_term, other_log_prob[start : start + size].float())
@@ -108,12 +100,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             all_token_losses[start : start + size] = token_losses
             loss += token_losses.sum()
             if with_gradients:
-                if kernel is not None:
-                    grad_logits = logits  # softmax - onehot, in place
-                else:
-                    grad_logits = log_probs.exp_()  # softmax, in place
-                    grad_logits.scatter_add_(1, safe_targets, grad_logits.new_full(safe_targets.shape, -1.0))
-                    grad_logits = grad_logits.to(compute_dtype)
+                grad_logits = log_probs.exp_()  # softmax, in place
+                grad_logits.scatter_add_(1, safe_targets, grad_logits.new_full(safe_targets.shape, -1.0))
+                grad_logits = grad_logits.to(compute_dtype)
                 # Unscored tokens' rows are zeroed in the two [tokens, d] operands and results, not in
                 # the [tokens, vocab] gradient: the same products, without a pass over the largest tensor.
                 keep = scored.unsqueeze(1).to(compute_dtype)
