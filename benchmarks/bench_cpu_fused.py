@@ -4,7 +4,9 @@ forward and backward of each at celp18's shapes.
     python benchmarks/bench_cpu_fused.py [--threads 1] [--repeats 20]
 
 Each pass runs through the model's own function, once with the compiled kernels and once with
-them turned off (the PyTorch path, which is their reference and what a GPU runs), interleaved.
+them turned off (the PyTorch path, which is their reference and what a GPU runs), interleaved,
+with freed host memory kept for reuse as `bakallm train` keeps it (otherwise every fresh output
+of a few MB is faulted in page by page, and the passes' times vary by a third between runs).
 "per step" multiplies the saving by the pass's calls in a celp18 training step at 1 x 2048 tokens
 (4 windows x 8 layers; the rotation turns the query, the key and, from the second window, the
 previous window's keys).
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bakallm.acceleration import keep_freed_host_memory
 from bakallm.kernels import cpu_fused
 from bakallm.kernels.cpu_build import compiled_module
 from bakallm.model.elephant import elephant_gate
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     built = compiled_module()
     if isinstance(built, str):
         sys.exit(f"The CPU kernels do not build here ({built}); nothing to compare.")
+    keep_freed_host_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, total = [], 0.0
