@@ -28,7 +28,7 @@ THREADING_FLAGS = (("-fopenmp",), ("-fopenmp-simd",))
 
 _built: dict[str, ModuleType | str | None] = {}
 # Left in a build's directory when it failed: the next process reports it at once instead of
-# spending another half minute failing (a machine without OpenMP would pay it at every start).
+# spending another forty seconds failing (a machine without OpenMP would pay it at every start).
 FAILED_BUILD = "bakallm-build-failed.txt"
 
 
@@ -60,7 +60,7 @@ def compiled_module() -> ModuleType | str:
                     failures.append(f"{reason} (when last tried; delete {directory} to try again)")
                     continue
                 if not failures and not any(directory.glob(f"{name}*.so")):
-                    # Half a minute of silence would look like a hang, at the start of a user's first run.
+                    # Forty seconds of silence would look like a hang, at the start of a user's first run.
                     print("bakallm: building the CPU kernels for this machine (once, about 40 s)", file=sys.stderr)
                 # Fresh lists: load() appends its own flags to them.
                 _built["module"] = load(

@@ -1,7 +1,8 @@
 // Fused elementwise passes for CPUs, forward and backward, each one pass through memory where
 // PyTorch's operations take several. Built with the other CPU kernels by
 // bakallm/kernels/cpu_build.py; kernels/cpu_fused.py documents the interface, and the PyTorch
-// operations they replace (model/elephant.py, model/mamba.py) are their references.
+// operations they replace (model/elephant.py, mamba.py, network.py's RMSNorm, rotary.py) are their
+// references.
 //
 // On a CPU these passes are bound by memory traffic (about 10 GB/s on one core of the machine in
 // docs/performance.md), so the time saved is the passes saved: the Elephant gate's backward reads

@@ -1,7 +1,7 @@
 """Fused passes for CPUs (cpu_fused.cpp): the Elephant gate, Mamba's causal convolution with its
-SiLU, RMSNorm and the rotary embedding, each one pass through memory forward and one backward, where PyTorch's operations take
-several. The model's modules call them where `cpu_kernels_for` allows, and run their PyTorch
-operations (the references, and what a GPU runs) otherwise.
+SiLU, RMSNorm and the rotary embedding, each one pass through memory forward and one backward,
+where PyTorch's operations take several. The model's modules call them where `cpu_kernels_for`
+allows, and run their PyTorch operations (the references, and what a GPU runs) otherwise.
 
 Functions of the compiled module (all tensors contiguous, of one dtype, float32 or float64):
 - `elephant_gate_forward(up, gate, a, d)` -> up * elephant(gate), model/elephant.py;
