@@ -64,3 +64,15 @@ def test_results_do_not_depend_on_the_thread_count(name):
         torch.set_num_threads(threads)
     for index, (one, two) in enumerate(zip(*results)):
         assert torch.equal(one, two), f"{name}, result {index}: max difference {(one - two).abs().max():.1e}"
+
+
+def test_a_wrong_shape_is_refused_rather_than_read_out_of_bounds():
+    x = torch.randn(1, 2, 10, 8)
+    with pytest.raises(RuntimeError, match="tables must be"):
+        built.rotate(x, torch.randn(9, 8), torch.randn(9, 8), False)
+    with pytest.raises(RuntimeError, match="not as wide"):
+        built.rms_norm_forward(torch.randn(3, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="expected padded"):
+        built.conv_silu_forward(torch.randn(1, 5, 6), torch.randn(5, 4), torch.randn(6))
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        built.elephant_gate_forward(torch.randn(4, 6), torch.randn(4, 5), 1.0, 8.0)

@@ -79,7 +79,10 @@ int64_t squarings_of(double d) {
   return 0;
 }
 
+// The callers (kernels/cpu_fused.py's) pass contiguous tensors of one dtype; shapes are checked here,
+// since a wrong one would read out of bounds.
 at::Tensor elephant_gate_forward(const at::Tensor& up, const at::Tensor& gate, double a, double d) {
+  TORCH_CHECK(up.sizes() == gate.sizes(), "elephant gate: up and gate differ in shape");
   at::Tensor out = at::empty_like(up);
   AT_DISPATCH_FLOATING_TYPES(up.scalar_type(), "bakallm_elephant_gate_forward", [&] {
     const int64_t squarings = squarings_of(d);
@@ -91,6 +94,7 @@ at::Tensor elephant_gate_forward(const at::Tensor& up, const at::Tensor& gate, d
 
 std::vector<at::Tensor> elephant_gate_backward(const at::Tensor& grad, const at::Tensor& up, const at::Tensor& gate,
                                                double a, double d) {
+  TORCH_CHECK(up.sizes() == gate.sizes() && grad.sizes() == up.sizes(), "elephant gate: shapes differ");
   at::Tensor grad_up = at::empty_like(up), grad_gate = at::empty_like(gate);
   AT_DISPATCH_FLOATING_TYPES(up.scalar_type(), "bakallm_elephant_gate_backward", [&] {
     const int64_t squarings = squarings_of(d);
@@ -219,7 +223,14 @@ void conv_silu_backward_kernel(const at::Tensor& grad, const at::Tensor& x, cons
   });
 }
 
+void check_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 2 && weight.size(0) == x.size(2) && bias.numel() == x.size(2) &&
+                  x.size(1) >= weight.size(1),
+              "convolution: expected padded [B, k-1 + L, d], weight [d, k], bias [d]");
+}
+
 at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_conv(x, weight, bias);
   const ConvShape shape(x, weight);
   at::Tensor out = at::empty({shape.rows, shape.length, shape.channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_conv_silu_forward",
@@ -229,7 +240,11 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight, cons
 
 std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& bias) {
+  check_conv(x, weight, bias);
   const ConvShape shape(x, weight);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == shape.rows && grad.size(1) == shape.length &&
+                  grad.size(2) == shape.channels,
+              "convolution: the gradient's shape is not the output's");
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight_parts = at::empty({shape.rows, shape.channels, shape.taps}, x.options());
   at::Tensor grad_bias_parts = at::empty({shape.rows, shape.channels}, x.options());
@@ -293,6 +308,7 @@ void rms_norm_backward_kernel(const scalar_t* grad, const scalar_t* x, const sca
 }
 
 std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && weight.numel() == x.size(-1), "rms norm: the weight is not as wide as x's last dimension");
   const int64_t width = x.size(-1), rows = x.numel() / width;
   at::Tensor y = at::empty_like(x), rstd = at::empty({rows}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_rms_norm_forward", [&] {
@@ -304,6 +320,8 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
 
 std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                           const at::Tensor& rstd) {
+  TORCH_CHECK(weight.numel() == x.size(-1) && grad.sizes() == x.sizes() && rstd.numel() * x.size(-1) == x.numel(),
+              "rms norm: shapes differ from forward's");
   const int64_t width = x.size(-1), rows = x.numel() / width;
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight_parts = at::empty({(rows + NORM_ROWS - 1) / NORM_ROWS, width}, x.options());
@@ -346,6 +364,9 @@ void rotate_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
 }
 
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "rotation: expected x [B, H, n, even head_dim]");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) >= x.size(2) && cos.size(1) == x.size(3),
+              "rotation: the tables must be [at least n, head_dim]");
   at::Tensor out = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bakallm_rotate", [&] { rotate_kernel<scalar_t>(x, cos, sin, inverse, out); });
   return out;
