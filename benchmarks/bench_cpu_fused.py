@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,16 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     rows, total = [], 0.0
     for name, shape, factory, calls in PASSES:
-        cases = {}
-        for enabled in (False, True):
+        case = factory()  # the same inputs for both
+
+        def run(enabled: bool, case=case) -> None:
             with compiled_kernels(enabled):
-                case = factory()
+                case()
 
-            def run(case=case, enabled=enabled):
-                with compiled_kernels(enabled):
-                    case()
-
-            cases[enabled] = run
+        cases = {enabled: partial(run, enabled) for enabled in (False, True)}
         times = interleaved_times(cases, args.repeats, torch.device("cpu"), warmup=2)
         pytorch, compiled = median(times[False]), median(times[True])
         saved = (pytorch - compiled) * calls

@@ -1,7 +1,9 @@
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 from hypothesis import settings
@@ -66,6 +68,20 @@ def scan_slices_at_once() -> None:
 
     ScanOps.element_by_element_scan = ScanOps.generic_scan
     ScanOps.generic_scan = generic_scan
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module, for tests of a script that is not part of the package; the
+    scripts import their neighbour `common`, so the folder is on sys.path while it loads."""
+    folder = REPO_ROOT / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
 
 
 def shared_data_dir() -> Path:

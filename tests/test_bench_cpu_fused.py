@@ -1,30 +1,14 @@
 """benchmarks/bench_cpu_fused.py: every compiled pass against its PyTorch operations, in one table."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from bakallm.kernels.cpu_build import compiled_module
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbour `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_cpu_fused", BENCHMARKS / "bench_cpu_fused.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+from conftest import load_benchmark
 
 
 @pytest.mark.skipif(isinstance(compiled_module(), str), reason="the CPU kernels do not build here")
 def test_each_pass_s_saving_per_step_is_its_time_saved_times_its_calls(capsys):
-    bench = load_script()
+    bench = load_benchmark("bench_cpu_fused")
     bench.main(["--repeats", "1"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [line.split(" | ")[0][2:] for line in lines] == [name for name, *_ in bench.PASSES]

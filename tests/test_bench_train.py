@@ -1,31 +1,18 @@
 """benchmarks/bench_train.py: the GPT-NeoX it measures ours against."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbour `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train", BENCHMARKS / "bench_train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+from conftest import load_benchmark
 
 
 def test_gpt_neox_is_built_in_float32_although_its_config_says_float16(shared_file, monkeypatch):
     config = shared_file("configs/pythia-70m-deduped/config.json")
     assert '"torch_dtype": "float16"' in config.read_text()  # what made the baseline train in float16
     monkeypatch.setenv("BAKALLM_PYTHIA_CONFIG", str(config))
-    bench = load_script()
+    bench = load_benchmark("bench_train")
     with torch.device("meta"):
         model = bench.build_model(bench.PYTHIA, torch.device("meta"))
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
@@ -33,7 +20,7 @@ def test_gpt_neox_is_built_in_float32_although_its_config_says_float16(shared_fi
 
 def test_every_bakallm_model_s_mfu_ratio_to_gpt_neox_is_printed(shared_file, monkeypatch, capsys):
     monkeypatch.setenv("BAKALLM_PYTHIA_CONFIG", str(shared_file("configs/pythia-70m-deduped/config.json")))
-    bench = load_script()
+    bench = load_benchmark("bench_train")
     arguments = "--models tiny pythia-70m --ctx 32 --steps 1 --warmup-steps 0 --same-process --no-memory"
     monkeypatch.setattr(sys, "argv", ["bench_train.py", *arguments.split(), "--peak-tflops", "0.001"])
     bench.main()

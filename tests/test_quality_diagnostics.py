@@ -1,22 +1,12 @@
 """benchmarks/quality_diagnostics.py: the unigram caches its `cache` mode mixes with a model's predictions."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_diagnostics.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("quality_diagnostics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_caches_count_the_targets_before_the_window_and_inside_it_up_to_the_input():
-    diagnostics = load_script()
+    diagnostics = load_benchmark("quality_diagnostics")
     # Window 4: the second window reads 1 2 2 5 and predicts 2 2 5 9; the first window read 1 2 1 3.
     tokens = torch.tensor([[1, 2, 1, 3, 1, 2, 2, 5, 9], [4, 4, 4, 4, 4, 4, 7, 4, 4]])
     caches = diagnostics.cache_probabilities(tokens, window=4)
@@ -29,14 +19,14 @@ def test_caches_count_the_targets_before_the_window_and_inside_it_up_to_the_inpu
 
 
 def test_the_document_cache_gives_each_target_its_share_of_the_tokens_read_so_far():
-    diagnostics = load_script()
+    diagnostics = load_benchmark("quality_diagnostics")
     # Reading 3 3 7 3 9 7: after 3 the next 3 has 1/1; after 3 3 the 7 has 0/2; then 2/3, 0/4, 1/5.
     got = diagnostics.document_cache_probabilities(torch.tensor([3, 3, 7, 3, 9, 7]))
     torch.testing.assert_close(got, torch.tensor([1, 0, 2 / 3, 0, 1 / 5], dtype=torch.float64))
 
 
 def test_the_continuation_counts_are_what_followed_each_earlier_run_of_the_last_tokens():
-    diagnostics = load_script()
+    diagnostics = load_benchmark("quality_diagnostics")
     tokens = [3, 3, 7, 3, 3, 7, 3]
     # After one token: (3) was followed by 3 and 7 before position 3 predicts a 3 from a 3, and so on.
     contexts, continuations = diagnostics.continuation_counts(tokens, 1)

@@ -1,6 +1,5 @@
 """benchmarks/recall_diagnostics.py: where a fact lives in the state."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,8 @@ import pytest
 from bakallm import BakaLM, ModelConfig
 from bakallm.data.recall import FactWriter, recall_samples
 from bakallm.data.tokenizers import load_tokenizer
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_diagnostics.py"
 NEOX_TOKENIZER = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 )
@@ -18,18 +17,11 @@ NEOX_TOKENIZER = (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("recall_diagnostics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(
     not NEOX_TOKENIZER.is_file(), reason="needs ../shared/data/tokenizers/gpt-neox-20b (codes of one token per digit)"
 )
 def test_the_trace_sees_a_fact_only_in_the_parts_that_carry_it():
-    diagnostics = load_script()
+    diagnostics = load_benchmark("recall_diagnostics")
     tokenizer = load_tokenizer(str(NEOX_TOKENIZER))
     writer = FactWriter(tokenizer)
     filler = np.asarray(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,16 @@ def _next_conv_state(padded: torch.Tensor, taps: int) -> torch.Tensor:
     )
 
 
-def _convolve_and_activate(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """SiLU(_convolve(...)): one compiled pass on a CPU where it can (kernels/cpu_fused.py)."""
-    kernel = cpu_kernels_for(padded, weight, bias)
+def _convolve_and_activate(
+    padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel: ModuleType | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SiLU(_convolve(...)) and the convolution before it: one pass of the compiled CPU `kernel`
+    (kernels/cpu_fused.py), which keeps no convolution (None; its backward recomputes it), or
+    PyTorch's operations."""
     if kernel is not None:
-        return kernel.conv_silu_forward(padded, weight, bias)
-    return F.silu(_convolve(padded, weight, bias))
+        return kernel.conv_silu_forward(padded, weight, bias), None
+    before_activation = _convolve(padded, weight, bias)
+    return F.silu(before_activation), before_activation
 
 
 class _CausalConvolution(torch.autograd.Function):
@@ -70,11 +75,7 @@ class _CausalConvolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, padded, weight, bias):
         kernel = cpu_kernels_for(padded, weight, bias)
-        if kernel is not None:
-            out, before_activation = kernel.conv_silu_forward(padded, weight, bias), None
-        else:
-            before_activation = _convolve(padded, weight, bias)
-            out = F.silu(before_activation)
+        out, before_activation = _convolve_and_activate(padded, weight, bias, kernel)
         ctx.kernel = kernel
         ctx.save_for_backward(padded, weight, bias, before_activation)
         return out, _next_conv_state(padded, weight.shape[1])
@@ -215,4 +216,5 @@ class Mamba(nn.Module):
         bias = self.conv.bias.to(hidden.dtype)
         if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (padded, weight, bias)):
             return _CausalConvolution.apply(padded, weight, bias)
-        return _convolve_and_activate(padded, weight, bias), _next_conv_state(padded, self.d_conv)
+        out, _ = _convolve_and_activate(padded, weight, bias, cpu_kernels_for(padded, weight, bias))
+        return out, _next_conv_state(padded, self.d_conv)
